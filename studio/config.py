@@ -1,0 +1,66 @@
+"""Settings, read once from the environment (and CLI flags) into a frozen dataclass.
+
+Environment variables (all optional):
+  DEFECT_STUDIO_WORKSPACE   folder holding the SQLite store and its files (default ./workspace)
+  DEFECT_STUDIO_HOST        interface to bind (default 127.0.0.1 — never 0.0.0.0 unless asked)
+  DEFECT_STUDIO_PORT        port (default 7860)
+  DEFECT_STUDIO_AUTH        optional login "user:password" (several separated by commas)
+  DEFECT_STUDIO_MAX_UPLOAD_MB   uploads over this size are refused (default 25)
+  DEFECT_STUDIO_MAX_PIXELS  images with more pixels are refused (default 40_000_000)
+  DEFECT_STUDIO_DEMO        folder of MVTec-layout demo categories imported on first start
+                            (default assets/demo; "none" disables)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DEMO = ROOT / "assets" / "demo"
+
+
+def _parse_auth(value: str | None) -> list[tuple[str, str]] | None:
+    if not value:
+        return None
+    pairs = []
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if ":" not in item:
+            raise ValueError("DEFECT_STUDIO_AUTH must look like 'user:password' (comma-separated for several)")
+        user, pw = item.split(":", 1)
+        if not user or not pw:
+            raise ValueError("DEFECT_STUDIO_AUTH: empty user or password")
+        pairs.append((user, pw))
+    return pairs or None
+
+
+@dataclass(frozen=True)
+class Settings:
+    workspace: Path = field(default_factory=lambda: Path("workspace").resolve())
+    host: str = "127.0.0.1"
+    port: int = 7860
+    auth: list[tuple[str, str]] | None = None
+    max_upload_mb: float = 25.0
+    max_pixels: int = 40_000_000
+    demo_dir: Path | None = DEFAULT_DEMO
+
+    @classmethod
+    def from_env(cls, env: dict | None = None, **overrides) -> "Settings":
+        env = os.environ if env is None else env
+        demo = env.get("DEFECT_STUDIO_DEMO")
+        s = cls(
+            workspace=Path(env.get("DEFECT_STUDIO_WORKSPACE", "workspace")).expanduser().resolve(),
+            host=env.get("DEFECT_STUDIO_HOST", "127.0.0.1"),
+            port=int(env.get("DEFECT_STUDIO_PORT", "7860")),
+            auth=_parse_auth(env.get("DEFECT_STUDIO_AUTH")),
+            max_upload_mb=float(env.get("DEFECT_STUDIO_MAX_UPLOAD_MB", "25")),
+            max_pixels=int(env.get("DEFECT_STUDIO_MAX_PIXELS", "40000000")),
+            demo_dir=None if (demo or "").lower() == "none" else (Path(demo) if demo else DEFAULT_DEMO),
+        )
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if "workspace" in overrides:
+            overrides["workspace"] = Path(overrides["workspace"]).expanduser().resolve()
+        return replace(s, **overrides)
