@@ -1,0 +1,205 @@
+"""Headless CLI: ``python -m studio {demo-data,import,generate,export,samples,review} --help``.
+
+Every command exits non-zero with a one-line message on bad input (never a traceback for a
+user error) and writes nothing partial.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _store(args):
+    from studio.config import Settings
+    from studio.dataset import Store
+    settings = Settings.from_env(workspace=getattr(args, "workspace", None))
+    return Store(settings.workspace)
+
+
+def cmd_demo_data(args) -> int:
+    from pipelines.demo_data import write_demo_dataset
+    counts = write_demo_dataset(Path(args.out), n_train_good=args.n_train, size=args.size, seed=args.seed)
+    print(json.dumps(counts, indent=1))
+    return 0
+
+
+def cmd_import(args) -> int:
+    store = _store(args)
+    src = Path(args.path)
+    if not src.exists():
+        raise SystemExit(f"error: {src} does not exist")
+    kind = args.kind
+    if kind == "auto":
+        kind = ("mvtec" if (src / "train").is_dir() else
+                "visa" if (src / "Data" / "Images").is_dir() else "folder")
+    if kind == "mvtec":
+        report = store.import_mvtec(src, product=args.product)
+    elif kind == "visa":
+        report = store.import_visa(src, product=args.product)
+    else:
+        if not args.product:
+            raise SystemExit("error: --product is required to import a plain folder")
+        report = store.import_folder(src, args.product, split=args.split, label=args.label)
+    print(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from pipelines.imageio import ImageInputError, read_mask, read_rgb, write_png_atomic
+    from studio.services import GenerateRequest, UserError, generate
+
+    try:
+        image = read_rgb(args.image, args.max_pixels)
+        mask = read_mask(args.mask, args.max_pixels) if args.mask else None
+    except ImageInputError as exc:
+        raise SystemExit(f"error: {exc}")
+    store = _store(args) if args.record else None
+    catalog = None
+    if args.product:
+        from studio.catalog import Catalog
+        catalog = Catalog()
+        if store is not None:
+            catalog = catalog.with_labels({p: store.labels(p) for p in store.products()})
+    req = GenerateRequest(image=image, mask=mask, damage_type=args.damage, color=args.color,
+                          product=args.product or "", backend=args.backend, n=args.n, seed=args.seed,
+                          feather=args.feather, strength=args.strength, max_pixels=args.max_pixels)
+    bar = tqdm(total=args.n, desc="generate", unit="img", disable=args.quiet)
+    last = [0]
+
+    def progress(frac, msg):
+        done = round(frac * args.n)
+        bar.update(done - last[0])
+        last[0] = done
+
+    try:
+        cands = generate(req, store=store, catalog=catalog, progress=progress)
+    except (UserError, KeyError) as exc:
+        bar.close()
+        raise SystemExit(f"error: {exc.args[0] if exc.args else exc}")
+    bar.close()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, c in enumerate(cands):
+        path = write_png_atomic(out / f"candidate_{i:02d}.png", c.image)
+        records.append({"file": path.name, "seed": c.seed, "generator": c.generator,
+                        "generator_version": c.generator_version, "params": c.params,
+                        "sample_id": c.sample_id})
+    if cands and cands[0].mask is not None and cands[0].mask.any():
+        write_png_atomic(out / "mask.png", cands[0].mask)
+    meta = {"image": str(args.image), "mask": str(args.mask) if args.mask else None,
+            "damage_type": args.damage, "color": args.color, "candidates": records}
+    (out / "provenance.json").write_text(json.dumps(meta, indent=1))
+    print(f"wrote {len(cands)} candidate(s) to {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    store = _store(args)
+    if args.product not in store.products():
+        raise SystemExit(f"error: no product {args.product!r} in the workspace; known: "
+                         f"{', '.join(store.products()) or '(none)'}")
+    print(json.dumps(store.export_mvtec(Path(args.out), args.product), indent=1, default=str))
+    return 0
+
+
+def cmd_samples(args) -> int:
+    store = _store(args)
+    rows = store.list_samples(product=args.product, status=args.status, limit=args.limit)
+    for r in rows:
+        print(json.dumps({k: r[k] for k in ("id", "product", "damage_type", "color", "generator",
+                                            "seed", "status", "note", "created_at")}, default=str))
+    return 0
+
+
+def cmd_review(args) -> int:
+    from studio.services import UserError, review
+    store = _store(args)
+    try:
+        row = review(store, args.id, args.decision, note=args.note)
+    except (UserError, KeyError) as exc:
+        raise SystemExit(f"error: {exc}")
+    print(json.dumps({"id": row["id"], "status": row["status"]}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m studio", description="Defect Studio, headless.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def ws(sp):
+        sp.add_argument("--workspace", help="workspace folder (default: $DEFECT_STUDIO_WORKSPACE or ./workspace)")
+
+    sp = sub.add_parser("demo-data", help="write the deterministic MVTec-layout demo set")
+    sp.add_argument("--out", required=True, help="output folder (one sub-folder per product)")
+    sp.add_argument("--n-train", type=int, default=30, help="good training images per product")
+    sp.add_argument("--size", type=int, default=256, help="image size in px (256..512)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(fn=cmd_demo_data)
+
+    sp = sub.add_parser("import", help="import an MVTec AD / VisA category folder or a plain image folder")
+    sp.add_argument("path")
+    sp.add_argument("--kind", choices=["auto", "mvtec", "visa", "folder"], default="auto")
+    sp.add_argument("--product", help="product name (default: the folder name)")
+    sp.add_argument("--split", default="train", choices=["train", "test"], help="for --kind folder")
+    sp.add_argument("--label", default="good", help="for --kind folder")
+    ws(sp)
+    sp.set_defaults(fn=cmd_import)
+
+    sp = sub.add_parser("generate", help="make N candidates for an image + mask")
+    sp.add_argument("--image", required=True)
+    sp.add_argument("--mask", help="mask image (white or alpha = defect); not needed for --damage good")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--damage", help="damage type, e.g. scratch, contamination, broken_large, good")
+    g.add_argument("--color", help="wall colour '#RRGGBB' (wall-colour mode)")
+    sp.add_argument("--backend", default="auto", help="auto | perlin | cutpaste | wall-lab")
+    sp.add_argument("--product", help="product (checks the damage type; cut-paste donors come from it)")
+    sp.add_argument("--n", type=int, default=4)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--feather", type=int, default=4, help="feather radius in px")
+    sp.add_argument("--strength", type=float, default=0.8)
+    sp.add_argument("--max-pixels", type=int, default=40_000_000)
+    sp.add_argument("--record", action="store_true", help="also save the candidates in the workspace")
+    sp.add_argument("--quiet", action="store_true")
+    sp.add_argument("--out", required=True)
+    ws(sp)
+    sp.set_defaults(fn=cmd_generate)
+
+    sp = sub.add_parser("export", help="export real images + accepted samples to the MVTec AD layout")
+    sp.add_argument("--product", required=True)
+    sp.add_argument("--out", required=True)
+    ws(sp)
+    sp.set_defaults(fn=cmd_export)
+
+    sp = sub.add_parser("samples", help="list samples (JSON lines)")
+    sp.add_argument("--product")
+    sp.add_argument("--status", choices=["candidate", "accepted", "rejected"])
+    sp.add_argument("--limit", type=int, default=50)
+    ws(sp)
+    sp.set_defaults(fn=cmd_samples)
+
+    sp = sub.add_parser("review", help="accept or reject a candidate")
+    sp.add_argument("id", type=int)
+    sp.add_argument("decision", choices=["accepted", "rejected", "candidate"])
+    sp.add_argument("--note")
+    ws(sp)
+    sp.set_defaults(fn=cmd_review)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except ValueError as exc:  # StoreError, ImageInputError, MaskError … : user-facing
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Use cases shared by the UI, the CLI and the tests.
+
+Each job has a request dataclass; services validate it, call pure code in ``pipelines`` and,
+when a store is given, record the results with full provenance. Errors meant for the user are
+``UserError`` (or subclasses of ValueError from pipelines) with a message that can be shown as-is.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pipelines import masks as M
+from pipelines.imageio import ImageInputError, check_array
+from pipelines.registry import GENERATORS, get_generator, get_spec
+from studio.catalog import GOOD, Catalog
+
+ProgressFn = Callable[[float, str], None]
+
+
+class UserError(ValueError):
+    """A problem with the user's input; the message is shown in the UI / printed by the CLI."""
+
+
+@dataclass
+class GenerateRequest:
+    """One click of "Generate": N candidates for one image + mask + (damage type | colour)."""
+    image: np.ndarray                      # H×W×3 uint8 RGB
+    mask: np.ndarray | None                # H×W (any binary-ish), None only for damage 'good'
+    damage_type: str | None = None
+    color: str | None = None               # '#RRGGBB' → wall-colour mode
+    product: str = ""
+    backend: str = "auto"                  # auto | perlin | cutpaste | wall-lab
+    n: int = 4
+    seed: int = 0
+    feather: int = 4
+    strength: float = 0.8
+    source_image_id: int | None = None
+    max_pixels: int = 40_000_000
+
+
+@dataclass
+class Candidate:
+    image: np.ndarray
+    mask: np.ndarray
+    seed: int
+    generator: str
+    generator_version: str
+    params: dict = field(default_factory=dict)
+    sample_id: int | None = None
+
+
+MAX_CANDIDATES = 16
+
+
+def resolve_backend(req: GenerateRequest, have_donors: bool) -> str:
+    if req.color is not None:
+        if req.backend not in ("auto", "wall-lab"):
+            spec = get_spec(req.backend)
+            if spec.mode != "color":
+                raise UserError(f"backend {req.backend!r} makes defects; use 'wall-lab' for a colour")
+        return "wall-lab" if req.backend == "auto" else req.backend
+    if req.backend == "auto":
+        return "cutpaste" if have_donors else "perlin"
+    spec = get_spec(req.backend)
+    if spec.mode != "damage":
+        raise UserError(f"backend {req.backend!r} is for wall colours; pick a colour or another backend")
+    return req.backend
+
+
+def _donors(store, product: str, damage_type: str, limit: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
+    if store is None or not product:
+        return []
+    rows = [r for r in store.list_images(product=product, label=damage_type, origin="real")
+            if r.get("mask_path")][:limit]
+    return [(store.load_image(r["id"]), store.load_mask(r["id"])) for r in rows]
+
+
+def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
+             progress: ProgressFn | None = None, cancelled: Callable[[], bool] | None = None,
+             ) -> list[Candidate]:
+    """Make ``req.n`` candidates. With a store they are saved as samples of status 'candidate'.
+
+    Pixels outside ``dilate(mask, feather)`` of every candidate equal the input exactly.
+    """
+    try:
+        image = check_array(req.image, req.max_pixels)
+    except ImageInputError as exc:
+        raise UserError(str(exc)) from exc
+    if (req.damage_type is None) == (req.color is None):
+        raise UserError("choose either a damage type or a wall colour (exactly one)")
+    if not 1 <= int(req.n) <= MAX_CANDIDATES:
+        raise UserError(f"number of candidates must be 1..{MAX_CANDIDATES}, got {req.n}")
+    if req.damage_type is not None and catalog is not None and req.product:
+        try:
+            catalog.check_damage(req.product, req.damage_type)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+    elif req.damage_type is not None and not req.damage_type.strip():
+        raise UserError("damage type is empty")
+    if req.backend != "auto" and req.backend not in GENERATORS:
+        raise UserError(f"unknown backend {req.backend!r}; known: auto, {', '.join(GENERATORS)}")
+
+    if req.damage_type == GOOD:
+        # A good sample has no mask and no generation: the source image *is* the sample.
+        empty = np.zeros(image.shape[:2], np.uint8)
+        cands = [Candidate(image.copy(), empty, int(req.seed), "none", "0", {"damage_type": GOOD})]
+        return _record(req, store, cands)
+
+    try:
+        mask = M.validate_mask(req.mask if req.mask is not None else np.zeros(image.shape[:2], np.uint8),
+                               image.shape)
+    except M.MaskError as exc:
+        raise UserError(str(exc)) from exc
+
+    donors = _donors(store, req.product, req.damage_type) if req.damage_type else []
+    backend = resolve_backend(req, bool(donors))
+    gen = get_generator(backend)
+    params: dict = {"feather": int(req.feather)}
+    if req.color is not None:
+        from pipelines.color import parse_hex
+        try:
+            params["color"] = parse_hex(req.color)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+    else:
+        params.update(damage_type=req.damage_type, strength=float(req.strength))
+        if backend == "cutpaste":
+            if not donors:
+                raise UserError(
+                    f"cut-paste needs at least one real '{req.damage_type}' defect with a mask for "
+                    f"product '{req.product or '?'}' in the dataset; use the 'perlin' backend instead")
+            params["donors"] = donors
+
+    cands: list[Candidate] = []
+    for i in range(int(req.n)):
+        if cancelled and cancelled():
+            break
+        seed = int(req.seed) + i
+        try:
+            out = gen(image, mask, seed=seed, **params)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        recorded = {k: v for k, v in params.items() if k != "donors"}
+        if "color" in recorded:
+            recorded["color"] = req.color
+        if backend == "cutpaste":
+            recorded["n_donors"] = len(donors)
+        cands.append(Candidate(out, mask, seed, backend, str(getattr(gen, "version", "1")), recorded))
+        if progress:
+            progress((i + 1) / req.n, f"candidate {i + 1}/{req.n}")
+    return _record(req, store, cands)
+
+
+def _record(req: GenerateRequest, store, cands: list[Candidate]) -> list[Candidate]:
+    if store is None:
+        return cands
+    product = req.product or "unsorted"
+    for c in cands:
+        c.sample_id = store.add_sample(
+            product=product, image=c.image, mask=c.mask, source_image_id=req.source_image_id,
+            damage_type=req.damage_type, color=req.color, generator=c.generator,
+            generator_version=c.generator_version, params=c.params, seed=c.seed, status="candidate")
+    return cands
+
+
+def review(store, sample_id: int, decision: str, note: str | None = None) -> dict:
+    """Accept or reject one candidate (or put it back to 'candidate')."""
+    if decision not in ("accepted", "rejected", "candidate"):
+        raise UserError(f"decision must be accepted, rejected or candidate, not {decision!r}")
+    try:
+        return store.set_status(int(sample_id), decision, note=note)
+    except (TypeError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
+
+
+def bootstrap_demo(store, demo_dir: Path | None) -> dict:
+    """Import the bundled demo categories on first start (an empty store)."""
+    if demo_dir is None or not Path(demo_dir).is_dir() or store.products():
+        return {}
+    counts = {}
+    for category in sorted(p for p in Path(demo_dir).iterdir() if (p / "train").is_dir()):
+        counts[category.name] = store.import_mvtec(category)
+    return counts
+
+
+def request_summary(req: GenerateRequest) -> dict:
+    d = asdict(req)
+    d.pop("image"), d.pop("mask")
+    return d

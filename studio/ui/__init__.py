@@ -1,0 +1,1 @@
+"""Gradio tabs, one file each. The only package that imports gradio."""
