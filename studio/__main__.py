@@ -59,12 +59,10 @@ def cmd_generate(args) -> int:
     except ImageInputError as exc:
         raise SystemExit(f"error: {exc}")
     store = _store(args) if args.record else None
-    catalog = None
-    if args.product:
-        from studio.catalog import Catalog
-        catalog = Catalog()
-        if store is not None:
-            catalog = catalog.with_labels({p: store.labels(p) for p in store.products()})
+    from studio.catalog import Catalog
+    catalog = Catalog()
+    if store is not None:
+        catalog = catalog.with_labels({p: store.labels(p) for p in store.products()})
     req = GenerateRequest(image=image, mask=mask, damage_type=args.damage, color=args.color,
                           product=args.product or "", backend=args.backend, n=args.n, seed=args.seed,
                           feather=args.feather, strength=args.strength, max_pixels=args.max_pixels)

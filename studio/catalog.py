@@ -85,6 +85,17 @@ class Catalog:
                 f"Known: {', '.join(known) or '(none: use a wall colour)'}")
         return damage_type
 
+    def all_damage_types(self) -> tuple[str, ...]:
+        return tuple(sorted({GOOD, *(d for p in self._products.values() for d in p.damage_types)}))
+
+    def check_any_damage(self, damage_type: str) -> str:
+        """For requests with no product: the name must be known to some product."""
+        known = self.all_damage_types()
+        if damage_type not in known:
+            raise UnknownDamageType(
+                f"Unknown damage type {damage_type!r}. Known: {', '.join(known)}")
+        return damage_type
+
     def with_labels(self, labels_by_product: dict[str, list[str]]) -> "Catalog":
         """Extend products with labels found in the dataset (imported folders)."""
         products = dict(self._products)

@@ -93,13 +93,15 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
         raise UserError("choose either a damage type or a wall colour (exactly one)")
     if not 1 <= int(req.n) <= MAX_CANDIDATES:
         raise UserError(f"number of candidates must be 1..{MAX_CANDIDATES}, got {req.n}")
-    if req.damage_type is not None and catalog is not None and req.product:
+    if req.damage_type is not None:
+        catalog = catalog or Catalog()
         try:
-            catalog.check_damage(req.product, req.damage_type)
+            if req.product:
+                catalog.check_damage(req.product, req.damage_type)
+            else:
+                catalog.check_any_damage(req.damage_type)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
-    elif req.damage_type is not None and not req.damage_type.strip():
-        raise UserError("damage type is empty")
     if req.backend != "auto" and req.backend not in GENERATORS:
         raise UserError(f"unknown backend {req.backend!r}; known: auto, {', '.join(GENERATORS)}")
 

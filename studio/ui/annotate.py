@@ -217,7 +217,15 @@ def build(ctx: StudioContext) -> dict:
             return f"Sample #{row['id']} **{row['status']}**", info
         return handler
 
+    def list_images(product_name: str) -> list[dict]:
+        """Images of a product in the dataset: id, split, label, file (for API clients)."""
+        return [{"id": int(r["id"]), "split": r["split"], "label": r["label"],
+                 "file": os.path.basename(r.get("source_path") or r["path"]),
+                 "has_mask": bool(r.get("mask_path"))}
+                for r in store.list_images(product=product_name)]
+
     # -- wiring (api_name = the gradio_client endpoint) ---------------------------------------
+    gr.api(list_images, api_name="list_images")
     product.change(on_product, product, [image_pick, damage], api_name="select_product")
     image_pick.change(on_pick, [image_pick, feather], [editor, source_id, preview, status],
                       api_name="load_image")

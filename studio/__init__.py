@@ -1,0 +1,1 @@
+"""Defect Studio services: dataset store, jobs, configuration, catalog and CLI (no gradio here)."""

@@ -1,0 +1,1032 @@
+"""The SQLite-tracked dataset store: real images, masks and generated samples with provenance.
+
+Layout of a workspace (paths in the database are relative to it, so the folder can be moved)::
+
+    workspace/
+      studio.db                                   SQLite (WAL), tables ``images`` and ``samples``
+      files/<product>/images/<uuid>.png           real (or externally synthetic) RGB images
+      files/<product>/masks/<uuid>.png            their masks, and the masks of samples (mode L)
+      files/<product>/samples/<uuid>.png          generated candidates
+
+Crash-safety contract: every file is written atomically (temp file in the same folder, flush +
+fsync, ``os.replace``, fsync of the folder) *before* the transaction that inserts the row naming
+it is committed. A crash (even ``SIGKILL``) therefore leaves at worst an orphan file, which
+:meth:`Store.gc_orphans` removes, and never a row that points at a missing file.
+
+Concurrency: each :class:`Store` owns one connection (``check_same_thread=False``) and a lock
+taken around every database access, so one instance may be shared by UI worker threads; several
+instances (threads or processes) may work on the same workspace - writes are serialised by
+SQLite (``BEGIN IMMEDIATE`` + a 30 s busy timeout), reads never block in WAL mode.
+
+Errors meant for the user are :class:`StoreError` (a ``ValueError``) with a readable message.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import sqlite_utils
+from PIL import Image
+
+MAX_PIXELS = 40_000_000               # larger images are refused (decompression-bomb guard)
+MAX_FILE_BYTES = 512 * 1024 * 1024    # larger files are refused before they are opened
+BUSY_TIMEOUT_S = 30.0
+DB_NAME = "studio.db"
+FILES_DIR = "files"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SPLITS = ("train", "test")
+ORIGINS = ("real", "synthetic")
+STATUSES = ("candidate", "accepted", "rejected")
+DEFAULT_DEFECT_LABEL = "defect"       # export/class-balance label of a sample without damage_type
+EXPORT_MARKER = ".defect-studio-export.json"
+_TMP_PREFIX = ".tmp-"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+
+IMAGES_COLUMNS = {
+    "id": int, "product": str, "split": str, "label": str, "origin": str, "path": str,
+    "mask_path": str, "width": int, "height": int, "sha256": str, "source_path": str,
+    "created_at": str,
+}
+SAMPLES_COLUMNS = {
+    "id": int, "product": str, "source_image_id": int, "damage_type": str, "color": str,
+    "generator": str, "generator_version": str, "params": str, "seed": int, "status": str,
+    "note": str, "image_path": str, "mask_path": str, "width": int, "height": int,
+    "batch_id": str, "created_at": str, "updated_at": str, "reviewed_at": str,
+    "sha256": str,  # pixel hash: lets a re-import of an export recognise samples it already has
+}
+
+
+class StoreError(ValueError):
+    """A user-facing dataset error (bad input, unreadable image, unknown id, busy database)."""
+
+
+# --------------------------------------------------------------------------------------------
+# helpers: names, time, hashing, atomic files, image decoding
+# --------------------------------------------------------------------------------------------
+def _now() -> str:
+    """ISO-8601 UTC timestamp, e.g. ``2025-01-31T12:00:00.123+00:00``."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _check_name(value: Any, what: str) -> str:
+    """Product and label names end up in file paths: letters, digits, ``_ . -`` only."""
+    if not isinstance(value, str) or not _NAME_RE.match(value) or ".." in value:
+        raise StoreError(f"invalid {what} name {value!r}: use 1-100 letters, digits, '_', '-' or '.' "
+                         "(starting with a letter or digit)")
+    return value
+
+
+def _check_choice(value: Any, choices: tuple[str, ...], what: str) -> str:
+    if value not in choices:
+        raise StoreError(f"unknown {what} {value!r}; expected one of: {', '.join(choices)}")
+    return value
+
+
+def _pixel_sha256(arr: np.ndarray) -> str:
+    """Hash of the decoded pixels (not the file bytes), so PNG/JPG re-encodes of the same pixels match."""
+    h = hashlib.sha256(f"{arr.shape}|{arr.dtype}".encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms that cannot open a directory (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either nothing or the whole file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}{path.suffix}"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def _png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+def _check_pixels(width: int, height: int, max_pixels: int, name: str) -> None:
+    if width <= 0 or height <= 0:
+        raise StoreError(f"{name} is empty ({width}x{height})")
+    if width * height > max_pixels:
+        raise StoreError(f"{name} is too large: {width}x{height} = {width * height:,} pixels "
+                         f"(the limit is {max_pixels:,})")
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """High-bit-depth or float pixel data → uint8 (16-bit is shifted, float is clipped to 0..255)."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.integer):
+        return (arr >> 8).astype(np.uint8) if arr.max(initial=0) > 255 else arr.astype(np.uint8)
+    return np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
+
+
+def _pil_to_array(im: Image.Image, kind: str) -> np.ndarray:
+    """PIL image → ``[H x W x 3]`` uint8 (kind 'rgb') or ``[H x W]`` uint8 (kind 'mask')."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = _to_uint8(np.asarray(im))
+        return np.repeat(arr[:, :, None], 3, axis=2) if kind == "rgb" else arr
+    if kind == "rgb":
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    if im.mode in ("RGBA", "LA", "PA"):
+        return np.asarray(im.getchannel("A"), dtype=np.uint8)
+    return np.asarray(im.convert("L"), dtype=np.uint8)
+
+
+def _decode_file(path: Path, kind: str, max_pixels: int) -> np.ndarray:
+    """Read an image file fully or raise :class:`StoreError` - never return half an image."""
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"{path} does not exist or is not a file")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise StoreError(f"{path.name} is too large: {size / 2**20:.0f} MiB "
+                         f"(the limit is {MAX_FILE_BYTES / 2**20:.0f} MiB)")
+    try:
+        with Image.open(path) as im:
+            _check_pixels(im.width, im.height, max_pixels, path.name)
+            im.load()  # a truncated or corrupt file fails here, not later
+            return np.array(_pil_to_array(im, kind))
+    except StoreError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise StoreError(f"{path.name} is too large (decompression bomb guard: {e})") from e
+    except MemoryError as e:
+        raise StoreError(f"{path.name} is too large to decode in memory") from e
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, struct.error …
+        raise StoreError(f"{path.name} is not a readable image ({type(e).__name__}: {e})") from e
+
+
+def _as_rgb(image: Any, max_pixels: int) -> np.ndarray:
+    """``[H x W x 3]`` uint8 from an ndarray (gray, RGB or RGBA), a PIL image or a file path."""
+    if isinstance(image, (str, Path)):
+        return _decode_file(Path(image), "rgb", max_pixels)
+    if isinstance(image, Image.Image):
+        _check_pixels(image.width, image.height, max_pixels, "image")
+        return np.array(_pil_to_array(image, "rgb"))
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+            raise StoreError(f"image array must be H x W x 3 (RGB), got shape {image.shape}")
+        _check_pixels(arr.shape[1], arr.shape[0], max_pixels, "image")
+        if arr.dtype != np.uint8:
+            raise StoreError(f"image array must be uint8, got {arr.dtype}")
+        return np.ascontiguousarray(arr[:, :, :3])
+    raise StoreError(f"unsupported image type {type(image).__name__}: pass an ndarray, a PIL image or a path")
+
+
+def _as_mask(mask: Any, shape: tuple[int, int], max_pixels: int) -> np.ndarray | None:
+    """``[H x W]`` uint8 mask (None stays None). 3-channel → max over channels, RGBA → alpha."""
+    if mask is None:
+        return None
+    if isinstance(mask, (str, Path)):
+        arr = _decode_file(Path(mask), "mask", max_pixels)
+    elif isinstance(mask, Image.Image):
+        _check_pixels(mask.width, mask.height, max_pixels, "mask")
+        arr = _pil_to_array(mask, "mask")
+    elif isinstance(mask, np.ndarray):
+        arr = mask
+        if arr.ndim == 3 and arr.shape[2] == 4:
+            arr = arr[:, :, 3]
+        elif arr.ndim == 3 and arr.shape[2] in (1, 3):
+            arr = arr.max(axis=2)
+        if arr.ndim != 2:
+            raise StoreError(f"mask must be H x W, got shape {mask.shape}")
+        if arr.dtype != np.uint8:
+            if np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.nanmax(arr)) <= 1.0:
+                arr = np.rint(np.nan_to_num(arr) * 255)
+            arr = _to_uint8(arr)
+    else:
+        raise StoreError(f"unsupported mask type {type(mask).__name__}: pass an ndarray, a PIL image or a path")
+    if arr.shape != tuple(shape):
+        raise StoreError(f"mask size {arr.shape[1]}x{arr.shape[0]} does not match the image "
+                         f"size {shape[1]}x{shape[0]}")
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+class _Report:
+    """Accumulates an import report: new rows, duplicates, skipped files with their reason."""
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.samples = 0
+        self.duplicates = 0
+        self.skipped: list[tuple[str, str]] = []
+
+    def as_dict(self, **extra) -> dict:
+        return {"imported": self.images + self.samples, "images": self.images, "samples": self.samples,
+                "duplicates": self.duplicates, "skipped": self.skipped, **extra}
+
+
+# --------------------------------------------------------------------------------------------
+# the store
+# --------------------------------------------------------------------------------------------
+class Store:
+    """Dataset of one workspace folder. One instance per thread/process is fine, and one
+    instance may also be shared by threads (an internal lock serialises its connection)."""
+
+    def __init__(self, workspace: str | Path, *, max_pixels: int = MAX_PIXELS):
+        self.root = Path(workspace).expanduser().resolve()
+        self.files_dir = self.root / FILES_DIR
+        self.db_path = self.root / DB_NAME
+        self.max_pixels = int(max_pixels)
+        self._lock = threading.RLock()
+        self._closed = False
+        try:
+            self.files_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the workspace folder {self.root}: {e}") from e
+        conn = sqlite3.connect(str(self.db_path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self.db = sqlite_utils.Database(conn, execute_plugins=False)
+            self._retry_while_locked(self.db.enable_wal)
+            conn.execute("PRAGMA synchronous = FULL")  # an accepted sample survives power loss too
+            self._create_schema()
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise StoreError(f"cannot open the dataset database {self.db_path}: {e}") from e
+        except BaseException:
+            conn.close()
+            raise
+
+    # ---- connection plumbing -----------------------------------------------------------------
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self.db.conn.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("the dataset store is closed")
+
+    @staticmethod
+    def _retry_while_locked(fn, timeout_s: float = BUSY_TIMEOUT_S):
+        """Run ``fn``, retrying on 'database is locked' (journal-mode switch races at creation)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite_utils.Database]:
+        """One write transaction: ``BEGIN IMMEDIATE`` takes SQLite's write lock up front, so a
+        read-then-write inside it can never fail with a stale snapshot."""
+        with self._lock:
+            self._check_open()
+            conn = self.db.conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                raise StoreError(f"the dataset database is busy (waited {BUSY_TIMEOUT_S:.0f} s): {e}") from e
+            try:
+                yield self.db
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _query(self, sql: str, params: tuple | list | dict = ()) -> list[dict]:
+        with self._lock:
+            self._check_open()
+            return list(self.db.query(sql, params))
+
+    def _create_schema(self) -> None:
+        with self._write() as db:
+            db.create_table("images", IMAGES_COLUMNS, pk="id", if_not_exists=True,
+                            not_null=["product", "split", "label", "origin", "path", "width",
+                                      "height", "sha256", "created_at"])
+            db.create_table("samples", SAMPLES_COLUMNS, pk="id", if_not_exists=True,
+                            not_null=["product", "generator", "params", "seed", "status",
+                                      "image_path", "mask_path", "width", "height", "created_at",
+                                      "updated_at"],
+                            defaults={"status": "candidate", "note": "", "generator_version": ""},
+                            foreign_keys=[("source_image_id", "images", "id")])
+            for name, columns in (("images", IMAGES_COLUMNS), ("samples", SAMPLES_COLUMNS)):
+                existing = db[name].columns_dict  # older workspaces: add columns added since
+                for col, typ in columns.items():
+                    if col not in existing:
+                        db[name].add_column(col, typ)
+            indexes = [
+                ("images", ["product", "split", "label", "sha256"], "ux_images_content", True),
+                ("images", ["sha256"], "ix_images_sha256", False),
+                ("samples", ["product", "status", "created_at"], "ix_samples_product_status_created", False),
+                ("samples", ["status", "created_at"], "ix_samples_status_created", False),
+                ("samples", ["product", "damage_type", "sha256"], "ix_samples_product_damage_sha", False),
+                ("samples", ["source_image_id"], "ix_samples_source_image", False),
+                ("samples", ["batch_id"], "ix_samples_batch", False),
+            ]
+            for table, cols, name, unique in indexes:
+                db[table].create_index(cols, index_name=name, unique=unique, if_not_exists=True)
+
+    # ---- files ---------------------------------------------------------------------------------
+    def file_path(self, rel: str) -> Path:
+        """Absolute path of a workspace-relative path stored in a row."""
+        return self.root / rel
+
+    def _write_png(self, product: str, kind: str, arr: np.ndarray) -> str:
+        rel = f"{FILES_DIR}/{product}/{kind}/{uuid.uuid4().hex}.png"
+        _atomic_write(self.root / rel, _png_bytes(arr))
+        return rel
+
+    def _remove_files(self, rels: list[str]) -> None:
+        for rel in rels:
+            with contextlib.suppress(OSError):
+                (self.root / rel).unlink()
+
+    def _read_file(self, rel: str | None, kind: str, what: str) -> np.ndarray:
+        path = self.root / rel
+        if not path.is_file():
+            raise StoreError(f"the file of {what} is missing: {path}")
+        return _decode_file(path, kind, max(self.max_pixels, MAX_PIXELS))
+
+    # ---- images --------------------------------------------------------------------------------
+    def add_image(self, product, image, *, split="train", label="good", origin="real", mask=None,
+                  source_path=None) -> int:
+        """Add a real (or externally synthetic) image; returns its id. The same pixels under the
+        same product/split/label return the existing id instead of a new row.
+
+        image: ``[H x W x 3]`` uint8 ndarray, PIL image or path; mask: ``[H x W]`` uint8 or None.
+        """
+        return self._add_image(product, image, split=split, label=label, origin=origin, mask=mask,
+                               source_path=source_path)[0]
+
+    def _add_image(self, product, image, *, split, label, origin, mask, source_path) -> tuple[int, bool]:
+        """Returns ``(id, created)``."""
+        _check_name(product, "product")
+        _check_name(label, "label")
+        _check_choice(split, SPLITS, "split")
+        _check_choice(origin, ORIGINS, "origin")
+        if source_path is None and isinstance(image, (str, Path)):
+            source_path = str(image)
+        rgb = _as_rgb(image, self.max_pixels)
+        m = _as_mask(mask, rgb.shape[:2], self.max_pixels)
+        sha = _pixel_sha256(rgb)
+        key = (product, split, label, sha)
+        find = "SELECT id FROM images WHERE product = ? AND split = ? AND label = ? AND sha256 = ?"
+        existing = self._query(find, key)
+        if existing:
+            return existing[0]["id"], False
+        written = [self._write_png(product, "images", rgb)]  # 1. files, atomically …
+        try:
+            if m is not None:
+                written.append(self._write_png(product, "masks", m))
+            with self._write() as db:                           # 2. … then the row
+                existing = list(db.query(find, key))
+                if existing:  # another writer added the same pixels meanwhile
+                    image_id, created = existing[0]["id"], False
+                else:
+                    table = db["images"].insert({
+                        "product": product, "split": split, "label": label, "origin": origin,
+                        "path": written[0], "mask_path": written[1] if m is not None else None,
+                        "width": int(rgb.shape[1]), "height": int(rgb.shape[0]), "sha256": sha,
+                        "source_path": None if source_path is None else str(source_path),
+                        "created_at": _now(),
+                    })
+                    image_id, created = int(table.last_pk), True
+        except BaseException:
+            self._remove_files(written)
+            raise
+        if not created:
+            self._remove_files(written)
+        return image_id, created
+
+    def get_image(self, image_id) -> dict:
+        rows = self._query("SELECT * FROM images WHERE id = ?", (_as_id(image_id, "image"),))
+        if not rows:
+            raise StoreError(f"unknown image id {image_id}")
+        return rows[0]
+
+    def load_image(self, image_id) -> np.ndarray:
+        """``[H x W x 3]`` uint8 RGB."""
+        row = self.get_image(image_id)
+        return self._read_file(row["path"], "rgb", f"image {row['id']}")
+
+    def load_mask(self, image_id) -> np.ndarray | None:
+        """``[H x W]`` uint8, or None when the image has no mask."""
+        row = self.get_image(image_id)
+        if not row["mask_path"]:
+            return None
+        return self._read_file(row["mask_path"], "mask", f"the mask of image {row['id']}")
+
+    def list_images(self, product=None, split=None, label=None, origin=None) -> list[dict]:
+        where, params = _where(product=product, split=split, label=label, origin=origin)
+        return self._query(f"SELECT * FROM images{where} ORDER BY id", params)
+
+    def products(self) -> list[str]:
+        rows = self._query("SELECT product FROM images UNION SELECT product FROM samples ORDER BY 1")
+        return [r["product"] for r in rows]
+
+    def labels(self, product) -> list[str]:
+        """Labels of a product's images and sample damage types; 'good' first."""
+        rows = self._query(
+            "SELECT label FROM images WHERE product = ? UNION "
+            "SELECT COALESCE(damage_type, ?) FROM samples WHERE product = ?",
+            (product, DEFAULT_DEFECT_LABEL, product))
+        return sorted((r["label"] for r in rows), key=lambda s: (s != "good", s))
+
+    # ---- samples -------------------------------------------------------------------------------
+    def add_sample(self, *, product, image, mask, source_image_id=None, damage_type=None, color=None,
+                   generator, generator_version, params: dict, seed: int, status="candidate",
+                   note="", batch_id=None) -> int:
+        """Store a generated candidate with its full provenance; returns the sample id.
+
+        image: ``[H x W x 3]`` uint8 (ndarray/PIL/path); mask: ``[H x W]`` uint8 (required).
+        """
+        _check_name(product, "product")
+        if damage_type is not None:
+            _check_name(damage_type, "damage type")
+        _check_choice(status, STATUSES, "status")
+        if not isinstance(generator, str) or not generator.strip():
+            raise StoreError("generator must be a non-empty name")
+        rgb = _as_rgb(image, self.max_pixels)
+        if mask is None:
+            raise StoreError("a sample needs a mask (H x W uint8)")
+        m = _as_mask(mask, rgb.shape[:2], self.max_pixels)
+        now = _now()
+        record = {
+            "product": product, "damage_type": damage_type,
+            "source_image_id": None if source_image_id is None else _as_id(source_image_id, "image"),
+            "color": None if color is None else str(color), "generator": generator,
+            "generator_version": "" if generator_version is None else str(generator_version),
+            "params": _params_json(params), "seed": _as_seed(seed), "status": status,
+            "note": "" if note is None else str(note),
+            "batch_id": None if batch_id is None else str(batch_id),
+            "created_at": now, "updated_at": now, "reviewed_at": None if status == "candidate" else now,
+        }
+        return self._insert_sample(record, rgb, m)[0]
+
+    def _insert_sample(self, record: dict, rgb: np.ndarray, mask: np.ndarray,
+                       dedupe: bool = False) -> tuple[int, bool]:
+        """Files first, then the row. ``dedupe``: an existing sample with the same product, damage
+        type and pixels is returned instead (used by re-imports). Returns ``(id, created)``."""
+        product, sha = record["product"], _pixel_sha256(rgb)
+        find = "SELECT id FROM samples WHERE product = ? AND damage_type IS ? AND sha256 = ?"
+        key = (product, record.get("damage_type"), sha)
+        if dedupe and (hit := self._query(find, key)):
+            return hit[0]["id"], False
+        written = [self._write_png(product, "samples", rgb)]  # 1. files, atomically …
+        try:
+            written.append(self._write_png(product, "masks", mask))
+            with self._write() as db:                            # 2. … then the row
+                hit = list(db.query(find, key)) if dedupe else []
+                src = record.get("source_image_id")
+                if hit:
+                    sample_id, created = hit[0]["id"], False
+                elif src is not None and not list(db.query("SELECT 1 FROM images WHERE id = ?", (src,))):
+                    raise StoreError(f"unknown source image id {src}")
+                else:
+                    table = db["samples"].insert({
+                        **record, "image_path": written[0], "mask_path": written[1],
+                        "width": int(rgb.shape[1]), "height": int(rgb.shape[0]), "sha256": sha,
+                    })
+                    sample_id, created = int(table.last_pk), True
+        except BaseException:
+            self._remove_files(written)
+            raise
+        if not created:
+            self._remove_files(written)
+        return sample_id, created
+
+    def set_status(self, sample_id, status, note=None) -> dict:
+        """'candidate' | 'accepted' | 'rejected'. Accept/reject stamp ``reviewed_at``; going back to
+        'candidate' clears it. ``note`` replaces the note unless None. Returns the updated sample."""
+        sid = _as_id(sample_id, "sample")
+        _check_choice(status, STATUSES, "status")
+        now = _now()
+        updates = {"status": status, "updated_at": now,
+                   "reviewed_at": None if status == "candidate" else now}
+        if note is not None:
+            updates["note"] = str(note)
+        with self._write() as db:
+            if not list(db.query("SELECT 1 FROM samples WHERE id = ?", (sid,))):
+                raise StoreError(f"unknown sample id {sample_id}")
+            db["samples"].update(sid, updates)
+        return self.get_sample(sid)
+
+    def accept(self, sample_id, note=None) -> dict:
+        return self.set_status(sample_id, "accepted", note)
+
+    def reject(self, sample_id, note=None) -> dict:
+        return self.set_status(sample_id, "rejected", note)
+
+    def get_sample(self, sample_id) -> dict:
+        """The sample row, ``params`` decoded from JSON."""
+        rows = self._query("SELECT * FROM samples WHERE id = ?", (_as_id(sample_id, "sample"),))
+        if not rows:
+            raise StoreError(f"unknown sample id {sample_id}")
+        return _decode_sample(rows[0])
+
+    def list_samples(self, product=None, status=None, damage_type=None, limit=None, offset=0) -> list[dict]:
+        """Newest first."""
+        if status is not None:
+            _check_choice(status, STATUSES, "status")
+        where, params = _where(product=product, status=status, damage_type=damage_type)
+        page = " LIMIT ? OFFSET ?"
+        params += [-1 if limit is None else max(0, int(limit)), max(0, int(offset or 0))]
+        rows = self._query(f"SELECT * FROM samples{where} ORDER BY created_at DESC, id DESC{page}", params)
+        return [_decode_sample(r) for r in rows]
+
+    def load_sample_image(self, sample_id) -> np.ndarray:
+        """``[H x W x 3]`` uint8 RGB."""
+        row = self.get_sample(sample_id)
+        return self._read_file(row["image_path"], "rgb", f"sample {row['id']}")
+
+    def load_sample_mask(self, sample_id) -> np.ndarray:
+        """``[H x W]`` uint8."""
+        row = self.get_sample(sample_id)
+        return self._read_file(row["mask_path"], "mask", f"the mask of sample {row['id']}")
+
+    # ---- statistics ------------------------------------------------------------------------------
+    def class_balance(self, product=None) -> list[dict]:
+        """One row per (product, label): real_train, real_test, synthetic_accepted, candidates,
+        rejected. A sample's label is its damage type ('defect' when it has none); images added with
+        origin='synthetic' count as synthetic_accepted."""
+        where, params = _where(product=product)
+        image_rows = self._query(
+            "SELECT product, label, SUM(origin = 'real' AND split = 'train') AS real_train, "
+            "SUM(origin = 'real' AND split = 'test') AS real_test, "
+            f"SUM(origin = 'synthetic') AS synthetic FROM images{where} GROUP BY product, label", params)
+        sample_rows = self._query(
+            "SELECT product, COALESCE(damage_type, ?) AS label, "
+            "SUM(status = 'accepted') AS accepted, SUM(status = 'candidate') AS candidates, "
+            f"SUM(status = 'rejected') AS rejected FROM samples{where} GROUP BY 1, 2",
+            [DEFAULT_DEFECT_LABEL, *params])
+        table: dict[tuple[str, str], dict] = {}
+
+        def row(p, lab):
+            return table.setdefault((p, lab), {"product": p, "label": lab, "real_train": 0, "real_test": 0,
+                                               "synthetic_accepted": 0, "candidates": 0, "rejected": 0})
+        for r in image_rows:
+            b = row(r["product"], r["label"])
+            b["real_train"] += r["real_train"] or 0
+            b["real_test"] += r["real_test"] or 0
+            b["synthetic_accepted"] += r["synthetic"] or 0
+        for r in sample_rows:
+            b = row(r["product"], r["label"])
+            b["synthetic_accepted"] += r["accepted"] or 0
+            b["candidates"] += r["candidates"] or 0
+            b["rejected"] += r["rejected"] or 0
+        return [table[k] for k in sorted(table, key=lambda k: (k[0], k[1] != "good", k[1]))]
+
+    # ---- import --------------------------------------------------------------------------------
+    def _import_image(self, report: _Report, path: Path, product: str, split: str, label: str,
+                      mask_path: Path | None, binarize_mask: bool = False) -> None:
+        try:
+            mask = None
+            if mask_path is not None:
+                mask = _decode_file(mask_path, "mask", self.max_pixels)
+                if binarize_mask:
+                    mask = np.where(mask > 0, 255, 0).astype(np.uint8)
+            _, created = self._add_image(product, path, split=split, label=label, origin="real",
+                                         mask=mask, source_path=str(path))
+        except StoreError as e:
+            report.skipped.append((str(path), str(e)))
+            return
+        if created:
+            report.images += 1
+        else:
+            report.duplicates += 1
+
+    def import_mvtec(self, category_dir, product=None) -> dict:
+        """Import an MVTec AD category folder (and the synthetic part of an :meth:`export_mvtec`).
+
+        Reads ``train/<label>/*``, ``test/<label>/*`` with ``ground_truth/<label>/<stem>_mask.png``
+        (``train_ground_truth`` for masked train images), ``synthetic/<label>/*`` with
+        ``synthetic_ground_truth/<label>/<stem>_mask.png`` and ``provenance.jsonl``. Idempotent.
+        Returns ``{'imported', 'images', 'samples', 'duplicates', 'skipped': [(path, reason)]}``.
+        """
+        root = Path(category_dir).expanduser()
+        if not root.is_dir():
+            raise StoreError(f"{root} is not a folder")
+        if not any((root / d).is_dir() for d in ("train", "test", "synthetic")):
+            raise StoreError(f"{root} does not look like an MVTec AD category: no train/ or test/ folder")
+        product = _check_name(product or root.name, "product")
+        report = _Report()
+        for split, gt_name in (("train", "train_ground_truth"), ("test", "ground_truth")):
+            for label_dir in _subdirs(root / split):
+                label = label_dir.name
+                if not _NAME_RE.match(label):
+                    report.skipped.append((str(label_dir), f"invalid label folder name {label!r}"))
+                    continue
+                for f in _image_files(label_dir):
+                    self._import_image(report, f, product, split, label,
+                                       _find_mask(root / gt_name / label, f.stem))
+        self._import_synthetic(report, root, product)
+        return report.as_dict(product=product)
+
+    def _import_synthetic(self, report: _Report, root: Path, product: str) -> None:
+        provenance: dict[str, dict] = {}
+        prov_file = root / "provenance.jsonl"
+        if prov_file.is_file():
+            for n, line in enumerate(prov_file.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    provenance[str(rec["file"])] = rec
+                except (ValueError, KeyError, TypeError) as e:
+                    report.skipped.append((f"{prov_file}:{n}", f"bad provenance line ({e})"))
+        for label_dir in _subdirs(root / "synthetic"):
+            label = label_dir.name
+            for f in _image_files(label_dir):
+                rec = provenance.get(f"synthetic/{label}/{f.name}", {})
+                try:
+                    created = self._import_one_synthetic(root, product, label, f, rec)
+                except StoreError as e:
+                    report.skipped.append((str(f), str(e)))
+                    continue
+                if created:
+                    report.samples += 1
+                else:
+                    report.duplicates += 1
+
+    def _import_one_synthetic(self, root: Path, product: str, label: str, f: Path, rec: dict) -> bool:
+        mask_file = _find_mask(root / "synthetic_ground_truth" / label, f.stem)
+        if mask_file is None:
+            raise StoreError(f"no mask for {f.name} in synthetic_ground_truth/{label}/")
+        rgb = _decode_file(f, "rgb", self.max_pixels)
+        mask = _as_mask(_decode_file(mask_file, "mask", self.max_pixels), rgb.shape[:2], self.max_pixels)
+        damage_type = rec.get("damage_type", label) if rec else label
+        if damage_type is not None:
+            _check_name(damage_type, "damage type")
+        source_id = None
+        src = rec.get("source_image") or {}
+        if isinstance(src, dict) and src.get("sha256"):
+            hit = self._query("SELECT id FROM images WHERE product = ? AND sha256 = ? ORDER BY id LIMIT 1",
+                              (product, src["sha256"]))
+            source_id = hit[0]["id"] if hit else None
+        now = _now()
+        params = rec.get("params", {})
+        record = {
+            "product": product, "damage_type": damage_type, "source_image_id": source_id,
+            "color": rec.get("color"), "generator": str(rec.get("generator") or "external"),
+            "generator_version": str(rec.get("generator_version") or ""),
+            "params": _params_json(params if isinstance(params, dict) else {"value": params}),
+            "seed": _as_seed(rec.get("seed", 0)), "status": "accepted",
+            "note": str(rec.get("note") or ("imported without provenance" if not rec else "")),
+            "batch_id": rec.get("batch_id"),
+            "created_at": _iso_or(rec.get("created_at"), now), "updated_at": _iso_or(rec.get("updated_at"), now),
+            "reviewed_at": _iso_or(rec.get("reviewed_at"), now),
+        }
+        return self._insert_sample(record, rgb, mask, dedupe=True)[1]
+
+    def import_visa(self, category_dir, product=None) -> dict:
+        """Import a VisA category: ``Data/Images/Normal/*``, ``Data/Images/Anomaly/*`` and
+        ``Data/Masks/Anomaly/<stem>.png``; splits from ``split_csv/1cls.csv`` (in the category or its
+        parent; columns object,split,label,image,mask) when present, else normal → train/good and
+        anomaly → test/anomaly. Masks are binarised to 0/255."""
+        root = Path(category_dir).expanduser()
+        images_dir = root / "Data" / "Images"
+        if not images_dir.is_dir():
+            raise StoreError(f"{root} does not look like a VisA category: no Data/Images folder")
+        product = _check_name(product or root.name, "product")
+        report = _Report()
+        entries = self._visa_csv_entries(root, report)
+        split_source = "csv" if entries else "folders"
+        if not entries:
+            masks_dir = root / "Data" / "Masks" / "Anomaly"
+            entries = [(f, "train", "good", None) for f in _image_files(images_dir / "Normal")]
+            entries += [(f, "test", "anomaly", _find_mask(masks_dir, f.stem))
+                        for f in _image_files(images_dir / "Anomaly")]
+        for path, split, label, mask in entries:
+            self._import_image(report, path, product, split, label, mask, binarize_mask=True)
+        return report.as_dict(product=product, split_source=split_source)
+
+    def _visa_csv_entries(self, root: Path, report: _Report) -> list[tuple[Path, str, str, Path | None]]:
+        csv_path = next((p for p in (root / "split_csv" / "1cls.csv", root.parent / "split_csv" / "1cls.csv")
+                         if p.is_file()), None)
+        if csv_path is None:
+            return []
+        entries = []
+        with open(csv_path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"split", "label", "image"} - set(reader.fieldnames or [])
+            if missing:
+                raise StoreError(f"{csv_path} lacks the column(s) {', '.join(sorted(missing))}")
+            for row in reader:
+                if (row.get("object") or root.name).strip() != root.name:
+                    continue
+                split = (row["split"] or "").strip().lower()
+                image = _resolve_visa(root, row["image"])
+                if split not in SPLITS:
+                    report.skipped.append((str(image), f"unknown split {row['split']!r} in {csv_path.name}"))
+                    continue
+                label = "good" if (row["label"] or "").strip().lower() == "normal" else "anomaly"
+                mask = _resolve_visa(root, row["mask"]) if (row.get("mask") or "").strip() else None
+                entries.append((image, split, label, mask))
+        return entries
+
+    def import_folder(self, folder, product, split="train", label="good") -> dict:
+        """Import every image file directly in ``folder`` (not recursive). Files with other
+        extensions, unreadable, corrupt or too-large images are skipped and reported."""
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            raise StoreError(f"{folder} is not a folder")
+        _check_name(product, "product")
+        _check_name(label, "label")
+        _check_choice(split, SPLITS, "split")
+        report = _Report()
+        for f in sorted(folder.iterdir()):
+            if f.name.startswith(".") or f.is_dir():
+                continue
+            if f.suffix.lower() not in IMAGE_EXTENSIONS:
+                report.skipped.append((str(f), f"not an image file (extension {f.suffix or 'none'!r} "
+                                               f"is not one of {', '.join(IMAGE_EXTENSIONS)})"))
+                continue
+            self._import_image(report, f, product, split, label, None)
+        return report.as_dict(product=product)
+
+    # ---- export --------------------------------------------------------------------------------
+    def export_mvtec(self, out_dir, product) -> dict:
+        """Write ``OUT/<product>/`` in MVTec AD layout: real images to ``train/<label>``,
+        ``test/<label>/NNN.png`` + ``ground_truth/<label>/NNN_mask.png``; accepted samples to
+        ``synthetic/<label>/NNN.png`` + ``synthetic_ground_truth/<label>/NNN_mask.png`` with one
+        ``provenance.jsonl`` line each. Built in a temporary folder and swapped in; an existing
+        target is only replaced when it is a previous export of this studio."""
+        _check_name(product, "product")
+        images = self.list_images(product=product)
+        samples = self._query("SELECT * FROM samples WHERE product = ? AND status = 'accepted' ORDER BY id",
+                              (product,))
+        if not images and not samples:
+            raise StoreError(f"nothing to export for product {product!r}")
+        out_dir = Path(out_dir).expanduser()
+        target = out_dir / product
+        if target.exists() and not (target / EXPORT_MARKER).is_file():
+            raise StoreError(f"{target} exists and is not a previous Defect Studio export; "
+                             "choose an empty output folder")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / f".{product}.export-{uuid.uuid4().hex[:8]}"
+        counters: dict[tuple[str, str], int] = {}
+        counts = {"train": 0, "test": 0, "masks": 0, "synthetic": 0}
+
+        def next_name(folder: str, label: str) -> str:
+            n = counters.get((folder, label), 0)
+            counters[(folder, label)] = n + 1
+            return f"{n:03d}"
+
+        def copy(rel: str, dest: Path) -> None:
+            src = self.root / rel
+            if not src.is_file():
+                raise StoreError(f"cannot export: the file {src} is missing (see dangling_rows())")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+
+        try:
+            tmp.mkdir()
+            exported: dict[int, dict] = {}
+            provenance: list[dict] = []
+            for r in images:
+                if r["origin"] != "real":
+                    continue
+                name = next_name(r["split"], r["label"])
+                rel = f"{r['split']}/{r['label']}/{name}.png"
+                copy(r["path"], tmp / rel)
+                counts[r["split"]] += 1
+                if r["mask_path"]:
+                    gt = "ground_truth" if r["split"] == "test" else "train_ground_truth"
+                    copy(r["mask_path"], tmp / gt / r["label"] / f"{name}_mask.png")
+                    counts["masks"] += 1
+                exported[r["id"]] = {"file": rel, "sha256": r["sha256"]}
+            for r in images:  # images added with origin='synthetic': no generator provenance
+                if r["origin"] == "synthetic":
+                    entry = {"generator": "external", "generator_version": "", "params": {}, "seed": 0,
+                             "damage_type": r["label"], "note": f"external synthetic image {r['source_path'] or ''}".strip(),
+                             "created_at": r["created_at"], "updated_at": r["created_at"],
+                             "reviewed_at": r["created_at"]}
+                    provenance.append(self._export_synthetic(tmp, r["label"], r["path"], r["mask_path"],
+                                                             entry, next_name, copy))
+            for s in samples:
+                s = _decode_sample(s)
+                src = exported.get(s["source_image_id"]) if s["source_image_id"] is not None else None
+                entry = {k: s[k] for k in ("damage_type", "color", "generator", "generator_version", "params",
+                                            "seed", "note", "batch_id", "created_at", "updated_at",
+                                            "reviewed_at", "width", "height")}
+                entry["sample_id"] = s["id"]
+                entry["source_image"] = ({**src, "id": s["source_image_id"]} if src else
+                                         None if s["source_image_id"] is None else {"id": s["source_image_id"]})
+                label = s["damage_type"] or DEFAULT_DEFECT_LABEL
+                provenance.append(self._export_synthetic(tmp, label, s["image_path"], s["mask_path"],
+                                                         entry, next_name, copy))
+            counts["synthetic"] = len(provenance)
+            _atomic_write(tmp / "provenance.jsonl",
+                          "".join(json.dumps(p, sort_keys=True) + "\n" for p in provenance).encode())
+            _atomic_write(tmp / EXPORT_MARKER, json.dumps(
+                {"product": product, "exported_at": _now(), "workspace": str(self.root), **counts},
+                indent=1).encode())
+            if target.exists():
+                old = out_dir / f".{product}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+            _fsync_dir(out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return {"path": str(target), "product": product, **counts}
+
+    @staticmethod
+    def _export_synthetic(tmp: Path, label: str, image_rel: str, mask_rel: str | None, entry: dict,
+                          next_name, copy) -> dict:
+        name = next_name("synthetic", label)
+        rel = f"synthetic/{label}/{name}.png"
+        copy(image_rel, tmp / rel)
+        mask = None
+        if mask_rel:
+            mask = f"synthetic_ground_truth/{label}/{name}_mask.png"
+            copy(mask_rel, tmp / mask)
+        return {"file": rel, "mask": mask, "label": label, **entry}
+
+    # ---- maintenance -----------------------------------------------------------------------------
+    def integrity_check(self) -> str:
+        """Result of ``PRAGMA integrity_check``: 'ok' when the database is sound."""
+        rows = self._query("PRAGMA integrity_check")
+        return "\n".join(str(next(iter(r.values()))) for r in rows)
+
+    def _referenced_files(self) -> list[tuple[str, int, str]]:
+        rows = self._query(
+            "SELECT 'images' AS tbl, id, path AS rel FROM images UNION ALL "
+            "SELECT 'images', id, mask_path FROM images WHERE mask_path IS NOT NULL UNION ALL "
+            "SELECT 'samples', id, image_path FROM samples UNION ALL "
+            "SELECT 'samples', id, mask_path FROM samples WHERE mask_path IS NOT NULL")
+        return [(r["tbl"], r["id"], r["rel"]) for r in rows]
+
+    def dangling_rows(self) -> list[str]:
+        """Rows naming a file that does not exist, as ``'<table> <id>: missing <path>'``."""
+        return [f"{tbl} {rid}: missing {rel}" for tbl, rid, rel in self._referenced_files()
+                if not rel or not (self.root / rel).is_file()]
+
+    def gc_orphans(self, min_age_s: float = 60.0) -> int:
+        """Delete files under ``files/`` that no row names (crash leftovers, temp files); returns the
+        count. Files younger than ``min_age_s`` are kept: another process may be about to commit the
+        row that names them."""
+        present = [p for p in self.files_dir.rglob("*") if p.is_file()]  # list files first …
+        referenced = {rel for _, _, rel in self._referenced_files()}       # … then read the rows
+        removed = 0
+        now = time.time()
+        for p in present:
+            if p.relative_to(self.root).as_posix() in referenced:
+                continue
+            try:
+                if now - p.stat().st_mtime < min_age_s:
+                    continue
+                p.unlink()
+                removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+
+# --------------------------------------------------------------------------------------------
+# small row helpers
+# --------------------------------------------------------------------------------------------
+def _as_id(value: Any, what: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise StoreError(f"invalid {what} id {value!r}") from None
+
+
+def _as_seed(seed: Any) -> int:
+    if isinstance(seed, bool):
+        raise StoreError(f"seed must be an integer, got {seed!r}")
+    try:
+        return int(seed)
+    except (TypeError, ValueError):
+        raise StoreError(f"seed must be an integer, got {seed!r}") from None
+
+
+def _json_default(o: Any):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def _params_json(params: Any) -> str:
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise StoreError(f"params must be a dict, got {type(params).__name__}")
+    try:
+        return json.dumps(params, sort_keys=True, default=_json_default)
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"params cannot be stored as JSON: {e}") from e
+
+
+def _decode_sample(row: dict) -> dict:
+    row = dict(row)
+    row["params"] = json.loads(row["params"]) if row.get("params") else {}
+    return row
+
+
+def _iso_or(value: Any, default: str) -> str:
+    if isinstance(value, str):
+        try:
+            datetime.fromisoformat(value)
+            return value
+        except ValueError:
+            pass
+    return default
+
+
+def _where(**filters) -> tuple[str, list]:
+    clauses, params = [], []
+    for col, value in filters.items():
+        if value is not None:
+            clauses.append(f"{col} = ?")
+            params.append(value)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _find_mask(folder: Path, stem: str) -> Path | None:
+    for name in (f"{stem}_mask.png", f"{stem}.png"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _resolve_visa(root: Path, rel: str) -> Path:
+    """VisA's csv paths start at the dataset root (``candle/Data/Images/...``)."""
+    rel_path = Path(rel.strip())
+    candidates = [root.parent / rel_path, root / rel_path]
+    if len(rel_path.parts) > 1:
+        candidates.append(root / Path(*rel_path.parts[1:]))
+    return next((c for c in candidates if c.is_file()), candidates[0])

@@ -1,0 +1,80 @@
+"""The annotate → generate → accept loop through gradio_client's named endpoints."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+
+def _mask_layer(path, w, h):
+    layer = np.zeros((h, w, 4), np.uint8)
+    layer[h // 3: h // 3 + 40, w // 3: w // 3 + 50] = (255, 45, 45, 255)
+    Image.fromarray(layer).save(path)
+    return layer[..., 3] > 0
+
+
+def test_generate_and_accept_via_api(studio_server, tmp_path):
+    url, _ = studio_server
+    client = Client(url, verbose=False)
+    images = client.predict("bottle", api_name="/list_images")
+    assert images, "demo bottle images should be in the dataset"
+    pick = next(r for r in images if r["split"] == "train")
+    editor, src_id, _preview, status = client.predict(pick["id"], 4, api_name="/load_image")
+    assert int(src_id) == pick["id"]
+    assert "Loaded image" in status
+
+    bg = np.asarray(Image.open(editor["background"]["path"]).convert("RGB"))
+    h, w = bg.shape[:2]
+    painted = _mask_layer(tmp_path / "layer.png", w, h)
+    Image.fromarray(bg).save(tmp_path / "bg.png")
+    editor_value = {"background": handle_file(str(tmp_path / "bg.png")),
+                    "layers": [handle_file(str(tmp_path / "layer.png"))],
+                    "composite": handle_file(str(tmp_path / "bg.png"))}
+    gallery, cands, selected, status = client.predict(
+        editor_value, "bottle", pick["id"], "Damage type", "contamination", "#3366cc", "auto",
+        4, 7, 4, 0.8, api_name="/generate")
+    assert len(gallery) == 4 and len(cands) == 4
+    ids = [c["sample_id"] for c in cands]
+    assert len(set(ids)) == 4 and int(selected) == ids[0]
+    # the candidates differ from the source only near the painted region
+    from pipelines.masks import dilate
+    outside = dilate(painted.astype(np.uint8) * 255, 4) == 0
+    for item in gallery:
+        cand = np.asarray(Image.open(item["image"]["path"]).convert("RGB"))
+        assert cand.shape == bg.shape
+        assert np.array_equal(cand[outside], bg[outside])
+        assert not np.array_equal(cand[painted], bg[painted])
+
+    for sid in ids[:2]:
+        status, _ = client.predict(sid, "looks real", cands, api_name="/accept")
+        assert "accepted" in status
+    status, _ = client.predict(ids[2], "", cands, api_name="/reject")
+    assert "rejected" in status
+
+    table, _plot = client.predict("bottle", "accepted", "", api_name="/list_samples")
+    accepted = {int(r[0]) for r in table["data"] if r[0] is not None}
+    assert set(ids[:2]) <= accepted and ids[2] not in accepted and ids[3] not in accepted
+
+
+def test_bad_inputs_give_clear_errors(studio_server, tmp_path):
+    url, _ = studio_server
+    client = Client(url, verbose=False)
+    images = client.predict("bottle", api_name="/list_images")
+    pick = images[0]
+    editor, *_ = client.predict(pick["id"], 4, api_name="/load_image")
+    bg_path = editor["background"]["path"]
+    empty = {"background": handle_file(bg_path), "layers": [], "composite": handle_file(bg_path)}
+    with pytest.raises(Exception, match="empty"):
+        client.predict(empty, "bottle", pick["id"], "Damage type", "contamination", "#3366cc",
+                       "auto", 2, 0, 4, 0.8, api_name="/generate")
+    with pytest.raises(Exception, match="Unknown damage type"):
+        client.predict(empty, "bottle", pick["id"], "Damage type", "melted", "#3366cc",
+                       "auto", 2, 0, 4, 0.8, api_name="/generate")
+    (tmp_path / "notes.png").write_text("this is not an image")
+    with pytest.raises(Exception, match="not an image"):
+        client.predict(handle_file(str(tmp_path / "notes.png")), "bottle", 4, api_name="/upload_image")
+    with pytest.raises(Exception, match="Select a candidate"):
+        client.predict(0, "", [], api_name="/accept")
