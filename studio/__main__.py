@@ -15,7 +15,7 @@ def _store(args):
     from studio.config import Settings
     from studio.dataset import Store
     settings = Settings.from_env(workspace=getattr(args, "workspace", None))
-    return Store(settings.workspace)
+    return Store(settings.workspace, max_pixels=settings.max_pixels)
 
 
 def cmd_demo_data(args) -> int:

@@ -18,7 +18,7 @@ class StudioContext:
     @cached_property
     def store(self):
         from studio.dataset import Store
-        return Store(self.settings.workspace)
+        return Store(self.settings.workspace, max_pixels=self.settings.max_pixels)
 
     @cached_property
     def jobs(self):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "assets" / "demo"
+DEMO = Path(os.environ.get("DEFECT_STUDIO_TEST_DEMO", ROOT / "assets" / "demo"))
 
 
 def free_port() -> int:

@@ -9,6 +9,13 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
 
+def _path(x):
+    """gradio_client returns files as a path string (or a FileData dict in some versions)."""
+    if isinstance(x, dict):
+        return _path(x.get("image") or x.get("path"))
+    return x
+
+
 def _mask_layer(path, w, h):
     layer = np.zeros((h, w, 4), np.uint8)
     layer[h // 3: h // 3 + 40, w // 3: w // 3 + 50] = (255, 45, 45, 255)
@@ -26,7 +33,7 @@ def test_generate_and_accept_via_api(studio_server, tmp_path):
     assert int(src_id) == pick["id"]
     assert "Loaded image" in status
 
-    bg = np.asarray(Image.open(editor["background"]["path"]).convert("RGB"))
+    bg = np.asarray(Image.open(_path(editor["background"])).convert("RGB"))
     h, w = bg.shape[:2]
     painted = _mask_layer(tmp_path / "layer.png", w, h)
     Image.fromarray(bg).save(tmp_path / "bg.png")
@@ -43,7 +50,7 @@ def test_generate_and_accept_via_api(studio_server, tmp_path):
     from pipelines.masks import dilate
     outside = dilate(painted.astype(np.uint8) * 255, 4) == 0
     for item in gallery:
-        cand = np.asarray(Image.open(item["image"]["path"]).convert("RGB"))
+        cand = np.asarray(Image.open(_path(item)).convert("RGB"))
         assert cand.shape == bg.shape
         assert np.array_equal(cand[outside], bg[outside])
         assert not np.array_equal(cand[painted], bg[painted])
@@ -65,12 +72,12 @@ def test_bad_inputs_give_clear_errors(studio_server, tmp_path):
     images = client.predict("bottle", api_name="/list_images")
     pick = images[0]
     editor, *_ = client.predict(pick["id"], 4, api_name="/load_image")
-    bg_path = editor["background"]["path"]
+    bg_path = _path(editor["background"])
     empty = {"background": handle_file(bg_path), "layers": [], "composite": handle_file(bg_path)}
     with pytest.raises(Exception, match="empty"):
         client.predict(empty, "bottle", pick["id"], "Damage type", "contamination", "#3366cc",
                        "auto", 2, 0, 4, 0.8, api_name="/generate")
-    with pytest.raises(Exception, match="Unknown damage type"):
+    with pytest.raises(Exception, match="Unknown damage type|not in the list of choices"):
         client.predict(empty, "bottle", pick["id"], "Damage type", "melted", "#3366cc",
                        "auto", 2, 0, 4, 0.8, api_name="/generate")
     (tmp_path / "notes.png").write_text("this is not an image")

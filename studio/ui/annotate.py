@@ -72,11 +72,12 @@ def build(ctx: StudioContext) -> dict:
         with gr.Column(scale=1, min_width=260):
             product = gr.Dropdown(products, value=first, label="Product", elem_id="product")
             img_opts = image_choices(first)
-            image_pick = gr.Dropdown(img_opts, value=None, label="Image from the dataset",
+            first_id = img_opts[0][1] if img_opts else None
+            image_pick = gr.Dropdown(img_opts, value=first_id, label="Image from the dataset",
                                      elem_id="image-pick")
             upload = gr.File(label="…or upload an image (PNG/JPEG/BMP/TIFF)", type="filepath",
                              file_count="single", elem_id="upload")
-            source_id = gr.Number(0, label="Source image id", precision=0, interactive=False,
+            source_id = gr.Number(first_id or 0, label="Source image id", precision=0, interactive=False,
                                   elem_id="source-id")
             mode = gr.Radio([DAMAGE, COLOUR], value=DAMAGE, label="Mode", elem_id="mode")
             damage = gr.Dropdown(damage_choices(first), value=default_damage(first),
@@ -91,7 +92,9 @@ def build(ctx: StudioContext) -> dict:
             feather = gr.Slider(0, 32, 4, step=1, label="Feather radius (px)", elem_id="feather")
             strength = gr.Slider(0.1, 1.0, 0.8, step=0.05, label="Strength", elem_id="strength")
         with gr.Column(scale=2):
+            first_img = store.load_image(first_id) if first_id else None
             editor = gr.ImageEditor(
+                _editor_value(first_img, None) if first_img is not None else None,
                 type="numpy", format="png", image_mode="RGBA", sources=(), transforms=(),
                 layers=False, canvas_size=(512, 512), label="Paint the defect region",
                 brush=gr.Brush(colors=["#ff2d2d"], color_mode="fixed", default_size=14),
@@ -104,13 +107,13 @@ def build(ctx: StudioContext) -> dict:
                 invert_btn = gr.Button("Invert", size="sm")
                 clear_btn = gr.Button("Clear", size="sm")
                 random_btn = gr.Button("Random mask", size="sm", elem_id="random-mask")
-            preview = gr.Image(format="png", label="Mask preview (feathered)", interactive=False,
+            preview = gr.Image(first_img, format="png", label="Mask preview (feathered)", interactive=False,
                                elem_id="mask-preview")
         with gr.Column(scale=2):
             gen_btn = gr.Button("Generate candidates", variant="primary", elem_id="generate")
             gallery = gr.Gallery(format="png", columns=2, label="Candidates", allow_preview=False,
                                  elem_id="gallery")
-            cands = gr.JSON(label="Candidates (sample ids)", elem_id="candidates")
+            cands = gr.JSON(label="Candidates (sample ids)", elem_id="candidates", max_height=150)
             selected = gr.Number(0, label="Selected sample id", precision=0, elem_id="selected")
             note = gr.Textbox(label="Reviewer note", elem_id="note")
             with gr.Row():
@@ -175,6 +178,13 @@ def build(ctx: StudioContext) -> dict:
             return _editor_value(image, mask), _preview(image, mask, feather_px)
         return handler
 
+    def on_edit(editor_value, src_id, feather_px):
+        try:
+            image, mask = _current(editor_value, src_id)
+        except gr.Error:
+            return None
+        return _preview(image, mask, feather_px)
+
     def on_mode(m):
         return gr.update(visible=m == DAMAGE), gr.update(visible=m == COLOUR)
 
@@ -232,6 +242,10 @@ def build(ctx: StudioContext) -> dict:
     upload.upload(on_upload, [upload, product, feather], [editor, source_id, preview, status],
                   api_name="upload_image")
     mode.change(on_mode, mode, [damage, color], api_name=False)
+    editor.change(on_edit, [editor, source_id, feather], preview, api_name=False,
+                  trigger_mode="always_last", show_progress="hidden")
+    feather.release(on_edit, [editor, source_id, feather], preview, api_name=False,
+                    show_progress="hidden")
     op_inputs = [editor, source_id, px, feather, damage, product]
     for btn, op in ((dilate_btn, "dilate"), (erode_btn, "erode"), (invert_btn, "invert"),
                     (clear_btn, "clear"), (random_btn, "random")):

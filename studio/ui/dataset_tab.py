@@ -63,9 +63,9 @@ def build(ctx: StudioContext) -> dict:
             d = d.lower()
             rows = [r for r in rows if d in (r.get("damage_type") or "").lower()
                     or d in (r.get("color") or "").lower()]
-        data = [[r.get(c) for c in COLUMNS] for r in rows]
-        return gr.update(value=data or [[None] * len(COLUMNS)][:0], headers=COLUMNS), \
-            balance_figure(store.class_balance(), None if p == ALL else p)
+        import pandas as pd
+        frame = pd.DataFrame([[r.get(c) for c in COLUMNS] for r in rows], columns=COLUMNS)
+        return frame, balance_figure(store.class_balance(), None if p == ALL else p)
 
     def on_row(evt: gr.SelectData, data):
         try:
