@@ -66,6 +66,11 @@ def test_generate_and_accept_via_api(studio_server, tmp_path):
     assert set(ids[:2]) <= accepted and ids[2] not in accepted and ids[3] not in accepted
 
 
+def editor_value_of(editor):
+    bg = _path(editor["background"])
+    return {"background": handle_file(bg), "layers": [], "composite": handle_file(bg)}
+
+
 def test_bad_inputs_give_clear_errors(studio_server, tmp_path):
     url, _ = studio_server
     client = Client(url, verbose=False)
@@ -83,5 +88,10 @@ def test_bad_inputs_give_clear_errors(studio_server, tmp_path):
     (tmp_path / "notes.png").write_text("this is not an image")
     with pytest.raises(Exception, match="not an image"):
         client.predict(handle_file(str(tmp_path / "notes.png")), "bottle", 4, api_name="/upload_image")
+    wrong = tmp_path / "wrong_size_mask.png"
+    Image.fromarray(np.full((100, 120), 255, np.uint8)).save(wrong)
+    with pytest.raises(Exception, match="mask is 120×100 px but the image is"):
+        client.predict(handle_file(str(wrong)), editor_value_of(editor), pick["id"], 4,
+                       api_name="/upload_mask")
     with pytest.raises(Exception, match="Select a candidate"):
         client.predict(0, "", [], api_name="/accept")

@@ -120,3 +120,38 @@ def test_every_command_has_help():
     for cmd in ("demo-data", "import", "generate", "export", "samples", "review"):
         r = run(cmd, "--help")
         assert r.returncode == 0 and "usage" in r.stdout
+
+
+def test_import_generate_review_export_reimport(tmp_path):
+    """The headless loop: import the demo bottle, record candidates, accept two, export, re-import."""
+    import json
+
+    demo = ROOT / "assets" / "demo" / "bottle"
+    ws1, ws2 = tmp_path / "ws1", tmp_path / "ws2"
+    assert run("import", demo, "--workspace", ws1).returncode == 0
+    src = demo / "test" / "good" / "000.png"
+    mask = tmp_path / "m.png"
+    m = np.zeros((256, 256), np.uint8)
+    m[60:90, 100:150] = 255
+    Image.fromarray(m).save(mask)
+    r = run("generate", "--image", src, "--mask", mask, "--damage", "contamination", "--product",
+            "bottle", "--n", 3, "--record", "--quiet", "--workspace", ws1, "--out", tmp_path / "g")
+    assert r.returncode == 0, r.stderr
+    ids = [c["sample_id"] for c in json.loads((tmp_path / "g" / "provenance.json").read_text())["candidates"]]
+    for sid in ids[:2]:
+        assert run("review", sid, "accepted", "--note", "ok", "--workspace", ws1).returncode == 0
+    assert run("review", ids[2], "rejected", "--workspace", ws1).returncode == 0
+    assert run("review", 99999, "accepted", "--workspace", ws1).returncode != 0
+
+    assert run("export", "--product", "bottle", "--out", tmp_path / "exp", "--workspace", ws1).returncode == 0
+    assert len(list((tmp_path / "exp" / "bottle" / "synthetic" / "contamination").glob("*.png"))) == 2
+    assert run("import", tmp_path / "exp" / "bottle", "--workspace", ws2).returncode == 0
+
+    from studio.dataset import Store
+    def counts(ws):
+        return sorted((r["label"], r["real_train"], r["real_test"], r["synthetic_accepted"])
+                      for r in Store(ws).class_balance("bottle"))
+    assert counts(ws1) == counts(ws2)
+    assert ("contamination", 0, 5, 2) in counts(ws2)
+    r = run("export", "--product", "nosuch", "--out", tmp_path / "x", "--workspace", ws1)
+    assert r.returncode != 0 and "no product 'nosuch'" in r.stderr

@@ -11,7 +11,7 @@ import gradio as gr
 import numpy as np
 
 from pipelines import masks as M
-from pipelines.imageio import ImageInputError, check_array, read_rgb
+from pipelines.imageio import ImageInputError, check_array, read_mask, read_rgb
 from pipelines.registry import generator_names
 from studio.catalog import GOOD
 from studio.context import StudioContext
@@ -74,14 +74,14 @@ def build(ctx: StudioContext) -> dict:
             img_opts = image_choices(first)
             first_id = img_opts[0][1] if img_opts else None
             image_pick = gr.Dropdown(img_opts, value=first_id, label="Image from the dataset",
-                                     elem_id="image-pick")
+                                     allow_custom_value=True, elem_id="image-pick")
             upload = gr.File(label="…or upload an image (PNG/JPEG/BMP/TIFF)", type="filepath",
                              file_count="single", elem_id="upload")
             source_id = gr.Number(first_id or 0, label="Source image id", precision=0, interactive=False,
                                   elem_id="source-id")
             mode = gr.Radio([DAMAGE, COLOUR], value=DAMAGE, label="Mode", elem_id="mode")
             damage = gr.Dropdown(damage_choices(first), value=default_damage(first),
-                                 label="Damage type", elem_id="damage")
+                                 label="Damage type", allow_custom_value=True, elem_id="damage")
             color = gr.ColorPicker("#3366cc", label="Wall colour", visible=False, elem_id="color")
             backend = gr.Dropdown(["auto", *generator_names()], value="auto", label="Backend",
                                   info="auto: cut-paste when real defects of this type exist, else Perlin",
@@ -107,6 +107,8 @@ def build(ctx: StudioContext) -> dict:
                 invert_btn = gr.Button("Invert", size="sm")
                 clear_btn = gr.Button("Clear", size="sm")
                 random_btn = gr.Button("Random mask", size="sm", elem_id="random-mask")
+            mask_upload = gr.File(label="…or upload a mask (white or opaque = defect)", type="filepath",
+                                  file_count="single", height=90, elem_id="mask-upload")
             preview = gr.Image(first_img, format="png", label="Mask preview (feathered)", interactive=False,
                                elem_id="mask-preview")
         with gr.Column(scale=2):
@@ -129,8 +131,11 @@ def build(ctx: StudioContext) -> dict:
     def on_pick(image_id, feather_px):
         if not image_id:
             return gr.update(), 0, None, ""
-        img = store.load_image(int(image_id))
-        gt = store.load_mask(int(image_id))
+        try:
+            img = store.load_image(int(image_id))
+            gt = store.load_mask(int(image_id))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise gr.Error(f"No image #{image_id} in the dataset ({exc})") from exc
         note_txt = f"Loaded image #{int(image_id)} ({img.shape[1]}×{img.shape[0]})"
         if gt is not None and gt.any():
             note_txt += " — its ground-truth mask is shown as a starting point"
@@ -177,6 +182,16 @@ def build(ctx: StudioContext) -> dict:
                 mask = M.random_mask(style_for(dmg or "blob"), image.shape[:2], rng)
             return _editor_value(image, mask), _preview(image, mask, feather_px)
         return handler
+
+    def on_mask_upload(path, editor_value, src_id, feather_px):
+        if not path:
+            return gr.update(), gr.update()
+        image, _ = _current(editor_value, src_id)
+        try:
+            mask = M.validate_mask(read_mask(path, ctx.settings.max_pixels), image.shape)
+        except (ImageInputError, M.MaskError) as exc:
+            raise gr.Error(str(exc)) from exc
+        return _editor_value(image, mask), _preview(image, mask, feather_px)
 
     def on_edit(editor_value, src_id, feather_px):
         try:
@@ -241,6 +256,8 @@ def build(ctx: StudioContext) -> dict:
                       api_name="load_image")
     upload.upload(on_upload, [upload, product, feather], [editor, source_id, preview, status],
                   api_name="upload_image")
+    mask_upload.upload(on_mask_upload, [mask_upload, editor, source_id, feather], [editor, preview],
+                       api_name="upload_mask")
     mode.change(on_mode, mode, [damage, color], api_name=False)
     editor.change(on_edit, [editor, source_id, feather], preview, api_name=False,
                   trigger_mode="always_last", show_progress="hidden")

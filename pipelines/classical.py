@@ -1,0 +1,509 @@
+"""Fast CPU defect generators that need no weights — the offline default backend.
+
+Every generator is a small class with ``name``, ``version`` and::
+
+    gen(image: H×W×3 uint8, mask: H×W uint8, *, seed: int, feather: int = 4, **params)
+        -> H×W×3 uint8
+
+Contract (tested in ``tests/test_classical.py``):
+
+- every pixel outside ``masks.dilate(mask, feather)`` is byte-identical to the input;
+- the same seed gives the same output, different seeds give different outputs.
+
+All work happens in a window around the mask (its bounding box plus the feather and a little
+context), so the cost scales with the mask, not the image. The defect is composited as
+``out = alpha·generated + (1 − alpha)·input`` with ``alpha = masks.feather(mask, feather)``, and
+the input is copied back wherever ``alpha == 0``.
+
+Inputs: ``image`` is ``H×W×3 uint8`` (an ``H×W`` grey image is stacked to RGB and an RGBA
+image loses its alpha; the output is always RGB); ``mask`` is anything
+:func:`pipelines.masks.validate_mask` accepts — an empty or wrongly sized mask raises
+:class:`~pipelines.masks.MaskError` with a message for the user.
+
+Generators: ``perlin`` (procedural DRAEM-style anomaly shaped by a defect style), ``cutpaste``
+(a real defect of the same type, Poisson-blended) and ``wall-lab`` (LAB recolour to a target
+colour with the shading kept).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import cv2
+import numpy as np
+from skimage import color as skcolor
+
+from pipelines import masks as mk
+from pipelines.color import as_rgb, fit_to_srgb, lab_to_rgb, rgb_to_lab
+
+DEFAULT_FEATHER = 4
+
+# --------------------------------------------------------------------------------------------
+# Damage type → defect style
+# --------------------------------------------------------------------------------------------
+_STYLE_KEYWORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("scratch", ("scratch",)),
+    ("crack", ("crack",)),
+    ("broken", ("broken", "chip", "hole", "cut", "missing")),
+    ("blob", ("contamination", "stain", "glue", "oil", "liquid", "spot", "print")),
+    ("color", ("color", "colour")),
+)
+
+
+def style_for(damage_type: str | None) -> str:
+    """Map a damage type name (e.g. MVTec's ``scratch_head``, ``broken_large``) to a defect style
+    of :data:`pipelines.masks.STYLES` by keyword; anything unrecognised is a ``blob``."""
+    name = (damage_type or "").lower()
+    for style, words in _STYLE_KEYWORDS:
+        if any(w in name for w in words):
+            return style
+    return "blob"
+
+
+# --------------------------------------------------------------------------------------------
+# Perlin noise (vectorised numpy, deterministic from the rng)
+# --------------------------------------------------------------------------------------------
+def _fade(t: np.ndarray) -> np.ndarray:
+    return t * t * t * (t * (t * 6.0 - 15.0) + 10.0)
+
+
+def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """2-D gradient (Perlin) noise ``H×W float32`` in about [-1, 1]; ``res`` = (cells_y, cells_x)."""
+    h, w = int(shape[0]), int(shape[1])
+    ry, rx = max(1, int(res[0])), max(1, int(res[1]))
+    angles = rng.uniform(0.0, 2.0 * np.pi, (ry + 1, rx + 1))
+    gx, gy = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    ys = np.arange(h, dtype=np.float32) * (ry / h)
+    xs = np.arange(w, dtype=np.float32) * (rx / w)
+    iy, ix = ys.astype(np.int64), xs.astype(np.int64)
+    fy, fx = (ys - iy)[:, None], (xs - ix)[None, :]
+
+    def corner(oy: int, ox: int) -> np.ndarray:
+        """Dot product of the (iy+oy, ix+ox) corner gradients with the offsets to it."""
+        rows_x, rows_y = gx.take(iy + oy, axis=0), gy.take(iy + oy, axis=0)
+        return rows_x.take(ix + ox, axis=1) * (fx - ox) + rows_y.take(ix + ox, axis=1) * (fy - oy)
+
+    u, v = _fade(fx), _fade(fy)
+    c00, c01, c10, c11 = corner(0, 0), corner(0, 1), corner(1, 0), corner(1, 1)
+    n0 = c00 + u * (c01 - c00)
+    n1 = c10 + u * (c11 - c10)
+    return ((n0 + v * (n1 - n0)) * np.float32(np.sqrt(2.0))).astype(np.float32)
+
+
+def fractal_noise(shape: tuple[int, int], rng: np.random.Generator, cell: float,
+                  octaves: int = 4, persistence: float = 0.5) -> np.ndarray:
+    """Sum of Perlin octaves (cell size ``cell`` px, halved per octave), normalised to ~[-1, 1]."""
+    h, w = int(shape[0]), int(shape[1])
+    out = np.zeros((h, w), np.float32)
+    amp, total = 1.0, 0.0
+    for o in range(octaves):
+        c = max(1.0, cell / (2 ** o))
+        out += amp * perlin_noise((h, w), (math.ceil(h / c), math.ceil(w / c)), rng)
+        total += amp
+        amp *= persistence
+    return out / np.float32(total)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared plumbing
+# --------------------------------------------------------------------------------------------
+def _check_image(image: Any) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise ValueError(f"expected an H×W×3 RGB image, got an array of shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr[..., :3])
+
+
+def _window(mask: np.ndarray, margin: int) -> tuple[slice, slice]:
+    x0, y0, x1, y1 = mk.bbox(mask)  # type: ignore[misc]
+    h, w = mask.shape
+    return (slice(max(0, y0 - margin), min(h, y1 + margin)),
+            slice(max(0, x0 - margin), min(w, x1 + margin)))
+
+
+def composite(image: np.ndarray, generated: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """``alpha·generated + (1 − alpha)·image`` as uint8, with ``image`` copied where alpha == 0."""
+    a = alpha.astype(np.float32)[..., None]
+    out = a * generated.astype(np.float32) + (1.0 - a) * image.astype(np.float32)
+    out = np.clip(np.round(out), 0, 255).astype(np.uint8)
+    keep = alpha <= 0
+    out[keep] = image[keep]
+    return out
+
+
+class ClassicalGenerator:
+    """Base class: input checks, the working window, seeding and the feathered composite.
+    Subclasses implement ``_generate(crop, crop_mask, rng, feather, **params)`` returning the
+    generated crop (float 0..255 or uint8, same shape as ``crop``)."""
+
+    name = "classical"
+    version = "1"
+    mode = "damage"            # "damage" or "color"
+    description = ""
+    params: tuple[str, ...] = ()   # accepted besides ``damage_type`` and ``strength``
+    default_strength = 1.0
+    _context = 2               # extra pixels of context around dilate(mask, feather)
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray, *, seed: int,
+                 feather: int = DEFAULT_FEATHER, **params: Any) -> np.ndarray:
+        image = _check_image(image)
+        m = mk.validate_mask(mask, image.shape)
+        unknown = sorted(set(params) - set(self.params) - {"damage_type", "strength"})
+        if unknown:
+            raise TypeError(f"{self.name} got unknown parameter(s) {', '.join(unknown)}; "
+                            f"accepted: {', '.join(('damage_type', 'strength', *self.params))}")
+        fe = max(0.0, float(feather))
+        rng = np.random.default_rng(int(seed))
+        ys, xs = _window(m, int(math.ceil(fe)) + 1 + self._context)
+        crop, cmask = image[ys, xs], m[ys, xs]
+        strength = float(np.clip(params.pop("strength", self.default_strength), 0.0, 1.0))
+        generated = self._generate(crop, cmask, rng, fe, strength=strength, **params)
+        out = image.copy()
+        out[ys, xs] = composite(crop, generated, mk.feather(cmask, fe))
+        return out
+
+    def _generate(self, crop, cmask, rng, feather, *, strength, **params):  # pragma: no cover
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+# Perlin anomaly
+# --------------------------------------------------------------------------------------------
+_STAIN_TINTS = (  # RGB 0..1, weights: brown / dark oil / rust / yellowish / whitish glue
+    ((0.42, 0.29, 0.16), 0.3), ((0.17, 0.16, 0.14), 0.25), ((0.55, 0.31, 0.15), 0.2),
+    ((0.62, 0.56, 0.32), 0.15), ((0.86, 0.85, 0.80), 0.1))
+
+
+def _luma(x: np.ndarray) -> np.ndarray:
+    return x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114
+
+
+class PerlinDefectGenerator(ClassicalGenerator):
+    """Procedural anomaly inside the mask (DRAEM-style), shaped by a defect ``style``.
+
+    Params: ``style`` (one of ``masks.STYLES``; default ``style_for(damage_type)``),
+    ``damage_type``, ``strength`` (0..1, default 0.8). Needs no source data.
+    """
+
+    name = "perlin"
+    version = "1"
+    description = "Procedural Perlin-noise defect inside the mask (DRAEM-style); needs no data"
+    params = ("style",)
+    default_strength = 0.8
+
+    def _generate(self, crop, cmask, rng, feather, *, strength, style=None, damage_type=None):
+        style = style or style_for(damage_type)
+        if style not in mk.STYLES:
+            raise ValueError(f"unknown defect style {style!r}; known: {', '.join(mk.STYLES)}")
+        x = crop.astype(np.float32) / 255.0
+        inside = cmask > 0
+        d_in = cv2.distanceTransform(np.where(inside, 255, 0).astype(np.uint8), cv2.DIST_L2, 3)
+        size = max(8.0, float(np.sqrt(max(1, inside.sum()))))
+        y = getattr(self, f"_{style}")(x, inside, d_in, size, rng)
+        return 255.0 * (x + strength * (y - x))
+
+    # Each style maps x (H×W×3 float 0..1) → the fully developed defect image.
+    @staticmethod
+    def _soft(inside: np.ndarray, sigma: float) -> np.ndarray:
+        return cv2.GaussianBlur(inside.astype(np.float32), (0, 0), sigma)[..., None]
+
+    def _scratch(self, x, inside, d_in, size, rng):
+        fine = fractal_noise(x.shape[:2], rng, cell=rng.uniform(3, 8), octaves=3)
+        along = fractal_noise(x.shape[:2], rng, cell=rng.uniform(20, 40), octaves=2)
+        k = np.clip(0.7 + 0.35 * fine + 0.3 * along, 0.15, 1.0)[..., None]
+        w = np.maximum(self._soft(inside, 0.7), inside[..., None]) * k
+        if rng.random() < 0.6:    # bright scratch: bare metal / scattered light
+            target = x + (1.0 - x) * rng.uniform(0.55, 0.85)
+        else:                     # dark groove
+            target = x * rng.uniform(0.25, 0.5)
+        return x + w * (target - x)
+
+    def _crack(self, x, inside, d_in, size, rng):
+        n = fractal_noise(x.shape[:2], rng, cell=rng.uniform(4, 10), octaves=3)
+        darkness = np.clip(0.12 + 0.12 * n, 0.02, 0.4)[..., None]
+        w = np.maximum(self._soft(inside, 0.6), inside[..., None])
+        w *= np.clip(0.85 + 0.3 * n, 0.4, 1.0)[..., None]
+        return x + w * (x * darkness - x)
+
+    def _blob(self, x, inside, d_in, size, rng):
+        n = fractal_noise(x.shape[:2], rng, cell=max(4.0, size / rng.uniform(2.0, 4.0)), octaves=4)
+        tints, weights = zip(*_STAIN_TINTS)
+        tint = np.array(tints[int(rng.choice(len(tints), p=np.array(weights) / sum(weights)))],
+                        np.float32)
+        tint = np.clip(tint * rng.uniform(0.85, 1.15), 0.0, 1.0)
+        lum = _luma(x)
+        shade = lum / max(float(lum[inside].mean()), 1e-3)
+        stain = np.clip(shade[..., None] * tint, 0.0, 1.0)
+        opacity = np.clip(0.65 + 0.55 * n, 0.15, 1.0)
+        rim = np.exp(-d_in / max(1.0, 0.06 * size)) * rng.uniform(0.0, 0.35)   # tide line
+        o = np.clip(opacity + rim, 0.0, 1.0)[..., None] * np.maximum(self._soft(inside, 1.0),
+                                                                    inside[..., None])
+        return x + o * (stain - x)
+
+    def _broken(self, x, inside, d_in, size, rng):
+        h, w = x.shape[:2]
+        n = fractal_noise((h, w), rng, cell=max(3.0, size / 5), octaves=3)
+        fine = fractal_noise((h, w), rng, cell=2.5, octaves=2)
+        depth = np.clip(d_in / max(2.0, 0.25 * float(d_in.max())), 0.0, 1.0)
+        base = rng.uniform(0.03, 0.12)
+        hole = base * (1.3 - 0.5 * depth + 0.35 * n)[..., None] + 0.12 * x * (1 - depth[..., None])
+        rim_w = float(np.clip(0.12 * d_in.max(), 1.5, 6.0))
+        rim = (d_in > 0) & (d_in <= rim_w * np.clip(0.55 + 0.6 * (n + 1) / 2 + 0.3 * fine, 0.3, 1.6))
+        bright = np.clip(x + (1.0 - x) * (rng.uniform(0.3, 0.55) + 0.25 * fine[..., None]), 0, 1)
+        y = np.where(rim[..., None], bright, hole)
+        y = cv2.GaussianBlur(y.astype(np.float32), (0, 0), 0.6)
+        return np.where(inside[..., None], y, x)
+
+    def _color(self, x, inside, d_in, size, rng):
+        h, w = x.shape[:2]
+        n = fractal_noise((h, w), rng, cell=max(4.0, size / 3), octaves=3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lab = skcolor.rgb2lab(x.astype(np.float64))
+        rot = np.radians(rng.uniform(60, 180) * rng.choice([-1, 1]))
+        tint_angle = rng.uniform(0, 2 * np.pi)
+        tint = rng.uniform(12, 30)
+        ramp = np.clip(d_in / max(2.0, 0.35 * float(d_in.max())), 0.0, 1.0)
+        amount = (np.clip(0.75 + 0.4 * n, 0.2, 1.0) * (0.35 + 0.65 * ramp))
+        a, b = lab[..., 1], lab[..., 2]
+        a2 = a * np.cos(rot) - b * np.sin(rot) + tint * np.cos(tint_angle)
+        b2 = a * np.sin(rot) + b * np.cos(rot) + tint * np.sin(tint_angle)
+        out = lab.copy()
+        out[..., 1] = a + amount * (a2 - a)
+        out[..., 2] = b + amount * (b2 - b)
+        out[..., 0] = np.clip(lab[..., 0] + amount * rng.uniform(-6, 4), 0, 100)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            y = np.clip(skcolor.lab2rgb(out), 0, 1).astype(np.float32)
+        return np.where(inside[..., None], y, x)
+
+
+# --------------------------------------------------------------------------------------------
+# Cut-paste with Poisson blending
+# --------------------------------------------------------------------------------------------
+_DIHEDRAL = tuple(np.array(m, float) for m in (
+    [[1, 0], [0, 1]], [[-1, 0], [0, 1]], [[1, 0], [0, -1]], [[-1, 0], [0, -1]],
+    [[0, 1], [1, 0]], [[0, -1], [1, 0]], [[0, 1], [-1, 0]], [[0, -1], [-1, 0]]))
+_CLONE_MODES = {"normal": cv2.NORMAL_CLONE, "mixed": cv2.MIXED_CLONE}
+_DISC5 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+
+
+class CutPasteGenerator(ClassicalGenerator):
+    """A real defect of the same type, warped onto the target mask and Poisson-blended.
+
+    Params: ``donors`` — list of ``(image, mask)`` pairs (real defect images with their masks);
+    ``clone`` — ``"normal"`` (default: the donor's pixels replace the mask, colours matched at the
+    border) or ``"mixed"`` (per pixel the stronger gradient of donor and target: the target's
+    texture shows through flat donor areas, defects look more transparent); ``strength``
+    (default 1). The seed picks the donor and a small zoom; the flip / 90° rotation is the one
+    whose warped donor mask best overlaps the target mask (seeded among near-ties). Blending:
+    ``cv2.seamlessClone`` over ``dilate(mask, feather + 4)``; the feathered composite then
+    restricts the change to ``dilate(mask, feather)``.
+    """
+
+    name = "cutpaste"
+    version = "1"
+    description = "Cut-paste of a real defect of this type with Poisson blending"
+    params = ("donors", "clone")
+    _clone_extra = 4           # seamlessClone only changes the mask eroded by 1 px and ignores
+    _pad = 8                   # masks narrower than ~7 px, so the clone mask is dilated
+    _context = _clone_extra + 2
+
+    def __call__(self, image, mask, *, seed, feather=DEFAULT_FEATHER, **params):
+        donors = params.get("donors")
+        if not donors:
+            kind = params.get("damage_type")
+            raise ValueError(
+                "cut-paste needs at least one real defect of this type in the dataset "
+                f"{'(' + repr(kind) + ') ' if kind else ''}— import or accept a real defect image "
+                "with its mask, or pick the perlin generator")
+        return super().__call__(image, mask, seed=seed, feather=feather, **params)
+
+    @staticmethod
+    def _donor(pair: Any, i: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+        try:
+            img, msk = pair
+        except (TypeError, ValueError):
+            raise ValueError(f"donor {i} must be an (image, mask) pair") from None
+        img = _check_image(img)
+        try:
+            m = mk.validate_mask(msk, img.shape)
+        except mk.MaskError as exc:
+            raise mk.MaskError(f"Donor defect {i}: {exc}") from None
+        return img, m, mk.bbox(m)  # type: ignore[return-value]
+
+    def _generate(self, crop, cmask, rng, feather, *, strength, donors, clone="normal",
+                  damage_type=None):
+        if clone not in _CLONE_MODES:
+            raise ValueError(f"unknown clone mode {clone!r}; known: {', '.join(_CLONE_MODES)}")
+        i = int(rng.integers(len(donors)))
+        donor, dmask, (dx0, dy0, dx1, dy1) = self._donor(donors[i], i)
+
+        # 1. Pad the window (reflect) so the clone mask never touches the canvas border.
+        p = self._pad
+        dst = cv2.copyMakeBorder(crop, p, p, p, p, cv2.BORDER_REFLECT_101)
+        tmask = cv2.copyMakeBorder(cmask, p, p, p, p, cv2.BORDER_REFLECT_101)
+        clone_mask = mk.dilate(tmask, feather + self._clone_extra)
+        clone_mask[:2], clone_mask[-2:], clone_mask[:, :2], clone_mask[:, -2:] = 0, 0, 0, 0
+        tx0, ty0, tx1, ty1 = mk.bbox(cmask)  # type: ignore[misc]
+        tx0, ty0, tx1, ty1 = tx0 + p, ty0 + p, tx1 + p, ty1 + p
+
+        # 2. Affine map target → donor: the target mask's bbox lands on the donor's defect bbox
+        #    (zoomed out a little), in the one of the 8 flips/90° rotations whose warped donor
+        #    mask overlaps the target mask best (ties broken by the seed) — thin scratches and
+        #    cracks must run along the painted stroke, not across it.
+        tw, th = tx1 - tx0, ty1 - ty0
+        dw, dh = (dx1 - dx0) * rng.uniform(1.0, 1.15), (dy1 - dy0) * rng.uniform(1.0, 1.15)
+        ct = np.array([(tx0 + tx1 - 1) / 2.0, (ty0 + ty1 - 1) / 2.0])
+        cd = np.array([(dx0 + dx1 - 1) / 2.0, (dy0 + dy1 - 1) / 2.0])
+        affines = []
+        for d8 in _DIHEDRAL:
+            lin = np.diag([dw, dh]) @ d8 @ np.diag([1.0 / tw, 1.0 / th])
+            affines.append(np.hstack([lin, (cd - lin @ ct)[:, None]]))
+        target_box = cv2.dilate(tmask[ty0:ty1, tx0:tx1], _DISC5) > 0
+        scores = []
+        for aff in affines:
+            box_aff = aff.copy()
+            box_aff[:, 2] += aff[:, :2] @ np.array([tx0, ty0], float)
+            warped = cv2.warpAffine(dmask, box_aff, (tw, th),
+                                    flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
+            warped = cv2.dilate(warped, _DISC5) > 0
+            scores.append((warped & target_box).sum() / max(1, (warped | target_box).sum()))
+        scores = np.array(scores)
+        good = np.flatnonzero(scores >= scores.max() - 0.05)
+        affine = affines[int(good[int(rng.integers(len(good)))])]
+        src = cv2.warpAffine(donor, affine, (dst.shape[1], dst.shape[0]),
+                             flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                             borderMode=cv2.BORDER_REFLECT_101)
+
+        # 3. Poisson blend. seamlessClone places the mask's bounding rect centred at `centre`
+        #    (top-left = centre - size // 2), so this centre maps the rect onto itself.
+        bx, by, bw, bh = cv2.boundingRect(clone_mask)
+        centre = (bx + bw // 2, by + bh // 2)
+        blended = cv2.seamlessClone(src, dst, clone_mask, centre, _CLONE_MODES[clone])
+        blended = blended[p:-p, p:-p].astype(np.float32)
+        return crop + strength * (blended - crop)
+
+
+# --------------------------------------------------------------------------------------------
+# Wall colour: LAB recolour
+# --------------------------------------------------------------------------------------------
+class LabRecolorGenerator(ClassicalGenerator):
+    """Recolour the masked region to ``color`` in CIE LAB, keeping its shading.
+
+    ``L_out = L_target + g·(L_in − mean(L_in over mask))`` with one gain ``g ≤ 1`` that
+    compresses the lightness range around the target (instead of clipping hard) when the target
+    is very dark or light, so L_out stays a linear function of L_in (the shading is kept, Pearson
+    r ≈ 1). a/b: the target's plus ``keep_chroma`` × the region's own a/b deviations plus
+    ``mottle``. Out-of-gamut colours are mapped into sRGB by shrinking their chroma (L kept), and
+    a few correction passes shift L/a/b so that the mean LAB colour of the region — measured
+    after 8-bit rounding — matches the target (ΔE2000 < 2, usually < 0.5); if it cannot (very
+    saturated targets such as #ffff00), the shading is flattened step by step.
+
+    ``mottle`` (a/b units, default 0.8) is a seeded low-amplitude Perlin variation — paint is
+    never perfectly flat — so different seeds give different candidates; ``mottle=0`` makes the
+    output seed-independent.
+
+    Params: ``color`` ('#RRGGBB' or (r, g, b), required), ``keep_chroma`` (0..1, default 0.15),
+    ``mottle`` (default 0.8), ``strength`` (default 1).
+    """
+
+    name = "wall-lab"
+    version = "1"
+    mode = "color"
+    description = "LAB recolour to a target colour, shading kept (wall colour mode)"
+    params = ("color", "keep_chroma", "mottle")
+    _L_LO, _L_HI = 0.5, 99.5
+    _SAMPLE = 8_000            # masked pixels used by the correction passes
+
+    def __call__(self, image, mask, *, seed, feather=DEFAULT_FEATHER, **params):
+        if params.get("color") is None:
+            raise ValueError("wall-lab needs a target colour: pass color='#RRGGBB'")
+        as_rgb(params["color"])   # fail fast on a bad colour
+        return super().__call__(image, mask, seed=seed, feather=feather, **params)
+
+    def _generate(self, crop, cmask, rng, feather, *, strength, color, keep_chroma=0.15,
+                  mottle=0.8, damage_type=None):
+        target = rgb_to_lab(np.array(as_rgb(color), np.uint8))
+        lab = rgb_to_lab(crop)
+        inside = cmask > 0
+        dev = lab - lab[inside].mean(axis=0)          # shading (L) and texture (a, b)
+        keep = float(np.clip(keep_chroma, 0.0, 1.0))
+        h, w = crop.shape[:2]
+        cell = max(8.0, min(h, w) / 3.0)
+        noise_ab = np.stack([fractal_noise((h, w), rng, cell, octaves=3) for _ in range(2)], -1)
+        noise_ab *= float(mottle)
+
+        # Lightness gain: target ± shading fits in [_L_LO, _L_HI] (1 % tails may clip).
+        lo, hi = np.percentile(dev[inside, 0], [1.0, 99.0])
+        gain = 1.0
+        if hi > 0:
+            gain = min(gain, max(0.0, self._L_HI - target[0]) / hi)
+        if lo < 0:
+            gain = min(gain, max(0.0, target[0] - self._L_LO) / -lo)
+
+        def build(d: np.ndarray, noise: np.ndarray, offset: np.ndarray, shade: float) -> np.ndarray:
+            out = np.empty(d.shape, np.float64)
+            out[..., 0] = np.clip(target[0] + offset[0] + shade * gain * d[..., 0], 0.0, 100.0)
+            out[..., 1:] = target[1:] + offset[1:] + shade * (keep * d[..., 1:] + noise)
+            return fit_to_srgb(out)
+
+        def mean_lab(d, noise, offset, shade):
+            return rgb_to_lab(lab_to_rgb(build(d, noise, offset, shade))).mean(axis=0)
+
+        # Correction passes on (a fixed sample of) the masked pixels: measure the mean LAB after
+        # gamut mapping and 8-bit rounding, shift the offsets by the error. If that stalls
+        # (gamut-cusp targets like #ffff00, where only one lightness reaches the chroma), flatten
+        # all deviations step by step: at shade 0 every pixel is the target colour itself.
+        idx = np.flatnonzero(inside.ravel())
+        if idx.size > self._SAMPLE:
+            idx = np.sort(np.random.default_rng(0).choice(idx, self._SAMPLE, replace=False))
+        d_s, n_s = dev.reshape(-1, 3)[idx], noise_ab.reshape(-1, 2)[idx]
+        offset, shade = np.zeros(3), 1.0
+        best = (np.inf, offset, shade)
+        for it in range(32):
+            mean = mean_lab(d_s, n_s, offset, shade)
+            de = float(skcolor.deltaE_ciede2000(mean, target))
+            if de < best[0]:
+                best = (de, offset.copy(), shade)
+            if de < 0.25:
+                break
+            offset = offset + (target - mean)
+            if it % 4 == 3 and best[0] > 1.0:
+                offset, shade = np.zeros(3), shade * 0.7
+        _, offset, shade = best
+        recoloured = lab_to_rgb(build(dev, noise_ab, offset, shade))
+        # Final check on every masked pixel (the sample's mean is an estimate): one more pass.
+        mean = rgb_to_lab(recoloured[inside]).mean(axis=0)
+        if idx.size < inside.sum() and skcolor.deltaE_ciede2000(mean, target) > 0.5:
+            recoloured = lab_to_rgb(build(dev, noise_ab, offset + (target - mean), shade))
+        return crop + strength * (recoloured.astype(np.float32) - crop)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+GENERATORS: dict[str, type[ClassicalGenerator]] = {
+    PerlinDefectGenerator.name: PerlinDefectGenerator,
+    CutPasteGenerator.name: CutPasteGenerator,
+    LabRecolorGenerator.name: LabRecolorGenerator,
+}
+
+
+class UnknownGeneratorError(KeyError):
+    def __str__(self) -> str:           # KeyError would show the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+def get_generator(name: str) -> ClassicalGenerator:
+    """A new instance of the classical generator ``name``; unknown names list the known ones."""
+    try:
+        return GENERATORS[name]()
+    except KeyError:
+        raise UnknownGeneratorError(
+            f"unknown classical generator {name!r}; known: {', '.join(GENERATORS)}") from None
