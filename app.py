@@ -1,25 +1,67 @@
 """Defect Studio — ``python app.py [--port 7860] [--host 127.0.0.1] [--workspace DIR]``.
 
 Builds the Blocks app from one file per tab (studio/ui/). Heavy libraries and models load lazily:
-the first page is served within seconds, offline, on the bundled demo data.
+the first page is served within seconds, offline, on the bundled demo data. On a first start the
+demo set is imported in a thread while gradio itself is being imported.
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
+import threading
 
-import gradio as gr
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry calls
 
 from studio.config import Settings
 from studio.context import StudioContext
 from studio.services import bootstrap_demo
-from studio.ui import annotate, dataset_tab
 
 TITLE = "Defect Studio"
 
 
-def build_app(settings: Settings | None = None) -> gr.Blocks:
-    ctx = StudioContext(settings or Settings.from_env())
-    bootstrap_demo(ctx.store, ctx.settings.demo_dir)
+def _bootstrap_child(settings: Settings) -> None:
+    from studio.dataset import Store
+    store = Store(settings.workspace, max_pixels=settings.max_pixels)
+    bootstrap_demo(store, settings.demo_dir)
+    store.close()
+
+
+class _Bootstrap:
+    """First-start demo import, run in a forked process so it truly overlaps gradio's import
+    (a thread would fight over the GIL). Falls back to running inline where fork is missing."""
+
+    def __init__(self, ctx: StudioContext):
+        self.ctx = ctx
+        self.proc = None
+        if ctx.settings.demo_dir is None or (ctx.settings.workspace / "studio.db").exists():
+            return  # nothing to import, or an existing workspace: bootstrap_demo is a no-op
+        if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
+            self.proc = multiprocessing.get_context("fork").Process(
+                target=_bootstrap_child, args=(ctx.settings,), name="demo-bootstrap")
+            self.proc.start()
+
+    def join(self) -> None:
+        if self.proc is not None:
+            self.proc.join()
+            if self.proc.exitcode != 0:
+                raise RuntimeError(f"importing the demo data failed (exit code {self.proc.exitcode})")
+        bootstrap_demo(self.ctx.store, self.ctx.settings.demo_dir)  # no-op once imported
+
+
+def _start_bootstrap(ctx: StudioContext) -> _Bootstrap:
+    return _Bootstrap(ctx)
+
+
+def build_app(settings: Settings | None = None, ctx: StudioContext | None = None,
+              bootstrap: _Bootstrap | None = None):
+    """The studio as a ``gr.Blocks`` (not launched)."""
+    ctx = ctx or StudioContext(settings or Settings.from_env())
+    bootstrap = bootstrap or _start_bootstrap(ctx)
+    import gradio as gr  # the slow import overlaps the demo import
+
+    from studio.ui import annotate, dataset_tab
+    bootstrap.join()
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"## {TITLE} — synthetic industrial defects, human in the loop  \n"
                     f"<small>workspace: `{ctx.settings.workspace}`</small>")
@@ -37,12 +79,13 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Defect Studio web app")
-    p.add_argument("--host", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--host", help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, help="port (default 7860)")
     p.add_argument("--workspace", help="workspace folder (default $DEFECT_STUDIO_WORKSPACE or ./workspace)")
     args = p.parse_args(argv)
     settings = Settings.from_env(host=args.host, port=args.port, workspace=args.workspace)
-    demo = build_app(settings)
+    ctx = StudioContext(settings)
+    demo = build_app(ctx=ctx, bootstrap=_start_bootstrap(ctx))
     demo.queue(default_concurrency_limit=2).launch(
         server_name=settings.host, server_port=settings.port, auth=settings.auth,
         max_file_size=f"{settings.max_upload_mb:g}mb", show_error=True, footer_links=["api"],
