@@ -46,6 +46,14 @@ def test_paint_generate_accept_and_find_in_dataset(page, tmp_path):
     option.click()
     pg.wait_for_function(f"document.querySelector('#source-id input').value == '{wanted}'")
 
+    # The editor re-renders with the new background; the mask preview (updated from the editor's
+    # change event) showing the loaded image tells us it is ready for painting.
+    pg.wait_for_function("document.querySelector('#annotate-status').innerText.includes('Loaded image #"
+                         + wanted + "')")
+    pg.wait_for_timeout(1000)
+    preview_src = "document.querySelector('#mask-preview img')?.src"
+    before = pg.evaluate(preview_src)
+
     # paint a stroke across the rim with the mouse (the brush is the active tool)
     box = pg.locator("#editor canvas").first.bounding_box()
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
@@ -54,6 +62,8 @@ def test_paint_generate_accept_and_find_in_dataset(page, tmp_path):
     for i in range(1, 16):
         pg.mouse.move(cx - 50 + 6 * i, cy - 90 + 2 * i, steps=2)
     pg.mouse.up()
+    # the feathered-mask preview is redrawn from the painted layer
+    pg.wait_for_function(f"{preview_src} && {preview_src} !== {before!r}".replace("None", "null"))
 
     pg.click("#generate")
     pg.wait_for_function("document.querySelectorAll('#gallery .thumbnail-item').length == 4")
