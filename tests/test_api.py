@@ -66,6 +66,25 @@ def test_generate_and_accept_via_api(studio_server, tmp_path):
     assert set(ids[:2]) <= accepted and ids[2] not in accepted and ids[3] not in accepted
 
 
+def test_wall_colour_mode_via_api(studio_server, tmp_path):
+    url, _ = studio_server
+    client = Client(url, verbose=False)
+    pick = client.predict("brushed_metal", api_name="/list_images")[0]
+    editor, *_ = client.predict(pick["id"], 4, api_name="/load_image")
+    bg = _path(editor["background"])
+    w, h = Image.open(bg).size
+    _mask_layer(tmp_path / "wall.png", w, h)
+    value = {"background": handle_file(bg), "layers": [handle_file(str(tmp_path / "wall.png"))],
+             "composite": handle_file(bg)}
+    gallery, cands, _, status = client.predict(
+        value, "brushed_metal", pick["id"], "Wall colour", "scratch", "#c0392b", "auto", 2, 0, 4,
+        0.8, api_name="/generate")
+    assert [c["generator"] for c in cands] == ["wall-lab", "wall-lab"]
+    assert "#c0392b" in status
+    de = [float(item["caption"].split("ΔE2000 ")[1].split()[0]) for item in gallery]
+    assert all(d < 2 for d in de)
+
+
 def editor_value_of(editor):
     bg = _path(editor["background"])
     return {"background": handle_file(bg), "layers": [], "composite": handle_file(bg)}

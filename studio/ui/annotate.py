@@ -48,6 +48,18 @@ def _background(editor: dict | None) -> np.ndarray | None:
     return check_array(editor["background"])
 
 
+def _caption(cand, colour: str | None) -> str:
+    text = f"#{cand.sample_id} · seed {cand.seed} · {cand.generator}"
+    if colour and cand.mask is not None and cand.mask.any():
+        from pipelines.color import color_metrics
+        try:
+            met = color_metrics(cand.image, cand.mask, colour)
+            text += f" · ΔE2000 {met['delta_e2000']:.2f} · hue err {met['hue_error_deg']:.1f}°"
+        except ValueError as exc:  # near-empty mask: reported, not turned into zeros
+            text += f" · colour metrics n/a ({exc})"
+    return text
+
+
 def build(ctx: StudioContext) -> dict:
     """Render the tab inside the current Blocks; returns components other tabs may wire to."""
     store = ctx.store
@@ -216,7 +228,7 @@ def build(ctx: StudioContext) -> dict:
                            progress=lambda f, msg: progress(f, desc=msg))
         except (UserError, KeyError) as exc:
             raise gr.Error(exc.args[0] if exc.args else str(exc)) from exc
-        items = [(c.image, f"#{c.sample_id} · seed {c.seed} · {c.generator}") for c in out]
+        items = [(c.image, _caption(c, col if m == COLOUR else None)) for c in out]
         info = [{"sample_id": c.sample_id, "seed": c.seed, "generator": c.generator,
                  "status": "candidate"} for c in out]
         first_id = out[0].sample_id if out else 0
