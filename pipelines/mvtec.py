@@ -1,0 +1,142 @@
+"""Reading an MVTec-AD-layout category folder for evaluation (PatchCore, DDPM, experiments).
+
+  CATEGORY/train/good/*.png
+  CATEGORY/test/good/*.png, CATEGORY/test/<defect>/NNN.png
+  CATEGORY/ground_truth/<defect>/NNN_mask.png
+Layout problems raise ``LayoutError`` with a message that says what is wrong and where.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipelines.imageio import IMAGE_SUFFIXES, ImageInputError, read_mask, read_rgb
+
+
+class LayoutError(ValueError):
+    """The folder is not an MVTec-AD-layout category (message says what is missing)."""
+
+
+@dataclass(frozen=True)
+class TestSample:
+    path: Path
+    label: str                      # 'good' or the defect folder name
+    mask_path: Path | None          # None for good images
+
+    @property
+    def is_anomaly(self) -> bool:
+        return self.label != "good"
+
+
+@dataclass
+class Category:
+    root: Path
+    train: list[Path]
+    test: list[TestSample]
+    defect_types: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _mask_for(root: Path, label: str, img: Path) -> Path | None:
+    gt = root / "ground_truth" / label
+    for cand in (gt / f"{img.stem}_mask.png", gt / f"{img.stem}.png", gt / f"{img.stem}_mask{img.suffix}"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def load_category(root: str | Path, require_masks: bool = True, require_test: bool = True) -> Category:
+    """Index a category folder. With ``require_masks``, every defective test image needs a mask."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LayoutError(f"{root} is not a folder")
+    train_dir = root / "train" / "good"
+    if not train_dir.is_dir():
+        hint = ""
+        subs = [p.name for p in root.iterdir() if p.is_dir()][:8]
+        if any((root / s / "train" / "good").is_dir() for s in subs):
+            hint = f" (it holds categories: {', '.join(subs)} — pass one of them)"
+        raise LayoutError(f"{root} has no train/good folder; expected the MVTec AD layout "
+                          f"CATEGORY/train/good, CATEGORY/test/<type>, CATEGORY/ground_truth/<type>{hint}")
+    train = _images(train_dir)
+    if not train:
+        raise LayoutError(f"{train_dir} holds no images")
+    test: list[TestSample] = []
+    test_dir = root / "test"
+    if test_dir.is_dir():
+        for label_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+            label = label_dir.name
+            for img in _images(label_dir):
+                mask = None if label == "good" else _mask_for(root, label, img)
+                if label != "good" and mask is None and require_masks:
+                    raise LayoutError(
+                        f"test image {img.relative_to(root)} has no ground-truth mask (looked for "
+                        f"ground_truth/{label}/{img.stem}_mask.png)")
+                test.append(TestSample(img, label, mask))
+    if require_test:
+        if not test:
+            raise LayoutError(f"{root} has no test images (test/good, test/<defect>)")
+        if not any(s.is_anomaly for s in test) or all(s.is_anomaly for s in test):
+            raise LayoutError(f"{root}/test needs both good and defective images to measure AUROC")
+    defects = sorted({s.label for s in test if s.is_anomaly})
+    return Category(root, train, test, defects)
+
+
+def load_image(path: Path, size: int | None) -> np.ndarray:
+    """RGB uint8, resized to size×size (area interpolation) when ``size`` is given."""
+    try:
+        img = read_rgb(path)
+    except ImageInputError as exc:
+        raise LayoutError(str(exc)) from exc
+    if size and img.shape[:2] != (size, size):
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    return img
+
+
+def load_mask(sample: TestSample, size: int | None, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Ground truth as bool [H x W]; all False for good images."""
+    if sample.mask_path is None:
+        hw = (size, size) if size else shape
+        if hw is None:
+            hw = read_rgb(sample.path).shape[:2]
+        return np.zeros(hw, bool)
+    try:
+        m = read_mask(sample.mask_path)
+    except ImageInputError as exc:
+        raise LayoutError(str(exc)) from exc
+    if size and m.shape != (size, size):
+        m = cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST)
+    return m > 0
+
+
+def load_positives(folder: str | Path, size: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Defect images with masks for a positive bank: an exported category (synthetic/<type> +
+    synthetic_ground_truth/<type>), or a plain MVTec test/ground_truth pair of folders."""
+    folder = Path(folder)
+    pairs = []
+    layouts = (("synthetic", "synthetic_ground_truth"), ("test", "ground_truth"))
+    for img_root, gt_root in layouts:
+        if not (folder / img_root).is_dir():
+            continue
+        for label_dir in sorted(p for p in (folder / img_root).iterdir() if p.is_dir()):
+            if label_dir.name == "good":
+                continue
+            for img in _images(label_dir):
+                cand = folder / gt_root / label_dir.name / f"{img.stem}_mask.png"
+                if cand.is_file():
+                    s = TestSample(img, label_dir.name, cand)
+                    pairs.append((load_image(img, size), load_mask(s, size)))
+    if not pairs:
+        raise LayoutError(f"{folder} holds no defect images with masks (expected synthetic/<type>/NNN.png "
+                          "+ synthetic_ground_truth/<type>/NNN_mask.png, as written by export)")
+    return pairs
