@@ -119,12 +119,24 @@ def load_mask(sample: TestSample, size: int | None, shape: tuple[int, int] | Non
     return m > 0
 
 
-def load_positives(folder: str | Path, size: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Defect images with masks for a positive bank: an exported category (synthetic/<type> +
-    synthetic_ground_truth/<type>), or a plain MVTec test/ground_truth pair of folders."""
+def load_positives(folder: str | Path, size: int | None, layout: str = "synthetic",
+                   exclude: str | Path | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Defect images with masks for a positive bank.
+
+    layout "synthetic": an exported category's synthetic/<type> + synthetic_ground_truth/<type>;
+    "test": a category's test/<type> + ground_truth/<type> (a *different* folder from the one being
+    evaluated — ``exclude`` names the evaluation folder and is refused, to prevent leakage);
+    "auto": synthetic if present, else test.
+    """
     folder = Path(folder)
+    if layout == "auto":
+        layout = "synthetic" if (folder / "synthetic").is_dir() else "test"
+    if layout == "test" and exclude is not None and folder.resolve() == Path(exclude).resolve():
+        raise LayoutError("the positive bank cannot use the real defects of the folder being "
+                          "evaluated (that would leak test images into the model)")
     pairs = []
-    layouts = (("synthetic", "synthetic_ground_truth"), ("test", "ground_truth"))
+    layouts = {"synthetic": [("synthetic", "synthetic_ground_truth")],
+               "test": [("test", "ground_truth")]}[layout]
     for img_root, gt_root in layouts:
         if not (folder / img_root).is_dir():
             continue
