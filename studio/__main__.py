@@ -126,6 +126,46 @@ def cmd_review(args) -> int:
     return 0
 
 
+def cmd_patchcore(args) -> int:
+    from tqdm import tqdm
+
+    from studio.evaluation import PatchCoreRequest, run_patchcore
+    bank = args.bank or ("dual-real-synthetic" if args.positives else "single")
+    req = PatchCoreRequest(data=args.data, out=args.out, bank=bank, positives=args.positives,
+                           backbone=args.backbone, coreset=args.coreset, size=args.size,
+                           real_fraction=args.real_fraction, seed=args.seed)
+    bar = tqdm(total=100, desc="patchcore", unit="%", disable=args.quiet,
+               bar_format="{l_bar}{bar}| {n:.0f}% {postfix}")
+
+    def progress(frac, msg=""):
+        bar.n = 100 * frac
+        bar.set_postfix_str(msg[:40])
+        bar.refresh()
+
+    run_id = None
+    if args.record:
+        from studio.config import Settings
+        from studio.runs import RunLog
+        runlog = RunLog(Settings.from_env(workspace=args.workspace).workspace)
+        run_id = runlog.start("patchcore", Path(args.data).name, args.data, req.__dict__, args.out)
+    try:
+        summary = run_patchcore(req, progress=progress)
+    except BaseException as exc:
+        bar.close()
+        if run_id is not None:
+            runlog.finish(run_id, status="failed", error=str(exc))
+        raise
+    bar.close()
+    if run_id is not None:
+        runlog.finish(run_id, summary["metrics"])
+    m = summary["metrics"]
+    keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "fit_seconds",
+            "ms_per_image", "backbone_ms_per_image")
+    print(json.dumps({k: round(m[k], 4) for k in keys if k in m}, indent=1))
+    print(f"wrote {Path(args.out) / 'metrics.json'} and {len(summary['overlays'])} overlays")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m studio", description="Defect Studio, headless.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -181,6 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
     ws(sp)
     sp.set_defaults(fn=cmd_samples)
 
+    sp = sub.add_parser("patchcore", help="fit PatchCore on train/good and evaluate on test/ (MVTec layout)")
+    sp.add_argument("--data", required=True, help="MVTec-AD-layout category folder")
+    sp.add_argument("--positives", help="folder of defect images + masks for a dual bank "
+                                        "(an export's synthetic/ + synthetic_ground_truth/)")
+    sp.add_argument("--bank", choices=["single", "dual-real", "dual-real-synthetic"],
+                    help="default: single, or dual-real-synthetic with --positives")
+    sp.add_argument("--backbone", default="efficientnet_lite0")
+    sp.add_argument("--coreset", type=float, default=0.1, help="fraction of patches kept (0.01-1)")
+    sp.add_argument("--size", type=int, default=256)
+    sp.add_argument("--real-fraction", type=float, default=0.3,
+                    help="dual banks: share of each real defect type held out for the positive bank")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--record", action="store_true", help="record the run in the workspace database")
+    sp.add_argument("--quiet", action="store_true")
+    sp.add_argument("--out", required=True)
+    ws(sp)
+    sp.set_defaults(fn=cmd_patchcore)
+
     sp = sub.add_parser("review", help="accept or reject a candidate")
     sp.add_argument("id", type=int)
     sp.add_argument("decision", choices=["accepted", "rejected", "candidate"])
@@ -194,9 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except ValueError as exc:  # StoreError, ImageInputError, MaskError … : user-facing
+    except ValueError as exc:  # StoreError, ImageInputError, MaskError, LayoutError … : user-facing
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (KeyError, FileNotFoundError) as exc:  # unknown backbone / generator name, missing file
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

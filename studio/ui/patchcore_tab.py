@@ -1,0 +1,134 @@
+"""PatchCore tab: fit single / dual memory banks as a background job; ROC, metrics, overlays, runs."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from studio.context import StudioContext
+from studio.evaluation import PatchCoreRequest, run_patchcore
+from studio.runs import RunLog
+from studio.ui.jobs_panel import JobPanel
+
+BANKS = {"single (normal patches only)": "single",
+         "dual: + real defect crops": "dual-real",
+         "dual: + real + accepted synthetic": "dual-real-synthetic"}
+BACKBONES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+             "wide_resnet50_2", "resnet18", "resnet50"]
+RUN_COLS = ["id", "product", "bank", "backbone", "coreset", "image_auroc", "pixel_auroc", "aupro",
+            "image_f1_max", "fit_seconds", "ms_per_image", "status", "created_at"]
+
+
+def roc_figure(roc: dict, auc: float | None, title: str):
+    import plotly.graph_objects as go
+    fig = go.Figure()
+    fig.add_scatter(x=roc["fpr"], y=roc["tpr"], mode="lines", name=f"AUROC {auc:.3f}" if auc else "ROC")
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color="grey"), name="chance")
+    fig.update_layout(title=title, xaxis_title="false positive rate", yaxis_title="true positive rate",
+                      height=360, margin=dict(l=40, r=10, t=50, b=40))
+    return fig
+
+
+def runs_frame(runlog: RunLog, kind: str = "patchcore"):
+    import pandas as pd
+    rows = []
+    for r in runlog.list(kind):
+        m, p = r["metrics"] or {}, r["params"] or {}
+        rows.append([r["id"], r["product"], p.get("bank"), p.get("backbone"), p.get("coreset"),
+                     *[round(m[k], 4) if isinstance(m.get(k), (int, float)) else None
+                       for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "fit_seconds",
+                                 "ms_per_image")], r["status"], r["created_at"]])
+    return pd.DataFrame(rows, columns=RUN_COLS)
+
+
+def patchcore_job(job, req: PatchCoreRequest, runlog: RunLog, product: str) -> dict:
+    run_id = runlog.start("patchcore", product, req.data, req.__dict__, req.out, job.job_id)
+    try:
+        summary = run_patchcore(req, progress=job.progress, cancelled=lambda: job.cancelled)
+    except BaseException as exc:
+        from studio.jobs import JobCancelled
+        runlog.finish(run_id, status="cancelled" if isinstance(exc, JobCancelled) else "failed",
+                      error=str(exc))
+        raise
+    runlog.finish(run_id, summary["metrics"])
+    return {"run_id": run_id, "out": req.out, "metrics": summary["metrics"]}
+
+
+def build(ctx: StudioContext) -> None:
+    store = ctx.store
+    runlog = RunLog(ctx.settings.workspace)
+    products = store.products()
+    with gr.Row():
+        with gr.Column(scale=1, min_width=280):
+            product = gr.Dropdown(products, value=products[0] if products else None, label="Product",
+                                  elem_id="pc-product")
+            folder = gr.Textbox(label="…or an MVTec-AD-layout category folder on the server",
+                                placeholder="/data/mvtec/bottle", elem_id="pc-folder")
+            bank = gr.Radio(list(BANKS), value=list(BANKS)[0], label="Memory bank", elem_id="pc-bank")
+            backbone = gr.Dropdown(BACKBONES, value=BACKBONES[0], label="Backbone",
+                                   info="efficientnet_lite* ship with the app; ResNets need your weights file",
+                                   elem_id="pc-backbone")
+            coreset = gr.Slider(1, 25, 10, step=1, label="Coreset (% of patches kept)", elem_id="pc-coreset")
+            size = gr.Dropdown([224, 256, 320], value=256, label="Image size (px)", elem_id="pc-size")
+            real_fraction = gr.Slider(0.1, 0.6, 0.3, step=0.05,
+                                      label="Real defects held out for the positive bank (dual)",
+                                      elem_id="pc-real-fraction")
+            panel = JobPanel(ctx, "Run PatchCore", "patchcore")
+        with gr.Column(scale=2):
+            metrics = gr.Dataframe(headers=["metric", "value"], label="Metrics", elem_id="pc-metrics")
+            roc = gr.Plot(label="Image-level ROC", elem_id="pc-roc")
+            gallery = gr.Gallery(label="input · ground truth · heatmap · thresholded (most anomalous first)",
+                                 columns=1, height=520, format="png", elem_id="pc-gallery")
+    runs = gr.Dataframe(runs_frame(runlog), label="Runs (compare)", interactive=False, elem_id="pc-runs")
+    refresh = gr.Button("Refresh runs", size="sm")
+
+    def start(p, fold, bank_label, bb, cs, sz, rf):
+        mode = BANKS[bank_label]
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        if fold:
+            data = Path(fold).expanduser()
+            if not data.is_dir():
+                raise gr.Error(f"{fold} is not a folder on the server")
+            positives = None
+            if mode == "dual-real-synthetic":
+                raise gr.Error("With a folder, use the CLI's --positives for synthetic defects, "
+                               "or pick a product from the dataset")
+            name = data.name
+        else:
+            if not p:
+                raise gr.Error("Pick a product or give a folder")
+            export_root = ctx.settings.workspace / "exports" / f"{p}-{stamp}"
+            store.export_mvtec(export_root, p)
+            data = export_root / p
+            name = p
+            positives = str(data) if mode == "dual-real-synthetic" else None
+            if positives and not (data / "synthetic").is_dir():
+                raise gr.Error(f"No accepted synthetic samples for {p!r} yet — accept some in the "
+                               "Annotate tab, or pick another bank mode")
+        req = PatchCoreRequest(data=str(data), out=str(ctx.settings.workspace / "runs" / f"patchcore-{name}-{stamp}"),
+                               bank=mode, positives=positives, backbone=bb, coreset=float(cs) / 100,
+                               size=int(sz), real_fraction=float(rf))
+        try:
+            req.validate()
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from exc
+        return ctx.jobs.submit("patchcore", patchcore_job, req, runlog, name, request=req.__dict__)
+
+    def live(job):
+        if job["status"] != "done":
+            return gr.update(), gr.update(), gr.update(), runs_frame(runlog) if job["status"] in (
+                "failed", "cancelled") else gr.update()
+        out = Path(job["result"]["out"])
+        summary = json.loads((out / "result.json").read_text())
+        m = summary["metrics"]
+        table = [[k, round(v, 4) if isinstance(v, float) else v] for k, v in m.items()]
+        fig = roc_figure(summary["roc"], m.get("image_auroc"), f"PatchCore — {Path(summary['request']['data']).name}")
+        items = [(str(out / o["file"]), f"{o['label']} · score {o['score']:.3f} · {o['image']}")
+                 for o in summary["overlays"]]
+        return table, fig, items, runs_frame(runlog)
+
+    panel.wire(start, [product, folder, bank, backbone, coreset, size, real_fraction], live,
+               [metrics, roc, gallery, runs])
+    refresh.click(lambda: runs_frame(runlog), None, runs, api_name="patchcore_runs")
