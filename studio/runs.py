@@ -6,6 +6,7 @@ all parameters (JSON), all metrics (JSON), the output folder, status and timesta
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +23,8 @@ class RunLog:
         self.path = Path(workspace) / "studio.db"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self.db = sqlite_utils.Database(str(self.path), recursive_triggers=False)
+        conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
+        self.db = sqlite_utils.Database(conn)  # shared by gradio worker and job threads (locked)
         self.db.conn.execute("PRAGMA busy_timeout = 30000")
         self.db.conn.execute("PRAGMA journal_mode = WAL")
         if "runs" not in self.db.table_names():

@@ -80,7 +80,8 @@ def build(ctx: StudioContext) -> None:
             metrics = gr.Dataframe(headers=["metric", "value"], label="Metrics", elem_id="pc-metrics")
             roc = gr.Plot(label="Image-level ROC", elem_id="pc-roc")
             gallery = gr.Gallery(label="input · ground truth · heatmap · thresholded (most anomalous first)",
-                                 columns=1, height=520, format="png", elem_id="pc-gallery")
+                                 columns=2, height=420, object_fit="contain", format="png",
+                                 elem_id="pc-gallery")
     runs = gr.Dataframe(runs_frame(runlog), label="Runs (compare)", interactive=False, elem_id="pc-runs")
     refresh = gr.Button("Refresh runs", size="sm")
 

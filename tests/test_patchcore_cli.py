@@ -1,0 +1,55 @@
+"""`python -m studio patchcore` on the demo data, and its clear failures on bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "assets" / "demo"
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "studio", "patchcore", *map(str, args), "--quiet"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_patchcore_cli_on_demo_bottle(tmp_path):
+    r = run("--data", DEMO / "bottle", "--coreset", 0.05, "--out", tmp_path / "pc")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "pc" / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "fit_seconds",
+                "ms_per_image", "backbone_ms_per_image"):
+        assert key in m
+    assert m["image_auroc"] >= 0.99 and m["pixel_auroc"] >= 0.97
+    assert len(list((tmp_path / "pc" / "overlays").glob("*.png"))) == 23
+
+
+def test_bad_inputs(tmp_path):
+    r = run("--data", DEMO, "--out", tmp_path / "x")  # the parent of the categories
+    assert r.returncode != 0 and "no train/good" in r.stderr and "Traceback" not in r.stderr
+
+    broken = tmp_path / "bottle"
+    shutil.copytree(DEMO / "bottle", broken)
+    (broken / "ground_truth" / "contamination" / "002_mask.png").unlink()
+    r = run("--data", broken, "--out", tmp_path / "y")
+    assert r.returncode != 0 and "has no ground-truth mask" in r.stderr
+
+    r = run("--data", DEMO / "bottle", "--backbone", "resnet18", "--out", tmp_path / "z")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "resnet18" in r.stderr
+
+    r = run("--data", DEMO / "bottle", "--backbone", "vgg99", "--out", tmp_path / "z")
+    assert r.returncode != 0 and "efficientnet_lite0" in r.stderr  # lists the known names
+
+    bad = tmp_path / "corrupt.pth"
+    bad.write_bytes(b"\x00not a state dict" * 10)
+    r = subprocess.run([sys.executable, "-c", "from pipelines.backbones import build_backbone; "
+                        f"build_backbone('resnet18', weights={str(bad)!r})"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "corrupt" in r.stderr.lower()
