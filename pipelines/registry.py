@@ -17,12 +17,21 @@ class GeneratorSpec:
     description: str
     factory: Callable[[], Any]
     needs_donors: bool = False   # cut-paste needs real defects of the chosen type
+    needs_model: tuple[str, ...] = ()   # model kinds (pipelines.models.KINDS) it needs
+    full_image: bool = False     # True: makes a new image; the outside-mask contract is off
 
 
 def _classical(cls_name: str) -> Callable[[], Any]:
     def factory():
         from pipelines import classical
         return getattr(classical, cls_name)()
+    return factory
+
+
+def _lazy(module: str, cls_name: str) -> Callable[[], Any]:
+    def factory():
+        import importlib
+        return getattr(importlib.import_module(f"pipelines.{module}"), cls_name)()
     return factory
 
 
@@ -36,6 +45,21 @@ GENERATORS: dict[str, GeneratorSpec] = {
     "wall-lab": GeneratorSpec(
         "wall-lab", "color", "LAB recolour to a target colour, shading kept (wall colour mode)",
         _classical("LabRecolorGenerator")),
+    "sd-inpaint": GeneratorSpec(
+        "sd-inpaint", "damage", "Stable Diffusion 1.5 inpainting conditioned on a damage-type embedding",
+        _lazy("inpaint", "SDInpaintGenerator"), needs_model=("sd-inpaint",)),
+    "controlnet": GeneratorSpec(
+        "controlnet", "damage", "SD 1.5 inpainting + ControlNet conditioned on the segmentation mask",
+        _lazy("controlnet", "ControlNetInpaintGenerator"),
+        needs_model=("sd-inpaint", "controlnet-seg")),
+    "controlnet-full": GeneratorSpec(
+        "controlnet-full", "damage",
+        "SD 1.5 + ControlNet: a new full image from noise with the mask as the defect's layout",
+        _lazy("controlnet", "ControlNetFullGenerator"),
+        needs_model=("sd-base", "controlnet-seg"), full_image=True),
+    "wall": GeneratorSpec(
+        "wall", "color", "Zero-prompt wall colour: SD inpainting (+ IP-Adapter reference) + LAB correction",
+        _lazy("wall", "WallColorGenerator"), needs_model=("sd-inpaint",)),
 }
 
 
@@ -48,6 +72,20 @@ def get_spec(name: str) -> GeneratorSpec:
         return GENERATORS[name]
     except KeyError:
         raise KeyError(f"unknown generator {name!r}; known: {', '.join(GENERATORS)}") from None
+
+
+def backend_status(name: str) -> tuple[bool, str]:
+    """``(ok, message)``: whether backend ``name`` can run here (its model files are present).
+    Loads no weights; the message is the exact download instruction when something is missing."""
+    spec = get_spec(name)
+    if not spec.needs_model:
+        return True, "ready (no weights needed)"
+    from pipelines import models     # light: no torch / diffusers import
+    for kind in spec.needs_model:
+        ok, msg = models.available(kind)
+        if not ok:
+            return False, msg
+    return True, "ready"
 
 
 _instances: dict[str, Any] = {}

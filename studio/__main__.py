@@ -166,6 +166,52 @@ def cmd_patchcore(args) -> int:
     return 0
 
 
+def _tqdm_progress(desc: str, quiet: bool):
+    from tqdm import tqdm
+    bar = tqdm(total=100, desc=desc, unit="%", disable=quiet, bar_format="{l_bar}{bar}| {n:.0f}% {postfix}")
+
+    def progress(frac, msg=""):
+        bar.n = 100 * frac
+        bar.set_postfix_str(msg[:40])
+        bar.refresh()
+    return bar, progress
+
+
+def cmd_ddpm_train(args) -> int:
+    from studio.inspection import DDPMTrainRequest, train_ddpm
+    minutes = args.minutes if (args.minutes is not None or args.steps) else 20.0
+    req = DDPMTrainRequest(data=args.data, out=args.out, minutes=minutes, steps=args.steps,
+                           noise=args.noise, size=args.size, crop=args.crop, preset=args.preset,
+                           t_max=args.t_max, batch_size=args.batch_size, rot90=not args.no_rot90,
+                           resume=args.resume, seed=args.seed)
+    bar, progress = _tqdm_progress("ddpm train", args.quiet)
+    try:
+        summary = train_ddpm(req, progress=progress)
+    finally:
+        bar.close()
+    print(json.dumps({k: summary[k] for k in ("checkpoint", "step", "steps_this_run", "seconds",
+                                              "loss", "stopped", "parameters")}, indent=1))
+    return 0
+
+
+def cmd_ddpm_evaluate(args) -> int:
+    from studio.inspection import DDPMEvalRequest, evaluate_ddpm
+    depths = [int(d) for part in args.depth for d in str(part).split(",") if d.strip()]
+    req = DDPMEvalRequest(data=args.data, checkpoint=args.checkpoint, out=args.out,
+                          depths=depths or [100, 200], noise=args.noise, kind=args.residual,
+                          seeds=list(range(args.seeds)), eval_size=args.size)
+    bar, progress = _tqdm_progress("ddpm evaluate", args.quiet)
+    try:
+        summary = evaluate_ddpm(req, progress=progress)
+    finally:
+        bar.close()
+    m = summary["metrics"]
+    keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "ms_per_image")
+    print(json.dumps({k: round(m[k], 4) for k in keys if k in m}, indent=1))
+    print(f"wrote {Path(args.out) / 'metrics.json'} and {len(summary['overlays'])} overlays")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m studio", description="Defect Studio, headless.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -238,6 +284,36 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     ws(sp)
     sp.set_defaults(fn=cmd_patchcore)
+
+    dp = sub.add_parser("ddpm", help="pixel-space DDPM residual maps: train | evaluate")
+    dsub = dp.add_subparsers(dest="ddpm_cmd", required=True)
+    sp = dsub.add_parser("train", help="train on CATEGORY/train/good (time or step budget, resumable)")
+    sp.add_argument("--data", required=True, help="MVTec-AD-layout category folder")
+    sp.add_argument("--out", required=True, help="checkpoint folder")
+    sp.add_argument("--minutes", type=float, default=None, help="time budget (default 20 unless --steps)")
+    sp.add_argument("--steps", type=int, help="total step target")
+    sp.add_argument("--noise", choices=["gaussian", "simplex"], default="gaussian")
+    sp.add_argument("--size", type=int, default=128, help="working resolution")
+    sp.add_argument("--crop", type=int, default=64, help="training window (U-Net sample size)")
+    sp.add_argument("--preset", default="small", help="model size: tiny | small | default")
+    sp.add_argument("--t-max", type=int, default=400, help="train on timesteps below this (match --depth)")
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--no-rot90", action="store_true", help="no 90° rotations (oriented textures)")
+    sp.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(fn=cmd_ddpm_train)
+    sp = dsub.add_parser("evaluate", help="residual maps on CATEGORY/test and metrics")
+    sp.add_argument("--data", required=True)
+    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--depth", action="append", default=[], help="noising depth t (repeat or comma list)")
+    sp.add_argument("--noise", choices=["gaussian", "simplex"], help="default: as trained")
+    sp.add_argument("--residual", choices=["color", "ssim", "color+ssim"], default="color")
+    sp.add_argument("--seeds", type=int, default=1, help="reconstructions averaged per depth")
+    sp.add_argument("--size", type=int, default=256, help="evaluation resolution")
+    sp.add_argument("--quiet", action="store_true")
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(fn=cmd_ddpm_evaluate)
 
     sp = sub.add_parser("review", help="accept or reject a candidate")
     sp.add_argument("id", type=int)

@@ -1,0 +1,152 @@
+"""DDPM residual-map inspection as use cases: train on good images, evaluate, inspect one image.
+
+Shared by the DDPM tab (background jobs), the CLI (`python -m studio ddpm train|evaluate`) and
+tests. Model code lives in ``pipelines.ddpm``; this module handles data, files and records.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pipelines.imageio import write_png_atomic
+
+ProgressFn = Callable[[float, str], None]
+
+
+@dataclass
+class DDPMTrainRequest:
+    data: str                         # MVTec-AD-layout category (trains on train/good only)
+    out: str                          # checkpoint folder (config.json + safetensors)
+    minutes: float | None = 20.0      # time budget of this run
+    steps: int | None = None          # total step target (with resume: including earlier steps)
+    noise: str = "gaussian"           # gaussian | simplex
+    size: int = 128                   # working resolution
+    crop: int = 64                    # training window (U-Net sample size)
+    preset: str = "small"
+    t_max: int = 400                  # training timesteps in [0, t_max): match the depths used
+    batch_size: int = 8
+    rot90: bool = True                # only for rotation-invariant products
+    resume: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.minutes is None and self.steps is None:
+            raise ValueError("give a time budget (minutes) or a number of steps")
+        if self.minutes is not None and self.minutes <= 0:
+            raise ValueError("minutes must be > 0")
+        if self.noise not in ("gaussian", "simplex"):
+            raise ValueError(f"noise must be gaussian or simplex, not {self.noise!r}")
+
+
+@dataclass
+class DDPMEvalRequest:
+    data: str
+    checkpoint: str
+    out: str
+    depths: list[int] = field(default_factory=lambda: [100, 200])
+    noise: str | None = None          # default: the noise the model was trained with
+    seeds: list[int] = field(default_factory=lambda: [0])
+    kind: str = "color"               # color | ssim | color+ssim
+    eval_size: int = 256
+    max_overlays: int = 48
+
+
+def _configs(req: DDPMTrainRequest):
+    from pipelines.ddpm import ModelConfig, TrainConfig
+    cfg = ModelConfig(size=req.size, crop=req.crop, preset=req.preset, noise=req.noise)
+    cfg.validate()
+    tcfg = TrainConfig(steps=req.steps, minutes=req.minutes, batch_size=req.batch_size,
+                       t_max=req.t_max, rot90=req.rot90, seed=req.seed)
+    return cfg, tcfg
+
+
+def train_ddpm(req: DDPMTrainRequest, progress: ProgressFn | None = None,
+               cancelled: Callable[[], bool] | None = None,
+               on_model: Callable[[object], None] | None = None) -> dict:
+    """Train (or resume) and save the checkpoint; a cancelled run keeps what it learned."""
+    from pipelines.ddpm import DDPMInspector
+    from pipelines.mvtec import load_category
+
+    req.validate()
+    cat = load_category(req.data, require_masks=False, require_test=False)
+    cfg, tcfg = _configs(req)
+    out = Path(req.out)
+    if req.resume and (out / "config.json").is_file():
+        insp = DDPMInspector.load(out, expect=cfg)
+    else:
+        if req.resume:
+            raise ValueError(f"nothing to resume: {out} holds no checkpoint (config.json)")
+        insp = DDPMInspector(cfg)
+    if on_model:
+        on_model(insp)
+    result = insp.train(cat.train, tcfg, progress, cancelled)
+    insp.save(out)
+    summary = {"checkpoint": str(out), "step": result.step, "steps_this_run": result.steps_this_run,
+               "seconds": result.seconds, "loss": result.loss, "stopped": result.stopped,
+               "losses": result.losses, "parameters": insp.num_parameters, "request": asdict(req)}
+    (out / "training.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def evaluate_ddpm(req: DDPMEvalRequest, progress: ProgressFn | None = None,
+                  cancelled: Callable[[], bool] | None = None) -> dict:
+    from pipelines import metrics as MET
+    from pipelines.ddpm import DDPMInspector
+    from pipelines.visual import panel
+
+    if not req.depths:
+        raise ValueError("give at least one depth")
+    insp = DDPMInspector.load(req.checkpoint)
+    res = insp.evaluate(req.data, depths=req.depths, noise=req.noise, seeds=req.seeds, kind=req.kind,
+                        eval_size=req.eval_size, progress=progress, cancelled=cancelled)
+    out = Path(req.out)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    labels = np.array([int(s.is_anomaly) for s in res.samples])
+    fpr, tpr, _ = MET.image_roc(labels, res.scores)
+    vmin, vmax = float(np.percentile(res.maps, 1)), float(np.percentile(res.maps, 99.9))
+    overlays = []
+    root = Path(req.data)
+    for rank, i in enumerate(np.argsort(-res.scores)[: req.max_overlays]):
+        s = res.samples[i]
+        name = f"{rank:03d}_{s.label}_{s.path.stem}.png"
+        write_png_atomic(out / "overlays" / name, panel(res.images[i], res.masks[i], res.maps[i],
+                                                        res.metrics.get("pixel_threshold"), vmin, vmax))
+        overlays.append({"file": f"overlays/{name}", "label": s.label, "score": float(res.scores[i]),
+                         "image": str(s.path.relative_to(root)) if s.path.is_relative_to(root) else s.path.name})
+    metrics = {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in res.metrics.items()}
+    summary = {"metrics": metrics, "request": asdict(req), "overlays": overlays,
+               "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (out / "result.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+@lru_cache(maxsize=2)
+def _load_cached(checkpoint: str, mtime: float):
+    from pipelines.ddpm import DDPMInspector
+    return DDPMInspector.load(checkpoint)
+
+
+def load_inspector(checkpoint: str):
+    """Lazily loaded, cached per checkpoint folder (reloaded when its config changes)."""
+    cfg = Path(checkpoint) / "config.json"
+    if not cfg.is_file():
+        raise ValueError(f"{checkpoint} is not a DDPM checkpoint folder (no config.json); "
+                         "train one in the DDPM tab or with `python -m studio ddpm train`")
+    return _load_cached(str(Path(checkpoint).resolve()), cfg.stat().st_mtime)
+
+
+def inspect_image(checkpoint: str, image: np.ndarray, depth: int, noise: str | None = None,
+                  seed: int = 0, kind: str = "color") -> dict:
+    """One image at one depth: reconstruction, residual map and overlay (for the tab's slider)."""
+    from pipelines.visual import heatmap, overlay
+    insp = load_inspector(checkpoint)
+    amap, recon = insp.residual_map(image, depths=[int(depth)], noise=noise, seeds=[int(seed)],
+                                    kind=kind, return_reconstruction=True)
+    return {"reconstruction": recon, "residual": heatmap(amap), "overlay": overlay(image, amap),
+            "score": insp.score(amap), "map": amap}
