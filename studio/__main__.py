@@ -65,7 +65,11 @@ def cmd_generate(args) -> int:
         catalog = catalog.with_labels({p: store.labels(p) for p in store.products()})
     req = GenerateRequest(image=image, mask=mask, damage_type=args.damage, color=args.color,
                           product=args.product or "", backend=args.backend, n=args.n, seed=args.seed,
-                          feather=args.feather, strength=args.strength, max_pixels=args.max_pixels)
+                          feather=args.feather, strength=args.strength, max_pixels=args.max_pixels,
+                          options={"model": args.model, "controlnet": args.controlnet, "lora": args.lora,
+                                   "embedding": args.embedding, "steps": args.steps,
+                                   "guidance": args.guidance, "structure": args.structure,
+                                   "only_masked": False if args.full_frame else None})
     bar = tqdm(total=args.n, desc="generate", unit="img", disable=args.quiet)
     last = [0]
 
@@ -241,7 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument("--damage", help="damage type, e.g. scratch, contamination, broken_large, good")
     g.add_argument("--color", help="wall colour '#RRGGBB' (wall-colour mode)")
-    sp.add_argument("--backend", default="auto", help="auto | perlin | cutpaste | wall-lab")
+    sp.add_argument("--backend", default="auto",
+                    help="auto | perlin | cutpaste | wall-lab | sd-inpaint | controlnet | controlnet-full | wall")
+    sp.add_argument("--model", help="diffusion backends: SD 1.5 (inpainting) folder or hub id (local files only)")
+    sp.add_argument("--controlnet", help="controlnet backends: ControlNet-seg folder or hub id")
+    sp.add_argument("--lora", help="LoRA weights (.safetensors or folder) for the SD U-Net")
+    sp.add_argument("--embedding", help="damage-type embedding table folder (trained in the Training tab)")
+    sp.add_argument("--steps", type=int, help="diffusion steps (default 30)")
+    sp.add_argument("--guidance", type=float, help="classifier-free guidance (default 7.5)")
+    sp.add_argument("--structure", choices=["canny", "hed", "depth"],
+                    help="controlnet: a second condition that holds the product's geometry")
+    sp.add_argument("--full-frame", action="store_true",
+                    help="diffusion: generate the whole frame instead of a padded box around the mask")
     sp.add_argument("--product", help="product (checks the damage type; cut-paste donors come from it)")
     sp.add_argument("--n", type=int, default=4)
     sp.add_argument("--seed", type=int, default=0)

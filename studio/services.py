@@ -39,6 +39,7 @@ class GenerateRequest:
     strength: float = 0.8
     source_image_id: int | None = None
     max_pixels: int = 40_000_000
+    options: dict = field(default_factory=dict)  # backend-specific: model, controlnet, lora, steps, …
 
 
 @dataclass
@@ -76,6 +77,15 @@ def _donors(store, product: str, damage_type: str, limit: int = 16) -> list[tupl
     rows = [r for r in store.list_images(product=product, label=damage_type, origin="real")
             if r.get("mask_path")][:limit]
     return [(store.load_image(r["id"]), store.load_mask(r["id"])) for r in rows]
+
+
+def _accepted_options(gen) -> set[str] | None:
+    """Backend-specific options this generator takes (shared CLI/UI flags others use are dropped)."""
+    if hasattr(gen, "defaults"):          # diffusion backends
+        return {"damage_type", "model", "color", *gen.defaults}
+    if hasattr(gen, "params"):            # classical generators
+        return {"damage_type", "strength", *gen.params}
+    return None
 
 
 def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
@@ -136,6 +146,16 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
                     f"product '{req.product or '?'}' in the dataset; use the 'perlin' backend instead")
             params["donors"] = donors
 
+    spec = get_spec(backend)
+    if spec.needs_model and not req.options.get("model"):
+        from pipelines.registry import backend_status
+        ok, message = backend_status(backend)
+        if not ok:
+            raise UserError(message)
+    accepted = _accepted_options(gen)
+    params.update({k: v for k, v in req.options.items()
+                   if v not in (None, "") and (accepted is None or k in accepted)})
+
     cands: list[Candidate] = []
     for i in range(int(req.n)):
         if cancelled and cancelled():
@@ -143,8 +163,16 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
         seed = int(req.seed) + i
         try:
             out = gen(image, mask, seed=seed, **params)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:  # ModelError, MaskError, unknown option …
             raise UserError(str(exc)) from exc
+        except RuntimeError as exc:
+            if type(exc).__name__ == "GenerationCancelled":
+                break
+            raise
+        if not spec.full_image:  # the paste-back contract, enforced, not assumed
+            outside = M.dilate(mask, int(req.feather)) == 0
+            if not np.array_equal(out[outside], image[outside]):
+                raise RuntimeError(f"backend {backend} changed pixels outside the mask")
         recorded = {k: v for k, v in params.items() if k != "donors"}
         if "color" in recorded:
             recorded["color"] = req.color
