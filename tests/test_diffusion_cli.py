@@ -103,7 +103,7 @@ def test_ui_sd_inpaint_via_api(tiny, tmp_path):
         for backend in ("sd-inpaint", "controlnet"):
             gallery, cands, _, status = client.predict(
                 value, "bottle", pick["id"], "Damage type", "contamination", "#3366cc", backend, 2, 0,
-                4, 0.8, api_name="/generate")
+                4, 0.8, "", "", "", "", 2, 7.5, "none", True, api_name="/generate")
             assert len(cands) == 2 and {c["generator"] for c in cands} == {backend}
             src = np.asarray(Image.open(bg).convert("RGB"))
             outside = dilate((layer[..., 3] > 0).astype(np.uint8) * 255, 4) == 0

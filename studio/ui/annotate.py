@@ -103,6 +103,19 @@ def build(ctx: StudioContext) -> dict:
                 seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
             feather = gr.Slider(0, 32, 4, step=1, label="Feather radius (px)", elem_id="feather")
             strength = gr.Slider(0.1, 1.0, 0.8, step=0.05, label="Strength", elem_id="strength")
+            backend_info = gr.Markdown(elem_id="backend-info")
+            with gr.Accordion("Diffusion options", open=False):
+                d_model = gr.Textbox("", label="SD 1.5 folder or hub id (local files only)",
+                                     placeholder="$DEFECT_STUDIO_SD_INPAINT", elem_id="d-model")
+                d_controlnet = gr.Textbox("", label="ControlNet-seg folder", placeholder="$DEFECT_STUDIO_CONTROLNET")
+                d_lora = gr.Textbox("", label="LoRA file (.safetensors)")
+                d_embedding = gr.Textbox("", label="Damage-type embedding folder")
+                with gr.Row():
+                    d_steps = gr.Slider(2, 50, 30, step=1, label="Steps")
+                    d_guidance = gr.Slider(1.0, 12.0, 7.5, step=0.5, label="Guidance")
+                d_structure = gr.Dropdown(["none", "canny", "hed", "depth"], value="none",
+                                          label="ControlNet structure condition")
+                d_only_masked = gr.Checkbox(True, label="Only masked (crop around the mask)")
         with gr.Column(scale=2):
             first_img = store.load_image(first_id) if first_id else None
             editor = gr.ImageEditor(
@@ -215,14 +228,30 @@ def build(ctx: StudioContext) -> dict:
     def on_mode(m):
         return gr.update(visible=m == DAMAGE), gr.update(visible=m == COLOUR)
 
+    def on_backend(bk):
+        if not bk or bk == "auto":
+            return "auto: cut-paste when real defects of this type exist, else Perlin"
+        from pipelines.registry import backend_status, get_spec
+        ok, message = backend_status(bk)
+        spec = get_spec(bk)
+        head = f"**{bk}** — {spec.description}"
+        if spec.full_image:
+            head += " *(makes a whole new image: pixels outside the mask are not kept)*"
+        return f"{head}  \n{'✅ ' + message if ok else '⚠️ unavailable: ' + message}"
+
     def on_generate(editor_value, p, src_id, m, dmg, col, bk, num, sd, fth, stg,
+                    mdl="", cnet="", lora="", emb="", steps=30, guid=7.5, struct="none", only=True,
                     progress=gr.Progress()):
         image, mask = _current(editor_value, src_id)
         req = GenerateRequest(
             image=image, mask=mask, product=p or "", source_image_id=int(src_id) or None,
             damage_type=dmg if m == DAMAGE else None, color=col if m == COLOUR else None,
             backend=bk or "auto", n=int(num), seed=int(sd or 0), feather=int(fth),
-            strength=float(stg), max_pixels=ctx.settings.max_pixels)
+            strength=float(stg), max_pixels=ctx.settings.max_pixels,
+            options={"model": mdl or None, "controlnet": cnet or None, "lora": lora or None,
+                     "embedding": emb or None, "steps": int(steps), "guidance": float(guid),
+                     "structure": None if struct in (None, "none") else struct,
+                     "only_masked": bool(only)})
         try:
             out = generate(req, store=store, catalog=ctx.catalog(),
                            progress=lambda f, msg: progress(f, desc=msg))
@@ -280,8 +309,11 @@ def build(ctx: StudioContext) -> dict:
                     (clear_btn, "clear"), (random_btn, "random")):
         btn.click(mask_op(op), op_inputs, [editor, preview], api_name=f"mask_{op}")
     gen_btn.click(on_generate,
-                  [editor, product, source_id, mode, damage, color, backend, n, seed, feather, strength],
+                  [editor, product, source_id, mode, damage, color, backend, n, seed, feather, strength,
+                   d_model, d_controlnet, d_lora, d_embedding, d_steps, d_guidance, d_structure,
+                   d_only_masked],
                   [gallery, cands, selected, status], api_name="generate")
+    backend.change(on_backend, backend, backend_info, api_name="backend_status")
     gallery.select(on_select, cands, selected, api_name=False)
     accept_btn.click(decide("accepted"), [selected, note, cands], [status, cands], api_name="accept")
     reject_btn.click(decide("rejected"), [selected, note, cands], [status, cands], api_name="reject")
