@@ -101,6 +101,60 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _batch_pairs(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
+    from pipelines.imageio import IMAGE_SUFFIXES
+    pairs, missing = [], []
+    for img in sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        cands = [masks_dir / f"{img.stem}{suf}" for suf in (".png", "_mask.png", img.suffix)]
+        mask = next((c for c in cands if c.is_file()), None)
+        (pairs.append((img, mask)) if mask else missing.append(img.name))
+    if missing:
+        raise SystemExit(f"error: no mask in {masks_dir} for: {', '.join(missing[:10])}"
+                         f"{' …' if len(missing) > 10 else ''} (expected NAME.png or NAME_mask.png)")
+    if not pairs:
+        raise SystemExit(f"error: no images in {images_dir}")
+    return pairs
+
+
+def cmd_generate_batch(args) -> int:
+    """Every image+mask pair of two folders; under `accelerate launch` the pairs are split across
+    processes (each writes its own OUT/<name>/ folder), unchanged code in a single process."""
+    from accelerate import PartialState
+
+    from pipelines.imageio import ImageInputError, read_mask, read_rgb, write_png_atomic
+    from studio.services import GenerateRequest, UserError, generate
+
+    import torch
+    # on a CPU-only machine the processes of `accelerate launch` / torchrun talk over gloo
+    state = PartialState(cpu=not torch.cuda.is_available())
+    pairs = _batch_pairs(Path(args.images), Path(args.masks))
+    failures = []
+    with state.split_between_processes(pairs) as mine:
+        for img_path, mask_path in mine:
+            target = Path(args.out) / img_path.stem
+            try:
+                req = GenerateRequest(
+                    image=read_rgb(img_path, args.max_pixels), mask=read_mask(mask_path, args.max_pixels),
+                    damage_type=args.damage, color=args.color, backend=args.backend, n=args.n,
+                    seed=args.seed, feather=args.feather,
+                    options={"model": args.model, "controlnet": args.controlnet, "lora": args.lora,
+                             "steps": args.steps})
+                cands = generate(req)
+            except (ImageInputError, UserError, KeyError) as exc:
+                failures.append(f"{img_path.name}: {exc}")
+                continue
+            for i, c in enumerate(cands):
+                write_png_atomic(target / f"candidate_{i:02d}.png", c.image)
+            (target / "provenance.json").write_text(json.dumps(
+                {"image": str(img_path), "mask": str(mask_path), "process": state.process_index,
+                 "candidates": [{"seed": c.seed, "generator": c.generator, "params": c.params}
+                                for c in cands]}, indent=1, default=str))
+            print(f"[{state.process_index}] {img_path.name}: {len(cands)} candidate(s)")
+    for f in failures:
+        print(f"error: {f}", file=sys.stderr)
+    return 2 if failures else 0
+
+
 def cmd_export(args) -> int:
     store = _store(args)
     if args.product not in store.products():
@@ -268,6 +322,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     ws(sp)
     sp.set_defaults(fn=cmd_generate)
+
+    sp = sub.add_parser("generate-batch",
+                        help="candidates for every image+mask pair of two folders (accelerate launch splits them)")
+    sp.add_argument("--images", required=True, help="folder of images")
+    sp.add_argument("--masks", required=True, help="folder of masks named like the images (or NAME_mask.png)")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--damage")
+    g.add_argument("--color")
+    sp.add_argument("--backend", default="auto")
+    sp.add_argument("--model")
+    sp.add_argument("--controlnet")
+    sp.add_argument("--lora")
+    sp.add_argument("--steps", type=int)
+    sp.add_argument("--n", type=int, default=4)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--feather", type=int, default=4)
+    sp.add_argument("--max-pixels", type=int, default=40_000_000)
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(fn=cmd_generate_batch)
 
     sp = sub.add_parser("export", help="export real images + accepted samples to the MVTec AD layout")
     sp.add_argument("--product", required=True)

@@ -155,3 +155,37 @@ def test_import_generate_review_export_reimport(tmp_path):
     assert ("contamination", 0, 5, 2) in counts(ws2)
     r = run("export", "--product", "nosuch", "--out", tmp_path / "x", "--workspace", ws1)
     assert r.returncode != 0 and "no product 'nosuch'" in r.stderr
+
+
+def test_generate_batch_splits_across_processes(tmp_path):
+    """`generate-batch` runs unchanged in one process and under a 2-process launcher (torchrun,
+    as `accelerate launch` does on GPUs): every pair is done once, by both processes together."""
+    import json
+    import shutil
+    imgs, masks = tmp_path / "img", tmp_path / "mask"
+    imgs.mkdir(), masks.mkdir()
+    for i in range(4):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (48, 48, 3), np.uint8)).save(imgs / f"p{i}.png")
+        m = np.zeros((48, 48), np.uint8)
+        m[10:30, 10:40] = 255
+        Image.fromarray(m).save(masks / f"p{i}_mask.png")
+    r = run("generate-batch", "--images", imgs, "--masks", masks, "--damage", "scratch", "--n", 1,
+            "--out", tmp_path / "one")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["p0", "p1", "p2", "p3"]
+    torchrun = shutil.which("torchrun")
+    if torchrun:
+        r = subprocess.run([torchrun, "--nproc_per_node", "2", "--module", "studio", "generate-batch",
+                            "--images", str(imgs), "--masks", str(masks), "--damage", "scratch",
+                            "--out", str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        procs = [json.loads((tmp_path / "two" / f"p{i}" / "provenance.json").read_text())["process"]
+                 for i in range(4)]
+        assert sorted(procs) == [0, 0, 1, 1]
+        for i in range(4):  # same seeds → the same images whichever process made them
+            a = (tmp_path / "one" / f"p{i}" / "candidate_00.png").read_bytes()
+            assert a == (tmp_path / "two" / f"p{i}" / "candidate_00.png").read_bytes()
+    (masks / "p3_mask.png").unlink()
+    r = run("generate-batch", "--images", imgs, "--masks", masks, "--damage", "scratch", "--out", tmp_path / "x")
+    assert r.returncode != 0 and "no mask" in r.stderr and "p3.png" in r.stderr
