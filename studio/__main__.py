@@ -270,6 +270,23 @@ def cmd_ddpm_evaluate(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from studio.experiment import METRIC_KEYS, ExperimentRequest, run_experiment
+    req = ExperimentRequest(data=args.data, synthetic=args.synthetic, out=args.out, backbone=args.backbone,
+                            coreset=args.coreset, size=args.size, real_fraction=args.real_fraction,
+                            seed=args.seed)
+    bar, progress = _tqdm_progress("experiment", args.quiet)
+    try:
+        r = run_experiment(req, progress=progress)
+    finally:
+        bar.close()
+    for arm in ("real_only", "with_synthetic", "delta"):
+        print(f"{arm:15s} " + "  ".join(f"{k}={r[arm][k]:+.4f}" if arm == "delta" else f"{k}={r[arm][k]:.4f}"
+                                        for k in METRIC_KEYS))
+    print(f"wrote {Path(args.out) / 'metrics.json'} and report.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m studio", description="Defect Studio, headless.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -402,6 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true")
     sp.add_argument("--out", required=True)
     sp.set_defaults(fn=cmd_ddpm_evaluate)
+
+    sp = sub.add_parser("experiment", help="PatchCore dual bank: real crops only vs real + synthetic")
+    sp.add_argument("--data", required=True, help="MVTec-AD-layout category (the real test split is used)")
+    sp.add_argument("--synthetic", required=True,
+                    help="folder with synthetic/<type>/*.png + synthetic_ground_truth/ (an export)")
+    sp.add_argument("--backbone", default="efficientnet_lite0")
+    sp.add_argument("--coreset", type=float, default=0.1)
+    sp.add_argument("--size", type=int, default=256)
+    sp.add_argument("--real-fraction", type=float, default=0.3)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--quiet", action="store_true")
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(fn=cmd_experiment)
 
     sp = sub.add_parser("review", help="accept or reject a candidate")
     sp.add_argument("id", type=int)
