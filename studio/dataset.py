@@ -597,6 +597,12 @@ class Store:
         rows = self._query(f"SELECT * FROM samples{where} ORDER BY created_at DESC, id DESC{page}", params)
         return [_decode_sample(r) for r in rows]
 
+    def samples_in_batch(self, batch_prefix: str) -> list[dict]:
+        """Samples whose batch_id starts with ``batch_prefix`` (batch generation, resume)."""
+        rows = self._query("SELECT * FROM samples WHERE batch_id LIKE ? ORDER BY id",
+                           [batch_prefix.replace("%", "") + "%"])
+        return [_decode_sample(r) for r in rows]
+
     def load_sample_image(self, sample_id) -> np.ndarray:
         """``[H x W x 3]`` uint8 RGB."""
         row = self.get_sample(sample_id)

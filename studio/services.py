@@ -40,6 +40,7 @@ class GenerateRequest:
     source_image_id: int | None = None
     max_pixels: int = 40_000_000
     options: dict = field(default_factory=dict)  # backend-specific: model, controlnet, lora, steps, …
+    batch_id: str | None = None                  # set by batch generation (plan item), for resume
 
 
 @dataclass
@@ -192,7 +193,8 @@ def _record(req: GenerateRequest, store, cands: list[Candidate]) -> list[Candida
         c.sample_id = store.add_sample(
             product=product, image=c.image, mask=c.mask, source_image_id=req.source_image_id,
             damage_type=req.damage_type, color=req.color, generator=c.generator,
-            generator_version=c.generator_version, params=c.params, seed=c.seed, status="candidate")
+            generator_version=c.generator_version, params=c.params, seed=c.seed, status="candidate",
+            batch_id=req.batch_id)
     return cands
 
 
