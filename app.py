@@ -60,7 +60,7 @@ def build_app(settings: Settings | None = None, ctx: StudioContext | None = None
     bootstrap = bootstrap or _start_bootstrap(ctx)
     import gradio as gr  # the slow import overlaps the demo import
 
-    from studio.ui import annotate, dataset_tab, ddpm_tab, patchcore_tab
+    from studio.ui import annotate, curation_tab, dataset_tab, ddpm_tab, patchcore_tab
     bootstrap.join()
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"## {TITLE} — synthetic industrial defects, human in the loop  \n"
@@ -70,6 +70,8 @@ def build_app(settings: Settings | None = None, ctx: StudioContext | None = None
                 annotate.build(ctx)
             with gr.Tab("Dataset", id="dataset") as ds_tab:
                 ds = dataset_tab.build(ctx)
+            with gr.Tab("Curation", id="curation"):
+                curation_tab.build(ctx)
             with gr.Tab("PatchCore", id="patchcore"):
                 patchcore_tab.build(ctx)
             with gr.Tab("DDPM", id="ddpm"):
@@ -79,6 +81,11 @@ def build_app(settings: Settings | None = None, ctx: StudioContext | None = None
         demo.load(fn, inputs, outputs, api_name=False)
     demo.studio_context = ctx  # for tests and embedding
     return demo
+
+
+def _keyboard_js() -> str:
+    from studio.ui.curation_tab import KEYS_JS
+    return KEYS_JS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.queue(default_concurrency_limit=2).launch(
         server_name=settings.host, server_port=settings.port, auth=settings.auth,
         max_file_size=f"{settings.max_upload_mb:g}mb", show_error=True, footer_links=["api"],
-        ssr_mode=False, allowed_paths=[str(settings.workspace)])
+        ssr_mode=False, allowed_paths=[str(settings.workspace)], head=_keyboard_js())
 
 
 if __name__ == "__main__":

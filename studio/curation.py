@@ -310,7 +310,8 @@ def next_candidate(store, cdb: CurationDB, product: str | None = None, after: in
                  f"WHERE {where} ORDER BY s.id LIMIT 1", args)
     if not rows:
         return None
-    left = cdb.q(f"SELECT count(*) n FROM samples s WHERE {where.replace('s.id > ?', 's.id >= ?')}", args)[0]["n"]
+    left = cdb.q("SELECT count(*) n FROM samples s WHERE s.status = 'candidate'"
+                 + (" AND s.product = ?" if product else ""), args[1:])[0]["n"]
     row = store.get_sample(rows[0]["id"])
     return {"sample": row, "prescreen": json.loads(rows[0]["scores"]) if rows[0]["scores"] else {},
             "remaining": left}
