@@ -160,7 +160,11 @@ def cmd_export(args) -> int:
     if args.product not in store.products():
         raise SystemExit(f"error: no product {args.product!r} in the workspace; known: "
                          f"{', '.join(store.products()) or '(none)'}")
-    print(json.dumps(store.export_mvtec(Path(args.out), args.product), indent=1, default=str))
+    if args.format == "coco":
+        from studio.coco import export_coco
+        print(json.dumps(export_coco(store, args.product, Path(args.out)), indent=1))
+    else:
+        print(json.dumps(store.export_mvtec(Path(args.out), args.product), indent=1, default=str))
     return 0
 
 
@@ -361,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("export", help="export real images + accepted samples to the MVTec AD layout")
     sp.add_argument("--product", required=True)
+    sp.add_argument("--format", choices=["mvtec", "coco"], default="mvtec",
+                    help="mvtec: MVTec AD folders (+ synthetic/); coco: images/ + annotations.json (RLE masks)")
     sp.add_argument("--out", required=True)
     ws(sp)
     sp.set_defaults(fn=cmd_export)

@@ -52,7 +52,9 @@ def build(ctx: StudioContext) -> dict:
             import_product = gr.Textbox(label="Product (plain folders)")
             import_btn = gr.Button("Import")
         with gr.Row():
-            export_path = gr.Textbox(label="Export folder (MVTec AD layout)", elem_id="ds-export-path")
+            export_path = gr.Textbox(label="Export folder", elem_id="ds-export-path")
+            export_format = gr.Radio(["MVTec AD", "COCO (RLE masks)"], value="MVTec AD", label="Format",
+                                     elem_id="ds-export-format")
             export_btn = gr.Button("Export product", elem_id="ds-export")
         io_status = gr.Markdown(elem_id="ds-io-status")
 
@@ -104,13 +106,17 @@ def build(ctx: StudioContext) -> dict:
         return f"Imported ({kind}): `{json.dumps(rep, default=str)[:800]}`", \
             gr.update(choices=[ALL, *store.products()])
 
-    def do_export(path, p):
+    def do_export(path, p, fmt="MVTec AD"):
         if not path:
             raise gr.Error("Give an export folder")
         if p == ALL:
             raise gr.Error("Pick one product to export")
         try:
-            rep = store.export_mvtec(Path(path).expanduser(), p)
+            if fmt.startswith("COCO"):
+                from studio.coco import export_coco
+                rep = export_coco(store, p, Path(path).expanduser())
+            else:
+                rep = store.export_mvtec(Path(path).expanduser(), p)
         except ValueError as exc:
             raise gr.Error(str(exc)) from exc
         return f"Exported **{p}** to `{path}`: `{json.dumps(rep, default=str)[:800]}`"
@@ -123,5 +129,5 @@ def build(ctx: StudioContext) -> dict:
     sample_id.submit(show, sample_id, [provenance, sample_img, sample_mask], api_name="show_sample")
     import_btn.click(do_import, [import_path, import_kind, import_product], [io_status, f_product],
                      api_name="import_folder")
-    export_btn.click(do_export, [export_path, f_product], io_status, api_name="export")
+    export_btn.click(do_export, [export_path, f_product, export_format], io_status, api_name="export")
     return {"refresh": (list_samples, filters, [table, balance_plot])}
