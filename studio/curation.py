@@ -95,13 +95,15 @@ def make_plan(store, cdb: CurationDB, product: str, target: int | None = None,
     """A generation plan prioritised by deficit, spread over sources, seeds and backends."""
     from pipelines.classical import style_for
 
-    bal = balance(store, product, labels)
+    full = balance(store, product)
+    if labels:
+        unknown = sorted(set(labels) - {b["label"] for b in full})
+        if unknown:
+            raise CurationError(f"unknown classes for {product!r}: {', '.join(unknown)}; known: "
+                                f"{', '.join(b['label'] for b in full)}")
+    bal = [b for b in full if not labels or b["label"] in labels]
     if not bal:
         raise CurationError(f"product {product!r} has no defect classes to balance")
-    if labels:
-        unknown = sorted(set(labels) - {b["label"] for b in bal})
-        if unknown:
-            raise CurationError(f"unknown classes for {product!r}: {', '.join(unknown)}")
     largest = max(b["current"] for b in bal)
     goal = largest if not target else int(target)
     below = [b for b in bal if b["current"] > goal]
