@@ -71,14 +71,16 @@ def build_app(settings: Settings | None = None, ctx: StudioContext | None = None
             with gr.Tab("Dataset", id="dataset") as ds_tab:
                 ds = dataset_tab.build(ctx)
             with gr.Tab("Curation", id="curation"):
-                curation_tab.build(ctx)
+                on_load = curation_tab.build(ctx)
             with gr.Tab("PatchCore", id="patchcore"):
-                patchcore_tab.build(ctx)
+                on_load += patchcore_tab.build(ctx)
             with gr.Tab("DDPM", id="ddpm"):
-                ddpm_tab.build(ctx)
+                on_load += ddpm_tab.build(ctx)
         fn, inputs, outputs = ds["refresh"]
         ds_tab.select(fn, inputs, outputs, api_name=False)
-        demo.load(fn, inputs, outputs, api_name=False)
+        # a reload shows the stored state, not the state when the server started
+        for fn, inputs, outputs in [(fn, inputs, outputs), *on_load]:
+            demo.load(fn, inputs, outputs, api_name=False)
     demo.studio_context = ctx  # for tests and embedding
     return demo
 

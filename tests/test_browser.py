@@ -93,3 +93,53 @@ def test_paint_generate_accept_and_find_in_dataset(page, tmp_path):
     pg.get_by_role("tab", name="Dataset").click()
     pg.wait_for_function("document.querySelectorAll('#ds-table [role=gridcell]').length >= 18")
     assert set(accepted) <= _table_ids(pg)
+
+
+def _subtab(pg, name):
+    pg.get_by_role("tab", name=name).click()
+
+
+def test_curation_plan_batch_review_experiment(page, tmp_path):
+    """plan → batch → review (keyboard and buttons) → experiment → stored result; reload keeps it."""
+    pg = page
+    pg.goto(pg.url)
+    pg.wait_for_selector("#generate")
+    _subtab(pg, "Curation")
+    pg.fill("#cu-target input", "8")
+    pg.click("#cu-plan")
+    pg.wait_for_function("document.querySelectorAll('#cu-plan-table [role=gridcell]').length >= 8")
+    pg.click("#batch-start")
+    pg.wait_for_function("document.querySelector('#batch-status').innerText.includes('— done')",
+                         timeout=300_000)
+
+    _subtab(pg, "2 · Review")
+    pg.click("#rv-load")
+    pg.wait_for_function("document.querySelector('#rv-id input').value !== '0'")
+    decided = []
+    for key in ("a", "r", "a"):  # keyboard shortcuts: a = accept, r = reject
+        before = pg.input_value("#rv-id input")
+        pg.locator("body").click(position={"x": 5, "y": 5})
+        pg.keyboard.press(key)
+        pg.wait_for_function(f"document.querySelector('#rv-id input').value !== '{before}'")
+        decided.append((int(before), key))
+    pg.click("#rv-accept")  # and the button
+    pg.wait_for_timeout(500)
+
+    _subtab(pg, "4 · Experiment")
+    pg.click("#experiment-start")
+    pg.wait_for_function("document.querySelector('#experiment-status').innerText.includes('— done')",
+                         timeout=600_000)
+    pg.wait_for_function("document.querySelector('#cu-exp-table').innerText.includes('with_synthetic')")
+    assert "Did synthetic data help?" in pg.inner_text("#cu-exp-report")
+    pg.screenshot(path=str(tmp_path / "experiment.png"), full_page=True)
+
+    pg.reload()
+    pg.wait_for_selector("#generate")
+    _subtab(pg, "Curation")
+    _subtab(pg, "4 · Experiment")
+    pg.wait_for_function("document.querySelector('#cu-exp-table').innerText.includes('with_synthetic')")
+    _subtab(pg, "Dataset")
+    pg.wait_for_function("document.querySelectorAll('#ds-table [role=gridcell]').length >= 18")
+    ids = _table_ids(pg)
+    for sid, key in decided:
+        assert (sid in ids) == (key == "a")  # accepted ones listed (status filter: accepted)

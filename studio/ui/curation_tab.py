@@ -61,7 +61,7 @@ def _overlay_mask(image, mask):
     return out
 
 
-def build(ctx: StudioContext) -> None:
+def build(ctx: StudioContext) -> list:
     store = ctx.store
     cdb = CurationDB(ctx.settings.workspace)
     runlog = RunLog(ctx.settings.workspace)
@@ -142,7 +142,7 @@ def build(ctx: StudioContext) -> None:
         return ctx.jobs.submit("batch", job, int(pid), request={"plan_id": int(pid)})
 
     def live_batch(job):
-        return job["result"] if job["status"] == "done" else gr.update()
+        return (job["result"] if job["status"] == "done" else gr.update(),)
 
     plan_btn.click(do_plan, [product, target, oversample, backends], [plan_id, plan_table], api_name="plan")
     batch.wire(start_batch, [plan_id, th_vis, th_dup], live_batch, [batch_info])
@@ -219,3 +219,4 @@ def build(ctx: StudioContext) -> None:
         return experiments_frame(runlog).to_dict("records")
 
     gr.api(experiments, api_name="experiments")
+    return [(lambda: experiments_frame(runlog), [], [exp_table])]

@@ -37,7 +37,7 @@ def _checkpoints(root: Path) -> list[str]:
     return sorted(str(p.parent) for p in root.glob("*/config.json"))
 
 
-def build(ctx: StudioContext) -> None:
+def build(ctx: StudioContext) -> list:
     store = ctx.store
     runlog = RunLog(ctx.settings.workspace)
     models_root = ctx.settings.workspace / "models"
@@ -246,3 +246,5 @@ def build(ctx: StudioContext) -> None:
 
     eval_panel.wire(start_eval, [product, folder, eval_ckpt, depths, eval_noise, residual], live_eval,
                     [eval_metrics, eval_roc, eval_gallery, compare])
+    return [(compare_frame, [], [compare]), (refresh_checkpoints, [], [ckpt, eval_ckpt]),
+            (test_images, [product], [image_id])]

@@ -56,7 +56,7 @@ def patchcore_job(job, req: PatchCoreRequest, runlog: RunLog, product: str) -> d
     return {"run_id": run_id, "out": req.out, "metrics": summary["metrics"]}
 
 
-def build(ctx: StudioContext) -> None:
+def build(ctx: StudioContext) -> list:
     store = ctx.store
     runlog = RunLog(ctx.settings.workspace)
     products = store.products()
@@ -133,3 +133,4 @@ def build(ctx: StudioContext) -> None:
     panel.wire(start, [product, folder, bank, backbone, coreset, size, real_fraction], live,
                [metrics, roc, gallery, runs])
     refresh.click(lambda: runs_frame(runlog), None, runs, api_name="patchcore_runs")
+    return [(lambda: runs_frame(runlog), [], [runs])]
