@@ -60,7 +60,7 @@ def build_app(settings: Settings | None = None, ctx: StudioContext | None = None
     bootstrap = bootstrap or _start_bootstrap(ctx)
     import gradio as gr  # the slow import overlaps the demo import
 
-    from studio.ui import annotate, curation_tab, dataset_tab, ddpm_tab, patchcore_tab
+    from studio.ui import annotate, curation_tab, dataset_tab, ddpm_tab, patchcore_tab, training_tab
     bootstrap.join()
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"## {TITLE} — synthetic industrial defects, human in the loop  \n"
@@ -72,6 +72,8 @@ def build_app(settings: Settings | None = None, ctx: StudioContext | None = None
                 ds = dataset_tab.build(ctx)
             with gr.Tab("Curation", id="curation"):
                 on_load = curation_tab.build(ctx)
+            with gr.Tab("Training", id="training"):
+                on_load += training_tab.build(ctx)
             with gr.Tab("PatchCore", id="patchcore"):
                 on_load += patchcore_tab.build(ctx)
             with gr.Tab("DDPM", id="ddpm"):

@@ -3,6 +3,7 @@ progress, results stored as runs, a cancelled DDPM training keeps its checkpoint
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +67,22 @@ def test_ddpm_tab_train_cancel_resume_inspect_evaluate(studio_server):
     assert {"image_auroc", "pixel_auroc", "aupro"} <= set(job["result"]["metrics"])
     with pytest.raises(Exception, match="integers"):
         c.predict("bottle", "", ckpt, "deep", "as trained", "color", api_name="/ddpm_eval_start")
+
+
+def test_training_tab_runs_trainer_in_its_own_process(studio_server):
+    url, ws = studio_server
+    c = Client(url, verbose=False)
+    kind = "pixel-inpaint (offline, trains from scratch)"
+    jid, _, _ = c.predict(kind, "bottle", [], "real only", "", "pi-test", 15, 2, 4, 0, True,
+                          api_name="/train_start")
+    job = _wait(c, "train", jid)
+    assert job["status"] == "done", job.get("error")
+    assert job["result"]["step"] == 2 and Path(job["result"]["checkpoint"]).is_dir()
+    # a second start resumes from the saved step
+    jid, _, _ = c.predict(kind, "bottle", [], "real only", "", "pi-test", 15, 3, 4, 0, True,
+                          api_name="/train_start")
+    job = _wait(c, "train", jid)
+    assert job["status"] == "done" and job["result"]["step"] == 3 and job["result"]["steps_this_run"] == 1
+    with pytest.raises(Exception, match="accepted synthetic"):
+        c.predict(kind, "brushed_metal", [], "real + accepted synthetic", "", "x", 15, 2, 4, 0, True,
+                  api_name="/train_start")
