@@ -260,7 +260,7 @@ def cmd_ddpm_evaluate(args) -> int:
     from studio.inspection import DDPMEvalRequest, evaluate_ddpm
     depths = [int(d) for part in args.depth for d in str(part).split(",") if d.strip()]
     req = DDPMEvalRequest(data=args.data, checkpoint=args.checkpoint, out=args.out,
-                          depths=depths or [100, 200], noise=args.noise, kind=args.residual,
+                          depths=depths or [50], noise=args.noise, kind=args.residual,
                           seeds=list(range(args.seeds)), eval_size=args.size)
     bar, progress = _tqdm_progress("ddpm evaluate", args.quiet)
     try:
@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--size", type=int, default=128, help="working resolution")
     sp.add_argument("--crop", type=int, default=64, help="training window (U-Net sample size)")
     sp.add_argument("--preset", default="small", help="model size: tiny | small | default")
-    sp.add_argument("--t-max", type=int, default=400, help="train on timesteps below this (match --depth)")
+    sp.add_argument("--t-max", type=int, default=350, help="train on timesteps below this (match --depth)")
     sp.add_argument("--batch-size", type=int, default=8)
     sp.add_argument("--no-rot90", action="store_true", help="no 90° rotations (oriented textures)")
     sp.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
@@ -461,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--checkpoint", required=True)
     sp.add_argument("--depth", action="append", default=[], help="noising depth t (repeat or comma list)")
     sp.add_argument("--noise", choices=["gaussian", "simplex"], help="default: as trained")
-    sp.add_argument("--residual", choices=["color", "ssim", "color+ssim"], default="color")
+    sp.add_argument("--residual", choices=["color", "ssim", "feature", "color+ssim", "color+feature"],
+                    default="color")
     sp.add_argument("--seeds", type=int, default=1, help="reconstructions averaged per depth")
     sp.add_argument("--size", type=int, default=256, help="evaluation resolution")
     sp.add_argument("--quiet", action="store_true")

@@ -28,7 +28,7 @@ class DDPMTrainRequest:
     size: int = 128                   # working resolution
     crop: int = 64                    # training window (U-Net sample size)
     preset: str = "small"
-    t_max: int = 400                  # training timesteps in [0, t_max): match the depths used
+    t_max: int = 350                  # training timesteps in [0, t_max): match the depths used
     batch_size: int = 8
     rot90: bool = True                # only for rotation-invariant products
     resume: bool = False
@@ -48,10 +48,10 @@ class DDPMEvalRequest:
     data: str
     checkpoint: str
     out: str
-    depths: list[int] = field(default_factory=lambda: [100, 200])
+    depths: list[int] = field(default_factory=lambda: [50])  # measured best on the demo (see note)
     noise: str | None = None          # default: the noise the model was trained with
     seeds: list[int] = field(default_factory=lambda: [0])
-    kind: str = "color"               # color | ssim | color+ssim
+    kind: str = "color"               # color | ssim | feature | color+ssim | color+feature
     eval_size: int = 256
     max_overlays: int = 48
 

@@ -74,7 +74,7 @@ def build(ctx: StudioContext) -> list:
                     crop = gr.Dropdown([32, 64, 128], value=64, label="Crop (U-Net size)", elem_id="dd-crop")
                 preset = gr.Dropdown(["tiny", "small", "default"], value="small", label="Model size",
                                      elem_id="dd-preset")
-                t_max = gr.Slider(50, 1000, 400, step=10, label="Train on timesteps below", elem_id="dd-tmax")
+                t_max = gr.Slider(50, 1000, 350, step=10, label="Train on timesteps below", elem_id="dd-tmax")
                 rot90 = gr.Checkbox(True, label="90° rotations (rotation-invariant products only)")
                 resume = gr.Checkbox(False, label="Resume the checkpoint", elem_id="dd-resume")
                 train_panel = JobPanel(ctx, "Train DDPM", "ddpm_train")
@@ -87,7 +87,7 @@ def build(ctx: StudioContext) -> list:
                                elem_id="dd-ckpt")
             refresh_ckpt = gr.Button("↻", size="sm", min_width=40)
             image_id = gr.Dropdown([], label="Test image", allow_custom_value=True, elem_id="dd-image")
-            depth = gr.Slider(10, 800, 200, step=10, label="Depth t", elem_id="dd-depth")
+            depth = gr.Slider(10, 800, 50, step=10, label="Depth t", elem_id="dd-depth")
             inspect_noise = gr.Radio(["as trained", "gaussian", "simplex"], value="as trained", label="Noise")
             seed = gr.Number(0, label="Seed", precision=0)
         inspect_btn = gr.Button("Inspect", variant="primary", elem_id="dd-inspect")
@@ -103,10 +103,10 @@ def build(ctx: StudioContext) -> list:
             with gr.Column(scale=1, min_width=280):
                 eval_ckpt = gr.Dropdown(_checkpoints(models_root), label="Checkpoint", allow_custom_value=True,
                                         elem_id="dd-eval-ckpt")
-                depths = gr.Textbox("100,200", label="Depths (comma-separated; maps are averaged)",
+                depths = gr.Textbox("50", label="Depths (comma-separated; maps are averaged)",
                                     elem_id="dd-depths")
                 eval_noise = gr.Radio(["as trained", "gaussian", "simplex"], value="as trained", label="Noise")
-                residual = gr.Radio(["color", "ssim", "color+ssim"], value="color", label="Residual")
+                residual = gr.Radio(["color", "ssim", "feature", "color+ssim"], value="color", label="Residual")
                 eval_panel = JobPanel(ctx, "Evaluate on the test split", "ddpm_eval")
             with gr.Column(scale=2):
                 eval_metrics = gr.Dataframe(headers=["metric", "value"], label="Metrics", elem_id="dd-metrics")
