@@ -57,6 +57,11 @@ GENERATORS: dict[str, GeneratorSpec] = {
         "SD 1.5 + ControlNet: a new full image from noise with the mask as the defect's layout",
         _lazy("controlnet", "ControlNetFullGenerator"),
         needs_model=("sd-base", "controlnet-seg"), full_image=True),
+    "pixel-inpaint": GeneratorSpec(
+        "pixel-inpaint", "damage",
+        "Pixel-space inpainting diffusion trained on this product's own defects (offline; needs a "
+        "model trained with `python -m studio train --kind pixel-inpaint`)",
+        _lazy("pixel_inpaint", "PixelInpaintGenerator")),
     "wall": GeneratorSpec(
         "wall", "color", "Zero-prompt wall colour: SD inpainting (+ IP-Adapter reference) + LAB correction",
         _lazy("wall", "WallColorGenerator"), needs_model=("sd-inpaint",)),
@@ -78,6 +83,9 @@ def backend_status(name: str) -> tuple[bool, str]:
     """``(ok, message)``: whether backend ``name`` can run here (its model files are present).
     Loads no weights; the message is the exact download instruction when something is missing."""
     spec = get_spec(name)
+    if name == "pixel-inpaint":      # trained here, not downloaded: its own availability check
+        from pipelines.pixel_inpaint import available
+        return available(None)
     if not spec.needs_model:
         return True, "ready (no weights needed)"
     from pipelines import models     # light: no torch / diffusers import

@@ -140,6 +140,8 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
             raise UserError(str(exc)) from exc
     else:
         params.update(damage_type=req.damage_type, strength=float(req.strength))
+        if backend == "pixel-inpaint":
+            params.pop("strength")  # it generates from pure noise inside the mask (strength 1)
         if backend == "cutpaste":
             if not donors:
                 raise UserError(
@@ -148,7 +150,7 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
             params["donors"] = donors
 
     spec = get_spec(backend)
-    if spec.needs_model and not req.options.get("model"):
+    if (spec.needs_model or backend == "pixel-inpaint") and not req.options.get("model"):
         from pipelines.registry import backend_status
         ok, message = backend_status(backend)
         if not ok:

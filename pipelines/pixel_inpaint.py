@@ -1,0 +1,579 @@
+"""Pixel-space inpainting diffusion model — the offline default diffusion backend (``pixel-inpaint``).
+
+A diffusers ``UNet2DModel`` trained from scratch on the product's own images (no SD weights):
+
+    input   cat[x_t (noisy RGB), x0·(1 − m) (masked RGB), m (mask)]     [B x 7 x r x r], in [-1, 1]
+    class   damage type id (``num_class_embeds`` = types + 1; the last id, "normal", is for random
+            masks on good images: the model also learns to fill a hole with the product itself)
+    output  v (``prediction_type='v_prediction'``, default) or ε                [B x 3 x r x r]
+
+Training examples are square crops around a defect (side = max(``min_crop``, bbox side ·
+``context``), jittered), after :func:`pipelines.augment.augment_pair`, resized to ``resolution``
+(64 px by default); with probability ``good_fraction`` a good image with a random mask of the
+type's style (:func:`pipelines.classical.style_for`) labelled "normal". The loss is weighted
+towards the mask (``1 + mask_weight·m``).
+
+Generation (:class:`PixelInpaintGenerator`, the classical calling convention
+``gen(image, mask, *, seed, feather=4, damage_type=..., strength=1.0, **params)``):
+
+    1. the same crop box around ``dilate(mask, feather)``, resized to ``resolution``;
+    2. DDIM (``steps``, 25) from noise (``strength`` < 1: from the noised crop) with the known
+       pixels outside the mask re-injected at every step at the current noise level (RePaint);
+       optional guidance ``g``: ``pred = pred_normal + g·(pred_type − pred_normal)``;
+    3. resized back and pasted with ``feather(mask, feather)`` → every pixel outside
+       ``dilate(mask, feather)`` is byte-identical to the input.
+
+Checkpoints: the layout of :mod:`pipelines.lora` (``OUT/latest`` → ``OUT/checkpoints/step-N/``
+holding ``model.safetensors``, ``config.json``, ``optimizer.safetensors``, ``trainer_state.json``).
+The generator's ``model=`` is the output folder or one checkpoint folder; default
+``$DEFECT_STUDIO_PIXEL_INPAINT``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines import masks as mk
+from pipelines.augment import AugmentConfig, augment_pair
+from pipelines.classical import DEFAULT_FEATHER, _check_image, composite, style_for
+from pipelines.lora import (STATE_FILE, Checkpoints, CheckpointError, ConfigError, ConfigMixin,
+                            Sample, TrainDataError, TrainResult, _augment_cfg, _check, _say,
+                            append_history, check_samples, latest_checkpoint, load_optimizer,
+                            make_accelerator, samples_from_category, save_optimizer)
+from pipelines.models import ModelError
+
+ENV = "DEFECT_STUDIO_PIXEL_INPAINT"
+FORMAT = "defect-studio-pixel-inpaint/1"
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+NORMAL = "__normal__"
+TRAIN_HINT = ("train one with `python -m studio train --kind pixel-inpaint --data <MVTec category "
+              "folder> --out <folder>` (about 15 min on a CPU) and pass model=<folder> or set "
+              f"{ENV}=<folder>")
+
+PRESETS: dict[str, dict] = {
+    # tests: ~0.1 M parameters
+    "tiny": dict(block_out_channels=(16, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=8),
+    # CPU default (64 px): ~2.7 M parameters, attention only at the 8x8 level; ~0.7 s per step
+    # (batch 8) on one busy core
+    "small": dict(block_out_channels=(16, 32, 64, 128),
+                  down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                  up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+                  layers_per_block=1, norm_num_groups=8),
+    # a GPU / long run
+    "base": dict(block_out_channels=(64, 128, 192, 256),
+                 down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                 up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                 layers_per_block=2, norm_num_groups=32),
+}
+
+
+# ================================================================================================
+# Config
+# ================================================================================================
+@dataclass
+class PixelInpaintConfig(ConfigMixin):
+    output_dir: str = ""                   # checkpoints go here (required)
+    data: str | None = None                # MVTec-layout category (for run_from_config / the CLI)
+    damage_types: list | None = None       # None: every type with samples
+    extra_data: str | None = None          # accepted synthetic defects (synthetic/<type> layout)
+    image_size: int | None = None          # resize loaded images to this square size (None: as is)
+    resolution: int = 64                   # model input size (px)
+    preset: str = "small"                  # see PRESETS
+    context: float = 1.6                   # crop side = max(min_crop, bbox side · context)
+    min_crop: int = 64                     # smallest crop side on the source image (px)
+    prediction_type: str = "v_prediction"  # or 'epsilon'
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    good_fraction: float = 0.25            # share of 'normal' examples (random masks on good images)
+    mask_weight: float = 4.0               # loss weight 1 + mask_weight · m
+    batch_size: int = 8
+    learning_rate: float = 4e-4
+    warmup_steps: int = 50
+    max_steps: int | None = None           # stop after this many steps in total
+    minutes: float | None = 15.0           # wall-clock budget of this run
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"            # 'no' | 'fp16' | 'bf16'
+    checkpoint_every: int = 250
+    checkpoint_limit: int = 3
+    validate_every: int = 0                # 0: no validation grid during training
+    validation_steps: int = 20
+    log_every: int = 10
+    augment: Any = field(default_factory=lambda: AugmentConfig(rotate=20.0))
+    resume: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        self.augment = _augment_cfg(self.augment)
+        self.validate()
+
+    def validate(self) -> None:
+        _check(bool(self.output_dir), "output_dir is required (where checkpoints are written)")
+        _check(self.preset in PRESETS, f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        down = 2 ** (len(PRESETS[self.preset]["block_out_channels"]) - 1)
+        _check(self.resolution >= 16 and self.resolution % down == 0,
+               f"resolution must be ≥ 16 and a multiple of {down} for preset {self.preset}, got {self.resolution}")
+        _check(self.prediction_type in ("v_prediction", "epsilon"),
+               f"prediction_type must be 'v_prediction' or 'epsilon', got {self.prediction_type!r}")
+        _check(self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size}")
+        _check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        _check(0.0 <= self.good_fraction < 1.0, f"good_fraction must be in [0, 1), got {self.good_fraction}")
+        _check(self.context >= 1.0, f"context must be ≥ 1, got {self.context}")
+        _check(self.max_steps is not None or self.minutes is not None,
+               "set max_steps or minutes (or both): the run needs a budget")
+        _check(self.max_steps is None or self.max_steps >= 1, f"max_steps must be ≥ 1, got {self.max_steps}")
+        _check(self.minutes is None or self.minutes > 0, f"minutes must be > 0, got {self.minutes}")
+        _check(self.checkpoint_every >= 1, f"checkpoint_every must be ≥ 1, got {self.checkpoint_every}")
+        _check(self.checkpoint_limit >= 0, f"checkpoint_limit must be ≥ 0, got {self.checkpoint_limit}")
+        _check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be ≥ 1")
+        _check(self.mixed_precision in ("no", "fp16", "bf16"),
+               f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+
+
+# ================================================================================================
+# The plain model
+# ================================================================================================
+def build_unet(resolution: int, n_classes: int, preset: str = "small"):
+    """``UNet2DModel``: 7 input channels (noisy RGB, masked RGB, mask) → 3, ``n_classes`` class ids."""
+    from diffusers import UNet2DModel
+    return UNet2DModel(sample_size=resolution, in_channels=7, out_channels=3,
+                       num_class_embeds=int(n_classes), attention_head_dim=32, **PRESETS[preset])
+
+
+def make_scheduler(meta: dict, kind: str = "ddpm"):
+    from diffusers import DDIMScheduler, DDPMScheduler
+    common = dict(num_train_timesteps=int(meta["num_train_timesteps"]), beta_schedule=meta["beta_schedule"],
+                  prediction_type=meta["prediction_type"], clip_sample=False)
+    if kind == "ddpm":
+        return DDPMScheduler(**common)
+    return DDIMScheduler(**common, set_alpha_to_one=True, timestep_spacing="trailing")
+
+
+def crop_box(mask: np.ndarray, context: float, min_crop: int, jitter: np.random.Generator | None = None
+             ) -> tuple[int, int, int, int]:
+    """Square ``(x0, y0, x1, y1)`` around the mask: side max(min_crop, bbox side·context), clamped
+    to the image (smaller images: the whole short side). ``jitter``: random scale/offset (training)."""
+    h, w = mask.shape
+    x0, y0, x1, y1 = mk.bbox(mask)  # type: ignore[misc]
+    side = max(float(min_crop), max(x1 - x0, y1 - y0) * context)
+    cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+    if jitter is not None:
+        side *= jitter.uniform(0.85, 1.25)
+        slack = max(0.0, side - max(x1 - x0, y1 - y0)) / 2.0
+        cx += jitter.uniform(-slack, slack) * 0.8
+        cy += jitter.uniform(-slack, slack) * 0.8
+    side = int(round(min(side, h, w)))
+    bx = int(round(min(max(cx - side / 2.0, 0), w - side)))
+    by = int(round(min(max(cy - side / 2.0, 0), h - side)))
+    return bx, by, bx + side, by + side
+
+
+def _resize_img(img: np.ndarray, r: int) -> np.ndarray:
+    return cv2.resize(img, (r, r), interpolation=cv2.INTER_AREA if img.shape[0] > r else cv2.INTER_CUBIC)
+
+
+def _resize_mask(m: np.ndarray, r: int) -> np.ndarray:
+    """Area-resize then threshold low, so thin scratches survive downscaling; stays binary."""
+    f = cv2.resize((m > 0).astype(np.float32), (r, r), interpolation=cv2.INTER_AREA)
+    return (f > 0.25).astype(np.float32)
+
+
+def _to_tensor(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def model_input(x_t: torch.Tensor, x0: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``[B x 7 x r x r]``: noisy RGB, masked RGB (0 inside the mask), mask."""
+    return torch.cat([x_t, x0 * (1.0 - m), m], dim=1)
+
+
+# ================================================================================================
+# Training
+# ================================================================================================
+class PixelInpaintTrainer:
+    """Train (or resume) a pixel-space inpainting model.
+
+    ``samples``: ``[(image H×W×3 uint8, mask H×W uint8, damage_type)]`` (real defects);
+    ``good``: defect-free images for the 'normal' examples (may be empty if ``good_fraction`` = 0).
+    ``self.losses`` — ``[(step, loss)]``, appended live (also ``OUT/history.jsonl``).
+    """
+
+    def __init__(self, cfg: PixelInpaintConfig, samples: Sequence, good: Sequence[np.ndarray] = ()):
+        self.cfg = cfg
+        self.types = check_samples(samples, cfg.damage_types, where="the training samples")
+        self.samples = [Sample(_check_image(s[0]), mk.to_binary(s[1]), s[2]) for s in samples
+                        if s[2] in self.types]
+        self.good = [_check_image(g) for g in good]
+        if cfg.good_fraction > 0 and not self.good:
+            raise TrainDataError("good_fraction > 0 needs defect-free images (train/good); "
+                                 "pass good images or set good_fraction: 0")
+        self.out = Path(cfg.output_dir)
+        self.ckpt = Checkpoints(self.out, cfg.checkpoint_limit)
+        self.losses: list[tuple[int, float]] = []
+        self.step = 0
+        self.last_validation: str | None = None
+
+    # -- data ------------------------------------------------------------------------------------
+    def meta(self) -> dict:
+        c = self.cfg
+        return dict(format=FORMAT, damage_types=self.types, resolution=c.resolution, preset=c.preset,
+                    context=c.context, min_crop=c.min_crop, prediction_type=c.prediction_type,
+                    num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
+                    styles={t: style_for(t) for t in self.types})
+
+    def example(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One training example: ``(x0 [3 x r x r], m [1 x r x r], class id)``."""
+        c, r = self.cfg, self.cfg.resolution
+        if self.good and rng.random() < c.good_fraction:
+            img = self.good[int(rng.integers(len(self.good)))]
+            t = self.types[int(rng.integers(len(self.types)))]
+            m = mk.random_mask(style_for(t), img.shape[:2], rng)
+            cls = len(self.types)
+        else:
+            s = self.samples[int(rng.integers(len(self.samples)))]
+            img, m, cls = s.image, s.mask, self.types.index(s.damage_type)
+        img, m = augment_pair(img, m, rng, c.augment)
+        if rng.random() < 0.5:                      # the generator repaints dilate(mask, feather)
+            m = mk.dilate(m, float(rng.uniform(0, DEFAULT_FEATHER)))
+        x0, y0, x1, y1 = crop_box(m, c.context, c.min_crop, rng)
+        crop, cm = _resize_img(img[y0:y1, x0:x1], r), _resize_mask(m[y0:y1, x0:x1], r)
+        if not cm.any():                            # degenerate: keep at least the centre pixel
+            cm[r // 2, r // 2] = 1.0
+        return _to_tensor(crop), torch.from_numpy(cm)[None], cls
+
+    def batch(self, rng: np.random.Generator, n: int):
+        ex = [self.example(rng) for _ in range(n)]
+        return (torch.stack([e[0] for e in ex]), torch.stack([e[1] for e in ex]),
+                torch.tensor([e[2] for e in ex], dtype=torch.long))
+
+    # -- checkpoint --------------------------------------------------------------------------------
+    def _write(self, folder: Path, unet, opt, rng_state: dict) -> None:
+        from safetensors.torch import save_file
+        state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+        save_file(state, str(folder / MODEL_FILE))
+        (folder / CONFIG_FILE).write_text(json.dumps({**self.meta(), "unet": dict(unet.config),
+                                                      "step": self.step}, indent=1, default=list))
+        groups = save_optimizer(opt, folder)
+        (folder / STATE_FILE).write_text(json.dumps(
+            {"kind": "pixel-inpaint", "step": self.step, "losses": self.losses, "optimizer": groups,
+             "config": self.cfg.to_dict(), "rng": rng_state}, default=list))
+
+    def _resume(self, unet, opt) -> dict | None:
+        last = self.ckpt.latest() if self.cfg.resume else None
+        if last is None:
+            return None
+        meta = json.loads((last / CONFIG_FILE).read_text())
+        if meta["damage_types"] != self.types or meta["resolution"] != self.cfg.resolution \
+                or meta["preset"] != self.cfg.preset:
+            raise CheckpointError(
+                f"{self.out} holds a model for types {meta['damage_types']} at {meta['resolution']} px "
+                f"({meta['preset']}); this run has {self.types} at {self.cfg.resolution} px "
+                f"({self.cfg.preset}) — use a new output_dir or resume: false")
+        _load_weights(unet, last)
+        state = json.loads((last / STATE_FILE).read_text())
+        load_optimizer(opt, last, state["optimizer"])
+        self.step = int(state["step"])
+        self.losses = [tuple(x) for x in state.get("losses", [])]
+        return state
+
+    # -- loop ------------------------------------------------------------------------------------
+    def run(self, progress: Callable[[float, str], None] | None = None,
+            cancelled: Callable[[], bool] | None = None) -> TrainResult:
+        c = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt.clean_partial()
+        acc = make_accelerator(c.mixed_precision, c.gradient_accumulation_steps, c.seed)
+        torch.manual_seed(c.seed)
+        unet = build_unet(c.resolution, len(self.types) + 1, c.preset)
+        opt = torch.optim.AdamW(unet.parameters(), lr=c.learning_rate, weight_decay=0.0)
+        state = self._resume(unet, opt)
+        start_step = self.step
+        sched = make_scheduler(self.meta(), "ddpm")
+        lr_lambda = lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps))  # noqa: E731
+        for g in opt.param_groups:
+            g["initial_lr"] = c.learning_rate
+        lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda, last_epoch=self.step - 1)
+        unet, opt = acc.prepare(unet, opt)
+        rng = np.random.default_rng([c.seed, self.step])
+        t_start, window, stopped, last_loss = time.monotonic(), [], "steps", float("nan")
+        deadline = None if c.minutes is None else t_start + 60.0 * c.minutes
+
+        def budget_frac() -> float:
+            fr = []
+            if c.max_steps:
+                fr.append((self.step - start_step) / max(1, c.max_steps - start_step))
+            if deadline:
+                fr.append((time.monotonic() - t_start) / (deadline - t_start))
+            return max(fr) if fr else 0.0
+
+        def save():
+            if acc.is_main_process:
+                self.ckpt.save(self.step, lambda f: self._write(f, acc.unwrap_model(unet), opt,
+                                                                {"seed": c.seed}))
+        unet.train()
+        _say(progress, 0.0, f"training pixel-inpaint from step {self.step} on {len(self.samples)} "
+                            f"defects of {len(self.types)} type(s)")
+        while True:
+            if c.max_steps is not None and self.step >= c.max_steps:
+                stopped = "steps"
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                stopped = "time"
+                break
+            if cancelled is not None and cancelled():
+                stopped = "cancelled"
+                break
+            for _ in range(c.gradient_accumulation_steps):
+                with acc.accumulate(unet):
+                    x0, m, cls = self.batch(rng, c.batch_size)
+                    x0, m, cls = x0.to(acc.device), m.to(acc.device), cls.to(acc.device)
+                    noise = torch.randn_like(x0)
+                    t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), device=x0.device)
+                    x_t = sched.add_noise(x0, noise, t)
+                    pred = unet(model_input(x_t, x0, m), t, class_labels=cls).sample
+                    target = noise if c.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
+                    w = 1.0 + c.mask_weight * m
+                    loss = (w * (pred.float() - target) ** 2).mean() / w.mean()
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        acc.clip_grad_norm_(unet.parameters(), 1.0)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                window.append(float(loss.detach()))
+            self.step += 1
+            lr_sched.step()
+            if self.step % c.log_every == 0:
+                last_loss = float(np.mean(window))
+                window = []
+                self.losses.append((self.step, last_loss))
+                if acc.is_main_process:
+                    append_history(self.out, self.step, last_loss)
+            if self.step % c.checkpoint_every == 0:
+                save()
+            if c.validate_every and self.step % c.validate_every == 0 and acc.is_main_process:
+                self.last_validation = str(self._validation_grid(acc.unwrap_model(unet)))
+                unet.train()
+            _say(progress, budget_frac(), f"step {self.step} loss {last_loss:.4f}")
+        if window and not math.isfinite(last_loss):
+            last_loss = float(np.mean(window))
+        latest = self.ckpt.latest()
+        if latest is None or latest.name != Checkpoints.name(self.step):
+            save()
+        acc.wait_for_everyone()
+        _say(progress, 1.0, f"stopped ({stopped}) at step {self.step}")
+        latest = self.ckpt.latest()
+        return TrainResult(self.step, self.step - start_step, time.monotonic() - t_start, last_loss,
+                           stopped, str(latest) if latest else None, list(self.losses), self.last_validation)
+
+    @torch.inference_mode()
+    def _validation_grid(self, unet) -> Path:
+        """One row per damage type: crop, mask, generated (fixed masks and seeds)."""
+        model = PixelInpaintModel(unet.eval(), self.meta())
+        rows = []
+        for i, t in enumerate(self.types):
+            s = next(s for s in self.samples if s.damage_type == t)
+            gen = model.inpaint(s.image, s.mask, t, seed=i, steps=self.cfg.validation_steps)
+            x0, y0, x1, y1 = crop_box(mk.dilate(s.mask, DEFAULT_FEATHER), model.context, model.min_crop)
+            cells = [s.image[y0:y1, x0:x1], np.repeat(s.mask[y0:y1, x0:x1, None], 3, 2), gen[y0:y1, x0:x1]]
+            rows.append(np.concatenate([_resize_img(x, 96) for x in cells], 1))
+        grid = np.concatenate(rows, 0)
+        path = self.out / "validation" / f"step-{self.step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.png")
+        cv2.imwrite(str(tmp), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+        os.replace(tmp, path)
+        return path
+
+
+def train_pixel_inpaint(cfg: PixelInpaintConfig, samples: Sequence, good: Sequence[np.ndarray] = (),
+                        progress=None, cancelled=None) -> TrainResult:
+    return PixelInpaintTrainer(cfg, samples, good).run(progress, cancelled)
+
+
+def run_from_config(cfg: PixelInpaintConfig, progress=None, cancelled=None) -> TrainResult:
+    """Load ``cfg.data`` (MVTec category: real defects of the chosen types + train/good) and train."""
+    from pipelines.mvtec import load_category, load_image
+    if not cfg.data:
+        raise ConfigError("data (an MVTec-layout category folder) is required")
+    samples = samples_from_category(cfg.data, cfg.damage_types, cfg.extra_data, cfg.image_size)
+    good = [load_image(p, cfg.image_size) for p in load_category(cfg.data, require_test=False).train] \
+        if cfg.good_fraction > 0 else []
+    return train_pixel_inpaint(cfg, samples, good, progress, cancelled)
+
+
+# ================================================================================================
+# Loading and sampling
+# ================================================================================================
+def _load_weights(unet, folder: Path) -> None:
+    from pipelines.models import check_safetensors
+    weights = check_safetensors(folder / MODEL_FILE, "pixel-inpaint model")
+    try:
+        unet.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"{folder / MODEL_FILE} does not fit its config.json ({str(exc)[:300]})") from exc
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """The checkpoint folder for ``model`` (an output folder or a checkpoint; default the env
+    variable); missing → :class:`ModelError` that says how to train one."""
+    src = model or os.environ.get(ENV)
+    if not src:
+        raise ModelError(f"no pixel-inpaint model: {TRAIN_HINT}")
+    folder = latest_checkpoint(Path(src).expanduser())
+    if folder is None or not (folder / MODEL_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
+        raise ModelError(f"{src} holds no pixel-inpaint checkpoint ({MODEL_FILE} + {CONFIG_FILE}): {TRAIN_HINT}")
+    return folder
+
+
+def available(model: str | None = None) -> tuple[bool, str]:
+    """``(ok, message)`` without loading weights."""
+    try:
+        return True, f"ready ({resolve_model(model)})"
+    except ModelError as exc:
+        return False, str(exc)
+
+
+class PixelInpaintModel:
+    """A loaded model + its metadata; ``inpaint`` is the whole-image operation (no paste-back)."""
+
+    def __init__(self, unet, meta: dict):
+        self.unet, self.meta = unet, meta
+        self.types: list[str] = list(meta["damage_types"])
+        self.resolution, self.context = int(meta["resolution"]), float(meta["context"])
+        self.min_crop = int(meta["min_crop"])
+        self.lock = threading.Lock()
+
+    @classmethod
+    def load(cls, model: str | os.PathLike | None = None) -> "PixelInpaintModel":
+        folder = resolve_model(model)
+        try:
+            meta = json.loads((folder / CONFIG_FILE).read_text())
+        except ValueError as exc:
+            raise ModelError(f"{folder / CONFIG_FILE} is not valid JSON: {exc}") from exc
+        if meta.get("format") != FORMAT:
+            raise ModelError(f"{folder} is not a pixel-inpaint checkpoint (format {meta.get('format')!r})")
+        from diffusers import UNet2DModel
+        unet = UNet2DModel.from_config(meta["unet"])
+        _load_weights(unet, folder)
+        obj = cls(unet.eval(), meta)
+        obj.folder = folder
+        return obj
+
+    def class_id(self, damage_type: str | None) -> int:
+        if damage_type is None or damage_type == NORMAL:
+            return len(self.types)
+        if damage_type not in self.types:
+            raise ModelError(f"this pixel-inpaint model was trained for {', '.join(self.types)}, not "
+                             f"{damage_type!r} — train one with that type (python -m studio train "
+                             "--kind pixel-inpaint --types ...)")
+        return self.types.index(damage_type)
+
+    @torch.inference_mode()
+    def sample(self, crop: np.ndarray, m: np.ndarray, cls: int, seed: int, steps: int = 25,
+               strength: float = 1.0, guidance: float = 1.0) -> np.ndarray:
+        """``crop: r x r x 3 uint8``, ``m: r x r`` {0,1} → generated ``r x r x 3 uint8``.
+        DDIM with the known pixels re-injected at each step (RePaint)."""
+        sched = make_scheduler(self.meta, "ddim")
+        sched.set_timesteps(int(steps))
+        g = torch.Generator("cpu").manual_seed(int(seed))
+        x0 = _to_tensor(crop)[None]
+        mt = torch.from_numpy(m.astype(np.float32))[None, None]
+        timesteps = sched.timesteps
+        n_keep = max(1, int(round(len(timesteps) * float(strength))))
+        timesteps = timesteps[len(timesteps) - n_keep:]
+        noise = torch.randn(x0.shape, generator=g)
+        x = noise if strength >= 1.0 else sched.add_noise(x0, noise, timesteps[:1])
+        known_noise = torch.randn(x0.shape, generator=g)
+        labels = torch.tensor([cls])
+        normal = torch.tensor([len(self.types)])
+        for i, t in enumerate(timesteps):
+            # 1. the known region at the current noise level (RePaint)
+            known_t = sched.add_noise(x0, known_noise, t.reshape(1))
+            x = mt * x + (1 - mt) * known_t
+            # 2. predict (optionally guided away from the 'normal' class)
+            inp = model_input(x, x0, mt)
+            pred = self.unet(inp, t, class_labels=labels).sample
+            if guidance != 1.0:
+                pred_n = self.unet(inp, t, class_labels=normal).sample
+                pred = pred_n + guidance * (pred - pred_n)
+            # 3. one DDIM step
+            x = sched.step(pred, t, x).prev_sample
+        x = mt * x + (1 - mt) * x0
+        return ((x[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+    def inpaint(self, image: np.ndarray, mask: np.ndarray, damage_type: str | None, seed: int,
+                steps: int = 25, strength: float = 1.0, guidance: float = 1.0,
+                feather: float = DEFAULT_FEATHER) -> np.ndarray:
+        """Full image in → full image out; outside ``dilate(mask, feather)`` byte-identical."""
+        fe = max(0.0, float(feather))
+        grown = mk.dilate(mask, fe)
+        x0, y0, x1, y1 = crop_box(grown, self.context, self.min_crop)
+        crop, cmask = image[y0:y1, x0:x1], mask[y0:y1, x0:x1]
+        r = self.resolution
+        with self.lock:
+            gen = self.sample(_resize_img(crop, r), _resize_mask(grown[y0:y1, x0:x1], r),
+                              self.class_id(damage_type), seed, steps, strength, guidance)
+        side = x1 - x0
+        gen = cv2.resize(gen, (side, y1 - y0), interpolation=cv2.INTER_CUBIC if side > r else cv2.INTER_AREA)
+        out = image.copy()
+        out[y0:y1, x0:x1] = composite(crop, gen, mk.feather(cmask, fe))
+        return out
+
+
+_cache: dict[str, PixelInpaintModel] = {}
+_cache_lock = threading.Lock()
+
+
+def load_model(model: str | os.PathLike | None = None) -> PixelInpaintModel:
+    """Cached by checkpoint folder and file mtime (a newer checkpoint reloads)."""
+    folder = resolve_model(model)
+    key = f"{folder.resolve()}:{(folder / MODEL_FILE).stat().st_mtime_ns}"
+    with _cache_lock:
+        if key not in _cache:
+            _cache[key] = PixelInpaintModel.load(folder)
+        return _cache[key]
+
+
+class PixelInpaintGenerator:
+    """Registry backend ``pixel-inpaint`` (mode 'damage'); the classical calling convention."""
+
+    name = "pixel-inpaint"
+    version = "1"
+    mode = "damage"
+    full_image = False
+    description = "Pixel-space inpainting diffusion trained on this product's own defects (offline)"
+    defaults: dict[str, Any] = dict(strength=1.0, steps=25, guidance=1.0)
+
+    def __init__(self, model: str | None = None):
+        self.model = model
+
+    def __call__(self, image, mask, *, seed: int, feather: int = DEFAULT_FEATHER, **params) -> np.ndarray:
+        image = _check_image(image)
+        m = mk.validate_mask(mask, image.shape)
+        unknown = sorted(set(params) - set(self.defaults) - {"damage_type", "model"})
+        if unknown:
+            raise TypeError(f"{self.name} got unknown parameter(s) {', '.join(unknown)}; accepted: "
+                            f"{', '.join(sorted({'damage_type', 'model', *self.defaults}))}")
+        opts = {**self.defaults, **{k: v for k, v in params.items() if v is not None}}
+        if opts.get("damage_type") is None:
+            raise ValueError("pixel-inpaint needs a damage type")
+        steps, strength = int(opts["steps"]), float(opts["strength"])
+        if steps < 1:
+            raise ValueError(f"steps must be ≥ 1, got {steps}")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        model = load_model(opts.get("model") or self.model)
+        return model.inpaint(image, m, opts["damage_type"], int(seed), steps, strength,
+                             float(opts["guidance"]), feather)
