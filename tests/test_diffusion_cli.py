@@ -89,6 +89,7 @@ def test_ui_sd_inpaint_via_api(tiny, tmp_path):
     ws = tmp_path / "ws"
     ws.mkdir()
     proc, url, _ = start_app(ws, free_port(), {"DEFECT_STUDIO_SD_INPAINT": str(tiny["sd-inpaint"]),
+                                               "DEFECT_STUDIO_SD_BASE": str(tiny["sd-base"]),
                                                "DEFECT_STUDIO_CONTROLNET": str(tiny["controlnet-seg"])})
     try:
         client = Client(url, verbose=False)
@@ -100,11 +101,16 @@ def test_ui_sd_inpaint_via_api(tiny, tmp_path):
         Image.fromarray(layer).save(tmp_path / "layer.png")
         value = {"background": handle_file(bg), "layers": [handle_file(str(tmp_path / "layer.png"))],
                  "composite": handle_file(bg)}
-        for backend in ("sd-inpaint", "controlnet"):
+        for backend in ("sd-inpaint", "controlnet", "controlnet-full", "wall"):
+            mode = "Wall colour" if backend == "wall" else "Damage type"
             gallery, cands, _, status = client.predict(
-                value, "bottle", pick["id"], "Damage type", "contamination", "#3366cc", backend, 2, 0,
+                value, "bottle", pick["id"], mode, "contamination", "#3366cc", backend, 2, 0,
                 4, 0.8, "", "", "", "", 2, 7.5, "none", True, api_name="/generate")
             assert len(cands) == 2 and {c["generator"] for c in cands} == {backend}
+            if backend == "controlnet-full":
+                continue  # a whole new image by design
+            if backend == "wall":
+                assert all(float(g["caption"].split("ΔE2000 ")[1].split()[0]) < 2 for g in gallery)
             src = np.asarray(Image.open(bg).convert("RGB"))
             outside = dilate((layer[..., 3] > 0).astype(np.uint8) * 255, 4) == 0
             for item in gallery:
