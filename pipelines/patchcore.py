@@ -68,7 +68,7 @@ ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 FORMAT_VERSION = 1
 DUAL_RULES = ("margin", "ratio")
-KNN_METHODS = ("faiss", "torch")
+KNN_METHODS = ("auto", "faiss", "torch")
 
 
 class Cancelled(RuntimeError):
@@ -100,18 +100,23 @@ class PatchEmbedder(nn.Module):
     ``embeddings: [B x h x w x D]`` with ``(h, w) = (h_0, w_0)``. Each layer's channels are
     adaptive-average-pooled to ``D / n_layers`` so that every layer weighs the same in the
     Euclidean distance (else the layer with more channels dominates); ``dim=None`` takes
-    ``D = sum(C_l)`` (152 for EfficientNet-Lite0's 40 + 112 channels).
+    ``D = min(sum(C_l), 1024)``: 152 for EfficientNet-Lite0 (40 + 112 channels), 1024 for
+    WideResNet-50 (512 + 1024, the paper's setting).
     """
 
     def __init__(self, channels: Sequence[int], dim: int | None = None, neighbourhood: int = 3):
         super().__init__()
         self.channels = tuple(int(c) for c in channels)
         n = len(self.channels)
-        dim = sum(self.channels) if dim is None else int(dim)
+        dim = min(sum(self.channels), 1024) if dim is None else int(dim)
         if dim < n:
             raise ValueError(f"dim {dim} is smaller than the number of layers {n}")
         self.dims = tuple(dim // n + (1 if i < dim % n else 0) for i in range(n))
         self.neighbourhood = int(neighbourhood)
+        # adaptive average pooling over channels is linear: one [C_l x d_l] matrix per layer,
+        # equal to F.adaptive_avg_pool1d (same bins), applied as a matmul
+        for i, (c, d) in enumerate(zip(self.channels, self.dims)):
+            self.register_buffer(f"pool{i}", adaptive_pool_matrix(c, d), persistent=False)
 
     @property
     def out_dim(self) -> int:
@@ -121,20 +126,29 @@ class PatchEmbedder(nn.Module):
         h, w = features[0].shape[-2:]
         k = self.neighbourhood
         parts = []
-        for fmap, d in zip(features, self.dims):
+        for i, fmap in enumerate(features):
             # 1. local neighbourhood aggregation: mean over the k×k patch around each cell
             if k > 1:
                 fmap = F.avg_pool2d(fmap, k, stride=1, padding=k // 2, count_include_pad=False)
-            # 2. coarser maps upsampled to the finest grid
-            if fmap.shape[-2:] != (h, w):
-                fmap = F.interpolate(fmap, size=(h, w), mode="bilinear", align_corners=False)
-            fmap = fmap.permute(0, 2, 3, 1)                       # [B x h x w x C_l]
-            # 3. channel dim adaptive-average-pooled to this layer's share of D
-            if fmap.shape[-1] != d:
-                b = fmap.shape[0]
-                fmap = F.adaptive_avg_pool1d(fmap.reshape(-1, 1, fmap.shape[-1]), d).reshape(b, h, w, d)
+            # 2. channels adaptive-average-pooled to this layer's share of D (linear, so it is
+            #    done before upsampling, on the smaller map): [B x h_l x w_l x d_l]
+            fmap = fmap.permute(0, 2, 3, 1) @ getattr(self, f"pool{i}")
+            # 3. coarser maps upsampled (bilinear) to the finest grid
+            if fmap.shape[1:3] != (h, w):
+                fmap = F.interpolate(fmap.permute(0, 3, 1, 2), size=(h, w), mode="bilinear",
+                                     align_corners=False).permute(0, 2, 3, 1)
             parts.append(fmap)
         return torch.cat(parts, dim=-1).contiguous()
+
+
+def adaptive_pool_matrix(c: int, d: int) -> torch.Tensor:
+    """``[c x d]`` matrix ``P`` with ``x @ P == F.adaptive_avg_pool1d(x[:, None], d)[:, 0]``:
+    output bin ``j`` averages inputs ``floor(j·c/d) .. ceil((j+1)·c/d) − 1``."""
+    P = torch.zeros(c, d)
+    for j in range(d):
+        lo, hi = (j * c) // d, -((-(j + 1) * c) // d)
+        P[lo:hi, j] = 1.0 / (hi - lo)
+    return P
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,20 +199,24 @@ class NearestNeighbours:
     with Euclidean (not squared) distances, nearest first. An empty bank gives ``+inf`` / ``-1``.
 
     ``method``:
-      * ``"faiss"``: ``IndexFlatL2`` (exact); ``IndexIVFFlat`` (``nlist ≈ 4·√M``, ``nprobe`` 16,
-        approximate) once ``M > ivf_threshold``.
-      * ``"torch"``: exact, ``|q|² − 2 q·b + |b|²`` by chunked ``addmm`` + ``min``/``topk`` (the
-        same arithmetic as faiss' flat index; faster than the faiss-cpu wheel for banks of a few
-        thousand patches on 2 cores, see benchmarks/patchcore.py).
+      * ``"torch"``: exact, ``|q|² − 2 q·b + |b|²`` (the arithmetic of faiss' ``IndexFlatL2``) as
+        one matmul per 128-query chunk against the augmented bank ``[b, −|b|²/2]`` + ``max``/``topk``;
+        2–4× faster than the faiss-cpu wheel on 2 cores here (its OpenBLAS/libgomp threads
+        compete with torch's; see benchmarks/patchcore.py).
+      * ``"faiss"``: ``IndexFlatL2`` (exact), or ``IndexIVFFlat`` (``nlist ≈ 4·√M``, ``nprobe``
+        16; approximate) once ``M > ivf_threshold``.
+      * ``"auto"`` (default): ``"torch"`` up to ``ivf_threshold`` bank rows, faiss IVF above.
     Bank and queries are centred on the bank mean first (distances are unchanged; it reduces
     float32 cancellation in the ``|q|² + |b|² − 2 q·b`` form for near-identical patches).
     """
 
-    def __init__(self, bank: torch.Tensor, method: str = "faiss", ivf_threshold: int = 200_000,
-                 chunk: int = 512):
+    def __init__(self, bank: torch.Tensor, method: str = "auto", ivf_threshold: int = 200_000,
+                 chunk: int = 128):
         if method not in KNN_METHODS:
             raise ValueError(f"knn method must be one of {', '.join(KNN_METHODS)}, not {method!r}")
         bank = bank.float()
+        if method == "auto":
+            method = "faiss" if len(bank) > ivf_threshold else "torch"
         self.method = method
         self.chunk = int(chunk)
         self.mean = bank.mean(0) if len(bank) else torch.zeros(bank.shape[1])
@@ -218,8 +236,10 @@ class NearestNeighbours:
             index.add(x)
             self.index = index
         elif method == "torch" and len(self.bank):
-            self._bank_t = self.bank.T.contiguous()                  # [D x M]
-            self._bank_sq = (self.bank * self.bank).sum(1)            # [M]
+            # augmented bank [(D+1) x M]: [q, 1] · [b, −|b|²/2] = q·b − |b|²/2, so the nearest
+            # bank row is one matmul + max (no separate bias pass over the [Q x M] scores)
+            half_sq = -0.5 * (self.bank * self.bank).sum(1, keepdim=True)
+            self._bank_aug = torch.cat([self.bank, half_sq], 1).T.contiguous()
 
     def __len__(self) -> int:
         return len(self.bank)
@@ -234,13 +254,15 @@ class NearestNeighbours:
             d2, idx = self.index.search(q.numpy(), k)
             return torch.from_numpy(d2).clamp_min_(0).sqrt_(), torch.from_numpy(idx).long()
         out_d, out_i = [], []
-        for c in q.split(self.chunk):
-            d2 = torch.addmm(self._bank_sq, c, self._bank_t, alpha=-2.0)   # [q x M] = |b|² − 2 q·b
+        ones = torch.ones(len(q), 1)
+        for c, o in zip(q.split(self.chunk), ones.split(self.chunk)):
+            sim = torch.cat([c, o], 1) @ self._bank_aug                # [q x M] = q·b − |b|²/2
             if k == 1:
-                dk, ik = d2.min(1, keepdim=True)
+                sk, ik = sim.max(1, keepdim=True)
             else:
-                dk, ik = d2.topk(k, dim=1, largest=False)
-            out_d.append(dk.add_((c * c).sum(1, keepdim=True)).clamp_min_(0).sqrt_())
+                sk, ik = sim.topk(k, dim=1)
+            d2 = (c * c).sum(1, keepdim=True) - 2 * sk               # |q|² − 2 q·b + |b|²
+            out_d.append(d2.clamp_min_(0).sqrt_())
             out_i.append(ik)
         return torch.cat(out_d), torch.cat(out_i)
 
@@ -353,13 +375,15 @@ class PatchCore:
         backbone: name in :data:`pipelines.backbones.BACKBONES` (default: offline EfficientNet-Lite0).
         layers: backbone stages (timm ``out_indices``); default: strides 8 and 16.
         coreset: fraction of the normal patches kept in the bank, (0, 1]; 1.0 keeps all.
-        dim: embedding dimension D (split evenly over the layers); None keeps native channels.
+        dim: embedding dimension D (split evenly over the layers); None: min(sum of the layers'
+            channels, 1024) — 152 for EfficientNet-Lite0.
         size: images are resized to ``size × size``.
         seed: seeds the coreset's start point and random projection.
         weights: explicit backbone weights file (bring-your-own backbones).
         projection_dim: random-projection dimension for the coreset selection.
         num_neighbors: bank neighbours used by the image-score reweighting.
-        knn: ``"faiss"`` or ``"torch"``.
+        knn: ``"auto"`` (exact torch search; faiss IVF for banks over 200k patches), ``"faiss"``
+            (IndexFlatL2 / IVF) or ``"torch"`` (always exact); see :class:`NearestNeighbours`.
         dual_rule / dual_weight: the positive-bank scoring rule and λ (see the module docstring).
         positive_min_fraction: a feature cell joins the positive bank when at least this share
             of its pixels is defect (if none of an image's cells reaches it, its most-defect cell).
@@ -368,9 +392,9 @@ class PatchCore:
     """
 
     def __init__(self, backbone: str = "efficientnet_lite0", layers: Sequence[int] | None = None,
-                 coreset: float = 0.1, dim: int | None = 256, size: int = 256, seed: int = 0,
+                 coreset: float = 0.1, dim: int | None = None, size: int = 256, seed: int = 0,
                  weights: str | Path | None = None, projection_dim: int = 128, num_neighbors: int = 9,
-                 knn: str = "faiss", dual_rule: str = "margin", dual_weight: float = 1.0,
+                 knn: str = "auto", dual_rule: str = "margin", dual_weight: float = 1.0,
                  positive_min_fraction: float = 0.5, batch_size: int = 8, sigma: float = 4.0):
         if not 0 < coreset <= 1:
             raise ValueError(f"coreset must be a fraction in (0, 1], got {coreset}")

@@ -171,10 +171,14 @@ def test_knn_backends_agree():
     g = torch.Generator().manual_seed(0)
     bank, q = torch.randn(500, 48, generator=g), torch.randn(300, 48, generator=g)
     d_ref, i_ref = cdist_knn(q, bank, k=3)
-    for method in ("faiss", "torch"):
+    for method in ("auto", "faiss", "torch"):
         d, i = NearestNeighbours(bank, method).search(q, 3)
         assert torch.equal(i, i_ref)
         torch.testing.assert_close(d, d_ref, rtol=1e-4, atol=1e-4)
+    ivf = NearestNeighbours(bank, "auto", ivf_threshold=100)     # large-bank path: faiss IVF
+    assert ivf.method == "faiss" and "IVF" in type(ivf.index).__name__
+    _, i = ivf.search(q, 1)
+    assert (i[:, 0] == i_ref[:, 0]).float().mean() > 0.75     # approximate by design
     d, i = NearestNeighbours(torch.empty(0, 48)).search(q, 1)
     assert torch.isinf(d).all() and (i == -1).all()
 
@@ -191,3 +195,11 @@ def test_pipelines_never_import_gradio_or_studio():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('gradio', 'studio')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(DEMO.parent.parent))
+
+
+def test_channel_pooling_matrix_equals_adaptive_avg_pool():
+    import torch.nn.functional as F
+    from pipelines.patchcore import adaptive_pool_matrix
+    x = torch.randn(20, 112)
+    for d in (76, 64, 200):
+        torch.testing.assert_close(x @ adaptive_pool_matrix(112, d), F.adaptive_avg_pool1d(x[:, None], d)[:, 0])
