@@ -52,23 +52,25 @@ def test_offline_lite_weights_load_strictly_and_classify(name):
 def test_lite_feature_extractor_is_truncated_and_matches_full_network():
     import timm
 
-    fe = B.build_backbone("efficientnet_lite0")
+    plain = B.build_backbone("efficientnet_lite0", fuse=False)
+    fe = B.build_backbone("efficientnet_lite0")                 # BatchNorm folded into the convs
     assert fe.strides == (8, 16) and fe.channels == (40, 112)
     assert len(fe.body.blocks) == 5            # stages 5 and 6 (strides 32) are cut off
+    assert fe.fused == 33 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fe.modules())
     assert not any(p.requires_grad for p in fe.parameters())
     x = torch.rand(2, 3, 256, 256)
     with torch.inference_mode():
-        feats = fe(x)
+        feats, feats_plain = fe(x), plain(x)
     assert [tuple(f.shape) for f in feats] == [(2, 40, 32, 32), (2, 112, 16, 16)]
     # the truncated network computes exactly what the untruncated features_only model does
     full = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(2, 3))
-    full.load_state_dict(fe.body.state_dict(), strict=False)
+    full.load_state_dict(plain.body.state_dict(), strict=False)
     full.eval()
-    xn = (x - fe.mean) / fe.std
     with torch.inference_mode():
-        ref = full(xn)
-    for a, b in zip(feats, ref):
-        torch.testing.assert_close(a, b)
+        ref = full((x - fe.mean) / fe.std)
+    for a, p, r in zip(feats, feats_plain, ref):
+        torch.testing.assert_close(p, r)
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * float(r.abs().max()))
 
 
 def test_corrupt_weights_file_gives_clear_error(tmp_path):
@@ -112,7 +114,7 @@ def test_resnet_weights_from_hub_cache_and_env(tmp_path, monkeypatch):
     torch.save(sd, hub / "resnet18-f37072fd.pth")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv(B.WEIGHTS_ENV, raising=False)
-    fe = B.build_backbone("resnet18")
+    fe = B.build_backbone("resnet18", fuse=False)
     assert fe.strides == (8, 16) and fe.channels == (128, 256)
     assert fe.weights_path == str(hub / "resnet18-f37072fd.pth")
     assert not hasattr(fe.body, "layer4")      # truncated after layer3
