@@ -285,7 +285,8 @@ def _build_resnet(name: str, layers: Sequence[int], weights: str | Path | None) 
     _load_strict(full, sd, path, name)
     # timm's FeatureListNet keeps modules only up to the last requested one (truncated)
     body = timm.create_model(name, pretrained=False, features_only=True, out_indices=tuple(layers))
-    body.load_state_dict(full.state_dict(), strict=False)
+    full_sd = full.state_dict()
+    body.load_state_dict({k: full_sd[k] for k in body.state_dict()}, strict=True)
     info = body.feature_info
     return FeatureExtractor(name, body, layers, info.reduction(), info.channels(), str(path))
 

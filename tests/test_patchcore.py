@@ -3,6 +3,7 @@ the input's shape, save → load gives identical scores, the dual bank with an e
 equals the single bank; plus the issue's bar on the demo data (image AUROC ≥ 0.99, pixel ≥ 0.97)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import torch
 from pipelines import metrics as MET
 from pipelines.mvtec import LayoutError, load_category, load_image, load_mask
 from pipelines.patchcore import (Cancelled, NearestNeighbours, NotFittedError, PatchCore, PatchEmbedder,
-                                 cdist_knn, greedy_coreset, split_positives)
+                                 cdist_knn, default_embed_dim, greedy_coreset, greedy_coreset_reference, split_positives)
 from tests.conftest import DEMO
 
 SIZE = 256
@@ -89,6 +90,12 @@ def test_save_load_gives_identical_scores(fitted, bottle, tmp_path):
     np.testing.assert_array_equal(ma, mb)
     with pytest.raises(ValueError, match="not a saved PatchCore"):
         PatchCore.load(tmp_path)
+    # a model saved with an unresolved dim (older format) takes the bank's width
+    cfg_path = tmp_path / "model" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["dim"] == fitted.dim_out
+    cfg_path.write_text(json.dumps({**cfg, "dim": None}))
+    assert PatchCore.load(tmp_path / "model").dim_out == fitted.dim_out
 
 
 def test_dual_bank_empty_positive_bank_equals_single(fitted, bottle):
@@ -107,18 +114,20 @@ def test_dual_bank_empty_positive_bank_equals_single(fitted, bottle):
     fitted.config["dual_rule"] = "margin"
 
 
-def test_dual_bank_raises_maps_only_and_keeps_auroc(bottle):
-    cat, train, _, _, _ = bottle
+def test_dual_bank_raises_maps_only_and_keeps_auroc(fitted, bottle):
+    cat = bottle[0]
     bank_samples, eval_samples = split_positives(cat, fraction=0.3, seed=0)
     pos_imgs = [load_image(s.path, SIZE) for s in bank_samples]
     pos_masks = [load_mask(s, SIZE) for s in bank_samples]
     ev = [load_image(s.path, SIZE) for s in eval_samples]
     ev_labels = np.array([s.is_anomaly for s in eval_samples], int)
-    model = PatchCore(coreset=0.1).fit(train[:10])
-    s1, m1 = model.predict(ev)
-    model.fit_positive(pos_imgs, pos_masks)
-    assert model.positive_bank_size > 0
-    s2, m2 = model.predict(ev)
+    s1, m1 = fitted.predict(ev)
+    try:
+        fitted.fit_positive(pos_imgs, pos_masks)
+        assert fitted.positive_bank_size > 0
+        s2, m2 = fitted.predict(ev)
+    finally:
+        fitted.fit_positive([], [])
     assert (m2 >= m1 - 1e-5).all()          # s ≥ d_n, and upsampling/blur are positive operators
     assert MET.image_auroc(ev_labels, s2) >= MET.image_auroc(ev_labels, s1) - 1e-9
 
@@ -165,6 +174,9 @@ def test_greedy_coreset_picks_one_point_per_cluster():
     idx = greedy_coreset(pts, 6, projection_dim=16, seed=3)
     assert sorted((idx // 50).tolist()) == list(range(6))
     assert len(set(greedy_coreset(pts, 40).tolist())) == 40
+    # the triangle-inequality pruning selects exactly what the plain greedy loop selects
+    x = torch.randn(4000, 152, generator=g) * torch.rand(1, 152, generator=g)
+    assert torch.equal(greedy_coreset(x, 400, seed=5), greedy_coreset_reference(x, 400, seed=5))
 
 
 def test_knn_backends_agree():
@@ -172,22 +184,28 @@ def test_knn_backends_agree():
     bank, q = torch.randn(500, 48, generator=g), torch.randn(300, 48, generator=g)
     d_ref, i_ref = cdist_knn(q, bank, k=3)
     for method in ("auto", "faiss", "torch"):
-        d, i = NearestNeighbours(bank, method).search(q, 3)
+        nn_ = NearestNeighbours(bank, method, chunk=128)
+        d, i = nn_.search(q, 3)
         assert torch.equal(i, i_ref)
         torch.testing.assert_close(d, d_ref, rtol=1e-4, atol=1e-4)
+        # the values-only path used for patch scores (ragged last chunk: 300 = 2·128 + 44)
+        torch.testing.assert_close(nn_.nearest_distance(q), d_ref[:, 0], rtol=1e-4, atol=1e-4)
     ivf = NearestNeighbours(bank, "auto", ivf_threshold=100)     # large-bank path: faiss IVF
     assert ivf.method == "faiss" and "IVF" in type(ivf.index).__name__
     _, i = ivf.search(q, 1)
     assert (i[:, 0] == i_ref[:, 0]).float().mean() > 0.75     # approximate by design
     d, i = NearestNeighbours(torch.empty(0, 48)).search(q, 1)
     assert torch.isinf(d).all() and (i == -1).all()
+    assert torch.isinf(NearestNeighbours(torch.empty(0, 48)).nearest_distance(q)).all()
 
 
 def test_embedder_pools_channels_per_layer():
     emb = PatchEmbedder([40, 112], dim=128)
     out = emb([torch.rand(2, 40, 32, 32), torch.rand(2, 112, 16, 16)])
     assert out.shape == (2, 32, 32, 128) and emb.dims == (64, 64)
-    assert PatchEmbedder([40, 112], dim=None).out_dim == 152
+    assert PatchEmbedder([40, 112], dim=None).out_dim == 80     # 2 layers × 40 channels
+    assert PatchEmbedder([40, 112], dim=None).dims == (40, 40)
+    assert default_embed_dim([512, 1024]) == 1024 and default_embed_dim([1024, 2048]) == 1024
 
 
 def test_pipelines_never_import_gradio_or_studio():
