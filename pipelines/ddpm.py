@@ -640,9 +640,12 @@ class DDPMInspector:
         image_f1_max, pixel_f1_max (pipelines.metrics.evaluate) plus ms_per_image.
         """
         from pipelines import metrics as M
-        from pipelines.mvtec import load_category, load_image, load_mask
+        from pipelines.mvtec import check_sizes, load_category, load_image, load_mask
 
         cat = load_category(category_root)
+        for note in check_sizes(cat):           # a mask of another size than its image raises
+            if progress is not None:
+                progress(0.0, f"note: {note}")
         samples = cat.test
         images = [load_image(s.path, eval_size) for s in samples]
         masks = np.stack([load_mask(s, eval_size) for s in samples])

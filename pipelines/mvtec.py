@@ -92,6 +92,46 @@ def load_category(root: str | Path, require_masks: bool = True, require_test: bo
     return Category(root, train, test, defects)
 
 
+def _header_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header (no decoding)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as exc:  # noqa: BLE001 — PIL raises many types for unreadable files
+        raise LayoutError(f"{path} is not a readable image: {exc}") from exc
+
+
+def check_sizes(category: Category) -> list[str]:
+    """Check image and mask sizes before a run.
+
+    A ground-truth mask of another size than its image is an error (``LayoutError``: resizing
+    it would misplace the defect). Images of mixed sizes are allowed — every model here
+    resizes to a square working size — but come back as a note for the user, since mixed
+    sizes (and non-square ones, which get squashed) usually mean a mixed-up folder."""
+    sizes: dict[tuple[int, int], int] = {}
+    for path in category.train:
+        wh = _header_size(path)
+        sizes[wh] = sizes.get(wh, 0) + 1
+    for s in category.test:
+        wh = _header_size(s.path)
+        sizes[wh] = sizes.get(wh, 0) + 1
+        if s.mask_path is not None:
+            mwh = _header_size(s.mask_path)
+            if mwh != wh:
+                raise LayoutError(
+                    f"{s.mask_path} is {mwh[0]}×{mwh[1]} but its image {s.path} is {wh[0]}×{wh[1]}: "
+                    "a ground-truth mask must have its image's size")
+    notes = []
+    if len(sizes) > 1:
+        listed = ", ".join(f"{w}×{h} ({n})" for (w, h), n in sorted(sizes.items(), key=lambda kv: -kv[1]))
+        notes.append(f"images come in {len(sizes)} sizes: {listed}; all are resized to the working "
+                     "size, so check that they belong to one product and camera")
+    if any(w != h for w, h in sizes):
+        notes.append("non-square images are resized to a square working size (aspect ratio not kept)")
+    return notes
+
+
 def load_image(path: Path, size: int | None) -> np.ndarray:
     """RGB uint8, resized to size×size (area interpolation) when ``size`` is given."""
     try:

@@ -220,6 +220,8 @@ def cmd_patchcore(args) -> int:
     bar.close()
     if run_id is not None:
         runlog.finish(run_id, summary["metrics"])
+    for note in summary.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
     m = summary["metrics"]
     keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "fit_seconds",
             "ms_per_image", "backbone_ms_per_image")

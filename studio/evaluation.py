@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from pipelines.imageio import write_png_atomic
-from pipelines.mvtec import LayoutError, load_category, load_image, load_mask, load_positives
+from pipelines.mvtec import LayoutError, check_sizes, load_category, load_image, load_mask, load_positives
 
 BANK_MODES = ("single", "dual-real", "dual-real-synthetic")
 ProgressFn = Callable[[float, str], None]
@@ -62,6 +62,7 @@ def run_patchcore(req: PatchCoreRequest, progress: ProgressFn | None = None,
 
     req.validate()
     cat = load_category(req.data)
+    notes = check_sizes(cat)        # mask ≠ image size → LayoutError; mixed sizes → notes
     out = Path(req.out)
     out.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda f, m="": None)
@@ -78,6 +79,8 @@ def run_patchcore(req: PatchCoreRequest, progress: ProgressFn | None = None,
     elif req.positives and req.bank == "single":
         raise ValueError("--positives needs a dual bank (bank dual-real-synthetic)")
 
+    for note in notes:
+        say(0.0, f"note: {note}")
     say(0.0, f"loading {len(cat.train)} training images")
     train = [load_image(p, req.size) for p in cat.train]
     model = PatchCore(backbone=req.backbone, coreset=req.coreset, size=req.size, seed=req.seed)
@@ -120,7 +123,7 @@ def run_patchcore(req: PatchCoreRequest, progress: ProgressFn | None = None,
         overlays.append({"file": f"overlays/{name}", "label": s.label, "score": float(scores[i]),
                          "image": str(s.path.relative_to(cat.root))})
     summary = {
-        "metrics": metrics, "request": asdict(req), "held_out_for_positive_bank": held_out,
+        "metrics": metrics, "notes": notes, "request": asdict(req), "held_out_for_positive_bank": held_out,
         "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}, "overlays": overlays,
         "scores": [{"image": str(s.path.relative_to(cat.root)), "label": s.label, "score": float(sc)}
                    for s, sc in zip(eval_samples, scores)],

@@ -53,3 +53,26 @@ def test_bad_inputs(tmp_path):
                         f"build_backbone('resnet18', weights={str(bad)!r})"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "corrupt" in r.stderr.lower()
+
+
+def test_mixed_sizes_are_noted_and_mask_of_another_size_is_refused(tmp_path):
+    import cv2
+
+    from pipelines.mvtec import check_sizes, load_category
+
+    cat_dir = tmp_path / "bottle"
+    shutil.copytree(DEMO / "bottle", cat_dir)
+    assert check_sizes(load_category(cat_dir)) == []          # the demo: one size, square
+    odd = sorted((cat_dir / "train" / "good").glob("*.png"))[0]
+    cv2.imwrite(str(odd), cv2.resize(cv2.imread(str(odd)), (300, 200)))
+    notes = check_sizes(load_category(cat_dir))
+    assert "2 sizes" in notes[0] and "256×256 (" in notes[0] and "300×200 (1)" in notes[0]
+    assert "non-square" in notes[1]
+
+    mask = sorted((cat_dir / "ground_truth" / "contamination").glob("*.png"))[0]
+    cv2.imwrite(str(mask), cv2.resize(cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE), (128, 128),
+                                      interpolation=cv2.INTER_NEAREST))
+    r = run("--data", cat_dir, "--out", tmp_path / "out")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "must have its image's size" in r.stderr and mask.name in r.stderr
+    assert not (tmp_path / "out" / "metrics.json").exists()

@@ -125,6 +125,7 @@ def build(ctx: StudioContext) -> list:
         summary = json.loads((out / "result.json").read_text())
         m = summary["metrics"]
         table = [[k, round(v, 4) if isinstance(v, float) else v] for k, v in m.items()]
+        table += [["note", n] for n in summary.get("notes", [])]
         fig = roc_figure(summary["roc"], m.get("image_auroc"), f"PatchCore — {Path(summary['request']['data']).name}")
         items = [(str(out / o["file"]), f"{o['label']} · score {o['score']:.3f} · {o['image']}")
                  for o in summary["overlays"]]
