@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from abc import ABC, abstractmethod
 from typing import Any
 
 import cv2
@@ -136,7 +137,7 @@ def composite(image: np.ndarray, generated: np.ndarray, alpha: np.ndarray) -> np
     return out
 
 
-class ClassicalGenerator:
+class ClassicalGenerator(ABC):
     """Base class: input checks, the working window, seeding and the feathered composite.
     Subclasses implement ``_generate(crop, crop_mask, rng, feather, **params)`` returning the
     generated crop (float 0..255 or uint8, same shape as ``crop``)."""
@@ -167,8 +168,9 @@ class ClassicalGenerator:
         out[ys, xs] = composite(crop, generated, mk.feather(cmask, fe))
         return out
 
-    def _generate(self, crop, cmask, rng, feather, *, strength, **params):  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def _generate(self, crop, cmask, rng, feather, *, strength, **params):
+        """The generated crop for ``crop`` / ``cmask`` (each subclass's own method)."""
 
 
 # --------------------------------------------------------------------------------------------

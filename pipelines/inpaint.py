@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import threading
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -278,7 +279,7 @@ class GenerationResult:
     info: dict = field(default_factory=dict)
 
 
-class DiffusionGenerator:
+class DiffusionGenerator(ABC):
     """Shared plumbing: checks, the working crop, seeding, the diffusers call, paste-back.
 
     Subclasses set ``name``/``mode`` and implement ``_pipeline(opts)`` and
@@ -397,8 +398,9 @@ class DiffusionGenerator:
         return GenerationResult(results, info)
 
     # -- hooks ---------------------------------------------------------------------------------
-    def _pipeline(self, opts):   # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _pipeline(self, opts):
+        """The loaded diffusers pipeline for these options (each backend's own method)."""
 
     def _conditioning(self, pipe, opts):
         damage = opts.get("damage_type")
