@@ -227,6 +227,19 @@ def _atomic_write_text(path: Path, text: str) -> None:
             tmp.unlink()
 
 
+def stop_reason(step: int, max_steps: int | None, deadline: float | None,
+                cancelled: Callable[[], bool] | None) -> str | None:
+    """Why a training loop stops before its next step: "steps" (``max_steps`` reached),
+    "time" (``time.monotonic()`` past ``deadline``), "cancelled", or None to go on."""
+    if max_steps is not None and step >= max_steps:
+        return "steps"
+    if deadline is not None and time.monotonic() >= deadline:
+        return "time"
+    if cancelled is not None and cancelled():
+        return "cancelled"
+    return None
+
+
 class Checkpoints:
     """``OUT/checkpoints/step-NNNNNNN`` folders, each written in a hidden temp folder and renamed
     into place when complete; ``OUT/latest`` (the pointer) is replaced last. At most ``limit``
@@ -711,14 +724,8 @@ class LoraTrainer:
         unet.train()
         _say(progress, 0.0, f"training LoRA from step {self.step} on {len(self.samples)} samples")
         while True:
-            if c.max_steps is not None and self.step >= c.max_steps:
-                stopped = "steps"
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                stopped = "time"
-                break
-            if cancelled is not None and cancelled():
-                stopped = "cancelled"
+            stopped = stop_reason(self.step, c.max_steps, deadline, cancelled)
+            if stopped:
                 break
             for _ in range(c.gradient_accumulation_steps):
                 with acc.accumulate(unet):

@@ -50,7 +50,8 @@ from pipelines.classical import DEFAULT_FEATHER, _check_image, composite, style_
 from pipelines.lora import (STATE_FILE, Checkpoints, CheckpointError, ConfigError, ConfigMixin,
                             Sample, TrainDataError, TrainResult, _augment_cfg, _check, _say,
                             append_history, check_samples, latest_checkpoint, load_optimizer,
-                            make_accelerator, samples_from_category, save_optimizer)
+                            make_accelerator, samples_from_category, save_optimizer, stop_reason)
+from pipelines.ddpm import PRESETS as DDPM_PRESETS
 from pipelines.models import ModelError
 
 ENV = "DEFECT_STUDIO_PIXEL_INPAINT"
@@ -63,15 +64,10 @@ TRAIN_HINT = ("train one with `python -m studio train --kind pixel-inpaint --dat
               f"{ENV}=<folder>")
 
 PRESETS: dict[str, dict] = {
-    # tests: ~0.1 M parameters
-    "tiny": dict(block_out_channels=(16, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=8),
-    # CPU default (64 px): ~2.7 M parameters, attention only at the 8x8 level; ~0.7 s per step
-    # (batch 8) on one busy core
-    "small": dict(block_out_channels=(16, 32, 64, 128),
-                  down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-                  up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
-                  layers_per_block=1, norm_num_groups=8),
+    # the DDPM's U-Nets (tests: ~0.1 M parameters; CPU default at 64 px: ~2.7 M, attention only
+    # at the 8x8 level, ~0.7 s per step with batch 8 on one busy core)
+    "tiny": DDPM_PRESETS["tiny"],
+    "small": DDPM_PRESETS["small"],
     # a GPU / long run
     "base": dict(block_out_channels=(64, 128, 192, 256),
                  down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
@@ -326,14 +322,8 @@ class PixelInpaintTrainer:
         _say(progress, 0.0, f"training pixel-inpaint from step {self.step} on {len(self.samples)} "
                             f"defects of {len(self.types)} type(s)")
         while True:
-            if c.max_steps is not None and self.step >= c.max_steps:
-                stopped = "steps"
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                stopped = "time"
-                break
-            if cancelled is not None and cancelled():
-                stopped = "cancelled"
+            stopped = stop_reason(self.step, c.max_steps, deadline, cancelled)
+            if stopped:
                 break
             for _ in range(c.gradient_accumulation_steps):
                 with acc.accumulate(unet):
