@@ -106,6 +106,10 @@ class _ControlNetMixin:
     _pipe_class = ""
     _cache: dict[tuple, object]
 
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._cache, self._lock = {}, threading.Lock()     # ControlNet pipelines built so far
+
     def _controlnets(self, base, opts):
         cross = int(base.unet.config.cross_attention_dim)
         nets = [models.load_controlnet("controlnet-seg", opts.get("controlnet"), str(base.device),
@@ -166,10 +170,6 @@ class ControlNetInpaintGenerator(_ControlNetMixin, DiffusionGenerator):
     defaults = {**DiffusionGenerator.defaults, **_CN_DEFAULTS}
     _pipe_class = "StableDiffusionControlNetInpaintPipeline"
 
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self._cache, self._lock = {}, threading.Lock()
-
     def _pipeline(self, opts):
         return self._wrap(models.load_inpaint(self._model(opts), self.device, self.dtype), opts)
 
@@ -186,10 +186,6 @@ class ControlNetFullGenerator(_ControlNetMixin, DiffusionGenerator):
                    "(the input is not kept outside the mask)")
     defaults = {**DiffusionGenerator.defaults, **_CN_DEFAULTS, "only_masked": False}
     _pipe_class = "StableDiffusionControlNetPipeline"
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self._cache, self._lock = {}, threading.Lock()
 
     def _pipeline(self, opts):
         return self._wrap(models.load_base(self._model(opts), self.device, self.dtype), opts)
