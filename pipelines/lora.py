@@ -154,15 +154,17 @@ class Sample(NamedTuple):
 
 def samples_from_category(root: str | Path, damage_types: Sequence[str] | None = None,
                           extra: str | Path | None = None, size: int | None = None) -> list[Sample]:
-    """Real defects of an MVTec-layout category (``test/<type>`` + ``ground_truth/<type>``), plus
+    """Reference real defects (data role ``reference``, see :mod:`pipelines.roles`) of an
+    MVTec-layout category (``test/<type>`` + ``ground_truth/<type>``), plus
     optionally accepted synthetic ones from ``extra`` (``synthetic/<type>`` +
     ``synthetic_ground_truth/<type>``, as written by export, or the same test layout).
     ``damage_types=None`` takes every type found. A chosen type with no sample → TrainDataError."""
     from pipelines.mvtec import _images, load_category, load_image, load_mask
+    from pipelines.roles import category_roles
     cat = load_category(root, require_masks=True, require_test=False)
     out: list[Sample] = []
-    for s in cat.test:
-        if s.is_anomaly and (damage_types is None or s.label in damage_types):
+    for s in category_roles(cat).reference:    # evaluation defects are never trained on
+        if damage_types is None or s.label in damage_types:
             m = load_mask(s, size)
             out.append(Sample(load_image(s.path, size), np.where(m, 255, 0).astype(np.uint8), s.label))
     if extra is not None:
@@ -856,5 +858,8 @@ def run_from_config(cfg: LoraTrainConfig, progress: Progress | None = None,
     """Load ``cfg.data`` (real defects of the chosen types + ``extra_data``) and train."""
     if not cfg.data:
         raise ConfigError("data (an MVTec-layout category folder) is required")
+    from pipelines.training_data import training_manifest, write_manifest
+    manifest = training_manifest(cfg.data, cfg.damage_types, cfg.extra_data)
     samples = samples_from_category(cfg.data, cfg.damage_types, cfg.extra_data, cfg.image_size)
+    write_manifest(cfg.output_dir, manifest)
     return train_lora(cfg, samples, progress, cancelled)

@@ -397,7 +397,10 @@ def run_from_config(cfg: PixelInpaintConfig, progress=None, cancelled=None) -> T
     from pipelines.mvtec import load_category, load_image
     if not cfg.data:
         raise ConfigError("data (an MVTec-layout category folder) is required")
+    from pipelines.training_data import training_manifest, write_manifest
+    manifest = training_manifest(cfg.data, cfg.damage_types, cfg.extra_data)
     samples = samples_from_category(cfg.data, cfg.damage_types, cfg.extra_data, cfg.image_size)
+    write_manifest(cfg.output_dir, manifest)
     good = [load_image(p, cfg.image_size) for p in load_category(cfg.data, require_test=False).train] \
         if cfg.good_fraction > 0 else []
     return train_pixel_inpaint(cfg, samples, good, progress, cancelled)

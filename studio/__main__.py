@@ -431,8 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--backbone", default="efficientnet_lite0")
     sp.add_argument("--coreset", type=float, default=0.1, help="fraction of patches kept (0.01-1)")
     sp.add_argument("--size", type=int, default=256)
-    sp.add_argument("--real-fraction", type=float, default=0.3,
-                    help="dual banks: share of each real defect type held out for the positive bank")
+    sp.add_argument("--real-fraction", "--reference-fraction", dest="real_fraction", type=float, default=0.4,
+                    help="dual banks: share of each real defect type with the role 'reference' (copied "
+                         "into the positive bank, never scored); the folder's evaluation.txt, when "
+                         "present, decides instead")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--record", action="store_true", help="record the run in the workspace database")
     sp.add_argument("--quiet", action="store_true")

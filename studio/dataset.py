@@ -42,6 +42,8 @@ import numpy as np
 import sqlite_utils
 from PIL import Image
 
+from pipelines import roles as R
+
 MAX_PIXELS = 40_000_000               # larger images are refused (decompression-bomb guard)
 MAX_FILE_BYTES = 512 * 1024 * 1024    # larger files are refused before they are opened
 BUSY_TIMEOUT_S = 30.0
@@ -60,6 +62,7 @@ IMAGES_COLUMNS = {
     "id": int, "product": str, "split": str, "label": str, "origin": str, "path": str,
     "mask_path": str, "width": int, "height": int, "sha256": str, "source_path": str,
     "created_at": str,
+    "role": str,      # real defect images: 'reference' (may be learned from / copied) | 'evaluation'
 }
 SAMPLES_COLUMNS = {
     "id": int, "product": str, "source_image_id": int, "damage_type": str, "color": str,
@@ -67,6 +70,7 @@ SAMPLES_COLUMNS = {
     "note": str, "image_path": str, "mask_path": str, "width": int, "height": int,
     "batch_id": str, "created_at": str, "updated_at": str, "reviewed_at": str,
     "sha256": str,  # pixel hash: lets a re-import of an export recognise samples it already has
+    "ancestors": str,  # JSON list of the pixel hashes of the real images it descends from
 }
 
 
@@ -97,10 +101,9 @@ def _check_choice(value: Any, choices: tuple[str, ...], what: str) -> str:
 
 
 def _pixel_sha256(arr: np.ndarray) -> str:
-    """Hash of the decoded pixels (not the file bytes), so PNG/JPG re-encodes of the same pixels match."""
-    h = hashlib.sha256(f"{arr.shape}|{arr.dtype}".encode())
-    h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()
+    """Hash of the decoded pixels (not the file bytes), so PNG/JPG re-encodes of the same pixels match.
+    The same function gives the data roles of a folder (:func:`pipelines.roles.pixel_hash`)."""
+    return R.pixel_hash(arr)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -266,6 +269,7 @@ class _Report:
         self.samples = 0
         self.duplicates = 0
         self.skipped: list[tuple[str, str]] = []
+        self.ids: dict[Path, int] = {}     # imported (or already present) file -> image id
 
     def as_dict(self, **extra) -> dict:
         return {"imported": self.images + self.samples, "images": self.images, "samples": self.samples,
@@ -418,8 +422,11 @@ class Store:
 
         image: ``[H x W x 3]`` uint8 ndarray, PIL image or path; mask: ``[H x W]`` uint8 or None.
         """
-        return self._add_image(product, image, split=split, label=label, origin=origin, mask=mask,
-                               source_path=source_path)[0]
+        image_id, created = self._add_image(product, image, split=split, label=label, origin=origin,
+                                            mask=mask, source_path=source_path)
+        if created and label != "good" and origin == "real":
+            self.assign_missing_roles(product)
+        return image_id
 
     def _add_image(self, product, image, *, split, label, origin, mask, source_path) -> tuple[int, bool]:
         """Returns ``(id, created)``."""
@@ -479,9 +486,53 @@ class Store:
             return None
         return self._read_file(row["mask_path"], "mask", f"the mask of image {row['id']}")
 
-    def list_images(self, product=None, split=None, label=None, origin=None) -> list[dict]:
-        where, params = _where(product=product, split=split, label=label, origin=origin)
+    def list_images(self, product=None, split=None, label=None, origin=None, role=None) -> list[dict]:
+        where, params = _where(product=product, split=split, label=label, origin=origin, role=role)
         return self._query(f"SELECT * FROM images{where} ORDER BY id", params)
+
+    # ---- data roles (see pipelines.roles) ------------------------------------------------------
+    def assign_missing_roles(self, product, fraction: float = R.DEFAULT_REFERENCE_FRACTION) -> int:
+        """Give every real defect image of ``product`` that has no role the deterministic rule's
+        role (:func:`pipelines.roles.assign_roles` over all real defect images of its type).
+        Roles already set (by an earlier import or by the user) are kept. Returns how many were set."""
+        rows = self._query("SELECT id, label, sha256, role FROM images WHERE product = ? AND "
+                           "origin = 'real' AND label != 'good'", (product,))
+        todo = [r for r in rows if r["role"] not in R.ROLES]
+        if not todo:
+            return 0
+        rule = R.assign_roles(((r["label"], r["sha256"]) for r in rows), fraction)
+        with self._write() as db:
+            for r in todo:
+                db["images"].update(r["id"], {"role": rule[r["sha256"]]})
+        return len(todo)
+
+    def set_role(self, image_id, role: str) -> dict:
+        """Change a real defect image's role ('reference' or 'evaluation')."""
+        _check_choice(role, R.ROLES, "role")
+        row = self.get_image(image_id)
+        if row["label"] == "good" or row["origin"] != "real":
+            raise StoreError(f"image {row['id']} is a {row['origin']} '{row['label']}' image: only real "
+                             "defect images have a role")
+        with self._write() as db:
+            db["images"].update(row["id"], {"role": role})
+        return self.get_image(row["id"])
+
+    def reference_defects(self, product, damage_type=None) -> list[dict]:
+        """Real defect images with a mask that may be learned from or copied (role 'reference').
+        The one query every store consumer uses: cut-paste donors, trainers, quality scores."""
+        rows = self.list_images(product=product, label=damage_type, origin="real", role=R.REFERENCE)
+        return [r for r in rows if r["label"] != "good" and r.get("mask_path")]
+
+    def evaluation_hashes(self, product=None) -> set[str]:
+        """Pixel hashes of the real images that are only ever scored."""
+        where, params = _where(product=product, role=R.EVALUATION)
+        return {r["sha256"] for r in self._query(f"SELECT sha256 FROM images{where}", params)}
+
+    def sample_ancestors(self, sample_id) -> list[str]:
+        """Pixel hashes of the real images a sample descends from (source image, donors, the
+        training data of the model that made it)."""
+        row = self.get_sample(sample_id)
+        return list(row.get("ancestors") or [])
 
     def products(self) -> list[str]:
         rows = self._query("SELECT product FROM images UNION SELECT product FROM samples ORDER BY 1")
@@ -498,10 +549,12 @@ class Store:
     # ---- samples -------------------------------------------------------------------------------
     def add_sample(self, *, product, image, mask, source_image_id=None, damage_type=None, color=None,
                    generator, generator_version, params: dict, seed: int, status="candidate",
-                   note="", batch_id=None) -> int:
+                   note="", batch_id=None, ancestors=()) -> int:
         """Store a generated candidate with its full provenance; returns the sample id.
 
         image: ``[H x W x 3]`` uint8 (ndarray/PIL/path); mask: ``[H x W]`` uint8 (required).
+        ancestors: pixel hashes of the real images it descends from (donors, a trained model's
+        training images); the source image's hash is added here.
         """
         _check_name(product, "product")
         if damage_type is not None:
@@ -524,6 +577,11 @@ class Store:
             "batch_id": None if batch_id is None else str(batch_id),
             "created_at": now, "updated_at": now, "reviewed_at": None if status == "candidate" else now,
         }
+        anc = set(ancestors or ())
+        if record["source_image_id"] is not None:
+            hit = self._query("SELECT sha256 FROM images WHERE id = ?", (record["source_image_id"],))
+            anc.update(r["sha256"] for r in hit)   # an unknown id is refused by the insert below
+        record["ancestors"] = json.dumps(sorted(anc))
         return self._insert_sample(record, rgb, m)[0]
 
     def _insert_sample(self, record: dict, rgb: np.ndarray, mask: np.ndarray,
@@ -654,11 +712,12 @@ class Store:
                 mask = _decode_file(mask_path, "mask", self.max_pixels)
                 if binarize_mask:
                     mask = np.where(mask > 0, 255, 0).astype(np.uint8)
-            _, created = self._add_image(product, path, split=split, label=label, origin="real",
-                                         mask=mask, source_path=str(path))
+            image_id, created = self._add_image(product, path, split=split, label=label, origin="real",
+                                                mask=mask, source_path=str(path))
         except StoreError as e:
             report.skipped.append((str(path), str(e)))
             return
+        report.ids[path] = image_id
         if created:
             report.images += 1
         else:
@@ -689,7 +748,23 @@ class Store:
                     self._import_image(report, f, product, split, label,
                                        _find_mask(root / gt_name / label, f.stem))
         self._import_synthetic(report, root, product)
+        self._roles_after_import(report, root, product)
         return report.as_dict(product=product)
+
+    def _roles_after_import(self, report: _Report, root: Path, product: str) -> None:
+        """A folder's ``evaluation.txt`` (written by exports) decides the roles of the images it
+        brought; every other real defect image without a role gets the deterministic rule's."""
+        listed = R.read_evaluation_file(root)
+        if listed is not None:
+            ids = {path: i for path, i in report.ids.items()}
+            with self._write() as db:
+                for path, image_id in ids.items():
+                    row = db["images"].get(image_id)
+                    if row["label"] == "good" or row["origin"] != "real":
+                        continue
+                    rel = path.relative_to(root).as_posix()
+                    db["images"].update(image_id, {"role": R.EVALUATION if rel in listed else R.REFERENCE})
+        self.assign_missing_roles(product)
 
     def _import_synthetic(self, report: _Report, root: Path, product: str) -> None:
         provenance: dict[str, dict] = {}
@@ -745,6 +820,10 @@ class Store:
             "created_at": _iso_or(rec.get("created_at"), now), "updated_at": _iso_or(rec.get("updated_at"), now),
             "reviewed_at": _iso_or(rec.get("reviewed_at"), now),
         }
+        anc = {a for a in rec.get("descends_from") or [] if isinstance(a, str)}
+        if isinstance(src, dict) and src.get("sha256"):
+            anc.add(src["sha256"])
+        record["ancestors"] = json.dumps(sorted(anc))
         return self._insert_sample(record, rgb, mask, dedupe=True)[1]
 
     def import_visa(self, category_dir, product=None) -> dict:
@@ -767,6 +846,7 @@ class Store:
                         for f in _image_files(images_dir / "Anomaly")]
         for path, split, label, mask in entries:
             self._import_image(report, path, product, split, label, mask, binarize_mask=True)
+        self.assign_missing_roles(product)
         return report.as_dict(product=product, split_source=split_source)
 
     def _visa_csv_entries(self, root: Path, report: _Report) -> list[tuple[Path, str, str, Path | None]]:
@@ -811,6 +891,7 @@ class Store:
                                                f"is not one of {', '.join(IMAGE_EXTENSIONS)})"))
                 continue
             self._import_image(report, f, product, split, label, None)
+        self.assign_missing_roles(product)
         return report.as_dict(product=product)
 
     # ---- export --------------------------------------------------------------------------------
@@ -863,7 +944,7 @@ class Store:
                     gt = "ground_truth" if r["split"] == "test" else "train_ground_truth"
                     copy(r["mask_path"], tmp / gt / r["label"] / f"{name}_mask.png")
                     counts["masks"] += 1
-                exported[r["id"]] = {"file": rel, "sha256": r["sha256"]}
+                exported[r["id"]] = {"file": rel, "sha256": r["sha256"], "role": r.get("role")}
             for r in images:  # images added with origin='synthetic': no generator provenance
                 if r["origin"] == "synthetic":
                     entry = {"generator": "external", "generator_version": "", "params": {}, "seed": 0,
@@ -879,12 +960,19 @@ class Store:
                                             "seed", "note", "batch_id", "created_at", "updated_at",
                                             "reviewed_at", "width", "height")}
                 entry["sample_id"] = s["id"]
+                entry["descends_from"] = s["ancestors"]
                 entry["source_image"] = ({**src, "id": s["source_image_id"]} if src else
                                          None if s["source_image_id"] is None else {"id": s["source_image_id"]})
                 label = s["damage_type"] or DEFAULT_DEFECT_LABEL
                 provenance.append(self._export_synthetic(tmp, label, s["image_path"], s["mask_path"],
                                                          entry, next_name, copy))
             counts["synthetic"] = len(provenance)
+            evaluated = sorted(e["file"] for e in exported.values() if e.get("role") == R.EVALUATION)
+            _atomic_write(tmp / R.EVALUATION_FILE, "".join(
+                [f"# Defect Studio data roles: these real defect images are only ever scored; every other\n"
+                 f"# real defect image here is 'reference' (may be learned from or copied).\n"]
+                + [f + "\n" for f in evaluated]).encode())
+            counts["evaluation"] = len(evaluated)
             _atomic_write(tmp / "provenance.jsonl",
                           "".join(json.dumps(p, sort_keys=True) + "\n" for p in provenance).encode())
             _atomic_write(tmp / EXPORT_MARKER, json.dumps(
@@ -1000,6 +1088,7 @@ def _params_json(params: Any) -> str:
 def _decode_sample(row: dict) -> dict:
     row = dict(row)
     row["params"] = json.loads(row["params"]) if row.get("params") else {}
+    row["ancestors"] = json.loads(row["ancestors"]) if row.get("ancestors") else []
     return row
 
 

@@ -30,7 +30,8 @@ class PatchCoreRequest:
     backbone: str = "efficientnet_lite0"
     coreset: float = 0.1
     size: int = 256
-    real_fraction: float = 0.3        # share of each real defect type held out for the positive bank
+    real_fraction: float = 0.4        # reference share of each defect type (pipelines.roles; a folder's
+                                      # evaluation.txt decides instead when it has one)
     seed: int = 0
     max_overlays: int = 48
 
@@ -57,7 +58,8 @@ def run_patchcore(req: PatchCoreRequest, progress: ProgressFn | None = None,
                   cancelled: Callable[[], bool] | None = None) -> dict:
     """Fit on train/good, evaluate on the (held-out part of the) test split, write results."""
     from pipelines import metrics as MET
-    from pipelines.patchcore import PatchCore, split_positives
+    from pipelines.patchcore import PatchCore
+    from pipelines.roles import category_roles
     from pipelines.visual import panel
 
     req.validate()
@@ -71,10 +73,16 @@ def run_patchcore(req: PatchCoreRequest, progress: ProgressFn | None = None,
     positives: list[tuple[np.ndarray, np.ndarray]] = []
     held_out: list[str] = []
     if req.bank != "single":
-        bank_samples, eval_samples = split_positives(cat, fraction=req.real_fraction, seed=req.seed)
-        held_out = [str(s.path.relative_to(cat.root)) for s in bank_samples]
+        # data roles: the positive bank copies reference defects only; evaluation defects are scored
+        roles = category_roles(cat, fraction=req.real_fraction)
+        bank_samples, eval_samples = roles.reference, roles.scored
+        held_out = roles.rel(bank_samples)
         positives += [(load_image(s.path, req.size), load_mask(s, req.size)) for s in bank_samples]
     if req.positives and req.bank == "dual-real-synthetic":
+        from pipelines.training_data import extra_ancestors
+        from pipelines.roles import check_descent
+        anc, own = extra_ancestors(req.positives)
+        check_descent([(str(req.positives), anc + own)], roles.evaluation_hashes)
         positives += load_positives(req.positives, req.size, layout="auto", exclude=req.data)
     elif req.positives and req.bank == "single":
         raise ValueError("--positives needs a dual bank (bank dual-real-synthetic)")

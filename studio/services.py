@@ -52,6 +52,7 @@ class Candidate:
     generator_version: str
     params: dict = field(default_factory=dict)
     sample_id: int | None = None
+    ancestors: list = field(default_factory=list)   # pixel hashes of the real images it descends from
 
 
 MAX_CANDIDATES = 16
@@ -72,12 +73,25 @@ def resolve_backend(req: GenerateRequest, have_donors: bool) -> str:
     return req.backend
 
 
-def _donors(store, product: str, damage_type: str, limit: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
+def _donors(store, product: str, damage_type: str, limit: int = 16) -> list[dict]:
+    """Cut-paste donors: the product's *reference* real defects of this type (never an
+    evaluation image — see pipelines.roles). Each: ``{"id", "sha256", "pair": (image, mask)}``."""
     if store is None or not product:
         return []
-    rows = [r for r in store.list_images(product=product, label=damage_type, origin="real")
-            if r.get("mask_path")][:limit]
-    return [(store.load_image(r["id"]), store.load_mask(r["id"])) for r in rows]
+    rows = store.reference_defects(product, damage_type)[:limit]
+    return [{"id": r["id"], "sha256": r["sha256"], "pair": (store.load_image(r["id"]), store.load_mask(r["id"]))}
+            for r in rows]
+
+
+def _model_ancestors(backend: str, options: dict) -> list[str]:
+    """Pixel hashes of the real images a trained model learned from (its ``training_data.json``)."""
+    from pipelines.training_data import read_manifest
+    model = options.get("model") if options else None
+    if backend == "pixel-inpaint" and not model:
+        import os
+        from pipelines.pixel_inpaint import ENV
+        model = os.environ.get(ENV)
+    return read_manifest(model).get("ancestors", []) if model else []
 
 
 def _accepted_options(gen) -> set[str] | None:
@@ -146,8 +160,10 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
             if not donors:
                 raise UserError(
                     f"cut-paste needs at least one real '{req.damage_type}' defect with a mask for "
-                    f"product '{req.product or '?'}' in the dataset; use the 'perlin' backend instead")
-            params["donors"] = donors
+                    f"product '{req.product or '?'}' in the dataset with the role 'reference' (evaluation "
+                    "images are never copied); use the 'perlin' backend, or give an image the reference "
+                    "role in the Dataset tab")
+            params["donors"] = [d["pair"] for d in donors]
 
     spec = get_spec(backend)
     if (spec.needs_model or backend == "pixel-inpaint") and not req.options.get("model"):
@@ -158,6 +174,8 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
     accepted = _accepted_options(gen)
     params.update({k: v for k, v in req.options.items()
                    if v not in (None, "") and (accepted is None or k in accepted)})
+    ancestors = sorted({d["sha256"] for d in donors} if backend == "cutpaste" else set())
+    ancestors = sorted(set(ancestors) | set(_model_ancestors(backend, params)))
 
     cands: list[Candidate] = []
     for i in range(int(req.n)):
@@ -181,7 +199,9 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
             recorded["color"] = req.color
         if backend == "cutpaste":
             recorded["n_donors"] = len(donors)
-        cands.append(Candidate(out, mask, seed, backend, str(getattr(gen, "version", "1")), recorded))
+            recorded["donor_ids"] = [d["id"] for d in donors]
+        cands.append(Candidate(out, mask, seed, backend, str(getattr(gen, "version", "1")), recorded,
+                               ancestors=ancestors))
         if progress:
             progress((i + 1) / req.n, f"candidate {i + 1}/{req.n}")
     return _record(req, store, cands)
@@ -196,7 +216,7 @@ def _record(req: GenerateRequest, store, cands: list[Candidate]) -> list[Candida
             product=product, image=c.image, mask=c.mask, source_image_id=req.source_image_id,
             damage_type=req.damage_type, color=req.color, generator=c.generator,
             generator_version=c.generator_version, params=c.params, seed=c.seed, status="candidate",
-            batch_id=req.batch_id)
+            batch_id=req.batch_id, ancestors=c.ancestors)
     return cands
 
 

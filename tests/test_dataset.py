@@ -245,7 +245,11 @@ def test_mvtec_import_export_reimport_round_trip(tmp_path):
     out = tmp_path / "export"
     result = a.export_mvtec(out, "bottle")
     root = out / "bottle"
-    assert result == {"path": str(root), "product": "bottle", "train": 4, "test": 6, "masks": 4, "synthetic": 3}
+    n_eval = len(a.list_images(product="bottle", role="evaluation"))
+    assert result == {"path": str(root), "product": "bottle", "train": 4, "test": 6, "masks": 4, "synthetic": 3,
+                      "evaluation": n_eval}
+    listed = [ln for ln in (root / "evaluation.txt").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert len(listed) == n_eval and all((root / rel).is_file() for rel in listed)
     assert sorted(p.name for p in (root / "test" / "crack").iterdir()) == ["000.png", "001.png"]
     assert (root / "ground_truth" / "crack" / "001_mask.png").is_file()
     assert (root / "synthetic" / "crack" / "000.png").is_file()
@@ -255,12 +259,16 @@ def test_mvtec_import_export_reimport_round_trip(tmp_path):
         "synthetic/crack/000.png", "synthetic/scratch/000.png", "synthetic/defect/000.png"}
     first = next(ln for ln in lines if ln["sample_id"] == s1)
     assert first["source_image"]["file"].startswith("train/good/") and first["created_at"]
+    assert first["descends_from"] == [a.get_image(good)["sha256"]]   # provenance: its real ancestor
 
     b = Store(tmp_path / "ws_b")
     rep_b = b.import_mvtec(root)
     assert rep_b["images"] == 10 and rep_b["samples"] == 3 and rep_b["skipped"] == []
     assert balance_counts(b, "bottle") == balance_counts(a, "bottle")
     assert b.import_mvtec(root)["imported"] == 0  # idempotent, synthetic included
+    roles = lambda st: sorted((r["sha256"], r["role"]) for r in st.list_images(product="bottle"))
+    assert roles(b) == roles(a)                    # data roles travel with the export
+    assert b.list_samples(damage_type="crack")[0]["ancestors"] == [a.get_image(good)["sha256"]]
 
     def provenance(store):
         return sorted((r["damage_type"] or "", r["generator"], r["generator_version"], json.dumps(r["params"]),

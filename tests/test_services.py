@@ -54,7 +54,12 @@ def test_auto_backend_uses_real_defects_as_cut_paste_donors(store):
         assert np.array_equal(c.image[outside], img[outside])
         row = store.get_sample(c.sample_id)
         assert row["status"] == "candidate" and row["source_image_id"] == sid
-        assert row["params"]["n_donors"] == 5 and row["seed"] == c.seed
+        ref = store.reference_defects("bottle", "contamination")
+        assert row["params"]["n_donors"] == len(ref) == 2 and row["seed"] == c.seed  # 40 % of 5
+        assert sorted(row["params"]["donor_ids"]) == sorted(r["id"] for r in ref)
+        # provenance: the source image and every donor, none of them an evaluation image
+        assert set(row["ancestors"]) == {r["sha256"] for r in ref} | {store.get_image(sid)["sha256"]}
+        assert not set(row["params"]["donor_ids"]) & {r["id"] for r in store.list_images(role="evaluation")}
         assert np.array_equal(store.load_sample_image(c.sample_id), c.image)
         assert np.array_equal(store.load_sample_mask(c.sample_id) > 0, mask > 0)
     assert review(store, cands[0].sample_id, "accepted", "ok")["status"] == "accepted"

@@ -72,8 +72,9 @@ def build(ctx: StudioContext) -> list:
                                    elem_id="pc-backbone")
             coreset = gr.Slider(1, 25, 10, step=1, label="Coreset (% of patches kept)", elem_id="pc-coreset")
             size = gr.Dropdown([224, 256, 320], value=256, label="Image size (px)", elem_id="pc-size")
-            real_fraction = gr.Slider(0.1, 0.6, 0.3, step=0.05,
-                                      label="Real defects held out for the positive bank (dual)",
+            real_fraction = gr.Slider(0.1, 0.6, 0.4, step=0.05,
+                                      label="Reference share of real defects (dual bank; never scored)",
+                                      info="A folder's evaluation.txt (every export writes one) decides instead",
                                       elem_id="pc-real-fraction")
             panel = JobPanel(ctx, "Run PatchCore", "patchcore")
         with gr.Column(scale=2):
