@@ -22,6 +22,8 @@ import cv2
 import numpy as np
 import sqlite_utils
 
+from pipelines.quality import crop_features, defect_crop, diversity, kid
+
 from studio.catalog import GOOD
 
 
@@ -171,20 +173,13 @@ def phash(image: np.ndarray) -> int:
     return int("".join("1" if b else "0" for b in bits), 2)
 
 
-def _defect_crop(image: np.ndarray, mask: np.ndarray, pad: int = 8) -> np.ndarray:
-    ys, xs = np.nonzero(mask)
-    y0, y1 = max(0, ys.min() - pad), min(mask.shape[0], ys.max() + pad + 1)
-    x0, x1 = max(0, xs.min() - pad), min(mask.shape[1], xs.max() + pad + 1)
-    return image[y0:y1, x0:x1]
-
-
 def prescreen_scores(source: np.ndarray, cand: np.ndarray, mask: np.ndarray, feather: int,
                      detector=None, others: list[int] | None = None, color: str | None = None) -> dict:
     """Automatic checks stored with each candidate (higher visibility = more visible defect)."""
     from pipelines.masks import dilate
     outside = dilate(mask, feather) == 0
     diff = np.abs(cand.astype(int) - source.astype(int)).max(axis=-1)
-    h = phash(_defect_crop(cand, mask))
+    h = phash(defect_crop(cand, mask))
     scores = {"outside_change": int(diff[outside].max()) if outside.any() else 0,
               "inside_change": float(diff[mask > 0].mean()), "phash": f"{h:016x}",
               "duplicate_distance": min((bin(h ^ o).count("1") for o in (others or [])), default=64)}
@@ -322,41 +317,11 @@ def next_candidate(store, cdb: CurationDB, product: str | None = None, after: in
 # ---------------------------------------------------------------------------------------------
 # Quality of the synthetic set, per class (on the offline backbone's features)
 # ---------------------------------------------------------------------------------------------
-def _crop_features(extractor, crops: list[np.ndarray]) -> np.ndarray:
-    import torch
-    x = np.stack([cv2.resize(c, (96, 96), interpolation=cv2.INTER_AREA) for c in crops]).astype(np.float32) / 255
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-    t = torch.from_numpy(((x - mean) / std).transpose(0, 3, 1, 2)).float()
-    with torch.inference_mode():
-        feats = extractor(t)
-    return torch.cat([f.mean(dim=(2, 3)) for f in feats], dim=1).numpy()
-
-
-def kid(a: np.ndarray, b: np.ndarray) -> float:
-    """Unbiased MMD² with the cubic polynomial kernel (Kernel Inception Distance, on our backbone)."""
-    d = a.shape[1]
-    # rows scaled to norm sqrt(d): x·y/d is then the cosine similarity, so the value does not
-    # depend on the backbone's feature magnitude
-    a = a / np.linalg.norm(a, axis=1, keepdims=True).clip(1e-8) * np.sqrt(d)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True).clip(1e-8) * np.sqrt(d)
-    k = lambda x, y: (x @ y.T / d + 1) ** 3
-    m, n = len(a), len(b)
-    kaa, kbb, kab = k(a, a), k(b, b), k(a, b)
-    return float((kaa.sum() - np.trace(kaa)) / (m * (m - 1)) + (kbb.sum() - np.trace(kbb)) / (n * (n - 1))
-                 - 2 * kab.mean())
-
-
-def diversity(f: np.ndarray) -> float:
-    """Mean pairwise cosine distance within a class (IC-LPIPS-like, on backbone features)."""
-    fn = f / np.linalg.norm(f, axis=1, keepdims=True).clip(1e-8)
-    s = fn @ fn.T
-    n = len(f)
-    return float(1 - (s.sum() - n) / (n * (n - 1)))
-
-
 def quality(store, product: str) -> list[dict]:
-    """Per class: KID-style distance of accepted synthetic defect crops to real ones, and the
-    intra-class diversity of both (named honestly: backbone features, not Inception/LPIPS)."""
+    """Per class: KID-style distance of accepted synthetic defect crops to the real *reference*
+    defects (origin real, role reference: synthetic images stored in the product and evaluation
+    images are never the "real" side), and the intra-class diversity of both (named honestly:
+    backbone features, not Inception/LPIPS; see :mod:`pipelines.quality`)."""
     from pipelines.backbones import build_backbone
     extractor = build_backbone("efficientnet_lite0").eval()
     out = []
@@ -364,13 +329,13 @@ def quality(store, product: str) -> list[dict]:
                       | {s["damage_type"] for s in store.list_samples(product=product, status="accepted")
                          if s["damage_type"] and s["damage_type"] != GOOD}):
         real = [(store.load_image(r["id"]), store.load_mask(r["id"]))
-                for r in store.list_images(product=product, label=lab) if r.get("mask_path")]
+                for r in store.reference_defects(product, lab)]
         syn = [(store.load_sample_image(s["id"]), store.load_sample_mask(s["id"]))
                for s in store.list_samples(product=product, status="accepted", damage_type=lab)]
         row = {"label": lab, "real": len(real), "synthetic": len(syn), "kid": None,
                "diversity_real": None, "diversity_synthetic": None}
-        fr = _crop_features(extractor, [_defect_crop(i, m) for i, m in real if m is not None and m.any()]) if real else None
-        fs = _crop_features(extractor, [_defect_crop(i, m) for i, m in syn if m.any()]) if syn else None
+        fr = crop_features(extractor, [defect_crop(i, m) for i, m in real if m is not None and m.any()]) if real else None
+        fs = crop_features(extractor, [defect_crop(i, m) for i, m in syn if m.any()]) if syn else None
         if fr is not None and len(fr) >= 2:
             row["diversity_real"] = diversity(fr)
         if fs is not None and len(fs) >= 2:
