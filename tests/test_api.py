@@ -61,7 +61,7 @@ def test_generate_and_accept_via_api(studio_server, tmp_path):
     status, _ = client.predict(ids[2], "", cands, api_name="/reject")
     assert "rejected" in status
 
-    table, _plot = client.predict("bottle", "accepted", "", api_name="/list_samples")
+    table, _plot, roles = client.predict("bottle", "accepted", "", api_name="/list_samples")
     accepted = {int(r[0]) for r in table["data"] if r[0] is not None}
     assert set(ids[:2]) <= accepted and ids[2] not in accepted and ids[3] not in accepted
 
@@ -114,3 +114,22 @@ def test_bad_inputs_give_clear_errors(studio_server, tmp_path):
                        api_name="/upload_mask")
     with pytest.raises(Exception, match="Select a candidate"):
         client.predict(0, "", [], api_name="/accept")
+
+
+def test_data_roles_shown_and_edited_via_api(studio_server):
+    url, _ = studio_server
+    client = Client(url, verbose=False)
+    _table, _plot, roles = client.predict("bottle", "accepted", "", api_name="/list_samples")
+    cols = roles["headers"]
+    rows = [dict(zip(cols, r)) for r in roles["data"]]
+    assert rows and {r["role"] for r in rows} == {"reference", "evaluation"}
+    assert all(r["label"] != "good" for r in rows)
+    pick = next(r for r in rows if r["role"] == "reference")
+    status, after = client.predict(pick["id"], "evaluation", "bottle", api_name="/set_role")
+    assert "now **evaluation**" in status
+    changed = {r[0]: r[cols.index("role")] for r in after["data"]}
+    assert changed[pick["id"]] == "evaluation"
+    client.predict(pick["id"], "reference", "bottle", api_name="/set_role")   # put it back
+    good = next(r for r in client.predict("bottle", api_name="/list_images") if r["label"] == "good")
+    with pytest.raises(Exception, match="only real defect images have a role"):
+        client.predict(good["id"], "evaluation", "bottle", api_name="/set_role")

@@ -34,7 +34,7 @@ def _accept_one(client, tmp_path) -> int:
 
 
 def _accepted_ids(client) -> set[int]:
-    table, _ = client.predict("(all)", "accepted", "", api_name="/list_samples")
+    table, _, _roles = client.predict("(all)", "accepted", "", api_name="/list_samples")
     return {int(r[0]) for r in table["data"] if r and r[0] is not None}
 
 

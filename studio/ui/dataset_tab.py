@@ -6,10 +6,32 @@ from pathlib import Path
 
 import gradio as gr
 
+from pipelines.roles import DEFAULT_REFERENCE_FRACTION, ROLES
 from studio.context import StudioContext
 
 ALL = "(all)"
 COLUMNS = ["id", "product", "damage_type", "color", "generator", "seed", "status", "note", "created_at"]
+ROLE_COLUMNS = ["id", "product", "label", "split", "role", "source"]
+
+
+def roles_frame(store, product: str | None):
+    """Real defect images of a product (or all) with their data role."""
+    import pandas as pd
+    rows = [r for r in store.list_images(product=product, origin="real") if r["label"] != "good"]
+    return pd.DataFrame([[r["id"], r["product"], r["label"], r["split"], r["role"],
+                          Path(r["source_path"] or "").name] for r in rows], columns=ROLE_COLUMNS)
+
+
+def set_role(store, image_id, role, product: str | None):
+    """Handler of "Set role": (status text, refreshed table). Errors are gr.Error with the reason."""
+    if image_id in (None, ""):
+        raise gr.Error("Give the id of a real defect image (see the table)")
+    try:
+        row = store.set_role(int(image_id), role)
+    except (TypeError, ValueError) as exc:
+        raise gr.Error(str(exc)) from exc
+    return (f"Image {row['id']} ({row['product']}/{row['label']}) is now **{row['role']}**.",
+            roles_frame(store, product))
 
 
 def balance_figure(rows: list[dict], product: str | None):
@@ -45,6 +67,19 @@ def build(ctx: StudioContext) -> dict:
         sample_img = gr.Image(format="png", label="Sample", interactive=False)
         sample_mask = gr.Image(format="png", label="Mask", interactive=False)
     balance_plot = gr.Plot(label="Class balance", elem_id="ds-balance")
+    with gr.Accordion("Data roles of real defects (reference / evaluation)", open=False):
+        gr.Markdown("Every real defect image has one role. **reference**: may be learned from or copied "
+                    "(cut-paste donors, training data, the positive bank, the experiment's real arm). "
+                    "**evaluation**: only ever scored. Roles are set at import (per damage type, "
+                    f"{int(DEFAULT_REFERENCE_FRACTION * 100)} % reference, from the pixels) and travel with "
+                    "every export (`evaluation.txt`).")
+        roles_table = gr.Dataframe(headers=ROLE_COLUMNS, interactive=False, label="Real defect images",
+                                   elem_id="ds-roles", wrap=True)
+        with gr.Row():
+            role_image = gr.Number(None, label="Image id", precision=0, elem_id="ds-role-image")
+            role_value = gr.Radio(list(ROLES), value="evaluation", label="Role", elem_id="ds-role-value")
+            role_btn = gr.Button("Set role", elem_id="ds-role-set")
+        role_status = gr.Markdown(elem_id="ds-role-status")
     with gr.Accordion("Import / export", open=False):
         with gr.Row():
             import_path = gr.Textbox(label="Folder to import (MVTec AD or VisA category, or plain images)")
@@ -67,7 +102,8 @@ def build(ctx: StudioContext) -> dict:
                     or d in (r.get("color") or "").lower()]
         import pandas as pd
         frame = pd.DataFrame([[r.get(c) for c in COLUMNS] for r in rows], columns=COLUMNS)
-        return frame, balance_figure(store.class_balance(), None if p == ALL else p)
+        return frame, balance_figure(store.class_balance(), None if p == ALL else p), \
+            roles_frame(store, None if p == ALL else p)
 
     def on_row(evt: gr.SelectData, data):
         try:
@@ -122,12 +158,15 @@ def build(ctx: StudioContext) -> dict:
         return f"Exported **{p}** to `{path}`: `{json.dumps(rep, default=str)[:800]}`"
 
     filters = [f_product, f_status, f_damage]
-    refresh.click(list_samples, filters, [table, balance_plot], api_name="list_samples")
+    listed = [table, balance_plot, roles_table]
+    refresh.click(list_samples, filters, listed, api_name="list_samples")
     for f in filters:
-        f.change(list_samples, filters, [table, balance_plot], api_name=False)
+        f.change(list_samples, filters, listed, api_name=False)
+    role_btn.click(lambda i, r, p: set_role(store, i, r, None if p == ALL else p),
+                   [role_image, role_value, f_product], [role_status, roles_table], api_name="set_role")
     table.select(on_row, table, [sample_id, provenance, sample_img, sample_mask], api_name=False)
     sample_id.submit(show, sample_id, [provenance, sample_img, sample_mask], api_name="show_sample")
     import_btn.click(do_import, [import_path, import_kind, import_product], [io_status, f_product],
                      api_name="import_folder")
     export_btn.click(do_export, [export_path, f_product, export_format], io_status, api_name="export")
-    return {"refresh": (list_samples, filters, [table, balance_plot])}
+    return {"refresh": (list_samples, filters, listed)}
