@@ -188,6 +188,35 @@ def cmd_review(args) -> int:
     return 0
 
 
+def cmd_roles(args) -> int:
+    """List real defect images with their data role, or set one (``--set ID ROLE``); with
+    ``--data FOLDER``, print the split a category folder gets (the same rule as the store)."""
+    if args.data:
+        from pipelines.mvtec import LayoutError
+        from pipelines.roles import folder_roles
+        try:
+            r = folder_roles(args.data)
+        except (LayoutError, ValueError) as exc:
+            raise SystemExit(f"error: {exc}")
+        for role, samples in (("reference", r.reference), ("evaluation", r.evaluation)):
+            for rel in r.rel(samples):
+                print(json.dumps({"file": rel, "role": role}))
+        print(f"{len(r.reference)} reference, {len(r.evaluation)} evaluation (from {r.source})", file=sys.stderr)
+        return 0
+    store = _store(args)
+    if args.set:
+        try:
+            row = store.set_role(int(args.set[0]), args.set[1])
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}")
+        print(json.dumps({"id": row["id"], "label": row["label"], "role": row["role"]}))
+        return 0
+    for r in store.list_images(product=args.product, origin="real"):
+        if r["label"] != "good":
+            print(json.dumps({k: r[k] for k in ("id", "product", "split", "label", "role", "source_path")}))
+    return 0
+
+
 def cmd_patchcore(args) -> int:
     from tqdm import tqdm
 
@@ -510,6 +539,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--progress-lines", action="store_true", help=argparse.SUPPRESS)
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(fn=cmd_train)
+
+    sp = sub.add_parser("roles", help="data roles of real defects: list, set, or show a folder's split",
+                        description="Every real defect image is 'reference' (may be learned from or "
+                                    "copied) or 'evaluation' (only ever scored).")
+    sp.add_argument("--product")
+    sp.add_argument("--set", nargs=2, metavar=("IMAGE_ID", "ROLE"), help="ROLE: reference | evaluation")
+    sp.add_argument("--data", help="a category folder: print the split it gets (evaluation.txt or the rule)")
+    ws(sp)
+    sp.set_defaults(fn=cmd_roles)
 
     sp = sub.add_parser("review", help="accept or reject a candidate")
     sp.add_argument("id", type=int)

@@ -194,3 +194,20 @@ def test_clean_synthetic_set_is_accepted(tmp_path):
                                          positives=str(root), backbone="random", size=64, max_overlays=0))
     assert res["metrics"]["n_positive_images"] == len(R.folder_roles(root).reference) + 2
     store.close()
+
+
+def test_roles_cli_lists_folder_split_and_sets_roles(tmp_path, bottle_roles):
+    import json
+    run = lambda *a: subprocess.run([sys.executable, "-m", "studio", *a], capture_output=True, text=True, cwd=ROOT)
+    proc = run("roles", "--data", str(BOTTLE))
+    assert proc.returncode == 0
+    lines = [json.loads(x) for x in proc.stdout.splitlines()]
+    assert {x["file"] for x in lines if x["role"] == "evaluation"} == set(bottle_roles.rel(bottle_roles.evaluation))
+    ws = str(tmp_path / "ws")
+    assert run("import", str(BOTTLE), "--workspace", ws).returncode == 0
+    rows = [json.loads(x) for x in run("roles", "--workspace", ws).stdout.splitlines()]
+    ref = next(r for r in rows if r["role"] == "reference")
+    out = run("roles", "--workspace", ws, "--set", str(ref["id"]), "evaluation")
+    assert out.returncode == 0 and json.loads(out.stdout)["role"] == "evaluation"
+    bad = run("roles", "--workspace", ws, "--set", str(ref["id"]), "train")
+    assert bad.returncode != 0 and "unknown role" in bad.stderr and "Traceback" not in bad.stderr
