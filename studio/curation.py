@@ -81,12 +81,16 @@ def balance(store, product: str, labels: list[str] | None = None) -> list[dict]:
         if lab != GOOD and lab not in known:
             rows.append({"product": product, "label": lab, "real_train": 0, "real_test": 0,
                          "synthetic_accepted": 0, "candidates": 0, "rejected": 0})
+    reference: dict[str, int] = {}       # cut-paste may copy these only (data role 'reference')
+    for r in store.reference_defects(product):
+        reference[r["label"]] = reference.get(r["label"], 0) + 1
     out = []
     for r in sorted(rows, key=lambda r: r["label"]):
         if labels and r["label"] not in labels:
             continue
         real = int(r.get("real_train", 0)) + int(r.get("real_test", 0))
-        out.append({"label": r["label"], "real": real, "synthetic_accepted": int(r["synthetic_accepted"]),
+        out.append({"label": r["label"], "real": real, "reference": reference.get(r["label"], 0),
+                    "synthetic_accepted": int(r["synthetic_accepted"]),
                     "candidates": int(r.get("candidates", 0)), "current": real + int(r["synthetic_accepted"])})
     return out
 
@@ -124,9 +128,10 @@ def make_plan(store, cdb: CurationDB, product: str, target: int | None = None,
     for b in sorted(bal, key=lambda b: goal - b["current"], reverse=True):
         deficit = max(0, goal - b["current"])
         n = int(np.ceil(deficit * max(oversample, 1.0)))
-        allowed = [bk for bk in backends if bk != "cutpaste" or b["real"] > 0]
+        allowed = [bk for bk in backends if bk != "cutpaste" or b["reference"] > 0]
         if n and not allowed:
-            raise CurationError(f"class {b['label']!r} has no real defects for cut-paste; add 'perlin'")
+            raise CurationError(f"class {b['label']!r} has no reference real defects for cut-paste "
+                                "(evaluation images are never copied); add 'perlin'")
         queues[b["label"]] = (n, allowed)
         summary.append({**b, "target": goal, "deficit": deficit, "planned": n,
                         "backends": ", ".join(allowed)})
