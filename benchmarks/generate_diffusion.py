@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{card}, median of {args.runs}")
         print(f"{'backend':28s} {'s/candidate':>12s}")
         for label, params in cases:
-            gen = registry.get_spec(label.split(" ")[0]).factory()
+            gen = registry.generator_class(label.split(" ")[0])()
             gen.device = device
             gen(image, mask, seed=0, **params)                       # warm-up: load + first call
             times = []

@@ -35,8 +35,11 @@ import cv2
 import numpy as np
 from skimage import color as skcolor
 
+from dataclasses import dataclass
+
 from pipelines import masks as mk
 from pipelines.color import as_rgb, fit_to_srgb, lab_to_rgb, rgb_to_lab
+from pipelines.generator import GeneratorBase, GeneratorInfo, option
 
 DEFAULT_FEATHER = 4
 
@@ -137,32 +140,35 @@ def composite(image: np.ndarray, generated: np.ndarray, alpha: np.ndarray) -> np
     return out
 
 
-class ClassicalGenerator(ABC):
+class ClassicalGenerator(GeneratorBase, ABC):
     """Base class: input checks, the working window, seeding and the feathered composite.
-    Subclasses implement ``_generate(crop, crop_mask, rng, feather, **params)`` returning the
-    generated crop (float 0..255 or uint8, same shape as ``crop``)."""
+    Subclasses declare ``info`` (:class:`pipelines.generator.GeneratorInfo`) and implement
+    ``_generate(crop, crop_mask, rng, feather, **params)`` returning the generated crop (float
+    0..255 or uint8, same shape as ``crop``)."""
 
-    name = "classical"
-    version = "1"
-    mode = "damage"            # "damage" or "color"
-    description = ""
-    params: tuple[str, ...] = ()   # accepted besides ``damage_type`` and ``strength``
-    default_strength = 1.0
     _context = 2               # extra pixels of context around dilate(mask, feather)
+    _request_params = ("damage_type", "strength")   # besides the options: from the request
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """Accepted parameter names besides ``damage_type`` and ``strength``."""
+        extra = ("donors",) if self.info.needs_donors else ()
+        return (*extra, *self.info.defaults)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, *, seed: int,
                  feather: int = DEFAULT_FEATHER, **params: Any) -> np.ndarray:
         image = _check_image(image)
         m = mk.validate_mask(mask, image.shape)
-        unknown = sorted(set(params) - set(self.params) - {"damage_type", "strength"})
+        unknown = sorted(set(params) - set(self.params) - set(self._request_params))
         if unknown:
             raise TypeError(f"{self.name} got unknown parameter(s) {', '.join(unknown)}; "
-                            f"accepted: {', '.join(('damage_type', 'strength', *self.params))}")
+                            f"accepted: {', '.join((*self._request_params, *self.params))}")
+        params = {k: v for k, v in params.items() if v is not None or k not in self.info.defaults}
         fe = max(0.0, float(feather))
         rng = np.random.default_rng(int(seed))
         ys, xs = _window(m, int(math.ceil(fe)) + 1 + self._context)
         crop, cmask = image[ys, xs], m[ys, xs]
-        strength = float(np.clip(params.pop("strength", self.default_strength), 0.0, 1.0))
+        strength = float(np.clip(params.pop("strength", self.info.default_strength), 0.0, 1.0))
         generated = self._generate(crop, cmask, rng, fe, strength=strength, **params)
         out = image.copy()
         out[ys, xs] = composite(crop, generated, mk.feather(cmask, fe))
@@ -185,6 +191,12 @@ def _luma(x: np.ndarray) -> np.ndarray:
     return x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114
 
 
+@dataclass(frozen=True)
+class PerlinOptions:
+    style: str | None = option(None, "defect style (default: from the damage type's name)",
+                               choices=mk.STYLES)
+
+
 class PerlinDefectGenerator(ClassicalGenerator):
     """Procedural anomaly inside the mask (DRAEM-style), shaped by a defect ``style``.
 
@@ -192,11 +204,10 @@ class PerlinDefectGenerator(ClassicalGenerator):
     ``damage_type``, ``strength`` (0..1, default 0.8). Needs no source data.
     """
 
-    name = "perlin"
-    version = "1"
-    description = "Procedural Perlin-noise defect inside the mask (DRAEM-style); needs no data"
-    params = ("style",)
-    default_strength = 0.8
+    info = GeneratorInfo(
+        "perlin", "1", "damage",
+        "Procedural Perlin-noise defect inside the mask (DRAEM-style); needs no data",
+        options=PerlinOptions, default_strength=0.8)
 
     def _generate(self, crop, cmask, rng, feather, *, strength, style=None, damage_type=None):
         style = style or style_for(damage_type)
@@ -295,6 +306,13 @@ _CLONE_MODES = {"normal": cv2.NORMAL_CLONE, "mixed": cv2.MIXED_CLONE}
 _DISC5 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
 
 
+@dataclass(frozen=True)
+class CutPasteOptions:
+    clone: str = option("normal", "Poisson mode: normal (donor pixels, colours matched at the border) "
+                                  "or mixed (the stronger gradient: more transparent defects)",
+                        choices=tuple(_CLONE_MODES))
+
+
 class CutPasteGenerator(ClassicalGenerator):
     """A real defect of the same type, warped onto the target mask and Poisson-blended.
 
@@ -308,10 +326,9 @@ class CutPasteGenerator(ClassicalGenerator):
     restricts the change to ``dilate(mask, feather)``.
     """
 
-    name = "cutpaste"
-    version = "1"
-    description = "Cut-paste of a real defect of this type with Poisson blending"
-    params = ("donors", "clone")
+    info = GeneratorInfo(
+        "cutpaste", "1", "damage", "Cut-paste of a real reference defect of this type with Poisson blending",
+        options=CutPasteOptions, needs_donors=True)
     _clone_extra = 4           # seamlessClone only changes the mask eroded by 1 px and ignores
     _pad = 8                   # masks narrower than ~7 px, so the clone mask is dilated
     _context = _clone_extra + 2
@@ -395,6 +412,14 @@ class CutPasteGenerator(ClassicalGenerator):
 # --------------------------------------------------------------------------------------------
 # Wall colour: LAB recolour
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WallLabOptions:
+    keep_chroma: float = option(0.15, "share of the wall's own a/b texture kept (0 = flat colour)",
+                                min=0.0, max=1.0, step=0.05)
+    mottle: float = option(0.8, "seeded low-amplitude colour variation (a/b units; 0 = none)",
+                           min=0.0, max=5.0, step=0.1)
+
+
 class LabRecolorGenerator(ClassicalGenerator):
     """Recolour the masked region to ``color`` in CIE LAB, keeping its shading.
 
@@ -415,11 +440,10 @@ class LabRecolorGenerator(ClassicalGenerator):
     ``mottle`` (default 0.8), ``strength`` (default 1).
     """
 
-    name = "wall-lab"
-    version = "1"
-    mode = "color"
-    description = "LAB recolour to a target colour, shading kept (wall colour mode)"
-    params = ("color", "keep_chroma", "mottle")
+    info = GeneratorInfo("wall-lab", "1", "color",
+                         "LAB recolour to a target colour, shading kept (wall colour mode)",
+                         options=WallLabOptions)
+    _request_params = ("damage_type", "strength", "color")
     _L_LO, _L_HI = 0.5, 99.5
     _SAMPLE = 8_000            # masked pixels used by the correction passes
 
@@ -485,27 +509,3 @@ class LabRecolorGenerator(ClassicalGenerator):
         if idx.size < inside.sum() and skcolor.deltaE_ciede2000(mean, target) > 0.5:
             recoloured = lab_to_rgb(build(dev, noise_ab, offset + (target - mean), shade))
         return crop + strength * (recoloured.astype(np.float32) - crop)
-
-
-# --------------------------------------------------------------------------------------------
-# Registry
-# --------------------------------------------------------------------------------------------
-GENERATORS: dict[str, type[ClassicalGenerator]] = {
-    PerlinDefectGenerator.name: PerlinDefectGenerator,
-    CutPasteGenerator.name: CutPasteGenerator,
-    LabRecolorGenerator.name: LabRecolorGenerator,
-}
-
-
-class UnknownGeneratorError(KeyError):
-    def __str__(self) -> str:           # KeyError would show the message in quotes
-        return str(self.args[0]) if self.args else ""
-
-
-def get_generator(name: str) -> ClassicalGenerator:
-    """A new instance of the classical generator ``name``; unknown names list the known ones."""
-    try:
-        return GENERATORS[name]()
-    except KeyError:
-        raise UnknownGeneratorError(
-            f"unknown classical generator {name!r}; known: {', '.join(GENERATORS)}") from None

@@ -34,8 +34,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dataclasses import dataclass
+
 from pipelines import models
-from pipelines.inpaint import DiffusionGenerator
+from pipelines.generator import GeneratorInfo, option
+from pipelines.inpaint import DiffusionGenerator, DiffusionOptions
 from pipelines.models import ModelMissingError
 
 ANNOTATORS_ENV = "DEFECT_STUDIO_ANNOTATORS"
@@ -158,16 +161,30 @@ class _ControlNetMixin:
         return {key: images, "controlnet_conditioning_scale": scales}
 
 
-_CN_DEFAULTS = dict(controlnet=None, control_scale=1.0, structure=None, structure_controlnet=None,
-                    structure_scale=0.5, canny_low=100, canny_high=200)
+@dataclass(frozen=True)
+class ControlNetOptions(DiffusionOptions):
+    controlnet: str | None = option(None, "ControlNet-seg folder or hub id (default $DEFECT_STUDIO_CONTROLNET)")
+    control_scale: float = option(1.0, "ControlNet conditioning scale", min=0.0, max=2.0, step=0.05)
+    structure: str | None = option(None, "a second condition that holds the product's geometry",
+                                   choices=("canny", "hed", "depth"))
+    structure_controlnet: str | None = option(None, "ControlNet folder for the structure condition")
+    structure_scale: float = option(0.5, "structure conditioning scale", min=0.0, max=2.0, step=0.05)
+    canny_low: int = option(100, "Canny low threshold", min=0, max=255, step=1)
+    canny_high: int = option(200, "Canny high threshold", min=0, max=255, step=1)
+
+
+@dataclass(frozen=True)
+class ControlNetFullOptions(ControlNetOptions):
+    only_masked: bool = option(False, "work on a padded box around the mask (off: the whole frame)")
 
 
 class ControlNetInpaintGenerator(_ControlNetMixin, DiffusionGenerator):
     """Inpainting + ControlNet on the segmentation mask (pixels outside the mask kept)."""
 
-    name = "controlnet"
-    description = "SD 1.5 inpainting + ControlNet conditioned on the segmentation mask"
-    defaults = {**DiffusionGenerator.defaults, **_CN_DEFAULTS}
+    info = GeneratorInfo("controlnet", "1", "damage",
+                         "SD 1.5 inpainting + ControlNet conditioned on the segmentation mask",
+                         options=ControlNetOptions, default_strength=0.8,
+                         needs_model=("sd-inpaint", "controlnet-seg"))
     _pipe_class = "StableDiffusionControlNetInpaintPipeline"
 
     def _pipeline(self, opts):
@@ -180,11 +197,11 @@ class ControlNetInpaintGenerator(_ControlNetMixin, DiffusionGenerator):
 class ControlNetFullGenerator(_ControlNetMixin, DiffusionGenerator):
     """A whole new image from noise with the mask as the defect's layout (``full_image``)."""
 
-    name = "controlnet-full"
-    full_image = True
-    description = ("SD 1.5 + ControlNet: a new full image from noise with the mask as structure "
-                   "(the input is not kept outside the mask)")
-    defaults = {**DiffusionGenerator.defaults, **_CN_DEFAULTS, "only_masked": False}
+    info = GeneratorInfo("controlnet-full", "1", "damage",
+                         "SD 1.5 + ControlNet: a new full image from noise with the mask as structure "
+                         "(the input is not kept outside the mask)",
+                         options=ControlNetFullOptions, default_strength=0.8, full_image=True,
+                         needs_model=("sd-base", "controlnet-seg"))
     _pipe_class = "StableDiffusionControlNetPipeline"
 
     def _pipeline(self, opts):

@@ -42,6 +42,7 @@ import numpy as np
 
 from pipelines import masks as mk
 from pipelines import models
+from pipelines.generator import GeneratorBase, GeneratorInfo, option
 from pipelines.classical import DEFAULT_FEATHER, _check_image, composite
 from pipelines.models import ModelError
 
@@ -279,20 +280,44 @@ class GenerationResult:
     info: dict = field(default_factory=dict)
 
 
-class DiffusionGenerator(ABC):
+@dataclass(frozen=True)
+class DiffusionOptions:
+    """Options of every SD 1.5 backend (the Annotate widgets and CLI flags come from here)."""
+    model: str | None = option(None, "SD 1.5 (inpainting) folder or hub id, local files only "
+                                     "(default $DEFECT_STUDIO_SD_INPAINT / _SD_BASE)")
+    steps: int = option(30, "diffusion steps", min=1, max=150, step=1)
+    guidance: float | None = option(7.5, "classifier-free guidance", min=1.0, max=20.0, step=0.5)
+    lora: str | None = option(None, "LoRA weights (.safetensors or folder) for the SD U-Net")
+    lora_scale: float = option(1.0, "LoRA weight", min=0.0, max=2.0, step=0.05)
+    embedding: str | None = option(None, "damage-type embedding table folder (trained in the Training tab)")
+    only_masked: bool = option(True, "work on a padded box around the mask (off: the whole frame)")
+    padding: int = option(32, "context around the mask in only-masked mode (px)", min=0, max=512, step=1)
+    resolution: int | None = option(None, "working size (px); default: the model's", min=64, max=2048, step=8)
+
+
+class DiffusionGenerator(GeneratorBase, ABC):
     """Shared plumbing: checks, the working crop, seeding, the diffusers call, paste-back.
 
-    Subclasses set ``name``/``mode`` and implement ``_pipeline(opts)`` and
+    Subclasses declare ``info`` and implement ``_pipeline(opts)`` and
     ``_extra(pipe, crop, cmask_work, size, opts, info) -> dict`` (extra pipeline kwargs).
     """
 
-    name = "diffusion"
-    version = "1"
-    mode = "damage"
-    full_image = False          # True: a new image from noise; the outside-mask contract is off
-    description = ""
-    defaults: dict[str, Any] = dict(strength=0.8, steps=30, guidance=7.5, lora=None, lora_scale=1.0,
-                                    embedding=None, only_masked=True, padding=32, resolution=None)
+    info = GeneratorInfo("diffusion", "1", "damage", "", options=DiffusionOptions, default_strength=0.8)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Every parameter this backend takes with its default (strength + its options)."""
+        return {"strength": self.info.default_strength, **self.info.defaults}
+
+    def ancestors(self, params: dict) -> list[str]:
+        """Reference defects the LoRA / damage embedding in use were trained on (their
+        ``training_data.json``, written by ``python -m studio train``)."""
+        from pipelines.training_data import read_manifest
+        out: set[str] = set()
+        for key in ("lora", "embedding"):
+            if params.get(key) and not isinstance(params[key], DamageEmbedding):
+                out.update(read_manifest(params[key]).get("ancestors", []))
+        return sorted(out)
 
     def __init__(self, model: str | None = None, device: str | None = None, dtype: Any = None):
         self.model, self.device, self.dtype = model, device, dtype
@@ -430,8 +455,9 @@ class DiffusionGenerator(ABC):
 class SDInpaintGenerator(DiffusionGenerator):
     """SD 1.5 inpainting with damage-type embeddings (see the module docstring)."""
 
-    name = "sd-inpaint"
-    description = "Stable Diffusion 1.5 inpainting conditioned on a damage-type embedding"
+    info = GeneratorInfo("sd-inpaint", "1", "damage",
+                         "Stable Diffusion 1.5 inpainting conditioned on a damage-type embedding",
+                         options=DiffusionOptions, default_strength=0.8, needs_model=("sd-inpaint",))
 
     def _pipeline(self, opts):
         return models.load_inpaint(self._model(opts), self.device, self.dtype)

@@ -52,6 +52,7 @@ from pipelines.lora import (STATE_FILE, Checkpoints, CheckpointError, ConfigErro
                             append_history, check_samples, latest_checkpoint, load_optimizer,
                             make_accelerator, samples_from_category, save_optimizer, stop_reason)
 from pipelines.ddpm import PRESETS as DDPM_PRESETS
+from pipelines.generator import GeneratorBase, GeneratorInfo, option
 from pipelines.models import ModelError
 
 ENV = "DEFECT_STUDIO_PIXEL_INPAINT"
@@ -539,26 +540,48 @@ def load_model(model: str | os.PathLike | None = None) -> PixelInpaintModel:
         return _cache[key]
 
 
-class PixelInpaintGenerator:
-    """Registry backend ``pixel-inpaint`` (mode 'damage'); the classical calling convention."""
+@dataclass(frozen=True)
+class PixelInpaintOptions:
+    model: str | None = option(None, "pixel-inpaint output folder or checkpoint (default "
+                                     "$DEFECT_STUDIO_PIXEL_INPAINT)")
+    steps: int = option(25, "sampling steps", min=1, max=200, step=1)
+    guidance: float = option(1.0, "guidance on the damage-type embedding (1 = none)", min=1.0, max=10.0, step=0.5)
 
-    name = "pixel-inpaint"
-    version = "1"
-    mode = "damage"
-    full_image = False
-    description = "Pixel-space inpainting diffusion trained on this product's own defects (offline)"
-    defaults: dict[str, Any] = dict(strength=1.0, steps=25, guidance=1.0)
+
+class PixelInpaintGenerator(GeneratorBase):
+    """Registry backend ``pixel-inpaint`` (mode 'damage'); the classical calling convention.
+    It fills the mask from pure noise (strength 1) unless ``strength`` is passed explicitly."""
+
+    info = GeneratorInfo(
+        "pixel-inpaint", "1", "damage",
+        "Pixel-space inpainting diffusion trained on this product's own reference defects (offline; "
+        "needs a model trained with `python -m studio train --kind pixel-inpaint`)",
+        options=PixelInpaintOptions, takes_strength=False, default_strength=1.0, learns_from_data=True)
 
     def __init__(self, model: str | None = None):
         self.model = model
 
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {"strength": self.info.default_strength, **self.info.defaults}
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        return available(None)
+
+    def ancestors(self, params: dict) -> list[str]:
+        """The reference defects its training run used (``training_data.json``)."""
+        from pipelines.training_data import read_manifest
+        model = params.get("model") or self.model or os.environ.get(ENV)
+        return list(read_manifest(model).get("ancestors", [])) if model else []
+
     def __call__(self, image, mask, *, seed: int, feather: int = DEFAULT_FEATHER, **params) -> np.ndarray:
         image = _check_image(image)
         m = mk.validate_mask(mask, image.shape)
-        unknown = sorted(set(params) - set(self.defaults) - {"damage_type", "model"})
+        unknown = sorted(set(params) - set(self.defaults) - {"damage_type"})
         if unknown:
             raise TypeError(f"{self.name} got unknown parameter(s) {', '.join(unknown)}; accepted: "
-                            f"{', '.join(sorted({'damage_type', 'model', *self.defaults}))}")
+                            f"{', '.join(sorted({'damage_type', *self.defaults}))}")
         opts = {**self.defaults, **{k: v for k, v in params.items() if v is not None}}
         if opts.get("damage_type") is None:
             raise ValueError("pixel-inpaint needs a damage type")

@@ -1,107 +1,120 @@
-"""Name → factory registries for generators (and, later, backbones).
+"""Name → generator class registry.
 
-Plain dicts, filled explicitly — no ``eval``, no ``__subclasses__`` magic. Factories import their
-modules lazily, so listing names never loads a model. An unknown name raises ``KeyError`` whose
-message lists the known names.
+A plain dict from names to import paths (``"module:Class"``), filled explicitly — no ``eval``, no
+``__subclasses__`` magic. Everything else about a generator (mode, description, options, what it
+needs) is read from its class's ``info`` (:class:`pipelines.generator.GeneratorInfo`): nothing is
+written twice. Importing a generator's module never loads a model (models load on first use).
+An unknown name raises ``KeyError`` whose message lists the known names.
+
+Adding a generator: write its module (a class with ``info`` and ``__call__``), then add one line
+to :data:`GENERATORS` — or call :func:`register` (plugins, tests). The service, the CLI flags, the
+Annotate widgets and the Curation plan all read the registry.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+import importlib
+import threading
+from typing import Any
 
+from pipelines.generator import GeneratorInfo, OptionSpec
 
-@dataclass(frozen=True)
-class GeneratorSpec:
-    name: str
-    mode: str            # "damage" (makes a defect of a damage type) or "color" (wall colour)
-    description: str
-    factory: Callable[[], Any]
-    needs_donors: bool = False   # cut-paste needs real defects of the chosen type
-    needs_model: tuple[str, ...] = ()   # model kinds (pipelines.models.KINDS) it needs
-    full_image: bool = False     # True: makes a new image; the outside-mask contract is off
-
-
-def _classical(cls_name: str) -> Callable[[], Any]:
-    def factory():
-        from pipelines import classical
-        return getattr(classical, cls_name)()
-    return factory
-
-
-def _lazy(module: str, cls_name: str) -> Callable[[], Any]:
-    def factory():
-        import importlib
-        return getattr(importlib.import_module(f"pipelines.{module}"), cls_name)()
-    return factory
-
-
-GENERATORS: dict[str, GeneratorSpec] = {
-    "perlin": GeneratorSpec(
-        "perlin", "damage", "Procedural Perlin-noise defect inside the mask (DRAEM-style); needs no data",
-        _classical("PerlinDefectGenerator")),
-    "cutpaste": GeneratorSpec(
-        "cutpaste", "damage", "Cut-paste of a real defect of this type with Poisson blending",
-        _classical("CutPasteGenerator"), needs_donors=True),
-    "wall-lab": GeneratorSpec(
-        "wall-lab", "color", "LAB recolour to a target colour, shading kept (wall colour mode)",
-        _classical("LabRecolorGenerator")),
-    "sd-inpaint": GeneratorSpec(
-        "sd-inpaint", "damage", "Stable Diffusion 1.5 inpainting conditioned on a damage-type embedding",
-        _lazy("inpaint", "SDInpaintGenerator"), needs_model=("sd-inpaint",)),
-    "controlnet": GeneratorSpec(
-        "controlnet", "damage", "SD 1.5 inpainting + ControlNet conditioned on the segmentation mask",
-        _lazy("controlnet", "ControlNetInpaintGenerator"),
-        needs_model=("sd-inpaint", "controlnet-seg")),
-    "controlnet-full": GeneratorSpec(
-        "controlnet-full", "damage",
-        "SD 1.5 + ControlNet: a new full image from noise with the mask as the defect's layout",
-        _lazy("controlnet", "ControlNetFullGenerator"),
-        needs_model=("sd-base", "controlnet-seg"), full_image=True),
-    "pixel-inpaint": GeneratorSpec(
-        "pixel-inpaint", "damage",
-        "Pixel-space inpainting diffusion trained on this product's own defects (offline; needs a "
-        "model trained with `python -m studio train --kind pixel-inpaint`)",
-        _lazy("pixel_inpaint", "PixelInpaintGenerator")),
-    "wall": GeneratorSpec(
-        "wall", "color", "Zero-prompt wall colour: SD inpainting (+ IP-Adapter reference) + LAB correction",
-        _lazy("wall", "WallColorGenerator"), needs_model=("sd-inpaint",)),
+GENERATORS: dict[str, str] = {
+    "perlin": "pipelines.classical:PerlinDefectGenerator",
+    "cutpaste": "pipelines.classical:CutPasteGenerator",
+    "wall-lab": "pipelines.classical:LabRecolorGenerator",
+    "pixel-inpaint": "pipelines.pixel_inpaint:PixelInpaintGenerator",
+    "sd-inpaint": "pipelines.inpaint:SDInpaintGenerator",
+    "controlnet": "pipelines.controlnet:ControlNetInpaintGenerator",
+    "controlnet-full": "pipelines.controlnet:ControlNetFullGenerator",
+    "wall": "pipelines.wall:WallColorGenerator",
 }
 
+# What "auto" picks, in order: the first generator of the mode whose needs are met (donors for a
+# generator that copies reference defects).
+AUTO: dict[str, tuple[str, ...]] = {"damage": ("cutpaste", "perlin"), "color": ("wall-lab",)}
 
-def generator_names(mode: str | None = None) -> list[str]:
-    return [n for n, s in GENERATORS.items() if mode is None or s.mode == mode]
+_lock = threading.Lock()
+_instances: dict[str, Any] = {}
 
 
-def get_spec(name: str) -> GeneratorSpec:
+def register(name: str, path: str) -> None:
+    """Add (or replace) a generator at run time: ``register("toy", "my_pkg.toy:ToyGenerator")``."""
+    if ":" not in path:
+        raise ValueError(f"generator path must look like 'module:Class', got {path!r}")
+    with _lock:
+        GENERATORS[name] = path
+        _instances.pop(name, None)
+
+
+def unregister(name: str) -> None:
+    with _lock:
+        GENERATORS.pop(name, None)
+        _instances.pop(name, None)
+
+
+def _path(name: str) -> str:
     try:
         return GENERATORS[name]
     except KeyError:
         raise KeyError(f"unknown generator {name!r}; known: {', '.join(GENERATORS)}") from None
 
 
+def generator_class(name: str) -> type:
+    module, _, cls = _path(name).partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_info(name: str) -> GeneratorInfo:
+    """The generator's declared :class:`GeneratorInfo` (imports its module, loads no model)."""
+    info = generator_class(name).info
+    if info.name != name:
+        raise ValueError(f"generator registered as {name!r} declares the name {info.name!r}")
+    return info
+
+
+get_spec = get_info   # the name older callers use
+
+
+def generator_names(mode: str | None = None) -> list[str]:
+    return [n for n in GENERATORS if mode is None or get_info(n).mode == mode]
+
+
 def backend_status(name: str) -> tuple[bool, str]:
-    """``(ok, message)``: whether backend ``name`` can run here (its model files are present).
-    Loads no weights; the message is the exact download instruction when something is missing."""
-    spec = get_spec(name)
-    if name == "pixel-inpaint":      # trained here, not downloaded: its own availability check
-        from pipelines.pixel_inpaint import available
-        return available(None)
-    if not spec.needs_model:
-        return True, "ready (no weights needed)"
-    from pipelines import models     # light: no torch / diffusers import
-    for kind in spec.needs_model:
-        ok, msg = models.available(kind)
-        if not ok:
-            return False, msg
-    return True, "ready"
+    """``(ok, message)``: whether generator ``name`` can run here (its model files are present).
+    Loads no weights; the message is the exact instruction when something is missing."""
+    return generator_class(name).available()
 
 
-_instances: dict[str, Any] = {}
+def offline_names(mode: str = "damage") -> list[str]:
+    """Generators of ``mode`` that can run now, on this machine (no missing weights)."""
+    return [n for n in generator_names(mode) if backend_status(n)[0]]
 
 
 def get_generator(name: str) -> Any:
-    """The generator instance for ``name``, built on first use (models load lazily)."""
-    spec = get_spec(name)
-    if name not in _instances:
-        _instances[name] = spec.factory()
-    return _instances[name]
+    """The generator instance for ``name``, built once (thread-safe; models load lazily)."""
+    with _lock:
+        inst = _instances.get(name)
+        if inst is None:
+            inst = _instances[name] = generator_class(name)()
+        return inst
+
+
+def all_option_specs(names: list[str] | None = None) -> dict[str, tuple[OptionSpec, list[str]]]:
+    """Every option of the given (default: all) generators → (its spec, the generators taking it).
+    One option name has one meaning: two generators declaring it with different types is an error."""
+    out: dict[str, tuple[OptionSpec, list[str]]] = {}
+    for n in names or list(GENERATORS):
+        for spec in get_info(n).option_specs:
+            if spec.name in out:
+                first, users = out[spec.name]
+                if first.type is not spec.type:
+                    raise TypeError(f"option {spec.name!r} is {first.type.__name__} in {users[0]} but "
+                                    f"{spec.type.__name__} in {n}")
+                users.append(n)
+            else:
+                out[spec.name] = (spec, [n])
+    return out
+
+
+__all__ = ["GENERATORS", "AUTO", "register", "unregister", "generator_class", "get_info", "get_spec",
+           "generator_names", "backend_status", "offline_names", "get_generator", "all_option_specs"]

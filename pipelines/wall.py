@@ -24,22 +24,40 @@ hub id), ``ip_adapter_scale`` (0.6), plus the common diffusion params (``strengt
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from pipelines import models
 from pipelines.classical import LabRecolorGenerator
 from pipelines.color import as_rgb, dominant_color, lab_to_rgb, rgb_to_lab, solid_reference
-from pipelines.inpaint import DiffusionGenerator, condition_embeddings
+from pipelines.generator import GeneratorInfo, option
+from pipelines.inpaint import DiffusionGenerator, DiffusionOptions, condition_embeddings
+
+
+@dataclass(frozen=True)
+class WallOptions(DiffusionOptions):
+    guidance: float | None = option(None, "classifier-free guidance (default: none, zero prompt)",
+                                    min=1.0, max=20.0, step=0.5)
+    color_method: str = option("median", "how the wall's current colour is measured when no target is given",
+                               choices=("median", "kmeans", "mean"))
+    detail: float = option(0.25, "share of the generated texture kept by the LAB correction",
+                           min=0.0, max=1.0, step=0.05)
+    keep_chroma: float = option(0.15, "share of the wall's own a/b texture kept (0 = flat colour)",
+                                min=0.0, max=1.0, step=0.05)
+    mottle: float = option(0.8, "seeded low-amplitude colour variation (a/b units; 0 = none)",
+                           min=0.0, max=5.0, step=0.1)
+    ip_adapter: str | None = option(None, "IP-Adapter folder for the solid colour reference "
+                                          "(default $DEFECT_STUDIO_IP_ADAPTER)")
+    ip_adapter_scale: float = option(0.6, "IP-Adapter scale", min=0.0, max=2.0, step=0.05)
+    reference_size: int = option(512, "size of the solid reference image (px)", min=64, max=1024, step=8)
 
 
 class WallColorGenerator(DiffusionGenerator):
-    name = "wall"
-    mode = "color"
-    description = ("Zero-prompt wall colour: SD inpainting (+ IP-Adapter colour reference when "
-                   "present) then a LAB correction to the target colour")
-    defaults = {**DiffusionGenerator.defaults, "strength": 0.6, "guidance": None,
-                "color_method": "median", "detail": 0.25, "keep_chroma": 0.15, "mottle": 0.8,
-                "ip_adapter": None, "ip_adapter_scale": 0.6, "reference_size": 512}
+    info = GeneratorInfo("wall", "1", "color",
+                         "Zero-prompt wall colour: SD inpainting (+ IP-Adapter colour reference when "
+                         "present) then a LAB correction to the target colour",
+                         options=WallOptions, default_strength=0.6, needs_model=("sd-inpaint",))
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)

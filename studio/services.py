@@ -14,7 +14,7 @@ import numpy as np
 
 from pipelines import masks as M
 from pipelines.imageio import ImageInputError, check_array
-from pipelines.registry import GENERATORS, get_generator, get_spec
+from pipelines.registry import AUTO, GENERATORS, get_generator, get_info
 from studio.catalog import GOOD, Catalog
 
 ProgressFn = Callable[[float, str], None]
@@ -59,17 +59,18 @@ MAX_CANDIDATES = 16
 
 
 def resolve_backend(req: GenerateRequest, have_donors: bool) -> str:
-    if req.color is not None:
-        if req.backend not in ("auto", "wall-lab"):
-            spec = get_spec(req.backend)
-            if spec.mode != "color":
-                raise UserError(f"backend {req.backend!r} makes defects; use 'wall-lab' for a colour")
-        return "wall-lab" if req.backend == "auto" else req.backend
+    """The generator to run: the one asked for (its mode must fit the request), or for "auto" the
+    first of :data:`pipelines.registry.AUTO` whose needs are met."""
+    mode = "color" if req.color is not None else "damage"
     if req.backend == "auto":
-        return "cutpaste" if have_donors else "perlin"
-    spec = get_spec(req.backend)
-    if spec.mode != "damage":
-        raise UserError(f"backend {req.backend!r} is for wall colours; pick a colour or another backend")
+        for name in AUTO[mode]:
+            if not get_info(name).needs_donors or have_donors:
+                return name
+        raise UserError(f"no generator for {mode} can run here")
+    info = get_info(req.backend)
+    if info.mode != mode:
+        raise UserError(f"backend {req.backend!r} is for {'wall colours' if info.mode == 'color' else 'defects'}; "
+                        f"{'pick a damage type' if info.mode == 'damage' else 'pick a colour'} or another backend")
     return req.backend
 
 
@@ -83,24 +84,36 @@ def _donors(store, product: str, damage_type: str, limit: int = 16) -> list[dict
             for r in rows]
 
 
-def _model_ancestors(backend: str, options: dict) -> list[str]:
-    """Pixel hashes of the real images a trained model learned from (its ``training_data.json``)."""
-    from pipelines.training_data import read_manifest
-    model = options.get("model") if options else None
-    if backend == "pixel-inpaint" and not model:
-        import os
-        from pipelines.pixel_inpaint import ENV
-        model = os.environ.get(ENV)
-    return read_manifest(model).get("ancestors", []) if model else []
-
-
-def _accepted_options(gen) -> set[str] | None:
-    """Backend-specific options this generator takes (shared CLI/UI flags others use are dropped)."""
-    if hasattr(gen, "defaults"):          # diffusion backends
-        return {"damage_type", "model", "color", *gen.defaults}
-    if hasattr(gen, "params"):            # classical generators
-        return {"damage_type", "strength", *gen.params}
-    return None
+def _params(req: GenerateRequest, info, donors: list[dict]) -> dict:
+    """The generator's parameters: the request's (feather, colour or damage type + strength,
+    donors) and the options it declares (``info.options``) — nothing per backend name."""
+    params: dict = {"feather": int(req.feather)}
+    if req.color is not None:
+        from pipelines.color import parse_hex
+        try:
+            params["color"] = parse_hex(req.color)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+    else:
+        params["damage_type"] = req.damage_type
+        if info.takes_strength:
+            params["strength"] = float(req.strength)
+        if info.needs_donors:
+            if not donors:
+                raise UserError(
+                    f"{info.name} needs at least one real '{req.damage_type}' defect with a mask for "
+                    f"product '{req.product or '?'}' in the dataset with the role 'reference' (evaluation "
+                    "images are never copied); use the 'perlin' backend, or give an image the reference "
+                    "role in the Dataset tab")
+            params["donors"] = [d["pair"] for d in donors]
+    for spec in info.option_specs:
+        try:
+            value = spec.parse(req.options.get(spec.name))
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{info.name}: {exc}") from exc
+        if value is not None:
+            params[spec.name] = value
+    return params
 
 
 def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
@@ -144,38 +157,14 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
 
     donors = _donors(store, req.product, req.damage_type) if req.damage_type else []
     backend = resolve_backend(req, bool(donors))
-    gen = get_generator(backend)
-    params: dict = {"feather": int(req.feather)}
-    if req.color is not None:
-        from pipelines.color import parse_hex
-        try:
-            params["color"] = parse_hex(req.color)
-        except ValueError as exc:
-            raise UserError(str(exc)) from exc
-    else:
-        params.update(damage_type=req.damage_type, strength=float(req.strength))
-        if backend == "pixel-inpaint":
-            params.pop("strength")  # it generates from pure noise inside the mask (strength 1)
-        if backend == "cutpaste":
-            if not donors:
-                raise UserError(
-                    f"cut-paste needs at least one real '{req.damage_type}' defect with a mask for "
-                    f"product '{req.product or '?'}' in the dataset with the role 'reference' (evaluation "
-                    "images are never copied); use the 'perlin' backend, or give an image the reference "
-                    "role in the Dataset tab")
-            params["donors"] = [d["pair"] for d in donors]
-
-    spec = get_spec(backend)
-    if (spec.needs_model or backend == "pixel-inpaint") and not req.options.get("model"):
-        from pipelines.registry import backend_status
-        ok, message = backend_status(backend)
+    info, gen = get_info(backend), get_generator(backend)
+    params = _params(req, info, donors)
+    if not params.get("model"):
+        ok, message = gen.available()
         if not ok:
             raise UserError(message)
-    accepted = _accepted_options(gen)
-    params.update({k: v for k, v in req.options.items()
-                   if v not in (None, "") and (accepted is None or k in accepted)})
-    ancestors = sorted({d["sha256"] for d in donors} if backend == "cutpaste" else set())
-    ancestors = sorted(set(ancestors) | set(_model_ancestors(backend, params)))
+    ancestors = sorted({d["sha256"] for d in donors} if info.needs_donors else set())
+    ancestors = sorted(set(ancestors) | set(gen.ancestors(params)))
 
     cands: list[Candidate] = []
     for i in range(int(req.n)):
@@ -190,17 +179,17 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
             if type(exc).__name__ == "GenerationCancelled":
                 break
             raise
-        if not spec.full_image:  # the paste-back contract, enforced, not assumed
+        if not info.full_image:  # the paste-back contract, enforced, not assumed
             outside = M.dilate(mask, int(req.feather)) == 0
             if not np.array_equal(out[outside], image[outside]):
                 raise RuntimeError(f"backend {backend} changed pixels outside the mask")
         recorded = {k: v for k, v in params.items() if k != "donors"}
         if "color" in recorded:
             recorded["color"] = req.color
-        if backend == "cutpaste":
+        if info.needs_donors:
             recorded["n_donors"] = len(donors)
             recorded["donor_ids"] = [d["id"] for d in donors]
-        cands.append(Candidate(out, mask, seed, backend, str(getattr(gen, "version", "1")), recorded,
+        cands.append(Candidate(out, mask, seed, backend, info.version, recorded,
                                ancestors=ancestors))
         if progress:
             progress((i + 1) / req.n, f"candidate {i + 1}/{req.n}")

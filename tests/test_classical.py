@@ -5,6 +5,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+
+from pipelines.registry import get_generator
 from skimage import data
 
 from pipelines import classical as C
@@ -60,45 +62,24 @@ def _masks(shape, seed):
 
 # ------------------------------------------------------------------------------------ registry
 def test_registry_and_metadata():
-    assert set(C.GENERATORS) == {"perlin", "cutpaste", "wall-lab"}
-    for name, cls in C.GENERATORS.items():
-        gen = C.get_generator(name)
-        assert isinstance(gen, cls) and gen.name == name
+    from pipelines.registry import generator_class, get_generator, get_info, offline_names
+    assert {"perlin", "cutpaste", "wall-lab"} <= set(offline_names("damage")) | set(offline_names("color"))
+    for name in ("perlin", "cutpaste", "wall-lab"):
+        gen = get_generator(name)
+        assert isinstance(gen, generator_class(name)) and gen.name == name == get_info(name).name
         assert isinstance(gen.version, str) and gen.version
+    assert get_info("cutpaste").needs_donors and not get_info("perlin").needs_donors
+    assert get_info("wall-lab").mode == "color" and get_info("perlin").default_strength == 0.8
     with pytest.raises(KeyError) as exc:
-        C.get_generator("stable-diffusion")
+        get_generator("stable-diffusion")
     assert "perlin" in str(exc.value) and "cutpaste" in str(exc.value) and "wall-lab" in str(exc.value)
-
-
-@pytest.mark.parametrize("damage, style", [
-    ("scratch", "scratch"), ("scratch_head", "scratch"), ("crack", "crack"),
-    ("broken_large", "broken"), ("broken_teeth", "broken"), ("chip", "broken"), ("hole", "broken"),
-    ("cut_inner_insulation", "broken"), ("missing_wire", "broken"),
-    ("contamination", "blob"), ("metal_contamination", "blob"), ("stain", "blob"),
-    ("glue_strip", "blob"), ("oil", "blob"), ("liquid", "blob"), ("spot", "blob"),
-    ("faulty_imprint", "blob"), ("color", "color"), ("Colour", "color"),
-    ("bent_lead", "blob"), ("", "blob"), (None, "blob")])
-def test_style_for(damage, style):
-    assert C.style_for(damage) == style
-
-
-def test_perlin_noise_is_seeded_and_bounded():
-    a = C.perlin_noise((37, 53), (3, 5), np.random.default_rng(1))
-    b = C.perlin_noise((37, 53), (3, 5), np.random.default_rng(1))
-    c = C.perlin_noise((37, 53), (3, 5), np.random.default_rng(2))
-    assert a.shape == (37, 53) and a.dtype == np.float32
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
-    assert np.abs(a).max() <= 1.0 + 1e-5 and a.std() > 0.05
-    f = C.fractal_noise((64, 48), np.random.default_rng(0), cell=16)
-    assert f.shape == (64, 48) and np.abs(f).max() <= 1.0 + 1e-5
 
 
 # ------------------------------------------------------------------------------- hard contract
 @pytest.mark.parametrize("name", ["perlin", "cutpaste", "wall-lab"])
 @pytest.mark.parametrize("feather", [0, 4, 7])
 def test_outside_dilated_mask_is_byte_identical(name, feather):
-    gen = C.get_generator(name)
+    gen = get_generator(name)
     for seed, shape in ((0, (64, 80)), (1, (97, 61))):
         img = _image(shape, seed)
         for kind, m in _masks(shape, seed).items():
@@ -113,7 +94,7 @@ def test_outside_dilated_mask_is_byte_identical(name, feather):
 
 @pytest.mark.parametrize("name", ["perlin", "cutpaste", "wall-lab"])
 def test_seeding(name):
-    gen = C.get_generator(name)
+    gen = get_generator(name)
     img = _image((80, 96), 3)
     for style in ("blob", "scratch", "broken"):
         m = mk.random_mask(style, img.shape, np.random.default_rng(5))
@@ -127,7 +108,7 @@ def test_seeding(name):
 
 @pytest.mark.parametrize("name", ["perlin", "cutpaste", "wall-lab"])
 def test_input_errors(name):
-    gen = C.get_generator(name)
+    gen = get_generator(name)
     img = _image((32, 40), 0)
     with pytest.raises(MaskError, match="empty"):
         gen(img, np.zeros((32, 40), np.uint8), seed=0, **_params(name))

@@ -67,8 +67,8 @@ def _outside_equal(out, img, m, feather):
 
 
 def _gen(name):
-    from pipelines.registry import get_spec
-    return get_spec(name).factory()
+    from pipelines.registry import generator_class
+    return generator_class(name)()
 
 
 # --------------------------------------------------------------------------------------------

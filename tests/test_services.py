@@ -71,7 +71,7 @@ def test_cut_paste_without_donors_is_a_clear_error(tmp_path):
     img = np.full((64, 64, 3), 128, np.uint8)
     mask = np.zeros((64, 64), np.uint8)
     mask[10:30, 20:40] = 255
-    with pytest.raises(UserError, match="cut-paste needs at least one real"):
+    with pytest.raises(UserError, match="cutpaste needs at least one real"):
         generate(GenerateRequest(image=img, mask=mask, damage_type="scratch",
                                  backend="cutpaste"), store=None)
 
