@@ -46,6 +46,49 @@ def cmd_import(args) -> int:
     return 0
 
 
+def _generate_request(args, image, mask):
+    """``generate`` and ``generate-batch`` build their request the same way (one flag set)."""
+    from pipelines.registry import all_option_specs
+    from studio.services import GenerateRequest
+    options = {name: getattr(args, "opt_" + name) for name in all_option_specs()}
+    if getattr(args, "full_frame", False):
+        options["only_masked"] = False
+    return GenerateRequest(image=image, mask=mask, damage_type=args.damage, color=args.color,
+                           product=args.product or "", backend=args.backend, n=args.n, seed=args.seed,
+                           feather=args.feather, strength=args.strength, max_pixels=args.max_pixels,
+                           options={k: v for k, v in options.items() if v is not None})
+
+
+def add_generation_flags(sp) -> None:
+    """The flags of ``generate`` and ``generate-batch``: the request's, then one per generator
+    option, generated from each generator's options dataclass (``pipelines.registry``)."""
+    from pipelines.registry import GENERATORS, all_option_specs, get_info
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--damage", help="damage type, e.g. scratch, contamination, broken_large, good")
+    g.add_argument("--color", help="wall colour '#RRGGBB' (wall-colour mode)")
+    lines = [f"{n} ({get_info(n).mode}): {get_info(n).description}" for n in GENERATORS]
+    sp.add_argument("--backend", default="auto", choices=["auto", *GENERATORS], metavar="BACKEND",
+                    help="auto (cut-paste when reference defects of the type exist, else perlin) | "
+                         + " | ".join(lines))
+    sp.add_argument("--product", help="product (checks the damage type; cut-paste donors come from it)")
+    sp.add_argument("--n", type=int, default=4)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--feather", type=int, default=4, help="feather radius in px")
+    sp.add_argument("--strength", type=float, default=0.8)
+    sp.add_argument("--max-pixels", type=int, default=40_000_000)
+    sp.add_argument("--full-frame", action="store_true", help="same as --no-only-masked")
+    og = sp.add_argument_group("generator options (each generator takes its own; see --backend)")
+    for name, (spec, users) in all_option_specs().items():
+        rng = f" [{spec.min:g}..{spec.max:g}]" if spec.min is not None and spec.max is not None else ""
+        helptext = f"{spec.help}{rng} (default {spec.default}; {', '.join(users)})"
+        kw = dict(dest="opt_" + name, default=None, help=helptext)
+        if spec.type is bool:
+            og.add_argument(spec.flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            og.add_argument(spec.flag, type=spec.type, choices=spec.choices,
+                            metavar=None if spec.choices else name.upper(), **kw)
+
+
 def cmd_generate(args) -> int:
     import numpy as np
     from tqdm import tqdm
@@ -63,13 +106,7 @@ def cmd_generate(args) -> int:
     catalog = Catalog()
     if store is not None:
         catalog = catalog.with_labels({p: store.labels(p) for p in store.products()})
-    req = GenerateRequest(image=image, mask=mask, damage_type=args.damage, color=args.color,
-                          product=args.product or "", backend=args.backend, n=args.n, seed=args.seed,
-                          feather=args.feather, strength=args.strength, max_pixels=args.max_pixels,
-                          options={"model": args.model, "controlnet": args.controlnet, "lora": args.lora,
-                                   "embedding": args.embedding, "steps": args.steps,
-                                   "guidance": args.guidance, "structure": args.structure,
-                                   "only_masked": False if args.full_frame else None})
+    req = _generate_request(args, image, mask)
     bar = tqdm(total=args.n, desc="generate", unit="img", disable=args.quiet)
     last = [0]
 
@@ -133,12 +170,8 @@ def cmd_generate_batch(args) -> int:
         for img_path, mask_path in mine:
             target = Path(args.out) / img_path.stem
             try:
-                req = GenerateRequest(
-                    image=read_rgb(img_path, args.max_pixels), mask=read_mask(mask_path, args.max_pixels),
-                    damage_type=args.damage, color=args.color, backend=args.backend, n=args.n,
-                    seed=args.seed, feather=args.feather,
-                    options={"model": args.model, "controlnet": args.controlnet, "lora": args.lora,
-                             "steps": args.steps})
+                req = _generate_request(args, read_rgb(img_path, args.max_pixels),
+                                        read_mask(mask_path, args.max_pixels))
                 cands = generate(req)
             except (ImageInputError, UserError, KeyError) as exc:
                 failures.append(f"{img_path.name}: {exc}")
@@ -390,27 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("generate", help="make N candidates for an image + mask")
     sp.add_argument("--image", required=True)
     sp.add_argument("--mask", help="mask image (white or alpha = defect); not needed for --damage good")
-    g = sp.add_mutually_exclusive_group(required=True)
-    g.add_argument("--damage", help="damage type, e.g. scratch, contamination, broken_large, good")
-    g.add_argument("--color", help="wall colour '#RRGGBB' (wall-colour mode)")
-    sp.add_argument("--backend", default="auto",
-                    help="auto | perlin | cutpaste | wall-lab | sd-inpaint | controlnet | controlnet-full | wall")
-    sp.add_argument("--model", help="diffusion backends: SD 1.5 (inpainting) folder or hub id (local files only)")
-    sp.add_argument("--controlnet", help="controlnet backends: ControlNet-seg folder or hub id")
-    sp.add_argument("--lora", help="LoRA weights (.safetensors or folder) for the SD U-Net")
-    sp.add_argument("--embedding", help="damage-type embedding table folder (trained in the Training tab)")
-    sp.add_argument("--steps", type=int, help="diffusion steps (default 30)")
-    sp.add_argument("--guidance", type=float, help="classifier-free guidance (default 7.5)")
-    sp.add_argument("--structure", choices=["canny", "hed", "depth"],
-                    help="controlnet: a second condition that holds the product's geometry")
-    sp.add_argument("--full-frame", action="store_true",
-                    help="diffusion: generate the whole frame instead of a padded box around the mask")
-    sp.add_argument("--product", help="product (checks the damage type; cut-paste donors come from it)")
-    sp.add_argument("--n", type=int, default=4)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--feather", type=int, default=4, help="feather radius in px")
-    sp.add_argument("--strength", type=float, default=0.8)
-    sp.add_argument("--max-pixels", type=int, default=40_000_000)
+    add_generation_flags(sp)
     sp.add_argument("--record", action="store_true", help="also save the candidates in the workspace")
     sp.add_argument("--quiet", action="store_true")
     sp.add_argument("--out", required=True)
@@ -421,18 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="candidates for every image+mask pair of two folders (accelerate launch splits them)")
     sp.add_argument("--images", required=True, help="folder of images")
     sp.add_argument("--masks", required=True, help="folder of masks named like the images (or NAME_mask.png)")
-    g = sp.add_mutually_exclusive_group(required=True)
-    g.add_argument("--damage")
-    g.add_argument("--color")
-    sp.add_argument("--backend", default="auto")
-    sp.add_argument("--model")
-    sp.add_argument("--controlnet")
-    sp.add_argument("--lora")
-    sp.add_argument("--steps", type=int)
-    sp.add_argument("--n", type=int, default=4)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--feather", type=int, default=4)
-    sp.add_argument("--max-pixels", type=int, default=40_000_000)
+    add_generation_flags(sp)
     sp.add_argument("--out", required=True)
     sp.set_defaults(fn=cmd_generate_batch)
 
