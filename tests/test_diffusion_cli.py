@@ -85,6 +85,7 @@ def test_cli_missing_weights_message(inputs, tmp_path):
 def test_ui_sd_inpaint_via_api(tiny, tmp_path):
     from gradio_client import Client, handle_file
 
+    from studio.ui.annotate import option_values
     from tests.conftest import free_port, start_app, stop_app
     ws = tmp_path / "ws"
     ws.mkdir()
@@ -105,7 +106,7 @@ def test_ui_sd_inpaint_via_api(tiny, tmp_path):
             mode = "Wall colour" if backend == "wall" else "Damage type"
             gallery, cands, _, status = client.predict(
                 value, "bottle", pick["id"], mode, "contamination", "#3366cc", backend, 2, 0,
-                4, 0.8, "", "", "", "", 2, 7.5, "none", True, api_name="/generate")
+                4, 0.8, *option_values(steps=2), api_name="/generate")
             assert len(cands) == 2 and {c["generator"] for c in cands} == {backend}
             if backend == "controlnet-full":
                 continue  # a whole new image by design

@@ -60,6 +60,84 @@ def _caption(cand, colour: str | None) -> str:
     return text
 
 
+# -- generator options: widgets generated from each generator's options dataclass -------------
+def _option_widget(spec, users: list[str]):
+    label = spec.label or spec.name.replace("_", " ")
+    info = f"{spec.help} — {', '.join(users)}"
+    common = dict(label=label, info=info, visible=False, elem_id=f"opt-{spec.name}")
+    if spec.type is bool:
+        return gr.Checkbox(bool(spec.default), **common)
+    if spec.choices:
+        return gr.Dropdown(["(default)", *spec.choices], value="(default)", **common)
+    if spec.type in (int, float) and spec.min is not None and spec.max is not None:
+        default = spec.default if spec.default is not None else spec.min
+        return gr.Slider(spec.min, spec.max, default, step=spec.step or (1 if spec.type is int else 0.01),
+                         **common)
+    if spec.type in (int, float):
+        return gr.Number(spec.default, precision=0 if spec.type is int else None, **common)
+    return gr.Textbox("" if spec.default is None else str(spec.default), **common)
+
+
+def build_option_widgets() -> list:
+    """One widget per generator option (all generators), hidden until its backend is chosen."""
+    from pipelines.registry import all_option_specs
+    return [_option_widget(spec, users) for spec, users in all_option_specs().values()]
+
+
+def option_values(**overrides) -> list:
+    """The option widgets' values in wiring order: each widget's default, or ``overrides[name]``
+    (for API clients that call ``/generate`` positionally)."""
+    from pipelines.registry import all_option_specs
+    out = []
+    for name, (spec, _) in all_option_specs().items():
+        if name in overrides:
+            out.append(overrides[name])
+        elif spec.type is bool:
+            out.append(bool(spec.default))
+        elif spec.choices:
+            out.append("(default)")
+        elif spec.type in (int, float) and spec.min is not None and spec.max is not None:
+            out.append(spec.default if spec.default is not None else spec.min)
+        elif spec.type in (int, float):
+            out.append(spec.default)
+        else:
+            out.append("" if spec.default is None else str(spec.default))
+    return out
+
+
+def option_visibility(backend: str | None) -> list:
+    """``gr.update(visible=…)`` per option widget: shown when the chosen backend takes it."""
+    from pipelines.registry import all_option_specs
+    chosen = None if not backend or backend == "auto" else backend
+    return [gr.update(visible=chosen in users) for _, users in all_option_specs().values()]
+
+
+def options_from_widgets(backend: str | None, values) -> dict:
+    """Widget values → the request's options (only the chosen backend's; untouched = default)."""
+    from pipelines.registry import all_option_specs
+    out = {}
+    for (spec, users), value in zip(all_option_specs().values(), values):
+        if backend not in users or value in (None, "", "(default)"):
+            continue
+        if spec.type is not bool and spec.default is not None and value == spec.default:
+            continue
+        out[spec.name] = value
+    return out
+
+
+def backend_help(bk: str | None) -> str:
+    """The backend's description and whether it can run here (with the exact fix when not)."""
+    if not bk or bk == "auto":
+        return "auto: cut-paste when reference defects of this type exist, else Perlin"
+    from pipelines.registry import backend_status, get_info
+    ok, message = backend_status(bk)
+    info = get_info(bk)
+    head = f"**{bk}** — {info.description}"
+    if info.full_image:
+        head += " *(makes a whole new image: pixels outside the mask are not kept)*"
+    return f"{head}  \n{'✅ ' + message if ok else '⚠️ unavailable: ' + message}"
+
+
 def build(ctx: StudioContext) -> dict:
     """Render the tab inside the current Blocks; returns components other tabs may wire to."""
     store = ctx.store
@@ -104,18 +182,8 @@ def build(ctx: StudioContext) -> dict:
             feather = gr.Slider(0, 32, 4, step=1, label="Feather radius (px)", elem_id="feather")
             strength = gr.Slider(0.1, 1.0, 0.8, step=0.05, label="Strength", elem_id="strength")
             backend_info = gr.Markdown(elem_id="backend-info")
-            with gr.Accordion("Diffusion options", open=False):
-                d_model = gr.Textbox("", label="SD 1.5 folder or hub id (local files only)",
-                                     placeholder="$DEFECT_STUDIO_SD_INPAINT", elem_id="d-model")
-                d_controlnet = gr.Textbox("", label="ControlNet-seg folder", placeholder="$DEFECT_STUDIO_CONTROLNET")
-                d_lora = gr.Textbox("", label="LoRA file (.safetensors)")
-                d_embedding = gr.Textbox("", label="Damage-type embedding folder")
-                with gr.Row():
-                    d_steps = gr.Slider(2, 50, 30, step=1, label="Steps")
-                    d_guidance = gr.Slider(1.0, 12.0, 7.5, step=0.5, label="Guidance")
-                d_structure = gr.Dropdown(["none", "canny", "hed", "depth"], value="none",
-                                          label="ControlNet structure condition")
-                d_only_masked = gr.Checkbox(True, label="Only masked (crop around the mask)")
+            with gr.Accordion("Generator options", open=False):
+                option_widgets = build_option_widgets()
         with gr.Column(scale=2):
             first_img = store.load_image(first_id) if first_id else None
             editor = gr.ImageEditor(
@@ -229,18 +297,9 @@ def build(ctx: StudioContext) -> dict:
         return gr.update(visible=m == DAMAGE), gr.update(visible=m == COLOUR)
 
     def on_backend(bk):
-        if not bk or bk == "auto":
-            return "auto: cut-paste when real defects of this type exist, else Perlin"
-        from pipelines.registry import backend_status, get_spec
-        ok, message = backend_status(bk)
-        spec = get_spec(bk)
-        head = f"**{bk}** — {spec.description}"
-        if spec.full_image:
-            head += " *(makes a whole new image: pixels outside the mask are not kept)*"
-        return f"{head}  \n{'✅ ' + message if ok else '⚠️ unavailable: ' + message}"
+        return (backend_help(bk), *option_visibility(bk))
 
-    def on_generate(editor_value, p, src_id, m, dmg, col, bk, num, sd, fth, stg,
-                    mdl="", cnet="", lora="", emb="", steps=30, guid=7.5, struct="none", only=True,
+    def on_generate(editor_value, p, src_id, m, dmg, col, bk, num, sd, fth, stg, *option_values,
                     progress=gr.Progress()):
         image, mask = _current(editor_value, src_id)
         req = GenerateRequest(
@@ -248,10 +307,7 @@ def build(ctx: StudioContext) -> dict:
             damage_type=dmg if m == DAMAGE else None, color=col if m == COLOUR else None,
             backend=bk or "auto", n=int(num), seed=int(sd or 0), feather=int(fth),
             strength=float(stg), max_pixels=ctx.settings.max_pixels,
-            options={"model": mdl or None, "controlnet": cnet or None, "lora": lora or None,
-                     "embedding": emb or None, "steps": int(steps), "guidance": float(guid),
-                     "structure": None if struct in (None, "none") else struct,
-                     "only_masked": bool(only)})
+            options=options_from_widgets(bk, option_values))
         try:
             out = generate(req, store=store, catalog=ctx.catalog(),
                            progress=lambda f, msg: progress(f, desc=msg))
@@ -310,10 +366,9 @@ def build(ctx: StudioContext) -> dict:
         btn.click(mask_op(op), op_inputs, [editor, preview], api_name=f"mask_{op}")
     gen_btn.click(on_generate,
                   [editor, product, source_id, mode, damage, color, backend, n, seed, feather, strength,
-                   d_model, d_controlnet, d_lora, d_embedding, d_steps, d_guidance, d_structure,
-                   d_only_masked],
+                   *option_widgets],
                   [gallery, cands, selected, status], api_name="generate")
-    backend.change(on_backend, backend, backend_info, api_name="backend_status")
+    backend.change(on_backend, backend, [backend_info, *option_widgets], api_name="backend_status")
     gallery.select(on_select, cands, selected, api_name=False)
     accept_btn.click(decide("accepted"), [selected, note, cands], [status, cands], api_name="accept")
     reject_btn.click(decide("rejected"), [selected, note, cands], [status, cands], api_name="reject")
