@@ -35,6 +35,7 @@ AUTO: dict[str, tuple[str, ...]] = {"damage": ("cutpaste", "perlin"), "color": (
 
 _lock = threading.Lock()
 _instances: dict[str, Any] = {}
+PLUGINS_ENV = "DEFECT_STUDIO_GENERATORS"   # "name=module:Class[,name2=module:Class2]"
 
 
 def register(name: str, path: str) -> None:
@@ -44,6 +45,20 @@ def register(name: str, path: str) -> None:
     with _lock:
         GENERATORS[name] = path
         _instances.pop(name, None)
+
+
+def register_plugins(spec: str | None = None) -> list[str]:
+    """Register the generators named in ``$DEFECT_STUDIO_GENERATORS`` (or ``spec``)."""
+    import os
+    spec = os.environ.get(PLUGINS_ENV, "") if spec is None else spec
+    names = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"{PLUGINS_ENV}: expected name=module:Class, got {item!r}")
+        register(name.strip(), path.strip())
+        names.append(name.strip())
+    return names
 
 
 def unregister(name: str) -> None:
@@ -116,5 +131,7 @@ def all_option_specs(names: list[str] | None = None) -> dict[str, tuple[OptionSp
     return out
 
 
-__all__ = ["GENERATORS", "AUTO", "register", "unregister", "generator_class", "get_info", "get_spec",
+register_plugins()
+
+__all__ = ["register_plugins", "GENERATORS", "AUTO", "register", "unregister", "generator_class", "get_info", "get_spec",
            "generator_names", "backend_status", "offline_names", "get_generator", "all_option_specs"]

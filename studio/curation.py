@@ -123,15 +123,23 @@ def make_plan(store, cdb: CurationDB, product: str, target: int | None = None,
                             f"defects on (classes {', '.join(b['label'] for b in bal)}) — import some first")
     if not backends:
         raise CurationError("choose at least one backend")
+    from pipelines.registry import get_info
+    for bk in backends:
+        try:
+            if get_info(bk).mode != "damage":
+                raise CurationError(f"backend {bk!r} makes wall colours, not defects")
+        except KeyError as exc:
+            raise CurationError(str(exc.args[0])) from exc
     items, summary = [], []
     queues = {}
     for b in sorted(bal, key=lambda b: goal - b["current"], reverse=True):
         deficit = max(0, goal - b["current"])
         n = int(np.ceil(deficit * max(oversample, 1.0)))
-        allowed = [bk for bk in backends if bk != "cutpaste" or b["reference"] > 0]
+        allowed = [bk for bk in backends if not get_info(bk).needs_donors or b["reference"] > 0]
         if n and not allowed:
-            raise CurationError(f"class {b['label']!r} has no reference real defects for cut-paste "
-                                "(evaluation images are never copied); add 'perlin'")
+            raise CurationError(f"class {b['label']!r} has no reference real defects to copy "
+                                f"({', '.join(backends)} need donors; evaluation images are never "
+                                "copied); add a generator that needs none, e.g. 'perlin'")
         queues[b["label"]] = (n, allowed)
         summary.append({**b, "target": goal, "deficit": deficit, "planned": n,
                         "backends": ", ".join(allowed)})

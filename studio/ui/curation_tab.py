@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 import gradio as gr
+
+from pipelines.registry import offline_names
 import numpy as np
 
 from studio.context import StudioContext
@@ -74,7 +76,7 @@ def build(ctx: StudioContext) -> list:
             target = gr.Number(0, label="Target per class (0 = match the largest)", precision=0,
                                elem_id="cu-target")
             oversample = gr.Slider(1.0, 3.0, 1.0, step=0.25, label="Oversample (reviewers reject some)")
-            backends = gr.CheckboxGroup(["perlin", "cutpaste"], value=["perlin", "cutpaste"],
+            backends = gr.CheckboxGroup(offline_names("damage"), value=["perlin", "cutpaste"],
                                         label="Backends", elem_id="cu-backends")
             plan_btn = gr.Button("Preview plan", elem_id="cu-plan")
         plan_id = gr.Number(0, label="Plan id", precision=0, elem_id="cu-plan-id")
