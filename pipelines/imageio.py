@@ -6,12 +6,12 @@ without allocating 1.2 GB.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from pipelines.fileio import atomic_open
 
 DEFAULT_MAX_PIXELS = 40_000_000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -90,18 +90,10 @@ def check_array(image: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.n
 
 
 def write_png_atomic(path: str | Path, image: np.ndarray) -> Path:
-    """Write a PNG via temp file + fsync + rename: readers never see a partial file."""
+    """Write a PNG atomically (:func:`pipelines.fileio.atomic_open`: temp file + fsync + rename):
+    readers never see a partial file. Creates the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(np.asarray(image)).save(fh, format="PNG")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as fh:
+        Image.fromarray(np.asarray(image)).save(fh, format="PNG")
     return path
