@@ -30,21 +30,15 @@ def speed(args) -> None:
     torch.set_num_threads(args.threads)
     from pipelines import lora as L
     from pipelines import pixel_inpaint as P
-    samples = L.samples_from_category(ROOT / "assets" / "demo" / "bottle")
+    from pipelines.training import samples_from_category
+    from tests.test_lora import write_sd_inpaint
+    samples = samples_from_category(ROOT / "assets" / "demo" / "bottle")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        from diffusers import StableDiffusionInpaintPipeline
-        from transformers import CLIPTokenizer
-        from tests import diffusion_fixtures as dfx
-        dfx.write_tokenizer(tmp / "tok")
-        StableDiffusionInpaintPipeline(
-            unet=dfx._unet(9), vae=dfx._vae(), text_encoder=dfx._text_encoder(),
-            tokenizer=CLIPTokenizer.from_pretrained(tmp / "tok"), scheduler=dfx._scheduler(),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        ).save_pretrained(tmp / "sd")
+        sd = write_sd_inpaint(tmp)
         rows = []
         for res in (512, 256):
-            cfg = L.LoraTrainConfig(output_dir=str(tmp / f"lora{res}"), model=str(tmp / "sd"),
+            cfg = L.LoraTrainConfig(output_dir=str(tmp / f"lora{res}"), model=str(sd),
                                     resolution=res, max_steps=1, validate_every=0, checkpoint_every=1000)
             L.train_lora(cfg, samples)                                   # warm-up (+ first checkpoint)
             cfg = L.LoraTrainConfig.from_dict({**cfg.to_dict(), "max_steps": 1 + args.steps})

@@ -23,34 +23,33 @@ Generation (:class:`PixelInpaintGenerator`, the classical calling convention
     3. resized back and pasted with ``feather(mask, feather)`` → every pixel outside
        ``dilate(mask, feather)`` is byte-identical to the input.
 
-Checkpoints: the layout of :mod:`pipelines.lora` (``OUT/latest`` → ``OUT/checkpoints/step-N/``
-holding ``model.safetensors``, ``config.json``, ``optimizer.safetensors``, ``trainer_state.json``).
+Checkpoints: the layout of :mod:`pipelines.training` (``OUT/latest`` → ``OUT/checkpoints/step-N/``
+holding ``model.safetensors``, ``config.json``, ``optimizer.safetensors``, ``trainer_state.json``);
+the training glue (config loading, budget, checkpoints, optimizer state, history) is that toolkit's.
 The generator's ``model=`` is the output folder or one checkpoint folder; default
 ``$DEFECT_STUDIO_PIXEL_INPAINT``.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipelines import masks as mk
 from pipelines.augment import AugmentConfig, augment_pair
 from pipelines.classical import DEFAULT_FEATHER, _check_image, composite, style_for
-from pipelines.lora import (STATE_FILE, Checkpoints, CheckpointError, ConfigError, ConfigMixin,
-                            Sample, TrainDataError, TrainResult, _augment_cfg, _check, _say,
-                            append_history, check_samples, latest_checkpoint, load_optimizer,
-                            make_accelerator, samples_from_category, save_optimizer, stop_reason)
+from pipelines.training import (CancelFn, Cancelled, CheckpointedTrainer, CheckpointError,  # noqa: F401 (Cancelled)
+                                Checkpoints, ConfigMixin, ProgressFn, Sample, TrainDataError,
+                                TrainResult, augment_config, check, check_samples, latest_checkpoint,
+                                load_training_samples, read_trainer_state, report, save_optimizer,
+                                save_validation_grid, write_trainer_state)
 from pipelines.ddpm import PRESETS as DDPM_PRESETS
 from pipelines.generator import GeneratorBase, GeneratorInfo, option
 from pipelines.models import ModelError
@@ -113,30 +112,20 @@ class PixelInpaintConfig(ConfigMixin):
     seed: int = 0
 
     def __post_init__(self):
-        self.augment = _augment_cfg(self.augment)
+        self.augment = augment_config(self.augment)
         self.validate()
 
     def validate(self) -> None:
-        _check(bool(self.output_dir), "output_dir is required (where checkpoints are written)")
-        _check(self.preset in PRESETS, f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        self.check_run()
+        check(self.preset in PRESETS, f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         down = 2 ** (len(PRESETS[self.preset]["block_out_channels"]) - 1)
-        _check(self.resolution >= 16 and self.resolution % down == 0,
-               f"resolution must be ≥ 16 and a multiple of {down} for preset {self.preset}, got {self.resolution}")
-        _check(self.prediction_type in ("v_prediction", "epsilon"),
-               f"prediction_type must be 'v_prediction' or 'epsilon', got {self.prediction_type!r}")
-        _check(self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size}")
-        _check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
-        _check(0.0 <= self.good_fraction < 1.0, f"good_fraction must be in [0, 1), got {self.good_fraction}")
-        _check(self.context >= 1.0, f"context must be ≥ 1, got {self.context}")
-        _check(self.max_steps is not None or self.minutes is not None,
-               "set max_steps or minutes (or both): the run needs a budget")
-        _check(self.max_steps is None or self.max_steps >= 1, f"max_steps must be ≥ 1, got {self.max_steps}")
-        _check(self.minutes is None or self.minutes > 0, f"minutes must be > 0, got {self.minutes}")
-        _check(self.checkpoint_every >= 1, f"checkpoint_every must be ≥ 1, got {self.checkpoint_every}")
-        _check(self.checkpoint_limit >= 0, f"checkpoint_limit must be ≥ 0, got {self.checkpoint_limit}")
-        _check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be ≥ 1")
-        _check(self.mixed_precision in ("no", "fp16", "bf16"),
-               f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        check(self.resolution >= 16 and self.resolution % down == 0,
+              f"resolution must be ≥ 16 and a multiple of {down} for preset {self.preset}, got {self.resolution}")
+        check(self.prediction_type in ("v_prediction", "epsilon"),
+              f"prediction_type must be 'v_prediction' or 'epsilon', got {self.prediction_type!r}")
+        check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        check(0.0 <= self.good_fraction < 1.0, f"good_fraction must be in [0, 1), got {self.good_fraction}")
+        check(self.context >= 1.0, f"context must be ≥ 1, got {self.context}")
 
 
 # ================================================================================================
@@ -199,7 +188,7 @@ def model_input(x_t: torch.Tensor, x0: torch.Tensor, m: torch.Tensor) -> torch.T
 # ================================================================================================
 # Training
 # ================================================================================================
-class PixelInpaintTrainer:
+class PixelInpaintTrainer(CheckpointedTrainer):
     """Train (or resume) a pixel-space inpainting model.
 
     ``samples``: ``[(image H×W×3 uint8, mask H×W uint8, damage_type)]`` (real defects);
@@ -208,7 +197,7 @@ class PixelInpaintTrainer:
     """
 
     def __init__(self, cfg: PixelInpaintConfig, samples: Sequence, good: Sequence[np.ndarray] = ()):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.types = check_samples(samples, cfg.damage_types, where="the training samples")
         self.samples = [Sample(_check_image(s[0]), mk.to_binary(s[1]), s[2]) for s in samples
                         if s[2] in self.types]
@@ -216,11 +205,6 @@ class PixelInpaintTrainer:
         if cfg.good_fraction > 0 and not self.good:
             raise TrainDataError("good_fraction > 0 needs defect-free images (train/good); "
                                  "pass good images or set good_fraction: 0")
-        self.out = Path(cfg.output_dir)
-        self.ckpt = Checkpoints(self.out, cfg.checkpoint_limit)
-        self.losses: list[tuple[int, float]] = []
-        self.step = 0
-        self.last_validation: str | None = None
 
     # -- data ------------------------------------------------------------------------------------
     def meta(self) -> dict:
@@ -263,9 +247,8 @@ class PixelInpaintTrainer:
         (folder / CONFIG_FILE).write_text(json.dumps({**self.meta(), "unet": dict(unet.config),
                                                       "step": self.step}, indent=1, default=list))
         groups = save_optimizer(opt, folder)
-        (folder / STATE_FILE).write_text(json.dumps(
-            {"kind": "pixel-inpaint", "step": self.step, "losses": self.losses, "optimizer": groups,
-             "config": self.cfg.to_dict(), "rng": rng_state}, default=list))
+        write_trainer_state(folder, "pixel-inpaint", self.step, self.losses, groups, config=self.cfg.to_dict(),
+                            rng=rng_state)
 
     def _resume(self, unet, opt) -> dict | None:
         last = self.ckpt.latest() if self.cfg.resume else None
@@ -279,24 +262,21 @@ class PixelInpaintTrainer:
                 f"({meta['preset']}); this run has {self.types} at {self.cfg.resolution} px "
                 f"({self.cfg.preset}) — use a new output_dir or resume: false")
         _load_weights(unet, last)
-        state = json.loads((last / STATE_FILE).read_text())
-        load_optimizer(opt, last, state["optimizer"])
-        self.step = int(state["step"])
-        self.losses = [tuple(x) for x in state.get("losses", [])]
+        state = read_trainer_state(last)
+        self._restore(last, opt, state)
         return state
 
     # -- loop ------------------------------------------------------------------------------------
-    def run(self, progress: Callable[[float, str], None] | None = None,
-            cancelled: Callable[[], bool] | None = None) -> TrainResult:
+    def run(self, progress: ProgressFn | None = None, cancelled: CancelFn | None = None) -> TrainResult:
+        """Build the U-Net (or resume it from the latest checkpoint) and train it, with a linear
+        learning-rate warm-up, until ``max_steps`` / ``minutes`` / cancel; checkpoint every
+        ``checkpoint_every`` steps and at the end."""
         c = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.ckpt.clean_partial()
-        acc = make_accelerator(c.mixed_precision, c.gradient_accumulation_steps, c.seed)
+        acc = self._open()
         torch.manual_seed(c.seed)
         unet = build_unet(c.resolution, len(self.types) + 1, c.preset)
         opt = torch.optim.AdamW(unet.parameters(), lr=c.learning_rate, weight_decay=0.0)
-        state = self._resume(unet, opt)
-        start_step = self.step
+        self._resume(unet, opt)
         sched = make_scheduler(self.meta(), "ddpm")
         lr_lambda = lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps))  # noqa: E731
         for g in opt.param_groups:
@@ -304,69 +284,48 @@ class PixelInpaintTrainer:
         lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda, last_epoch=self.step - 1)
         unet, opt = acc.prepare(unet, opt)
         rng = np.random.default_rng([c.seed, self.step])
-        t_start, window, stopped, last_loss = time.monotonic(), [], "steps", float("nan")
-        deadline = None if c.minutes is None else t_start + 60.0 * c.minutes
-
-        def budget_frac() -> float:
-            fr = []
-            if c.max_steps:
-                fr.append((self.step - start_step) / max(1, c.max_steps - start_step))
-            if deadline:
-                fr.append((time.monotonic() - t_start) / (deadline - t_start))
-            return max(fr) if fr else 0.0
+        self._begin(progress, cancelled)
 
         def save():
-            if acc.is_main_process:
-                self.ckpt.save(self.step, lambda f: self._write(f, acc.unwrap_model(unet), opt,
-                                                                {"seed": c.seed}))
+            self._save(acc, lambda f: self._write(f, acc.unwrap_model(unet), opt, {"seed": c.seed}))
+
         unet.train()
-        _say(progress, 0.0, f"training pixel-inpaint from step {self.step} on {len(self.samples)} "
-                            f"defects of {len(self.types)} type(s)")
-        while True:
-            stopped = stop_reason(self.step, c.max_steps, deadline, cancelled)
-            if stopped:
-                break
-            for _ in range(c.gradient_accumulation_steps):
-                with acc.accumulate(unet):
-                    x0, m, cls = self.batch(rng, c.batch_size)
-                    x0, m, cls = x0.to(acc.device), m.to(acc.device), cls.to(acc.device)
-                    noise = torch.randn_like(x0)
-                    t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), device=x0.device)
-                    x_t = sched.add_noise(x0, noise, t)
-                    pred = unet(model_input(x_t, x0, m), t, class_labels=cls).sample
-                    target = noise if c.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
-                    w = 1.0 + c.mask_weight * m
-                    loss = (w * (pred.float() - target) ** 2).mean() / w.mean()
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        acc.clip_grad_norm_(unet.parameters(), 1.0)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                window.append(float(loss.detach()))
-            self.step += 1
+        report(progress, 0.0, f"training pixel-inpaint from step {self.step} on {len(self.samples)} "
+                              f"defects of {len(self.types)} type(s)")
+        while not (stopped := self._stop_reason()):
+            losses = [self._micro_step(acc, unet, opt, sched, rng) for _ in range(c.gradient_accumulation_steps)]
+            self._end_step(losses, acc.is_main_process)
             lr_sched.step()
-            if self.step % c.log_every == 0:
-                last_loss = float(np.mean(window))
-                window = []
-                self.losses.append((self.step, last_loss))
-                if acc.is_main_process:
-                    append_history(self.out, self.step, last_loss)
             if self.step % c.checkpoint_every == 0:
                 save()
             if c.validate_every and self.step % c.validate_every == 0 and acc.is_main_process:
                 self.last_validation = str(self._validation_grid(acc.unwrap_model(unet)))
                 unet.train()
-            _say(progress, budget_frac(), f"step {self.step} loss {last_loss:.4f}")
-        if window and not math.isfinite(last_loss):
-            last_loss = float(np.mean(window))
+            self._report_step()
         latest = self.ckpt.latest()
         if latest is None or latest.name != Checkpoints.name(self.step):
             save()
-        acc.wait_for_everyone()
-        _say(progress, 1.0, f"stopped ({stopped}) at step {self.step}")
-        latest = self.ckpt.latest()
-        return TrainResult(self.step, self.step - start_step, time.monotonic() - t_start, last_loss,
-                           stopped, str(latest) if latest else None, list(self.losses), self.last_validation)
+        return self._result(stopped)
+
+    def _micro_step(self, acc, unet, opt, sched, rng: np.random.Generator) -> float:
+        """One batch: noise to a random t, predict v (or ε), loss weighted ``1 + mask_weight·m``."""
+        c = self.cfg
+        with acc.accumulate(unet):
+            x0, m, cls = self.batch(rng, c.batch_size)
+            x0, m, cls = x0.to(acc.device), m.to(acc.device), cls.to(acc.device)
+            noise = torch.randn_like(x0)
+            t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), device=x0.device)
+            x_t = sched.add_noise(x0, noise, t)
+            pred = unet(model_input(x_t, x0, m), t, class_labels=cls).sample
+            target = noise if c.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
+            w = 1.0 + c.mask_weight * m
+            loss = (w * (pred.float() - target) ** 2).mean() / w.mean()
+            acc.backward(loss)
+            if acc.sync_gradients:
+                acc.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
 
     @torch.inference_mode()
     def _validation_grid(self, unet) -> Path:
@@ -379,29 +338,19 @@ class PixelInpaintTrainer:
             x0, y0, x1, y1 = crop_box(mk.dilate(s.mask, DEFAULT_FEATHER), model.context, model.min_crop)
             cells = [s.image[y0:y1, x0:x1], np.repeat(s.mask[y0:y1, x0:x1, None], 3, 2), gen[y0:y1, x0:x1]]
             rows.append(np.concatenate([_resize_img(x, 96) for x in cells], 1))
-        grid = np.concatenate(rows, 0)
-        path = self.out / "validation" / f"step-{self.step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.png")
-        cv2.imwrite(str(tmp), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
-        os.replace(tmp, path)
-        return path
+        return save_validation_grid(self.out, self.step, np.concatenate(rows, 0))
 
 
 def train_pixel_inpaint(cfg: PixelInpaintConfig, samples: Sequence, good: Sequence[np.ndarray] = (),
-                        progress=None, cancelled=None) -> TrainResult:
+                        progress: ProgressFn | None = None, cancelled: CancelFn | None = None) -> TrainResult:
     return PixelInpaintTrainer(cfg, samples, good).run(progress, cancelled)
 
 
-def run_from_config(cfg: PixelInpaintConfig, progress=None, cancelled=None) -> TrainResult:
+def run_from_config(cfg: PixelInpaintConfig, progress: ProgressFn | None = None,
+                    cancelled: CancelFn | None = None) -> TrainResult:
     """Load ``cfg.data`` (MVTec category: real defects of the chosen types + train/good) and train."""
     from pipelines.mvtec import load_category, load_image
-    if not cfg.data:
-        raise ConfigError("data (an MVTec-layout category folder) is required")
-    from pipelines.training_data import training_manifest, write_manifest
-    manifest = training_manifest(cfg.data, cfg.damage_types, cfg.extra_data)
-    samples = samples_from_category(cfg.data, cfg.damage_types, cfg.extra_data, cfg.image_size)
-    write_manifest(cfg.output_dir, manifest)
+    samples = load_training_samples(cfg)
     good = [load_image(p, cfg.image_size) for p in load_category(cfg.data, require_test=False).train] \
         if cfg.good_fraction > 0 else []
     return train_pixel_inpaint(cfg, samples, good, progress, cancelled)

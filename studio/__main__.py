@@ -30,18 +30,11 @@ def cmd_import(args) -> int:
     src = Path(args.path)
     if not src.exists():
         raise SystemExit(f"error: {src} does not exist")
-    kind = args.kind
-    if kind == "auto":
-        kind = ("mvtec" if (src / "train").is_dir() else
-                "visa" if (src / "Data" / "Images").is_dir() else "folder")
-    if kind == "mvtec":
-        report = store.import_mvtec(src, product=args.product)
-    elif kind == "visa":
-        report = store.import_visa(src, product=args.product)
-    else:
-        if not args.product:
-            raise SystemExit("error: --product is required to import a plain folder")
-        report = store.import_folder(src, args.product, split=args.split, label=args.label)
+    from studio.formats import import_any
+    try:
+        report = import_any(store, src, args.kind, args.product, split=args.split, label=args.label)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
     print(json.dumps(report, indent=1, default=str))
     return 0
 
@@ -194,7 +187,7 @@ def cmd_export(args) -> int:
         raise SystemExit(f"error: no product {args.product!r} in the workspace; known: "
                          f"{', '.join(store.products()) or '(none)'}")
     if args.format == "coco":
-        from studio.coco import export_coco
+        from studio.formats.coco import export_coco
         print(json.dumps(export_coco(store, args.product, Path(args.out)), indent=1))
     else:
         print(json.dumps(store.export_mvtec(Path(args.out), args.product), indent=1, default=str))
@@ -411,9 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_demo_data)
 
-    sp = sub.add_parser("import", help="import an MVTec AD / VisA category folder or a plain image folder")
+    sp = sub.add_parser("import", help="import an MVTec AD / VisA category, a KolektorSDD2 folder or plain images")
     sp.add_argument("path")
-    sp.add_argument("--kind", choices=["auto", "mvtec", "visa", "folder"], default="auto")
+    sp.add_argument("--kind", choices=["auto", "mvtec", "visa", "ksdd2", "folder"], default="auto")
     sp.add_argument("--product", help="product name (default: the folder name)")
     sp.add_argument("--split", default="train", choices=["train", "test"], help="for --kind folder")
     sp.add_argument("--label", default="good", help="for --kind folder")

@@ -16,20 +16,24 @@ ROOT = Path(__file__).resolve().parent.parent
 BOTTLE = ROOT / "assets" / "demo" / "bottle"
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Only the tiny SD inpainting folder of ``diffusion_fixtures`` (the rest is not needed)."""
+def write_sd_inpaint(root: Path) -> Path:
+    """Only the tiny SD inpainting folder of ``diffusion_fixtures`` (the rest is not needed):
+    ``root/sd-inpaint`` (also used by ``benchmarks/train.py speed``)."""
     from diffusers import StableDiffusionInpaintPipeline
     from transformers import CLIPTokenizer
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("sd")
     dfx.write_tokenizer(root / "_tokenizer")
     StableDiffusionInpaintPipeline(
         unet=dfx._unet(9), vae=dfx._vae(), text_encoder=dfx._text_encoder(),
         tokenizer=CLIPTokenizer.from_pretrained(root / "_tokenizer"), scheduler=dfx._scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     ).save_pretrained(root / "sd-inpaint")
-    return {"sd-inpaint": root / "sd-inpaint"}
+    return root / "sd-inpaint"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    torch.set_num_threads(1)
+    return {"sd-inpaint": write_sd_inpaint(tmp_path_factory.mktemp("sd"))}
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 
 from pipelines import masks as mk
 from pipelines import pixel_inpaint as P
-from pipelines.lora import CheckpointError, Checkpoints, ConfigError, TrainDataError, latest_checkpoint
+from pipelines.training import CheckpointError, Checkpoints, ConfigError, TrainDataError, latest_checkpoint
 from pipelines.models import ModelError
 
 ROOT = Path(__file__).resolve().parent.parent
