@@ -15,27 +15,29 @@ Layout:
                                               optimizer.safetensors) and config.json
   DDPMInspector.reconstruct / residual_map / score / evaluate
 
-Never imports gradio or ``studio``.
+The training glue (budget and stop rule, optimizer state files, CheckpointError, TrainResult, the
+Cancelled exception, progress / cancel callback types) is :mod:`pipelines.training`; files are
+written with :mod:`pipelines.fileio`. ``CheckpointError`` and ``TrainResult`` stay importable from
+here. Never imports gradio or ``studio``.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines.fileio import atomic_write_bytes, atomic_write_json
 from pipelines.noise import NOISE_KINDS, SIMPLEX_DEFAULTS, make_noise
-
-Progress = Callable[[float, str], None]
-Cancelled = Callable[[], bool]
+from pipelines.training import (Budget, CancelFn, Cancelled, CheckpointError, ProgressFn,  # noqa: F401 (re-export)
+                                TrainResult, apply_optimizer_state, check_cancelled, load_tensors,
+                                read_optimizer_state, report, save_optimizer)
 
 CHECKPOINT_FORMAT = "defect-studio-ddpm/1"
 PRESETS: dict[str, dict] = {
@@ -61,10 +63,6 @@ PRESETS: dict[str, dict] = {
 DEFAULT_DEPTHS = (50,)
 RESIDUAL_KINDS = ("color", "ssim", "feature", "color+ssim", "color+feature")
 FEATURE_BACKBONE, FEATURE_LAYERS, FEATURE_INPUT = "efficientnet_lite0", (1, 2), 256
-
-
-class CheckpointError(ValueError):
-    """The checkpoint is missing, corrupt, or of another architecture (message says which)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,7 +122,7 @@ def v_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) 
 
 
 # ------------------------------------------------------------------------------------------------
-# Training configuration and result
+# Training configuration (the result is pipelines.training.TrainResult)
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
@@ -140,16 +138,6 @@ class TrainConfig:
     rot90: bool = True               # only for rotation-invariant products (not brushed textures)
     seed: int = 0
     log_every: int = 10
-
-
-@dataclass
-class TrainResult:
-    step: int                        # total steps of the model (including resumed ones)
-    steps_this_run: int
-    seconds: float
-    loss: float                      # mean loss of the last log window
-    stopped: str                     # 'steps' | 'time' | 'cancelled'
-    losses: list = field(default_factory=list)   # [(step, loss)]
 
 
 @dataclass
@@ -173,18 +161,6 @@ def _to_tensor(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
             im = cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA)
         out.append(torch.from_numpy(np.ascontiguousarray(im[..., :3])).permute(2, 0, 1))
     return torch.stack(out).float() / 127.5 - 1.0
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _hann_window(n: int) -> torch.Tensor:
@@ -232,7 +208,7 @@ class DDPMInspector:
 
     # -------------------------------------------------------------------------------- training
     def train(self, images: Sequence[np.ndarray] | Sequence[str | Path], tcfg: TrainConfig | None = None,
-              progress: Progress | None = None, cancelled: Cancelled | None = None) -> TrainResult:
+              progress: ProgressFn | None = None, cancelled: CancelFn | None = None) -> TrainResult:
         """Train on good images (uint8 RGB arrays or paths) until the step or time budget.
 
         Continues from ``self.step`` (and the optimizer state) after :meth:`load`, so a resumed
@@ -250,36 +226,21 @@ class DDPMInspector:
             raise ValueError("no training images")
         imgs = [load_image(Path(p), None) if isinstance(p, (str, Path)) else p for p in images]
         data = _to_tensor(imgs, self.cfg.size)               # [N x C x S x S]
-        n = data.shape[0]
         gen = torch.Generator().manual_seed(tcfg.seed * 100003 + self.step)
         unet = self.unet.train()
         params = [p for p in unet.parameters() if p.requires_grad]
         if self.optimizer is None:
             self.optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
             if self._opt_state is not None:
-                self.optimizer.load_state_dict(self._opt_state)
+                apply_optimizer_state(self.optimizer, self._opt_state, "the loaded DDPM checkpoint")
                 self._opt_state = None
         for g in self.optimizer.param_groups:
             g["lr"], g["weight_decay"] = tcfg.lr, tcfg.weight_decay
         if tcfg.ema_decay > 0 and self.ema is None:
             self.ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-        t0 = time.monotonic()
-        start_step = self.step
-        target_steps = None if tcfg.steps is None else int(tcfg.steps)
-        budget_s = None if tcfg.minutes is None else float(tcfg.minutes) * 60.0
+        budget = Budget(None if tcfg.steps is None else int(tcfg.steps), tcfg.minutes, self.step)
         window: list[float] = []
-        stopped = "steps"
-        while True:
-            if target_steps is not None and self.step >= target_steps:
-                stopped = "steps"
-                break
-            elapsed = time.monotonic() - t0
-            if budget_s is not None and elapsed >= budget_s:
-                stopped = "time"
-                break
-            if cancelled is not None and cancelled():
-                stopped = "cancelled"
-                break
+        while not (stopped := budget.stop_reason(self.step, cancelled)):
             # 1-2. random augmented crops, noised to t < t_max; v target from the scheduler
             x0, noise, t, x_t, target = self.training_batch(data, tcfg, gen)
             # 3. MSE on v, AdamW step, EMA
@@ -302,23 +263,16 @@ class DDPMInspector:
             if len(window) >= tcfg.log_every:
                 self.losses.append((self.step, float(np.mean(window))))
                 window = []
-                if progress is not None:
-                    fr = []
-                    if target_steps is not None:
-                        fr.append((self.step - start_step) / max(1, target_steps - start_step))
-                    if budget_s is not None:
-                        fr.append((time.monotonic() - t0) / budget_s)
-                    progress(min(1.0, max(fr)), f"step {self.step} loss {self.losses[-1][1]:.4f}")
+                report(progress, budget.fraction(self.step), f"step {self.step} loss {self.losses[-1][1]:.4f}")
         unet.eval()
         if window:
             self.losses.append((self.step, float(np.mean(window))))
-        secs = time.monotonic() - t0
+        secs = budget.elapsed()
         self.train_meta = {**asdict(tcfg), "seconds_last_run": secs,
                            "seconds_total": self.train_meta.get("seconds_total", 0.0) + secs}
-        if progress is not None:
-            progress(1.0, f"stopped ({stopped}) at step {self.step}")
-        return TrainResult(self.step, self.step - start_step, secs,
-                           self.losses[-1][1] if self.losses else float("nan"), stopped, list(self.losses))
+        report(progress, 1.0, f"stopped ({stopped}) at step {self.step}")
+        return TrainResult(self.step, self.step - budget.start_step, secs,
+                           self.losses[-1][1] if self.losses else float("nan"), stopped, losses=list(self.losses))
 
     def training_batch(self, data: torch.Tensor, tcfg: TrainConfig, gen: torch.Generator):
         """One training batch from ``data`` [N x C x S x S] in [-1, 1].
@@ -358,24 +312,18 @@ class DDPMInspector:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         sd = {k: v.detach().cpu().contiguous() for k, v in self.unet.state_dict().items()}
-        _atomic_write_bytes(path / "model.safetensors", save(sd))
+        atomic_write_bytes(path / "model.safetensors", save(sd))
         if self.ema is not None:
-            _atomic_write_bytes(path / "ema.safetensors",
-                                save({k: v.cpu().contiguous() for k, v in self.ema.items()}))
+            atomic_write_bytes(path / "ema.safetensors", save({k: v.cpu().contiguous() for k, v in self.ema.items()}))
         groups = None
         if self.optimizer is not None or self._opt_state is not None:
             osd = self.optimizer.state_dict() if self.optimizer is not None else self._opt_state
-            flat = {}
-            for pid, st in osd["state"].items():
-                for key, val in st.items():
-                    flat[f"{pid}.{key}"] = torch.as_tensor(val).detach().cpu().contiguous()
-            _atomic_write_bytes(path / "optimizer.safetensors", save(flat))
-            groups = osd["param_groups"]
+            groups = save_optimizer(osd, path)["param_groups"]
         meta = {"format": CHECKPOINT_FORMAT, "model": asdict(self.cfg), "step": self.step,
                 "noise": self.cfg.noise, "size": self.cfg.size, "crop": self.cfg.crop,
                 "parameters": self.num_parameters, "has_ema": self.ema is not None,
                 "optimizer_param_groups": groups, "losses": self.losses, "train": self.train_meta}
-        _atomic_write_bytes(path / "config.json", json.dumps(meta, indent=1).encode())
+        atomic_write_json(path / "config.json", meta, indent=1)
         return path
 
     @classmethod
@@ -385,9 +333,6 @@ class DDPMInspector:
         Raises :class:`CheckpointError` with a readable message for a missing folder, a corrupt
         file, or weights that do not fit the architecture in config.json.
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         path = Path(path)
         if path.is_file() and path.name in ("config.json", "model.safetensors"):
             path = path.parent
@@ -412,28 +357,15 @@ class DDPMInspector:
                 desc = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diffs.items())
                 raise CheckpointError(f"{path} holds another model configuration ({desc})")
 
-        def read(name: str) -> dict:
-            try:
-                return load_file(str(path / name))
-            except FileNotFoundError:
-                raise CheckpointError(f"{path / name} is missing") from None
-            except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-                raise CheckpointError(f"{path / name} is corrupt or not a safetensors file ({exc})") from None
-
         obj = cls(cfg, device=device)
-        weights = read("model.safetensors")
+        weights = load_tensors(path / "model.safetensors")
         obj._load_weights(obj.unet, weights, path / "model.safetensors")
         if meta.get("has_ema") and (path / "ema.safetensors").is_file():
-            ema = read("ema.safetensors")
+            ema = load_tensors(path / "ema.safetensors")
             obj._check_keys(ema, path / "ema.safetensors", obj.unet.state_dict())
             obj.ema = {k: v.to(obj.device) for k, v in ema.items()}
-        if meta.get("optimizer_param_groups") and (path / "optimizer.safetensors").is_file():
-            flat = read("optimizer.safetensors")
-            state: dict = {}
-            for key, val in flat.items():
-                pid, name = key.split(".", 1)
-                state.setdefault(int(pid), {})[name] = val.to(obj.device)
-            obj._opt_state = {"state": state, "param_groups": meta["optimizer_param_groups"]}
+        if meta.get("optimizer_param_groups"):          # resumed by train() (None: no optimizer file)
+            obj._opt_state = read_optimizer_state(path, meta["optimizer_param_groups"])
         obj.step = int(meta.get("step", 0))
         obj.losses = [tuple(x) for x in meta.get("losses", [])]
         obj.train_meta = meta.get("train", {}) or {}
@@ -500,7 +432,7 @@ class DDPMInspector:
     def reconstruct(self, images: np.ndarray | Sequence[np.ndarray], depth: int = 50,
                     noise: str | None = None, seed: int = 0, stride: int = 25,
                     window_stride: int | None = None, batch: int = 16,
-                    progress: Progress | None = None) -> np.ndarray:
+                    progress: ProgressFn | None = None) -> np.ndarray:
         """Noise to timestep ``depth`` and denoise with DDIM (every ``stride`` timesteps) to 0.
 
         images: one uint8 RGB [H x W x 3] or a list of them (resized to cfg.size).
@@ -633,7 +565,7 @@ class DDPMInspector:
     def evaluate(self, category_root: str | Path, depths: Sequence[int] = DEFAULT_DEPTHS, noise: str | None = None,
                  seeds: Sequence[int] = (0,), stride: int = 25, sigma: float = 4.0, kind: str = "color",
                  eval_size: int = 256, top_percent: float = 0.0, batch_images: int = 4,
-                 progress: Progress | None = None, cancelled: Cancelled | None = None) -> EvalResult:
+                 progress: ProgressFn | None = None, cancelled: CancelFn | None = None) -> EvalResult:
         """Residual maps for every test image of an MVTec-layout category and the shared metrics.
 
         Maps and masks are compared at ``eval_size`` px. metrics: image_auroc, pixel_auroc, aupro,
@@ -652,8 +584,7 @@ class DDPMInspector:
         maps = []
         t0 = time.monotonic()
         for i in range(0, len(images), batch_images):
-            if cancelled is not None and cancelled():
-                raise InterruptedError("evaluation cancelled")
+            check_cancelled(cancelled, "evaluation")      # raises Cancelled
             m, _ = self.residual_maps(images[i:i + batch_images], depths, noise, seeds, stride, sigma, kind,
                                       out_size=eval_size)
             maps.append(m)
@@ -672,7 +603,7 @@ class DDPMInspector:
 
 def train_category(category_root: str | Path, out: str | Path | None, cfg: ModelConfig | None = None,
                    tcfg: TrainConfig | None = None, resume: bool = False,
-                   progress: Progress | None = None, cancelled: Cancelled | None = None,
+                   progress: ProgressFn | None = None, cancelled: CancelFn | None = None,
                    device: str = "cpu") -> tuple[DDPMInspector, TrainResult]:
     """Train on CATEGORY/train/good (MVTec layout; LayoutError otherwise), save to ``out``.
 

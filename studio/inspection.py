@@ -5,7 +5,6 @@ tests. Model code lives in ``pipelines.ddpm``; this module handles data, files a
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -13,9 +12,9 @@ from typing import Callable
 
 import numpy as np
 
+from pipelines.fileio import atomic_write_json
 from pipelines.imageio import write_png_atomic
-
-ProgressFn = Callable[[float, str], None]
+from pipelines.training import CancelFn, ProgressFn
 
 
 @dataclass
@@ -65,8 +64,7 @@ def _configs(req: DDPMTrainRequest):
     return cfg, tcfg
 
 
-def train_ddpm(req: DDPMTrainRequest, progress: ProgressFn | None = None,
-               cancelled: Callable[[], bool] | None = None,
+def train_ddpm(req: DDPMTrainRequest, progress: ProgressFn | None = None, cancelled: CancelFn | None = None,
                on_model: Callable[[object], None] | None = None) -> dict:
     """Train (or resume) and save the checkpoint; a cancelled run keeps what it learned."""
     from pipelines.ddpm import DDPMInspector
@@ -89,12 +87,14 @@ def train_ddpm(req: DDPMTrainRequest, progress: ProgressFn | None = None,
     summary = {"checkpoint": str(out), "step": result.step, "steps_this_run": result.steps_this_run,
                "seconds": result.seconds, "loss": result.loss, "stopped": result.stopped,
                "losses": result.losses, "parameters": insp.num_parameters, "request": asdict(req)}
-    (out / "training.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_json(out / "training.json", summary, indent=1)
     return summary
 
 
 def evaluate_ddpm(req: DDPMEvalRequest, progress: ProgressFn | None = None,
-                  cancelled: Callable[[], bool] | None = None) -> dict:
+                  cancelled: CancelFn | None = None) -> dict:
+    """Residual maps and metrics of every test image; a cancel raises
+    :class:`pipelines.training.Cancelled` (nothing is written)."""
     from pipelines import metrics as MET
     from pipelines.ddpm import DDPMInspector
     from pipelines.visual import panel
@@ -121,8 +121,8 @@ def evaluate_ddpm(req: DDPMEvalRequest, progress: ProgressFn | None = None,
     metrics = {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in res.metrics.items()}
     summary = {"metrics": metrics, "request": asdict(req), "overlays": overlays,
                "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    (out / "result.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_json(out / "metrics.json", metrics, indent=1)
+    atomic_write_json(out / "result.json", summary, indent=1)
     return summary
 
 
