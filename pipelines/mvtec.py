@@ -47,12 +47,25 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def _mask_for(root: Path, label: str, img: Path) -> Path | None:
-    gt = root / "ground_truth" / label
-    for cand in (gt / f"{img.stem}_mask.png", gt / f"{img.stem}.png", gt / f"{img.stem}_mask{img.suffix}"):
-        if cand.is_file():
-            return cand
+def mask_filename(stem: str) -> str:
+    """The ground-truth file name this studio writes for image ``stem`` (MVTec AD's rule)."""
+    return f"{stem}_mask.png"
+
+
+def find_mask(gt_dir: Path, image: Path | str) -> Path | None:
+    """The one mask-naming rule, for every reader: in ``gt_dir``, ``<stem>_mask.png`` (MVTec AD),
+    then ``<stem>.png`` (VisA, plain folders), then ``<stem>_mask<suffix>``. ``image`` is the
+    image's path or its stem."""
+    p = Path(image)
+    stem, suffix = (p.stem, p.suffix) if p.suffix else (p.name, ".png")
+    for name in (mask_filename(stem), f"{stem}.png", f"{stem}_mask{suffix}"):
+        if (Path(gt_dir) / name).is_file():
+            return Path(gt_dir) / name
     return None
+
+
+def _mask_for(root: Path, label: str, img: Path) -> Path | None:
+    return find_mask(root / "ground_truth" / label, img)
 
 
 def load_category(root: str | Path, require_masks: bool = True, require_test: bool = True) -> Category:
@@ -184,8 +197,8 @@ def load_positives(folder: str | Path, size: int | None, layout: str = "syntheti
             if label_dir.name == "good":
                 continue
             for img in _images(label_dir):
-                cand = folder / gt_root / label_dir.name / f"{img.stem}_mask.png"
-                if cand.is_file():
+                cand = find_mask(folder / gt_root / label_dir.name, img)
+                if cand is not None:
                     s = TestSample(img, label_dir.name, cand)
                     pairs.append((load_image(img, size), load_mask(s, size)))
     if not pairs:

@@ -23,13 +23,10 @@ Errors meant for the user are :class:`StoreError` (a ``ValueError``) with a read
 from __future__ import annotations
 
 import contextlib
-import csv
-import hashlib
 import io
 import json
 import os
 import re
-import shutil
 import sqlite3
 import threading
 import time
@@ -56,7 +53,7 @@ STATUSES = ("candidate", "accepted", "rejected")
 DEFAULT_DEFECT_LABEL = "defect"       # export/class-balance label of a sample without damage_type
 EXPORT_MARKER = ".defect-studio-export.json"
 _TMP_PREFIX = ".tmp-"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 
 IMAGES_COLUMNS = {
     "id": int, "product": str, "split": str, "label": str, "origin": str, "path": str,
@@ -81,20 +78,20 @@ class StoreError(ValueError):
 # --------------------------------------------------------------------------------------------
 # helpers: names, time, hashing, atomic files, image decoding
 # --------------------------------------------------------------------------------------------
-def _now() -> str:
+def now_iso() -> str:
     """ISO-8601 UTC timestamp, e.g. ``2025-01-31T12:00:00.123+00:00``."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _check_name(value: Any, what: str) -> str:
+def check_name(value: Any, what: str) -> str:
     """Product and label names end up in file paths: letters, digits, ``_ . -`` only."""
-    if not isinstance(value, str) or not _NAME_RE.match(value) or ".." in value:
+    if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
         raise StoreError(f"invalid {what} name {value!r}: use 1-100 letters, digits, '_', '-' or '.' "
                          "(starting with a letter or digit)")
     return value
 
 
-def _check_choice(value: Any, choices: tuple[str, ...], what: str) -> str:
+def check_choice(value: Any, choices: tuple[str, ...], what: str) -> str:
     if value not in choices:
         raise StoreError(f"unknown {what} {value!r}; expected one of: {', '.join(choices)}")
     return value
@@ -106,7 +103,7 @@ def _pixel_sha256(arr: np.ndarray) -> str:
     return R.pixel_hash(arr)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # platforms that cannot open a directory (Windows)
@@ -119,7 +116,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either nothing or the whole file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}{path.suffix}"
@@ -133,7 +130,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _png_bytes(arr: np.ndarray) -> bytes:
@@ -173,7 +170,7 @@ def _pil_to_array(im: Image.Image, kind: str) -> np.ndarray:
     return np.asarray(im.convert("L"), dtype=np.uint8)
 
 
-def _decode_file(path: Path, kind: str, max_pixels: int) -> np.ndarray:
+def decode_file(path: Path, kind: str, max_pixels: int) -> np.ndarray:
     """Read an image file fully or raise :class:`StoreError` - never return half an image."""
     path = Path(path)
     if not path.is_file():
@@ -197,10 +194,10 @@ def _decode_file(path: Path, kind: str, max_pixels: int) -> np.ndarray:
         raise StoreError(f"{path.name} is not a readable image ({type(e).__name__}: {e})") from e
 
 
-def _as_rgb(image: Any, max_pixels: int) -> np.ndarray:
+def as_rgb(image: Any, max_pixels: int) -> np.ndarray:
     """``[H x W x 3]`` uint8 from an ndarray (gray, RGB or RGBA), a PIL image or a file path."""
     if isinstance(image, (str, Path)):
-        return _decode_file(Path(image), "rgb", max_pixels)
+        return decode_file(Path(image), "rgb", max_pixels)
     if isinstance(image, Image.Image):
         _check_pixels(image.width, image.height, max_pixels, "image")
         return np.array(_pil_to_array(image, "rgb"))
@@ -219,12 +216,12 @@ def _as_rgb(image: Any, max_pixels: int) -> np.ndarray:
     raise StoreError(f"unsupported image type {type(image).__name__}: pass an ndarray, a PIL image or a path")
 
 
-def _as_mask(mask: Any, shape: tuple[int, int], max_pixels: int) -> np.ndarray | None:
+def as_mask(mask: Any, shape: tuple[int, int], max_pixels: int) -> np.ndarray | None:
     """``[H x W]`` uint8 mask (None stays None). 3-channel → max over channels, RGBA → alpha."""
     if mask is None:
         return None
     if isinstance(mask, (str, Path)):
-        arr = _decode_file(Path(mask), "mask", max_pixels)
+        arr = decode_file(Path(mask), "mask", max_pixels)
     elif isinstance(mask, Image.Image):
         _check_pixels(mask.width, mask.height, max_pixels, "mask")
         arr = _pil_to_array(mask, "mask")
@@ -248,20 +245,20 @@ def _as_mask(mask: Any, shape: tuple[int, int], max_pixels: int) -> np.ndarray |
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _subdirs(folder: Path) -> list[Path]:
+def subdirs(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-class _Report:
+class ImportReport:
     """Accumulates an import report: new rows, duplicates, skipped files with their reason."""
 
     def __init__(self) -> None:
@@ -360,7 +357,7 @@ class Store:
                     conn.execute("ROLLBACK")
                 raise
 
-    def _query(self, sql: str, params: tuple | list | dict = ()) -> list[dict]:
+    def query(self, sql: str, params: tuple | list | dict = ()) -> list[dict]:
         with self._lock:
             self._check_open()
             return list(self.db.query(sql, params))
@@ -400,7 +397,7 @@ class Store:
 
     def _write_png(self, product: str, kind: str, arr: np.ndarray) -> str:
         rel = f"{FILES_DIR}/{product}/{kind}/{uuid.uuid4().hex}.png"
-        _atomic_write(self.root / rel, _png_bytes(arr))
+        atomic_write(self.root / rel, _png_bytes(arr))
         return rel
 
     def _remove_files(self, rels: list[str]) -> None:
@@ -412,7 +409,7 @@ class Store:
         path = self.root / rel
         if not path.is_file():
             raise StoreError(f"the file of {what} is missing: {path}")
-        return _decode_file(path, kind, max(self.max_pixels, MAX_PIXELS))
+        return decode_file(path, kind, max(self.max_pixels, MAX_PIXELS))
 
     # ---- images --------------------------------------------------------------------------------
     def add_image(self, product, image, *, split="train", label="good", origin="real", mask=None,
@@ -422,26 +419,26 @@ class Store:
 
         image: ``[H x W x 3]`` uint8 ndarray, PIL image or path; mask: ``[H x W]`` uint8 or None.
         """
-        image_id, created = self._add_image(product, image, split=split, label=label, origin=origin,
+        image_id, created = self.put_image(product, image, split=split, label=label, origin=origin,
                                             mask=mask, source_path=source_path)
         if created and label != "good" and origin == "real":
             self.assign_missing_roles(product)
         return image_id
 
-    def _add_image(self, product, image, *, split, label, origin, mask, source_path) -> tuple[int, bool]:
+    def put_image(self, product, image, *, split, label, origin, mask, source_path) -> tuple[int, bool]:
         """Returns ``(id, created)``."""
-        _check_name(product, "product")
-        _check_name(label, "label")
-        _check_choice(split, SPLITS, "split")
-        _check_choice(origin, ORIGINS, "origin")
+        check_name(product, "product")
+        check_name(label, "label")
+        check_choice(split, SPLITS, "split")
+        check_choice(origin, ORIGINS, "origin")
         if source_path is None and isinstance(image, (str, Path)):
             source_path = str(image)
-        rgb = _as_rgb(image, self.max_pixels)
-        m = _as_mask(mask, rgb.shape[:2], self.max_pixels)
+        rgb = as_rgb(image, self.max_pixels)
+        m = as_mask(mask, rgb.shape[:2], self.max_pixels)
         sha = _pixel_sha256(rgb)
         key = (product, split, label, sha)
         find = "SELECT id FROM images WHERE product = ? AND split = ? AND label = ? AND sha256 = ?"
-        existing = self._query(find, key)
+        existing = self.query(find, key)
         if existing:
             return existing[0]["id"], False
         written = [self._write_png(product, "images", rgb)]  # 1. files, atomically …
@@ -458,7 +455,7 @@ class Store:
                         "path": written[0], "mask_path": written[1] if m is not None else None,
                         "width": int(rgb.shape[1]), "height": int(rgb.shape[0]), "sha256": sha,
                         "source_path": None if source_path is None else str(source_path),
-                        "created_at": _now(),
+                        "created_at": now_iso(),
                     })
                     image_id, created = int(table.last_pk), True
         except BaseException:
@@ -469,7 +466,7 @@ class Store:
         return image_id, created
 
     def get_image(self, image_id) -> dict:
-        rows = self._query("SELECT * FROM images WHERE id = ?", (_as_id(image_id, "image"),))
+        rows = self.query("SELECT * FROM images WHERE id = ?", (_as_id(image_id, "image"),))
         if not rows:
             raise StoreError(f"unknown image id {image_id}")
         return rows[0]
@@ -488,14 +485,14 @@ class Store:
 
     def list_images(self, product=None, split=None, label=None, origin=None, role=None) -> list[dict]:
         where, params = _where(product=product, split=split, label=label, origin=origin, role=role)
-        return self._query(f"SELECT * FROM images{where} ORDER BY id", params)
+        return self.query(f"SELECT * FROM images{where} ORDER BY id", params)
 
     # ---- data roles (see pipelines.roles) ------------------------------------------------------
     def assign_missing_roles(self, product, fraction: float = R.DEFAULT_REFERENCE_FRACTION) -> int:
         """Give every real defect image of ``product`` that has no role the deterministic rule's
         role (:func:`pipelines.roles.assign_roles` over all real defect images of its type).
         Roles already set (by an earlier import or by the user) are kept. Returns how many were set."""
-        rows = self._query("SELECT id, label, sha256, role FROM images WHERE product = ? AND "
+        rows = self.query("SELECT id, label, sha256, role FROM images WHERE product = ? AND "
                            "origin = 'real' AND label != 'good'", (product,))
         todo = [r for r in rows if r["role"] not in R.ROLES]
         if not todo:
@@ -508,7 +505,7 @@ class Store:
 
     def set_role(self, image_id, role: str) -> dict:
         """Change a real defect image's role ('reference' or 'evaluation')."""
-        _check_choice(role, R.ROLES, "role")
+        check_choice(role, R.ROLES, "role")
         row = self.get_image(image_id)
         if row["label"] == "good" or row["origin"] != "real":
             raise StoreError(f"image {row['id']} is a {row['origin']} '{row['label']}' image: only real "
@@ -526,7 +523,7 @@ class Store:
     def evaluation_hashes(self, product=None) -> set[str]:
         """Pixel hashes of the real images that are only ever scored."""
         where, params = _where(product=product, role=R.EVALUATION)
-        return {r["sha256"] for r in self._query(f"SELECT sha256 FROM images{where}", params)}
+        return {r["sha256"] for r in self.query(f"SELECT sha256 FROM images{where}", params)}
 
     def sample_ancestors(self, sample_id) -> list[str]:
         """Pixel hashes of the real images a sample descends from (source image, donors, the
@@ -535,12 +532,12 @@ class Store:
         return list(row.get("ancestors") or [])
 
     def products(self) -> list[str]:
-        rows = self._query("SELECT product FROM images UNION SELECT product FROM samples ORDER BY 1")
+        rows = self.query("SELECT product FROM images UNION SELECT product FROM samples ORDER BY 1")
         return [r["product"] for r in rows]
 
     def labels(self, product) -> list[str]:
         """Labels of a product's images and sample damage types; 'good' first."""
-        rows = self._query(
+        rows = self.query(
             "SELECT label FROM images WHERE product = ? UNION "
             "SELECT COALESCE(damage_type, ?) FROM samples WHERE product = ?",
             (product, DEFAULT_DEFECT_LABEL, product))
@@ -556,42 +553,42 @@ class Store:
         ancestors: pixel hashes of the real images it descends from (donors, a trained model's
         training images); the source image's hash is added here.
         """
-        _check_name(product, "product")
+        check_name(product, "product")
         if damage_type is not None:
-            _check_name(damage_type, "damage type")
-        _check_choice(status, STATUSES, "status")
+            check_name(damage_type, "damage type")
+        check_choice(status, STATUSES, "status")
         if not isinstance(generator, str) or not generator.strip():
             raise StoreError("generator must be a non-empty name")
-        rgb = _as_rgb(image, self.max_pixels)
+        rgb = as_rgb(image, self.max_pixels)
         if mask is None:
             raise StoreError("a sample needs a mask (H x W uint8)")
-        m = _as_mask(mask, rgb.shape[:2], self.max_pixels)
-        now = _now()
+        m = as_mask(mask, rgb.shape[:2], self.max_pixels)
+        now = now_iso()
         record = {
             "product": product, "damage_type": damage_type,
             "source_image_id": None if source_image_id is None else _as_id(source_image_id, "image"),
             "color": None if color is None else str(color), "generator": generator,
             "generator_version": "" if generator_version is None else str(generator_version),
-            "params": _params_json(params), "seed": _as_seed(seed), "status": status,
+            "params": params_json(params), "seed": as_seed(seed), "status": status,
             "note": "" if note is None else str(note),
             "batch_id": None if batch_id is None else str(batch_id),
             "created_at": now, "updated_at": now, "reviewed_at": None if status == "candidate" else now,
         }
         anc = set(ancestors or ())
         if record["source_image_id"] is not None:
-            hit = self._query("SELECT sha256 FROM images WHERE id = ?", (record["source_image_id"],))
+            hit = self.query("SELECT sha256 FROM images WHERE id = ?", (record["source_image_id"],))
             anc.update(r["sha256"] for r in hit)   # an unknown id is refused by the insert below
         record["ancestors"] = json.dumps(sorted(anc))
-        return self._insert_sample(record, rgb, m)[0]
+        return self.put_sample(record, rgb, m)[0]
 
-    def _insert_sample(self, record: dict, rgb: np.ndarray, mask: np.ndarray,
+    def put_sample(self, record: dict, rgb: np.ndarray, mask: np.ndarray,
                        dedupe: bool = False) -> tuple[int, bool]:
         """Files first, then the row. ``dedupe``: an existing sample with the same product, damage
         type and pixels is returned instead (used by re-imports). Returns ``(id, created)``."""
         product, sha = record["product"], _pixel_sha256(rgb)
         find = "SELECT id FROM samples WHERE product = ? AND damage_type IS ? AND sha256 = ?"
         key = (product, record.get("damage_type"), sha)
-        if dedupe and (hit := self._query(find, key)):
+        if dedupe and (hit := self.query(find, key)):
             return hit[0]["id"], False
         written = [self._write_png(product, "samples", rgb)]  # 1. files, atomically …
         try:
@@ -620,8 +617,8 @@ class Store:
         """'candidate' | 'accepted' | 'rejected'. Accept/reject stamp ``reviewed_at``; going back to
         'candidate' clears it. ``note`` replaces the note unless None. Returns the updated sample."""
         sid = _as_id(sample_id, "sample")
-        _check_choice(status, STATUSES, "status")
-        now = _now()
+        check_choice(status, STATUSES, "status")
+        now = now_iso()
         updates = {"status": status, "updated_at": now,
                    "reviewed_at": None if status == "candidate" else now}
         if note is not None:
@@ -640,26 +637,26 @@ class Store:
 
     def get_sample(self, sample_id) -> dict:
         """The sample row, ``params`` decoded from JSON."""
-        rows = self._query("SELECT * FROM samples WHERE id = ?", (_as_id(sample_id, "sample"),))
+        rows = self.query("SELECT * FROM samples WHERE id = ?", (_as_id(sample_id, "sample"),))
         if not rows:
             raise StoreError(f"unknown sample id {sample_id}")
-        return _decode_sample(rows[0])
+        return decode_sample(rows[0])
 
     def list_samples(self, product=None, status=None, damage_type=None, limit=None, offset=0) -> list[dict]:
         """Newest first."""
         if status is not None:
-            _check_choice(status, STATUSES, "status")
+            check_choice(status, STATUSES, "status")
         where, params = _where(product=product, status=status, damage_type=damage_type)
         page = " LIMIT ? OFFSET ?"
         params += [-1 if limit is None else max(0, int(limit)), max(0, int(offset or 0))]
-        rows = self._query(f"SELECT * FROM samples{where} ORDER BY created_at DESC, id DESC{page}", params)
-        return [_decode_sample(r) for r in rows]
+        rows = self.query(f"SELECT * FROM samples{where} ORDER BY created_at DESC, id DESC{page}", params)
+        return [decode_sample(r) for r in rows]
 
     def samples_in_batch(self, batch_prefix: str) -> list[dict]:
         """Samples whose batch_id starts with ``batch_prefix`` (batch generation, resume)."""
-        rows = self._query("SELECT * FROM samples WHERE batch_id LIKE ? ORDER BY id",
+        rows = self.query("SELECT * FROM samples WHERE batch_id LIKE ? ORDER BY id",
                            [batch_prefix.replace("%", "") + "%"])
-        return [_decode_sample(r) for r in rows]
+        return [decode_sample(r) for r in rows]
 
     def load_sample_image(self, sample_id) -> np.ndarray:
         """``[H x W x 3]`` uint8 RGB."""
@@ -677,11 +674,11 @@ class Store:
         rejected. A sample's label is its damage type ('defect' when it has none); images added with
         origin='synthetic' count as synthetic_accepted."""
         where, params = _where(product=product)
-        image_rows = self._query(
+        image_rows = self.query(
             "SELECT product, label, SUM(origin = 'real' AND split = 'train') AS real_train, "
             "SUM(origin = 'real' AND split = 'test') AS real_test, "
             f"SUM(origin = 'synthetic') AS synthetic FROM images{where} GROUP BY product, label", params)
-        sample_rows = self._query(
+        sample_rows = self.query(
             "SELECT product, COALESCE(damage_type, ?) AS label, "
             "SUM(status = 'accepted') AS accepted, SUM(status = 'candidate') AS candidates, "
             f"SUM(status = 'rejected') AS rejected FROM samples{where} GROUP BY 1, 2",
@@ -703,314 +700,48 @@ class Store:
             b["rejected"] += r["rejected"] or 0
         return [table[k] for k in sorted(table, key=lambda k: (k[0], k[1] != "good", k[1]))]
 
-    # ---- import --------------------------------------------------------------------------------
-    def _import_image(self, report: _Report, path: Path, product: str, split: str, label: str,
-                      mask_path: Path | None, binarize_mask: bool = False) -> None:
-        try:
-            mask = None
-            if mask_path is not None:
-                mask = _decode_file(mask_path, "mask", self.max_pixels)
-                if binarize_mask:
-                    mask = np.where(mask > 0, 255, 0).astype(np.uint8)
-            image_id, created = self._add_image(product, path, split=split, label=label, origin="real",
-                                                mask=mask, source_path=str(path))
-        except StoreError as e:
-            report.skipped.append((str(path), str(e)))
-            return
-        report.ids[path] = image_id
-        if created:
-            report.images += 1
-        else:
-            report.duplicates += 1
-
+    # ---- import / export: the formats live in studio.formats ------------------------------------
     def import_mvtec(self, category_dir, product=None) -> dict:
-        """Import an MVTec AD category folder (and the synthetic part of an :meth:`export_mvtec`).
-
-        Reads ``train/<label>/*``, ``test/<label>/*`` with ``ground_truth/<label>/<stem>_mask.png``
-        (``train_ground_truth`` for masked train images), ``synthetic/<label>/*`` with
-        ``synthetic_ground_truth/<label>/<stem>_mask.png`` and ``provenance.jsonl``. Idempotent.
-        Returns ``{'imported', 'images', 'samples', 'duplicates', 'skipped': [(path, reason)]}``.
-        """
-        root = Path(category_dir).expanduser()
-        if not root.is_dir():
-            raise StoreError(f"{root} is not a folder")
-        if not any((root / d).is_dir() for d in ("train", "test", "synthetic")):
-            raise StoreError(f"{root} does not look like an MVTec AD category: no train/ or test/ folder")
-        product = _check_name(product or root.name, "product")
-        report = _Report()
-        for split, gt_name in (("train", "train_ground_truth"), ("test", "ground_truth")):
-            for label_dir in _subdirs(root / split):
-                label = label_dir.name
-                if not _NAME_RE.match(label):
-                    report.skipped.append((str(label_dir), f"invalid label folder name {label!r}"))
-                    continue
-                for f in _image_files(label_dir):
-                    self._import_image(report, f, product, split, label,
-                                       _find_mask(root / gt_name / label, f.stem))
-        self._import_synthetic(report, root, product)
-        self._roles_after_import(report, root, product)
-        return report.as_dict(product=product)
-
-    def _roles_after_import(self, report: _Report, root: Path, product: str) -> None:
-        """A folder's ``evaluation.txt`` (written by exports) decides the roles of the images it
-        brought; every other real defect image without a role gets the deterministic rule's."""
-        listed = R.read_evaluation_file(root)
-        if listed is not None:
-            ids = {path: i for path, i in report.ids.items()}
-            with self._write() as db:
-                for path, image_id in ids.items():
-                    row = db["images"].get(image_id)
-                    if row["label"] == "good" or row["origin"] != "real":
-                        continue
-                    rel = path.relative_to(root).as_posix()
-                    db["images"].update(image_id, {"role": R.EVALUATION if rel in listed else R.REFERENCE})
-        self.assign_missing_roles(product)
-
-    def _import_synthetic(self, report: _Report, root: Path, product: str) -> None:
-        provenance: dict[str, dict] = {}
-        prov_file = root / "provenance.jsonl"
-        if prov_file.is_file():
-            for n, line in enumerate(prov_file.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    provenance[str(rec["file"])] = rec
-                except (ValueError, KeyError, TypeError) as e:
-                    report.skipped.append((f"{prov_file}:{n}", f"bad provenance line ({e})"))
-        for label_dir in _subdirs(root / "synthetic"):
-            label = label_dir.name
-            for f in _image_files(label_dir):
-                rec = provenance.get(f"synthetic/{label}/{f.name}", {})
-                try:
-                    created = self._import_one_synthetic(root, product, label, f, rec)
-                except StoreError as e:
-                    report.skipped.append((str(f), str(e)))
-                    continue
-                if created:
-                    report.samples += 1
-                else:
-                    report.duplicates += 1
-
-    def _import_one_synthetic(self, root: Path, product: str, label: str, f: Path, rec: dict) -> bool:
-        mask_file = _find_mask(root / "synthetic_ground_truth" / label, f.stem)
-        if mask_file is None:
-            raise StoreError(f"no mask for {f.name} in synthetic_ground_truth/{label}/")
-        rgb = _decode_file(f, "rgb", self.max_pixels)
-        mask = _as_mask(_decode_file(mask_file, "mask", self.max_pixels), rgb.shape[:2], self.max_pixels)
-        damage_type = rec.get("damage_type", label) if rec else label
-        if damage_type is not None:
-            _check_name(damage_type, "damage type")
-        source_id = None
-        src = rec.get("source_image") or {}
-        if isinstance(src, dict) and src.get("sha256"):
-            hit = self._query("SELECT id FROM images WHERE product = ? AND sha256 = ? ORDER BY id LIMIT 1",
-                              (product, src["sha256"]))
-            source_id = hit[0]["id"] if hit else None
-        now = _now()
-        params = rec.get("params", {})
-        record = {
-            "product": product, "damage_type": damage_type, "source_image_id": source_id,
-            "color": rec.get("color"), "generator": str(rec.get("generator") or "external"),
-            "generator_version": str(rec.get("generator_version") or ""),
-            "params": _params_json(params if isinstance(params, dict) else {"value": params}),
-            "seed": _as_seed(rec.get("seed", 0)), "status": "accepted",
-            "note": str(rec.get("note") or ("imported without provenance" if not rec else "")),
-            "batch_id": rec.get("batch_id"),
-            "created_at": _iso_or(rec.get("created_at"), now), "updated_at": _iso_or(rec.get("updated_at"), now),
-            "reviewed_at": _iso_or(rec.get("reviewed_at"), now),
-        }
-        anc = {a for a in rec.get("descends_from") or [] if isinstance(a, str)}
-        if isinstance(src, dict) and src.get("sha256"):
-            anc.add(src["sha256"])
-        record["ancestors"] = json.dumps(sorted(anc))
-        return self._insert_sample(record, rgb, mask, dedupe=True)[1]
+        """Import an MVTec AD category folder (see :func:`studio.formats.mvtec.import_category`)."""
+        from studio.formats import mvtec
+        return mvtec.import_category(self, category_dir, product)
 
     def import_visa(self, category_dir, product=None) -> dict:
-        """Import a VisA category: ``Data/Images/Normal/*``, ``Data/Images/Anomaly/*`` and
-        ``Data/Masks/Anomaly/<stem>.png``; splits from ``split_csv/1cls.csv`` (in the category or its
-        parent; columns object,split,label,image,mask) when present, else normal → train/good and
-        anomaly → test/anomaly. Masks are binarised to 0/255."""
-        root = Path(category_dir).expanduser()
-        images_dir = root / "Data" / "Images"
-        if not images_dir.is_dir():
-            raise StoreError(f"{root} does not look like a VisA category: no Data/Images folder")
-        product = _check_name(product or root.name, "product")
-        report = _Report()
-        entries = self._visa_csv_entries(root, report)
-        split_source = "csv" if entries else "folders"
-        if not entries:
-            masks_dir = root / "Data" / "Masks" / "Anomaly"
-            entries = [(f, "train", "good", None) for f in _image_files(images_dir / "Normal")]
-            entries += [(f, "test", "anomaly", _find_mask(masks_dir, f.stem))
-                        for f in _image_files(images_dir / "Anomaly")]
-        for path, split, label, mask in entries:
-            self._import_image(report, path, product, split, label, mask, binarize_mask=True)
-        self.assign_missing_roles(product)
-        return report.as_dict(product=product, split_source=split_source)
+        """Import a VisA category (see :func:`studio.formats.visa.import_category`)."""
+        from studio.formats import visa
+        return visa.import_category(self, category_dir, product)
 
-    def _visa_csv_entries(self, root: Path, report: _Report) -> list[tuple[Path, str, str, Path | None]]:
-        csv_path = next((p for p in (root / "split_csv" / "1cls.csv", root.parent / "split_csv" / "1cls.csv")
-                         if p.is_file()), None)
-        if csv_path is None:
-            return []
-        entries = []
-        with open(csv_path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            missing = {"split", "label", "image"} - set(reader.fieldnames or [])
-            if missing:
-                raise StoreError(f"{csv_path} lacks the column(s) {', '.join(sorted(missing))}")
-            for row in reader:
-                if (row.get("object") or root.name).strip() != root.name:
-                    continue
-                split = (row["split"] or "").strip().lower()
-                image = _resolve_visa(root, row["image"])
-                if split not in SPLITS:
-                    report.skipped.append((str(image), f"unknown split {row['split']!r} in {csv_path.name}"))
-                    continue
-                label = "good" if (row["label"] or "").strip().lower() == "normal" else "anomaly"
-                mask = _resolve_visa(root, row["mask"]) if (row.get("mask") or "").strip() else None
-                entries.append((image, split, label, mask))
-        return entries
+    def import_ksdd2(self, folder, product="ksdd2") -> dict:
+        """Import a KolektorSDD2 folder (see :func:`studio.formats.ksdd2.import_folder`)."""
+        from studio.formats import ksdd2
+        return ksdd2.import_folder(self, folder, product)
 
     def import_folder(self, folder, product, split="train", label="good") -> dict:
-        """Import every image file directly in ``folder`` (not recursive). Files with other
-        extensions, unreadable, corrupt or too-large images are skipped and reported."""
-        folder = Path(folder).expanduser()
-        if not folder.is_dir():
-            raise StoreError(f"{folder} is not a folder")
-        _check_name(product, "product")
-        _check_name(label, "label")
-        _check_choice(split, SPLITS, "split")
-        report = _Report()
-        for f in sorted(folder.iterdir()):
-            if f.name.startswith(".") or f.is_dir():
-                continue
-            if f.suffix.lower() not in IMAGE_EXTENSIONS:
-                report.skipped.append((str(f), f"not an image file (extension {f.suffix or 'none'!r} "
-                                               f"is not one of {', '.join(IMAGE_EXTENSIONS)})"))
-                continue
-            self._import_image(report, f, product, split, label, None)
-        self.assign_missing_roles(product)
-        return report.as_dict(product=product)
+        """Import every image file directly in ``folder`` (see :func:`studio.formats.folder.import_images`)."""
+        from studio.formats import folder as plain
+        return plain.import_images(self, folder, product, split, label)
 
-    # ---- export --------------------------------------------------------------------------------
     def export_mvtec(self, out_dir, product) -> dict:
-        """Write ``OUT/<product>/`` in MVTec AD layout: real images to ``train/<label>``,
-        ``test/<label>/NNN.png`` + ``ground_truth/<label>/NNN_mask.png``; accepted samples to
-        ``synthetic/<label>/NNN.png`` + ``synthetic_ground_truth/<label>/NNN_mask.png`` with one
-        ``provenance.jsonl`` line each. Built in a temporary folder and swapped in; an existing
-        target is only replaced when it is a previous export of this studio."""
-        _check_name(product, "product")
-        images = self.list_images(product=product)
-        samples = self._query("SELECT * FROM samples WHERE product = ? AND status = 'accepted' ORDER BY id",
-                              (product,))
-        if not images and not samples:
-            raise StoreError(f"nothing to export for product {product!r}")
-        out_dir = Path(out_dir).expanduser()
-        target = out_dir / product
-        if target.exists() and not (target / EXPORT_MARKER).is_file():
-            raise StoreError(f"{target} exists and is not a previous Defect Studio export; "
-                             "choose an empty output folder")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / f".{product}.export-{uuid.uuid4().hex[:8]}"
-        counters: dict[tuple[str, str], int] = {}
-        counts = {"train": 0, "test": 0, "masks": 0, "synthetic": 0}
+        """Write ``OUT/<product>/`` in MVTec AD layout (see :func:`studio.formats.mvtec.export_product`)."""
+        from studio.formats import mvtec
+        return mvtec.export_product(self, out_dir, product)
 
-        def next_name(folder: str, label: str) -> str:
-            n = counters.get((folder, label), 0)
-            counters[(folder, label)] = n + 1
-            return f"{n:03d}"
-
-        def copy(rel: str, dest: Path) -> None:
-            src = self.root / rel
-            if not src.is_file():
-                raise StoreError(f"cannot export: the file {src} is missing (see dangling_rows())")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dest)
-
-        try:
-            tmp.mkdir()
-            exported: dict[int, dict] = {}
-            provenance: list[dict] = []
-            for r in images:
-                if r["origin"] != "real":
-                    continue
-                name = next_name(r["split"], r["label"])
-                rel = f"{r['split']}/{r['label']}/{name}.png"
-                copy(r["path"], tmp / rel)
-                counts[r["split"]] += 1
-                if r["mask_path"]:
-                    gt = "ground_truth" if r["split"] == "test" else "train_ground_truth"
-                    copy(r["mask_path"], tmp / gt / r["label"] / f"{name}_mask.png")
-                    counts["masks"] += 1
-                exported[r["id"]] = {"file": rel, "sha256": r["sha256"], "role": r.get("role")}
-            for r in images:  # images added with origin='synthetic': no generator provenance
-                if r["origin"] == "synthetic":
-                    entry = {"generator": "external", "generator_version": "", "params": {}, "seed": 0,
-                             "damage_type": r["label"], "note": f"external synthetic image {r['source_path'] or ''}".strip(),
-                             "created_at": r["created_at"], "updated_at": r["created_at"],
-                             "reviewed_at": r["created_at"]}
-                    provenance.append(self._export_synthetic(tmp, r["label"], r["path"], r["mask_path"],
-                                                             entry, next_name, copy))
-            for s in samples:
-                s = _decode_sample(s)
-                src = exported.get(s["source_image_id"]) if s["source_image_id"] is not None else None
-                entry = {k: s[k] for k in ("damage_type", "color", "generator", "generator_version", "params",
-                                            "seed", "note", "batch_id", "created_at", "updated_at",
-                                            "reviewed_at", "width", "height")}
-                entry["sample_id"] = s["id"]
-                entry["descends_from"] = s["ancestors"]
-                entry["source_image"] = ({**src, "id": s["source_image_id"]} if src else
-                                         None if s["source_image_id"] is None else {"id": s["source_image_id"]})
-                label = s["damage_type"] or DEFAULT_DEFECT_LABEL
-                provenance.append(self._export_synthetic(tmp, label, s["image_path"], s["mask_path"],
-                                                         entry, next_name, copy))
-            counts["synthetic"] = len(provenance)
-            evaluated = sorted(e["file"] for e in exported.values() if e.get("role") == R.EVALUATION)
-            _atomic_write(tmp / R.EVALUATION_FILE, "".join(
-                [f"# Defect Studio data roles: these real defect images are only ever scored; every other\n"
-                 f"# real defect image here is 'reference' (may be learned from or copied).\n"]
-                + [f + "\n" for f in evaluated]).encode())
-            counts["evaluation"] = len(evaluated)
-            _atomic_write(tmp / "provenance.jsonl",
-                          "".join(json.dumps(p, sort_keys=True) + "\n" for p in provenance).encode())
-            _atomic_write(tmp / EXPORT_MARKER, json.dumps(
-                {"product": product, "exported_at": _now(), "workspace": str(self.root), **counts},
-                indent=1).encode())
-            if target.exists():
-                old = out_dir / f".{product}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-            _fsync_dir(out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return {"path": str(target), "product": product, **counts}
-
-    @staticmethod
-    def _export_synthetic(tmp: Path, label: str, image_rel: str, mask_rel: str | None, entry: dict,
-                          next_name, copy) -> dict:
-        name = next_name("synthetic", label)
-        rel = f"synthetic/{label}/{name}.png"
-        copy(image_rel, tmp / rel)
-        mask = None
-        if mask_rel:
-            mask = f"synthetic_ground_truth/{label}/{name}_mask.png"
-            copy(mask_rel, tmp / mask)
-        return {"file": rel, "mask": mask, "label": label, **entry}
+    def set_roles(self, roles: dict[int, str]) -> None:
+        """Set the data role of several real defect images at once (one transaction)."""
+        for role in roles.values():
+            check_choice(role, R.ROLES, "role")
+        with self._write() as db:
+            for image_id, role in roles.items():
+                db["images"].update(int(image_id), {"role": role})
 
     # ---- maintenance -----------------------------------------------------------------------------
     def integrity_check(self) -> str:
         """Result of ``PRAGMA integrity_check``: 'ok' when the database is sound."""
-        rows = self._query("PRAGMA integrity_check")
+        rows = self.query("PRAGMA integrity_check")
         return "\n".join(str(next(iter(r.values()))) for r in rows)
 
     def _referenced_files(self) -> list[tuple[str, int, str]]:
-        rows = self._query(
+        rows = self.query(
             "SELECT 'images' AS tbl, id, path AS rel FROM images UNION ALL "
             "SELECT 'images', id, mask_path FROM images WHERE mask_path IS NOT NULL UNION ALL "
             "SELECT 'samples', id, image_path FROM samples UNION ALL "
@@ -1053,7 +784,7 @@ def _as_id(value: Any, what: str) -> int:
         raise StoreError(f"invalid {what} id {value!r}") from None
 
 
-def _as_seed(seed: Any) -> int:
+def as_seed(seed: Any) -> int:
     if isinstance(seed, bool):
         raise StoreError(f"seed must be an integer, got {seed!r}")
     try:
@@ -1074,7 +805,7 @@ def _json_default(o: Any):
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
-def _params_json(params: Any) -> str:
+def params_json(params: Any) -> str:
     if params is None:
         params = {}
     if not isinstance(params, dict):
@@ -1085,14 +816,14 @@ def _params_json(params: Any) -> str:
         raise StoreError(f"params cannot be stored as JSON: {e}") from e
 
 
-def _decode_sample(row: dict) -> dict:
+def decode_sample(row: dict) -> dict:
     row = dict(row)
     row["params"] = json.loads(row["params"]) if row.get("params") else {}
     row["ancestors"] = json.loads(row["ancestors"]) if row.get("ancestors") else []
     return row
 
 
-def _iso_or(value: Any, default: str) -> str:
+def iso_or(value: Any, default: str) -> str:
     if isinstance(value, str):
         try:
             datetime.fromisoformat(value)
@@ -1109,19 +840,3 @@ def _where(**filters) -> tuple[str, list]:
             clauses.append(f"{col} = ?")
             params.append(value)
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
-
-
-def _find_mask(folder: Path, stem: str) -> Path | None:
-    for name in (f"{stem}_mask.png", f"{stem}.png"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def _resolve_visa(root: Path, rel: str) -> Path:
-    """VisA's csv paths start at the dataset root (``candle/Data/Images/...``)."""
-    rel_path = Path(rel.strip())
-    candidates = [root.parent / rel_path, root / rel_path]
-    if len(rel_path.parts) > 1:
-        candidates.append(root / Path(*rel_path.parts[1:]))
-    return next((c for c in candidates if c.is_file()), candidates[0])

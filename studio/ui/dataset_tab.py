@@ -8,6 +8,7 @@ import gradio as gr
 
 from pipelines.roles import DEFAULT_REFERENCE_FRACTION, ROLES
 from studio.context import StudioContext
+from studio.formats import KINDS
 
 ALL = "(all)"
 COLUMNS = ["id", "product", "damage_type", "color", "generator", "seed", "status", "note", "created_at"]
@@ -82,8 +83,8 @@ def build(ctx: StudioContext) -> dict:
         role_status = gr.Markdown(elem_id="ds-role-status")
     with gr.Accordion("Import / export", open=False):
         with gr.Row():
-            import_path = gr.Textbox(label="Folder to import (MVTec AD or VisA category, or plain images)")
-            import_kind = gr.Dropdown(["auto", "mvtec", "visa", "folder"], value="auto", label="Layout")
+            import_path = gr.Textbox(label="Folder to import (MVTec AD / VisA category, KolektorSDD2, or plain images)")
+            import_kind = gr.Dropdown(list(KINDS), value="auto", label="Layout")
             import_product = gr.Textbox(label="Product (plain folders)")
             import_btn = gr.Button("Import")
         with gr.Row():
@@ -125,21 +126,12 @@ def build(ctx: StudioContext) -> dict:
     def do_import(path, kind, product):
         if not path or not Path(path).expanduser().is_dir():
             raise gr.Error(f"{path!r} is not a folder on the server")
-        src = Path(path).expanduser()
+        from studio.formats import import_any
         try:
-            if kind == "auto":
-                kind = "mvtec" if (src / "train").is_dir() else "visa" if (src / "Data").is_dir() else "folder"
-            if kind == "mvtec":
-                rep = store.import_mvtec(src, product=product or None)
-            elif kind == "visa":
-                rep = store.import_visa(src, product=product or None)
-            else:
-                if not product:
-                    raise gr.Error("Give a product name for a plain folder of images")
-                rep = store.import_folder(src, product)
+            rep = import_any(store, path, kind, product or None)
         except ValueError as exc:
             raise gr.Error(str(exc)) from exc
-        return f"Imported ({kind}): `{json.dumps(rep, default=str)[:800]}`", \
+        return f"Imported ({rep['kind']}): `{json.dumps(rep, default=str)[:800]}`", \
             gr.update(choices=[ALL, *store.products()])
 
     def do_export(path, p, fmt="MVTec AD"):
@@ -149,7 +141,7 @@ def build(ctx: StudioContext) -> dict:
             raise gr.Error("Pick one product to export")
         try:
             if fmt.startswith("COCO"):
-                from studio.coco import export_coco
+                from studio.formats.coco import export_coco
                 rep = export_coco(store, p, Path(path).expanduser())
             else:
                 rep = store.export_mvtec(Path(path).expanduser(), p)

@@ -1,0 +1,47 @@
+"""Dataset formats, each in its own module: MVTec AD (import + export), VisA, KolektorSDD2 and plain
+folders (import), COCO (export). They use the store's public API only; the store
+(:mod:`studio.dataset`) keeps only the store. :func:`import_any` is what the CLI's ``import`` and
+the Dataset tab call."""
+from __future__ import annotations
+
+from pathlib import Path
+
+KINDS = ("auto", "mvtec", "visa", "ksdd2", "folder")
+
+
+def detect(path: str | Path) -> str:
+    """The layout of a folder: ``ksdd2`` (``train/*_GT.png``), ``mvtec`` (``train/`` or ``test/``
+    sub-folders), ``visa`` (``Data/Images``), else a plain ``folder`` of images."""
+    src = Path(path)
+    for split in ("train", "test"):
+        if (src / split).is_dir() and any(p.stem.endswith("_GT") for p in (src / split).glob("*_GT.*")):
+            return "ksdd2"
+    if (src / "train").is_dir() or (src / "test").is_dir():
+        return "mvtec"
+    if (src / "Data" / "Images").is_dir():
+        return "visa"
+    return "folder"
+
+
+def import_any(store, path, kind: str = "auto", product: str | None = None, split: str = "train",
+               label: str = "good") -> dict:
+    """Import ``path`` in layout ``kind`` (``auto``: :func:`detect`); returns the import report
+    with ``kind`` added. A plain folder needs a product name."""
+    from studio.dataset import StoreError
+    if kind not in KINDS:
+        raise StoreError(f"unknown layout {kind!r}; known: {', '.join(KINDS)}")
+    src = Path(path).expanduser()
+    if not src.is_dir():
+        raise StoreError(f"{src} is not a folder")
+    kind = detect(src) if kind == "auto" else kind
+    if kind == "mvtec":
+        report = store.import_mvtec(src, product=product or None)
+    elif kind == "visa":
+        report = store.import_visa(src, product=product or None)
+    elif kind == "ksdd2":
+        report = store.import_ksdd2(src, product=product or src.name)
+    else:
+        if not product:
+            raise StoreError("give a product name to import a plain folder of images")
+        report = store.import_folder(src, product, split=split, label=label)
+    return {**report, "kind": kind}

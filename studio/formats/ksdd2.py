@@ -1,0 +1,54 @@
+"""KolektorSDD2 layout: ``train/NNNNN.png`` with ``train/NNNNN_GT.png``, the same under ``test/``;
+a ground truth with no white pixel marks a good image. Defects get the label ``defect`` (the data
+set has one class); masks are binarised to 0/255."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from studio.dataset import SPLITS, ImportReport, StoreError, check_name, decode_file, image_files
+
+GT_SUFFIX = "_GT"
+DEFECT_LABEL = "defect"
+
+
+def _pairs(folder: Path, report: ImportReport) -> list[tuple[Path, Path | None]]:
+    out = []
+    for f in image_files(folder):
+        if f.stem.endswith(GT_SUFFIX):
+            continue
+        gt = next((c for c in (folder / f"{f.stem}{GT_SUFFIX}.png", folder / f"{f.stem}{GT_SUFFIX}{f.suffix}")
+                   if c.is_file()), None)
+        if gt is None:
+            report.skipped.append((str(f), f"no ground truth {f.stem}{GT_SUFFIX}.png beside it"))
+            continue
+        out.append((f, gt))
+    return out
+
+
+def import_folder(store, folder, product="ksdd2") -> dict:
+    """Import ``folder/{train,test}``; good images → ``<split>/good``, defects → ``<split>/defect``."""
+    root = Path(folder).expanduser()
+    if not any((root / s).is_dir() for s in SPLITS):
+        raise StoreError(f"{root} does not look like KolektorSDD2: no train/ or test/ folder")
+    product = check_name(product, "product")
+    report = ImportReport()
+    for split in SPLITS:
+        if not (root / split).is_dir():
+            continue
+        for img, gt in _pairs(root / split, report):
+            try:
+                mask = np.where(decode_file(gt, "mask", store.max_pixels) > 0, 255, 0).astype(np.uint8)
+                defect = bool(mask.any())
+                image_id, created = store.put_image(
+                    product, img, split=split, label=DEFECT_LABEL if defect else "good", origin="real",
+                    mask=mask if defect else None, source_path=str(img))
+            except StoreError as e:
+                report.skipped.append((str(img), str(e)))
+                continue
+            report.ids[img] = image_id
+            report.images += int(created)
+            report.duplicates += int(not created)
+    store.assign_missing_roles(product)
+    return report.as_dict(product=product)
