@@ -2,8 +2,9 @@
 
 One recipe for every file the project writes (checkpoints, configs, pointers, PNGs, JSON):
 
-    1. write to a temp file in the *same* folder (``.NAME.XXXXXXXX.tmp``; same file system, so
-       the rename below is atomic), flush and ``fsync`` it;
+    1. write to a temp file in the *same* folder (``.NAME.XXXXXXXX.tmp``, created exclusively with
+       the usual umask permissions, like a plain ``open``; same file system, so the rename below
+       is atomic), flush and ``fsync`` it;
     2. ``os.replace`` it onto the target;
     3. ``fsync`` the folder, so the rename itself survives a power cut.
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -43,9 +44,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_open writes a whole file: mode 'wb' or 'w', not {mode!r}")
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    fh = open(tmp, mode.replace("w", "x"), **({} if mode == "wb" else {"encoding": "utf-8"}))
     try:
-        with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as fh:
+        with fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())

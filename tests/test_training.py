@@ -34,6 +34,12 @@ def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
     assert _names(tmp_path) == ["config.json", "w.bin"]
 
 
+def test_atomic_files_get_the_permissions_of_a_plain_open(tmp_path):
+    (tmp_path / "plain").write_bytes(b"x")
+    fileio.atomic_write_bytes(tmp_path / "atomic", b"x")
+    assert (tmp_path / "atomic").stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
 def test_write_failing_midway_keeps_the_old_file_and_no_partial_one(tmp_path):
     target = tmp_path / "model.safetensors"
     target.write_bytes(b"old complete file")
