@@ -172,13 +172,10 @@ def availability(sources: dict[str, Any] | None = None) -> dict[str, tuple[bool,
 # --------------------------------------------------------------------------------------------
 # Loading (cached per kind + folder + device + dtype)
 # --------------------------------------------------------------------------------------------
-_cache: dict[tuple, Any] = {}
-_lock = threading.Lock()
-
-
 def clear_cache() -> None:
-    with _lock:
-        _cache.clear()
+    """Drop every loaded diffusers model (they live in :data:`pipelines.model_manager.MANAGER`)."""
+    from pipelines.model_manager import MANAGER
+    MANAGER.clear("diffusers")
 
 
 def _wrap_load_error(what: str, folder: Path, exc: Exception) -> ModelError:
@@ -209,12 +206,8 @@ def default_device() -> str:
 
 
 def _cached(key: tuple, build):
-    with _lock:
-        if key in _cache:
-            return _cache[key]
-    obj = build()
-    with _lock:
-        return _cache.setdefault(key, obj)
+    from pipelines.model_manager import MANAGER
+    return MANAGER.get(("diffusers", *key), build, group="diffusers")
 
 
 def _load_sd(kind: str, cls_name: str, in_channels: int, source, device, dtype, tag: str = ""):
@@ -325,6 +318,9 @@ def check_safetensors(path: str | os.PathLike, what: str = "weight file") -> dic
     except Exception as exc:   # noqa: BLE001
         raise ModelError(f"{what} {p.name} is corrupt or not a safetensors file "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+
+
+_lock = threading.Lock()     # guards the per-pipeline locks below
 
 
 def pipe_lock(pipe) -> threading.RLock:
