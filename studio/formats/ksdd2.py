@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from studio.dataset import SPLITS, ImportReport, StoreError, check_name, decode_file, image_files
+from studio.dataset import ImportReport, StoreError, check_name, decode_file, image_files
 
 GT_SUFFIX = "_GT"
 DEFECT_LABEL = "defect"
@@ -30,11 +30,11 @@ def _pairs(folder: Path, report: ImportReport) -> list[tuple[Path, Path | None]]
 def import_folder(store, folder, product="ksdd2") -> dict:
     """Import ``folder/{train,test}``; good images → ``<split>/good``, defects → ``<split>/defect``."""
     root = Path(folder).expanduser()
-    if not any((root / s).is_dir() for s in SPLITS):
+    if not any((root / s).is_dir() for s in ("train", "test")):
         raise StoreError(f"{root} does not look like KolektorSDD2: no train/ or test/ folder")
     product = check_name(product, "product")
     report = ImportReport()
-    for split in SPLITS:
+    for split in ("train", "test"):
         if not (root / split).is_dir():
             continue
         for img, gt in _pairs(root / split, report):

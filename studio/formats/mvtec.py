@@ -152,7 +152,7 @@ def export_product(store, out_dir, product) -> dict:
     try:
         tmp.mkdir()
         w = _Writer(store, tmp)
-        exported = w.real_images([r for r in images if r["origin"] == "real"])
+        exported = w.real_images([r for r in images if r["origin"] == "real" and r["split"] in ("train", "test")])
         w.external_synthetic([r for r in images if r["origin"] == "synthetic"])
         w.samples([decode_sample(s) for s in samples], exported)
         w.manifests(product, exported)

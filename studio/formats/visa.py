@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 from pipelines.mvtec import find_mask
-from studio.dataset import SPLITS, ImportReport, StoreError, check_name, image_files
+from studio.dataset import ImportReport, StoreError, check_name, image_files
 from studio.formats.common import import_image
 
 
@@ -50,7 +50,7 @@ def _visa_csv_entries(root: Path, report: ImportReport) -> list[tuple[Path, str,
                 continue
             split = (row["split"] or "").strip().lower()
             image = _resolve_visa(root, row["image"])
-            if split not in SPLITS:
+            if split not in ("train", "test"):
                 report.skipped.append((str(image), f"unknown split {row['split']!r} in {csv_path.name}"))
                 continue
             label = "good" if (row["label"] or "").strip().lower() == "normal" else "anomaly"

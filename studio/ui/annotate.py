@@ -6,6 +6,7 @@ the result; all logic lives in ``studio.services`` and ``pipelines``.
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import gradio as gr
 import numpy as np
@@ -138,238 +139,275 @@ def backend_help(bk: str | None) -> str:
     return f"{head}  \n{'✅ ' + message if ok else '⚠️ unavailable: ' + message}"
 
 
+# -- handlers: module level, each takes the context first (testable without a server) ----------
+def image_choices(ctx: StudioContext, product: str | None) -> list[tuple[str, int]]:
+    if not product:
+        return []
+    return [(f"#{r['id']} {r['split']}/{r['label']} {os.path.basename(r.get('source_path') or r['path'])}",
+             int(r["id"])) for r in ctx.store.list_images(product=product)]
+
+
+def damage_choices(ctx: StudioContext, product: str | None) -> list[str]:
+    return list(ctx.catalog().damage_types(product)) if product else [GOOD]
+
+
+def default_damage(ctx: StudioContext, product: str | None) -> str:
+    return next((t for t in damage_choices(ctx, product) if t != GOOD), GOOD)
+
+
+def on_product(ctx: StudioContext, p):
+    return (gr.update(choices=image_choices(ctx, p), value=None),
+            gr.update(choices=damage_choices(ctx, p), value=default_damage(ctx, p)))
+
+
+def on_pick(ctx: StudioContext, image_id, feather_px):
+    if not image_id:
+        return gr.update(), 0, None, ""
+    try:
+        img = ctx.store.load_image(int(image_id))
+        gt = ctx.store.load_mask(int(image_id))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise gr.Error(f"No image #{image_id} in the dataset ({exc})") from exc
+    note_txt = f"Loaded image #{int(image_id)} ({img.shape[1]}×{img.shape[0]})"
+    if gt is not None and gt.any():
+        note_txt += " — its ground-truth mask is shown as a starting point"
+    return _editor_value(img, gt), int(image_id), _preview(img, gt, feather_px), note_txt
+
+
+def on_upload(ctx: StudioContext, path, p, feather_px):
+    """An uploaded photo becomes an image of the chosen product (split 'upload': a source to paint
+    on, never a training or test image)."""
+    if not path:
+        return gr.update(), gr.update(), gr.update(), ""
+    limit = ctx.settings.max_upload_mb * 1024 * 1024
+    if os.path.getsize(path) > limit:
+        raise gr.Error(f"{os.path.basename(path)} is {os.path.getsize(path) / 2**20:.1f} MB, over "
+                       f"the {ctx.settings.max_upload_mb:g} MB upload limit")
+    try:
+        img = read_rgb(path, ctx.settings.max_pixels)
+        new_id = ctx.store.add_image(p or "unsorted", img, split="upload", label=GOOD, origin="real",
+                                     source_path=os.path.basename(path))
+    except (ImageInputError, ValueError) as exc:
+        raise gr.Error(str(exc)) from exc
+    return (_editor_value(img, None), new_id, _preview(img, None, feather_px),
+            f"Uploaded {os.path.basename(path)} as image #{new_id} ({img.shape[1]}×{img.shape[0]})")
+
+
+def current_image(ctx: StudioContext, editor_value, src_id):
+    """The source image (from the store, or the editor's background) and the painted mask."""
+    image = ctx.store.load_image(int(src_id)) if src_id else _background(editor_value)
+    if image is None:
+        raise gr.Error("Pick an image from the dataset or upload one first")
+    mask = M.mask_from_editor(editor_value, shape=image.shape[:2]) if editor_value else None
+    return image, mask
+
+
+def apply_mask_op(op: str, image: np.ndarray, mask: np.ndarray | None, size: int, damage: str | None,
+                  rng: np.random.Generator | None = None) -> np.ndarray:
+    mask = mask if mask is not None else M.clear(image.shape[:2])
+    if op == "dilate":
+        return M.dilate(mask, int(size))
+    if op == "erode":
+        return M.erode(mask, int(size))
+    if op == "invert":
+        return M.invert(mask)
+    if op == "clear":
+        return M.clear(image.shape[:2])
+    if op == "random":
+        from pipelines.classical import style_for
+        return M.random_mask(style_for(damage or "blob"), image.shape[:2], rng or np.random.default_rng())
+    raise ValueError(f"unknown mask operation {op!r}")
+
+
+def on_mask_op(ctx: StudioContext, op: str, editor_value, src_id, size, feather_px, dmg, p):
+    image, mask = current_image(ctx, editor_value, src_id)
+    mask = apply_mask_op(op, image, mask, size, dmg)
+    return _editor_value(image, mask), _preview(image, mask, feather_px)
+
+
+def on_mask_upload(ctx: StudioContext, path, editor_value, src_id, feather_px):
+    if not path:
+        return gr.update(), gr.update()
+    image, _ = current_image(ctx, editor_value, src_id)
+    try:
+        mask = M.validate_mask(read_mask(path, ctx.settings.max_pixels), image.shape)
+    except (ImageInputError, M.MaskError) as exc:
+        raise gr.Error(str(exc)) from exc
+    return _editor_value(image, mask), _preview(image, mask, feather_px)
+
+
+def on_edit(ctx: StudioContext, editor_value, src_id, feather_px):
+    try:
+        image, mask = current_image(ctx, editor_value, src_id)
+    except gr.Error:
+        return None
+    return _preview(image, mask, feather_px)
+
+
+def on_mode(m):
+    return gr.update(visible=m == DAMAGE), gr.update(visible=m == COLOUR)
+
+
+def on_backend(bk):
+    return (backend_help(bk), *option_visibility(bk))
+
+
+def on_generate(ctx: StudioContext, editor_value, p, src_id, m, dmg, col, bk, num, sd, fth, stg,
+                *option_values, progress=gr.Progress()):
+    image, mask = current_image(ctx, editor_value, src_id)
+    req = GenerateRequest(
+        image=image, mask=mask, product=p or "", source_image_id=int(src_id) or None,
+        damage_type=dmg if m == DAMAGE else None, color=col if m == COLOUR else None,
+        backend=bk or "auto", n=int(num), seed=int(sd or 0), feather=int(fth),
+        strength=float(stg), max_pixels=ctx.settings.max_pixels,
+        options=options_from_widgets(bk, option_values))
+    try:
+        out = generate(req, store=ctx.store, catalog=ctx.catalog(),
+                       progress=lambda f, msg: progress(f, desc=msg))
+    except (UserError, KeyError) as exc:
+        raise gr.Error(exc.args[0] if exc.args else str(exc)) from exc
+    items = [(c.image, _caption(c, col if m == COLOUR else None)) for c in out]
+    info = [{"sample_id": c.sample_id, "seed": c.seed, "generator": c.generator,
+             "status": "candidate"} for c in out]
+    first_id = out[0].sample_id if out else 0
+    what = dmg if m == DAMAGE else col
+    return items, info, first_id, f"{len(out)} candidate(s) for **{what}** — select one, then accept or reject"
+
+
+def on_select(info, evt: gr.SelectData):
+    try:
+        return int(info[evt.index]["sample_id"])
+    except (TypeError, IndexError, KeyError):
+        return 0
+
+
+def on_decide(ctx: StudioContext, decision: str, sample_id, note_text, info):
+    if not sample_id:
+        raise gr.Error("Select a candidate in the gallery first")
+    try:
+        row = review(ctx.store, int(sample_id), decision, note=note_text or None)
+    except (UserError, KeyError) as exc:
+        raise gr.Error(str(exc)) from exc
+    info = [dict(c, status=row["status"]) if c.get("sample_id") == row["id"] else c for c in (info or [])]
+    return f"Sample #{row['id']} **{row['status']}**", info
+
+
+def list_images(ctx: StudioContext, product_name: str) -> list[dict]:
+    """Images of a product in the dataset: id, split, label, file (for API clients)."""
+    return [{"id": int(r["id"]), "split": r["split"], "label": r["label"],
+             "file": os.path.basename(r.get("source_path") or r["path"]),
+             "has_mask": bool(r.get("mask_path"))}
+            for r in ctx.store.list_images(product=product_name)]
+
+
+# -- layout and wiring ---------------------------------------------------------------------------
+def _controls(ctx: StudioContext, first: str | None, products: list[str]) -> dict:
+    w: dict = {}
+    w["product"] = gr.Dropdown(products, value=first, label="Product", elem_id="product")
+    img_opts = image_choices(ctx, first)
+    w["first_id"] = img_opts[0][1] if img_opts else None
+    w["image_pick"] = gr.Dropdown(img_opts, value=w["first_id"], label="Image from the dataset",
+                                  allow_custom_value=True, elem_id="image-pick")
+    w["upload"] = gr.File(label="…or upload an image (PNG/JPEG/BMP/TIFF)", type="filepath",
+                          file_count="single", elem_id="upload")
+    w["source_id"] = gr.Number(w["first_id"] or 0, label="Source image id", precision=0, interactive=False,
+                               elem_id="source-id")
+    w["mode"] = gr.Radio([DAMAGE, COLOUR], value=DAMAGE, label="Mode", elem_id="mode")
+    w["damage"] = gr.Dropdown(damage_choices(ctx, first), value=default_damage(ctx, first),
+                              label="Damage type", allow_custom_value=True, elem_id="damage")
+    w["color"] = gr.ColorPicker("#3366cc", label="Wall colour", visible=False, elem_id="color")
+    w["backend"] = gr.Dropdown(["auto", *generator_names()], value="auto", label="Backend",
+                               info="auto: cut-paste when reference defects of this type exist, else Perlin",
+                               elem_id="backend")
+    with gr.Row():
+        w["n"] = gr.Slider(1, 8, 4, step=1, label="Candidates", elem_id="n")
+        w["seed"] = gr.Number(0, label="Seed", precision=0, elem_id="seed")
+    w["feather"] = gr.Slider(0, 32, 4, step=1, label="Feather radius (px)", elem_id="feather")
+    w["strength"] = gr.Slider(0.1, 1.0, 0.8, step=0.05, label="Strength", elem_id="strength")
+    w["backend_info"] = gr.Markdown(elem_id="backend-info")
+    with gr.Accordion("Generator options", open=False):
+        w["options"] = build_option_widgets()
+    return w
+
+
+def _canvas(ctx: StudioContext, first_id) -> dict:
+    w: dict = {}
+    first_img = ctx.store.load_image(first_id) if first_id else None
+    w["editor"] = gr.ImageEditor(
+        _editor_value(first_img, None) if first_img is not None else None,
+        type="numpy", format="png", image_mode="RGBA", sources=(), transforms=(),
+        layers=False, canvas_size=(512, 512), label="Paint the defect region",
+        brush=gr.Brush(colors=["#ff2d2d"], color_mode="fixed", default_size=14),
+        eraser=gr.Eraser(default_size=18), elem_id="editor")
+    with gr.Row():
+        w["px"] = gr.Slider(1, 25, 3, step=1, label="Mask op size (px)", elem_id="mask-px")
+    with gr.Row():
+        for op in MASK_OPS:
+            w[f"{op}_btn"] = gr.Button(op.capitalize() if op != "random" else "Random mask", size="sm",
+                                       elem_id="random-mask" if op == "random" else None)
+    w["mask_upload"] = gr.File(label="…or upload a mask (white or opaque = defect)", type="filepath",
+                               file_count="single", height=90, elem_id="mask-upload")
+    w["preview"] = gr.Image(first_img, format="png", label="Mask preview (feathered)", interactive=False,
+                            elem_id="mask-preview")
+    return w
+
+
+def _review(ctx: StudioContext) -> dict:
+    w: dict = {}
+    w["gen_btn"] = gr.Button("Generate candidates", variant="primary", elem_id="generate")
+    w["gallery"] = gr.Gallery(format="png", columns=2, label="Candidates", allow_preview=False,
+                              elem_id="gallery")
+    w["cands"] = gr.JSON(label="Candidates (sample ids)", elem_id="candidates", max_height=150)
+    w["selected"] = gr.Number(0, label="Selected sample id", precision=0, elem_id="selected")
+    w["note"] = gr.Textbox(label="Reviewer note", elem_id="note")
+    with gr.Row():
+        w["accept_btn"] = gr.Button("Accept", variant="primary", elem_id="accept")
+        w["reject_btn"] = gr.Button("Reject", variant="stop", elem_id="reject")
+    w["status"] = gr.Markdown(elem_id="annotate-status")
+    return w
+
+
+MASK_OPS = ("dilate", "erode", "invert", "clear", "random")
+
+
 def build(ctx: StudioContext) -> dict:
-    """Render the tab inside the current Blocks; returns components other tabs may wire to."""
-    store = ctx.store
+    """Render the tab inside the current Blocks and wire it (api_name = the gradio_client endpoint)."""
     products = ctx.product_names()
     first = products[0] if products else None
-
-    def image_choices(product: str | None) -> list[tuple[str, int]]:
-        if not product:
-            return []
-        rows = store.list_images(product=product)
-        return [(f"#{r['id']} {r['split']}/{r['label']} {os.path.basename(r.get('source_path') or r['path'])}",
-                 int(r["id"])) for r in rows]
-
-    def damage_choices(product: str | None) -> list[str]:
-        return list(ctx.catalog().damage_types(product)) if product else [GOOD]
-
-    def default_damage(product):
-        types = damage_choices(product)
-        return next((t for t in types if t != GOOD), GOOD)
-
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=260):
-            product = gr.Dropdown(products, value=first, label="Product", elem_id="product")
-            img_opts = image_choices(first)
-            first_id = img_opts[0][1] if img_opts else None
-            image_pick = gr.Dropdown(img_opts, value=first_id, label="Image from the dataset",
-                                     allow_custom_value=True, elem_id="image-pick")
-            upload = gr.File(label="…or upload an image (PNG/JPEG/BMP/TIFF)", type="filepath",
-                             file_count="single", elem_id="upload")
-            source_id = gr.Number(first_id or 0, label="Source image id", precision=0, interactive=False,
-                                  elem_id="source-id")
-            mode = gr.Radio([DAMAGE, COLOUR], value=DAMAGE, label="Mode", elem_id="mode")
-            damage = gr.Dropdown(damage_choices(first), value=default_damage(first),
-                                 label="Damage type", allow_custom_value=True, elem_id="damage")
-            color = gr.ColorPicker("#3366cc", label="Wall colour", visible=False, elem_id="color")
-            backend = gr.Dropdown(["auto", *generator_names()], value="auto", label="Backend",
-                                  info="auto: cut-paste when real defects of this type exist, else Perlin",
-                                  elem_id="backend")
-            with gr.Row():
-                n = gr.Slider(1, 8, 4, step=1, label="Candidates", elem_id="n")
-                seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
-            feather = gr.Slider(0, 32, 4, step=1, label="Feather radius (px)", elem_id="feather")
-            strength = gr.Slider(0.1, 1.0, 0.8, step=0.05, label="Strength", elem_id="strength")
-            backend_info = gr.Markdown(elem_id="backend-info")
-            with gr.Accordion("Generator options", open=False):
-                option_widgets = build_option_widgets()
+            c = _controls(ctx, first, products)
         with gr.Column(scale=2):
-            first_img = store.load_image(first_id) if first_id else None
-            editor = gr.ImageEditor(
-                _editor_value(first_img, None) if first_img is not None else None,
-                type="numpy", format="png", image_mode="RGBA", sources=(), transforms=(),
-                layers=False, canvas_size=(512, 512), label="Paint the defect region",
-                brush=gr.Brush(colors=["#ff2d2d"], color_mode="fixed", default_size=14),
-                eraser=gr.Eraser(default_size=18), elem_id="editor")
-            with gr.Row():
-                px = gr.Slider(1, 25, 3, step=1, label="Mask op size (px)", elem_id="mask-px")
-            with gr.Row():
-                dilate_btn = gr.Button("Dilate", size="sm")
-                erode_btn = gr.Button("Erode", size="sm")
-                invert_btn = gr.Button("Invert", size="sm")
-                clear_btn = gr.Button("Clear", size="sm")
-                random_btn = gr.Button("Random mask", size="sm", elem_id="random-mask")
-            mask_upload = gr.File(label="…or upload a mask (white or opaque = defect)", type="filepath",
-                                  file_count="single", height=90, elem_id="mask-upload")
-            preview = gr.Image(first_img, format="png", label="Mask preview (feathered)", interactive=False,
-                               elem_id="mask-preview")
+            v = _canvas(ctx, c["first_id"])
         with gr.Column(scale=2):
-            gen_btn = gr.Button("Generate candidates", variant="primary", elem_id="generate")
-            gallery = gr.Gallery(format="png", columns=2, label="Candidates", allow_preview=False,
-                                 elem_id="gallery")
-            cands = gr.JSON(label="Candidates (sample ids)", elem_id="candidates", max_height=150)
-            selected = gr.Number(0, label="Selected sample id", precision=0, elem_id="selected")
-            note = gr.Textbox(label="Reviewer note", elem_id="note")
-            with gr.Row():
-                accept_btn = gr.Button("Accept", variant="primary", elem_id="accept")
-                reject_btn = gr.Button("Reject", variant="stop", elem_id="reject")
-            status = gr.Markdown(elem_id="annotate-status")
-
-    # -- handlers --------------------------------------------------------------------------
-    def on_product(p):
-        return (gr.update(choices=image_choices(p), value=None),
-                gr.update(choices=damage_choices(p), value=default_damage(p)))
-
-    def on_pick(image_id, feather_px):
-        if not image_id:
-            return gr.update(), 0, None, ""
-        try:
-            img = store.load_image(int(image_id))
-            gt = store.load_mask(int(image_id))
-        except (KeyError, ValueError, TypeError) as exc:
-            raise gr.Error(f"No image #{image_id} in the dataset ({exc})") from exc
-        note_txt = f"Loaded image #{int(image_id)} ({img.shape[1]}×{img.shape[0]})"
-        if gt is not None and gt.any():
-            note_txt += " — its ground-truth mask is shown as a starting point"
-        return _editor_value(img, gt), int(image_id), _preview(img, gt, feather_px), note_txt
-
-    def on_upload(path, p, feather_px):
-        if not path:
-            return gr.update(), gr.update(), gr.update(), ""
-        limit = ctx.settings.max_upload_mb * 1024 * 1024
-        if os.path.getsize(path) > limit:
-            raise gr.Error(f"{os.path.basename(path)} is {os.path.getsize(path) / 2**20:.1f} MB, over "
-                           f"the {ctx.settings.max_upload_mb:g} MB upload limit")
-        try:
-            img = read_rgb(path, ctx.settings.max_pixels)
-        except ImageInputError as exc:
-            raise gr.Error(str(exc)) from exc
-        new_id = store.add_image(p or "unsorted", img, split="upload", label=GOOD, origin="real",
-                                 source_path=os.path.basename(path))
-        return (_editor_value(img, None), new_id, _preview(img, None, feather_px),
-                f"Uploaded {os.path.basename(path)} as image #{new_id} ({img.shape[1]}×{img.shape[0]})")
-
-    def _current(editor_value, src_id):
-        image = store.load_image(int(src_id)) if src_id else _background(editor_value)
-        if image is None:
-            raise gr.Error("Pick an image from the dataset or upload one first")
-        mask = M.mask_from_editor(editor_value, shape=image.shape[:2]) if editor_value else None
-        return image, mask
-
-    def mask_op(op):
-        def handler(editor_value, src_id, size, feather_px, dmg, p):
-            image, mask = _current(editor_value, src_id)
-            mask = mask if mask is not None else M.clear(image.shape[:2])
-            if op == "dilate":
-                mask = M.dilate(mask, int(size))
-            elif op == "erode":
-                mask = M.erode(mask, int(size))
-            elif op == "invert":
-                mask = M.invert(mask)
-            elif op == "clear":
-                mask = M.clear(image.shape[:2])
-            elif op == "random":
-                from pipelines.classical import style_for
-                rng = np.random.default_rng()
-                mask = M.random_mask(style_for(dmg or "blob"), image.shape[:2], rng)
-            return _editor_value(image, mask), _preview(image, mask, feather_px)
-        return handler
-
-    def on_mask_upload(path, editor_value, src_id, feather_px):
-        if not path:
-            return gr.update(), gr.update()
-        image, _ = _current(editor_value, src_id)
-        try:
-            mask = M.validate_mask(read_mask(path, ctx.settings.max_pixels), image.shape)
-        except (ImageInputError, M.MaskError) as exc:
-            raise gr.Error(str(exc)) from exc
-        return _editor_value(image, mask), _preview(image, mask, feather_px)
-
-    def on_edit(editor_value, src_id, feather_px):
-        try:
-            image, mask = _current(editor_value, src_id)
-        except gr.Error:
-            return None
-        return _preview(image, mask, feather_px)
-
-    def on_mode(m):
-        return gr.update(visible=m == DAMAGE), gr.update(visible=m == COLOUR)
-
-    def on_backend(bk):
-        return (backend_help(bk), *option_visibility(bk))
-
-    def on_generate(editor_value, p, src_id, m, dmg, col, bk, num, sd, fth, stg, *option_values,
-                    progress=gr.Progress()):
-        image, mask = _current(editor_value, src_id)
-        req = GenerateRequest(
-            image=image, mask=mask, product=p or "", source_image_id=int(src_id) or None,
-            damage_type=dmg if m == DAMAGE else None, color=col if m == COLOUR else None,
-            backend=bk or "auto", n=int(num), seed=int(sd or 0), feather=int(fth),
-            strength=float(stg), max_pixels=ctx.settings.max_pixels,
-            options=options_from_widgets(bk, option_values))
-        try:
-            out = generate(req, store=store, catalog=ctx.catalog(),
-                           progress=lambda f, msg: progress(f, desc=msg))
-        except (UserError, KeyError) as exc:
-            raise gr.Error(exc.args[0] if exc.args else str(exc)) from exc
-        items = [(c.image, _caption(c, col if m == COLOUR else None)) for c in out]
-        info = [{"sample_id": c.sample_id, "seed": c.seed, "generator": c.generator,
-                 "status": "candidate"} for c in out]
-        first_id = out[0].sample_id if out else 0
-        what = dmg if m == DAMAGE else col
-        return items, info, first_id, f"{len(out)} candidate(s) for **{what}** — select one, then accept or reject"
-
-    def on_select(info, evt: gr.SelectData):
-        try:
-            return int(info[evt.index]["sample_id"])
-        except (TypeError, IndexError, KeyError):
-            return 0
-
-    def decide(decision):
-        def handler(sample_id, note_text, info):
-            if not sample_id:
-                raise gr.Error("Select a candidate in the gallery first")
-            try:
-                row = review(store, int(sample_id), decision, note=note_text or None)
-            except (UserError, KeyError) as exc:
-                raise gr.Error(str(exc)) from exc
-            info = [dict(c, status=row["status"]) if c.get("sample_id") == row["id"] else c
-                    for c in (info or [])]
-            return f"Sample #{row['id']} **{row['status']}**", info
-        return handler
-
-    def list_images(product_name: str) -> list[dict]:
-        """Images of a product in the dataset: id, split, label, file (for API clients)."""
-        return [{"id": int(r["id"]), "split": r["split"], "label": r["label"],
-                 "file": os.path.basename(r.get("source_path") or r["path"]),
-                 "has_mask": bool(r.get("mask_path"))}
-                for r in store.list_images(product=product_name)]
-
-    # -- wiring (api_name = the gradio_client endpoint) ---------------------------------------
-    gr.api(list_images, api_name="list_images")
-    product.change(on_product, product, [image_pick, damage], api_name="select_product")
-    image_pick.change(on_pick, [image_pick, feather], [editor, source_id, preview, status],
-                      api_name="load_image")
-    upload.upload(on_upload, [upload, product, feather], [editor, source_id, preview, status],
-                  api_name="upload_image")
-    mask_upload.upload(on_mask_upload, [mask_upload, editor, source_id, feather], [editor, preview],
-                       api_name="upload_mask")
-    mode.change(on_mode, mode, [damage, color], api_name=False)
-    editor.change(on_edit, [editor, source_id, feather], preview, api_name=False,
+            r = _review(ctx)
+    bind = lambda fn, *a: partial(fn, ctx, *a)        # noqa: E731 — handlers take ctx first
+    editor, feather, src = v["editor"], c["feather"], c["source_id"]
+    def list_images_api(product_name: str) -> list[dict]:
+        """Images of a product in the dataset: id, split, label, file, has_mask."""
+        return list_images(ctx, product_name)
+    gr.api(list_images_api, api_name="list_images")   # gr.api needs type hints (no partial)
+    c["product"].change(bind(on_product), c["product"], [c["image_pick"], c["damage"]], api_name="select_product")
+    c["image_pick"].change(bind(on_pick), [c["image_pick"], feather], [editor, src, v["preview"], r["status"]],
+                           api_name="load_image")
+    c["upload"].upload(bind(on_upload), [c["upload"], c["product"], feather],
+                       [editor, src, v["preview"], r["status"]], api_name="upload_image")
+    v["mask_upload"].upload(bind(on_mask_upload), [v["mask_upload"], editor, src, feather],
+                            [editor, v["preview"]], api_name="upload_mask")
+    c["mode"].change(on_mode, c["mode"], [c["damage"], c["color"]], api_name=False)
+    editor.change(bind(on_edit), [editor, src, feather], v["preview"], api_name=False,
                   trigger_mode="always_last", show_progress="hidden")
-    feather.release(on_edit, [editor, source_id, feather], preview, api_name=False,
-                    show_progress="hidden")
-    op_inputs = [editor, source_id, px, feather, damage, product]
-    for btn, op in ((dilate_btn, "dilate"), (erode_btn, "erode"), (invert_btn, "invert"),
-                    (clear_btn, "clear"), (random_btn, "random")):
-        btn.click(mask_op(op), op_inputs, [editor, preview], api_name=f"mask_{op}")
-    gen_btn.click(on_generate,
-                  [editor, product, source_id, mode, damage, color, backend, n, seed, feather, strength,
-                   *option_widgets],
-                  [gallery, cands, selected, status], api_name="generate")
-    backend.change(on_backend, backend, [backend_info, *option_widgets], api_name="backend_status")
-    gallery.select(on_select, cands, selected, api_name=False)
-    accept_btn.click(decide("accepted"), [selected, note, cands], [status, cands], api_name="accept")
-    reject_btn.click(decide("rejected"), [selected, note, cands], [status, cands], api_name="reject")
-    return {"product": product}
+    feather.release(bind(on_edit), [editor, src, feather], v["preview"], api_name=False, show_progress="hidden")
+    op_inputs = [editor, src, v["px"], feather, c["damage"], c["product"]]
+    for op in MASK_OPS:
+        v[f"{op}_btn"].click(bind(on_mask_op, op), op_inputs, [editor, v["preview"]], api_name=f"mask_{op}")
+    r["gen_btn"].click(bind(on_generate),
+                       [editor, c["product"], src, c["mode"], c["damage"], c["color"], c["backend"], c["n"],
+                        c["seed"], feather, c["strength"], *c["options"]],
+                       [r["gallery"], r["cands"], r["selected"], r["status"]], api_name="generate")
+    c["backend"].change(on_backend, c["backend"], [c["backend_info"], *c["options"]], api_name="backend_status")
+    r["gallery"].select(on_select, r["cands"], r["selected"], api_name=False)
+    for decision, btn in (("accepted", r["accept_btn"]), ("rejected", r["reject_btn"])):
+        btn.click(bind(on_decide, decision), [r["selected"], r["note"], r["cands"]], [r["status"], r["cands"]],
+                  api_name="accept" if decision == "accepted" else "reject")
+    return {"product": c["product"]}

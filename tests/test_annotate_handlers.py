@@ -1,0 +1,73 @@
+"""Annotate handlers called directly with a context (no server): upload of real photo formats,
+paint → generate → accept, mask operations and clear errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+from studio.config import Settings
+from studio.context import StudioContext
+from studio.ui import annotate as A
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def ctx(tmp_path):
+    c = StudioContext(Settings.from_env(workspace=tmp_path / "ws"))
+    c.store.import_mvtec(ROOT / "assets" / "demo" / "bottle")
+    return c
+
+
+def _photos(tmp_path: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    out = {}
+    Image.fromarray(rgb).save(out.setdefault("png", tmp_path / "a.png"))
+    Image.fromarray(rgb).save(out.setdefault("jpeg", tmp_path / "b.jpg"), quality=92)
+    Image.fromarray(rgb).save(out.setdefault("tiff", tmp_path / "c.tiff"))
+    Image.fromarray(rgb[..., 0]).save(out.setdefault("grey", tmp_path / "d.png"))
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 200, np.uint8)])).save(out.setdefault("rgba", tmp_path / "e.png"))
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(out.setdefault("16bit", tmp_path / "f.png"))
+    return out
+
+
+def test_upload_every_photo_format_then_generate_and_accept(ctx, tmp_path):
+    for kind, path in _photos(tmp_path).items():
+        editor, new_id, preview, status = A.on_upload(ctx, str(path), "bottle", 4)
+        row = ctx.store.get_image(new_id)
+        assert row["product"] == "bottle" and row["split"] == "upload", kind
+        assert editor["background"].shape == (120, 160, 3) and "Uploaded" in status
+    # paint on the last upload and generate through the handler
+    img = ctx.store.load_image(new_id)
+    layer = np.zeros((120, 160, 4), np.uint8)
+    layer[40:70, 50:90] = (255, 45, 45, 255)
+    value = {"background": img, "layers": [layer], "composite": img}
+    items, info, first, status = A.on_generate(ctx, value, "bottle", new_id, A.DAMAGE, "contamination", "#000000",
+                                               "perlin", 2, 0, 4, 0.8, *A.option_values(),
+                                               progress=lambda *a, **k: None)
+    assert len(items) == 2 and first == info[0]["sample_id"]
+    status, info = A.on_decide(ctx, "accepted", first, "ok", info)
+    assert "accepted" in status and ctx.store.get_sample(first)["status"] == "accepted"
+    # the upload is a source to paint on: never exported as a train / test image
+    root = Path(ctx.store.export_mvtec(tmp_path / "exp", "bottle")["path"])
+    assert not (root / "upload").exists() and len(list((root / "synthetic" / "contamination").iterdir())) == 1
+
+
+def test_bad_upload_and_mask_ops(ctx, tmp_path):
+    (tmp_path / "x.png").write_text("not an image")
+    with pytest.raises(gr.Error, match="not an image"):
+        A.on_upload(ctx, str(tmp_path / "x.png"), "bottle", 4)
+    img = np.zeros((64, 64, 3), np.uint8)
+    m = np.zeros((64, 64), np.uint8)
+    m[20:30, 20:30] = 255
+    assert A.apply_mask_op("dilate", img, m, 3, None).sum() > m.sum()
+    assert A.apply_mask_op("erode", img, m, 3, None).sum() < m.sum()
+    assert A.apply_mask_op("clear", img, m, 3, None).sum() == 0
+    assert A.apply_mask_op("random", img, None, 3, "scratch", np.random.default_rng(0)).any()
+    with pytest.raises(gr.Error, match="Select a candidate"):
+        A.on_decide(ctx, "accepted", 0, "", [])
