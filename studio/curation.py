@@ -230,8 +230,7 @@ def run_plan(store, cdb: CurationDB, plan_id: int, progress: Callable[[float, st
              cancelled: Callable[[], bool] | None = None, thresholds: Thresholds | None = None,
              use_detector: bool = True, feather: int = 4) -> dict:
     """Create the plan's pending candidates (never accepts anything). Resumable."""
-    from pipelines.masks import random_mask
-    from studio.services import GenerateRequest, UserError, generate
+    from studio.services import GenerateRequest, UserError, generate, sample_mask
 
     th = thresholds or Thresholds()
     st = plan_status(cdb, plan_id)
@@ -260,7 +259,7 @@ def run_plan(store, cdb: CurationDB, plan_id: int, progress: Callable[[float, st
             continue
         src = store.load_image(item["source_image_id"])
         rng = np.random.default_rng(item["seed"])
-        mask = random_mask(item["style"], src.shape[:2], rng, region=_product_region(src))
+        mask = sample_mask(store, product, item["label"], src.shape[:2], rng)  # shaped like the type
         req = GenerateRequest(image=src, mask=mask, damage_type=item["label"], product=product,
                               backend=item["backend"], n=1, seed=item["seed"], feather=feather,
                               source_image_id=item["source_image_id"], batch_id=batch_id)

@@ -84,6 +84,47 @@ def _donors(store, product: str, damage_type: str, limit: int = 16) -> list[dict
             for r in rows]
 
 
+_shape_cache: dict[tuple, tuple] = {}
+_shape_lock = __import__("threading").Lock()
+
+
+def shape_model(store, product: str, damage_type: str):
+    """``(model, foreground)`` for masks shaped like ``damage_type`` on ``product``: fitted on the
+    product's *reference* masks of the type (pipelines.shapes), else the type's classic family;
+    the foreground is estimated from its train/good images (None when there is no clear object,
+    or when the references lie mostly off it). Cached until the reference set changes."""
+    from pipelines import shapes
+    refs = store.reference_defects(product, damage_type) if store is not None and product else []
+    goods = [r for r in store.list_images(product=product, label=GOOD, split="train")][:40] \
+        if store is not None and product else []
+    key = (str(getattr(store, "root", "")), product, damage_type, tuple(r["id"] for r in refs), len(goods))
+    with _shape_lock:
+        if key in _shape_cache:
+            return _shape_cache[key]
+    fg = None
+    if len(goods) >= 2:
+        fg = shapes.estimate_foreground([store.load_image(r["id"]) for r in goods])
+        fg = None if fg.all() else fg
+    masks = [store.load_mask(r["id"]) for r in refs]
+    fgs = [fg if fg is not None and fg.shape == m.shape else None for m in masks] if fg is not None else None
+    model = shapes.shape_model_for(damage_type, masks, fgs)
+    if getattr(model, "on_product", True) is False:
+        fg = None
+    with _shape_lock:
+        _shape_cache[key] = (model, fg)
+    return model, fg
+
+
+def sample_mask(store, product: str, damage_type: str, shape: tuple[int, int],
+                rng: np.random.Generator) -> np.ndarray:
+    """A mask (``H×W`` uint8 0/255) shaped like ``damage_type`` on ``product`` (see :func:`shape_model`)."""
+    import cv2
+    model, fg = shape_model(store, product, damage_type)
+    if fg is not None and fg.shape != tuple(shape[:2]):
+        fg = cv2.resize(fg.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST) > 0
+    return model.sample(tuple(shape[:2]), rng, foreground=fg)
+
+
 def _params(req: GenerateRequest, info, donors: list[dict]) -> dict:
     """The generator's parameters: the request's (feather, colour or damage type + strength,
     donors) and the options it declares (``info.options``) — nothing per backend name."""

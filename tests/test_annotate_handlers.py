@@ -71,3 +71,26 @@ def test_bad_upload_and_mask_ops(ctx, tmp_path):
     assert A.apply_mask_op("random", img, None, 3, "scratch", np.random.default_rng(0)).any()
     with pytest.raises(gr.Error, match="Select a candidate"):
         A.on_decide(ctx, "accepted", 0, "", [])
+
+
+def test_random_mask_is_shaped_like_the_type(ctx):
+    """Random mask follows the product's reference masks of the type (area in their range, on the
+    product), not a generic blob."""
+    from studio.services import sample_mask, shape_model
+    refs = ctx.store.reference_defects("bottle", "broken_small")
+    areas = [float((ctx.store.load_mask(r["id"]) > 0).mean()) for r in refs]
+    img_id = ctx.store.list_images(product="bottle", split="train")[0]["id"]
+    img = ctx.store.load_image(img_id)
+    value = {"background": img, "layers": [], "composite": img}
+    got = []
+    for _ in range(4):
+        editor, _preview = A.on_mask_op(ctx, "random", value, img_id, 3, 4, "broken_small", "bottle")
+        m = editor["layers"][0][..., 3] > 0
+        got.append(m.mean())
+    assert all(0.5 * min(areas) <= a <= 2.0 * max(areas) for a in got), (got, areas)
+    model, fg = shape_model(ctx.store, "bottle", "broken_small")
+    assert fg is not None and fg.shape == img.shape[:2]
+    m = sample_mask(ctx.store, "bottle", "broken_small", img.shape[:2], np.random.default_rng(0))
+    assert (m > 0).any() and not ((m > 0) & ~fg).any()                      # on the product
+    np.testing.assert_array_equal(m, sample_mask(ctx.store, "bottle", "broken_small", img.shape[:2],
+                                                 np.random.default_rng(0)))    # seeded

@@ -203,7 +203,9 @@ def current_image(ctx: StudioContext, editor_value, src_id):
 
 
 def apply_mask_op(op: str, image: np.ndarray, mask: np.ndarray | None, size: int, damage: str | None,
-                  rng: np.random.Generator | None = None) -> np.ndarray:
+                  rng: np.random.Generator | None = None, shaped=None) -> np.ndarray:
+    """Dilate / erode / invert / clear the mask, or draw a random one: ``shaped(rng)`` (a mask
+    shaped like the damage type, see :func:`studio.services.sample_mask`) when given."""
     mask = mask if mask is not None else M.clear(image.shape[:2])
     if op == "dilate":
         return M.dilate(mask, int(size))
@@ -214,14 +216,21 @@ def apply_mask_op(op: str, image: np.ndarray, mask: np.ndarray | None, size: int
     if op == "clear":
         return M.clear(image.shape[:2])
     if op == "random":
+        rng = rng or np.random.default_rng()
+        if shaped is not None:
+            return shaped(rng)
         from pipelines.classical import style_for
-        return M.random_mask(style_for(damage or "blob"), image.shape[:2], rng or np.random.default_rng())
+        return M.random_mask(style_for(damage or "blob"), image.shape[:2], rng)
     raise ValueError(f"unknown mask operation {op!r}")
 
 
 def on_mask_op(ctx: StudioContext, op: str, editor_value, src_id, size, feather_px, dmg, p):
     image, mask = current_image(ctx, editor_value, src_id)
-    mask = apply_mask_op(op, image, mask, size, dmg)
+    shaped = None
+    if op == "random" and dmg and dmg != GOOD:
+        from studio.services import sample_mask
+        shaped = lambda rng: sample_mask(ctx.store, p or "", dmg, image.shape[:2], rng)  # noqa: E731
+    mask = apply_mask_op(op, image, mask, size, dmg, shaped=shaped)
     return _editor_value(image, mask), _preview(image, mask, feather_px)
 
 
