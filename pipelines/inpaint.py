@@ -43,6 +43,7 @@ import numpy as np
 from pipelines import masks as mk
 from pipelines import models
 from pipelines.generator import GeneratorBase, GeneratorInfo, option
+from pipelines.training import Cancelled
 from pipelines.classical import DEFAULT_FEATHER, _check_image, composite
 from pipelines.models import ModelError
 
@@ -51,8 +52,7 @@ EMBEDDING_META = "damage_embedding.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-class GenerationCancelled(RuntimeError):
-    """The user cancelled a running generation."""
+GenerationCancelled = Cancelled   # the one cancel exception (pipelines.training)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,12 +11,11 @@ can refuse a synthetic set that descends from a scored image.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from pipelines import roles as R
+from pipelines.fileio import atomic_write_json
 
 MANIFEST = "training_data.json"
 
@@ -67,11 +66,7 @@ def training_manifest(root: str | Path, damage_types: Sequence[str] | None = Non
 def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(manifest, fh, indent=1)
-    os.replace(tmp, out / MANIFEST)
-    return out / MANIFEST
+    return atomic_write_json(out / MANIFEST, manifest, indent=1)
 
 
 def read_manifest(model: str | Path | None) -> dict:

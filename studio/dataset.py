@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
 import sqlite3
 import threading
@@ -40,6 +39,7 @@ import sqlite_utils
 from PIL import Image
 
 from pipelines import roles as R
+from pipelines.fileio import atomic_write_bytes
 
 MAX_PIXELS = 40_000_000               # larger images are refused (decompression-bomb guard)
 MAX_FILE_BYTES = 512 * 1024 * 1024    # larger files are refused before they are opened
@@ -52,7 +52,6 @@ ORIGINS = ("real", "synthetic")
 STATUSES = ("candidate", "accepted", "rejected")
 DEFAULT_DEFECT_LABEL = "defect"       # export/class-balance label of a sample without damage_type
 EXPORT_MARKER = ".defect-studio-export.json"
-_TMP_PREFIX = ".tmp-"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 
 IMAGES_COLUMNS = {
@@ -103,34 +102,10 @@ def _pixel_sha256(arr: np.ndarray) -> str:
     return R.pixel_hash(arr)
 
 
-def fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # platforms that cannot open a directory (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either nothing or the whole file."""
+    """Write ``data`` to ``path`` (its folder created) so that readers see nothing or the whole file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}{path.suffix}"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
+    atomic_write_bytes(path, data)
 
 
 def _png_bytes(arr: np.ndarray) -> bytes:

@@ -18,13 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pipelines.training import Cancelled
+
 QUEUED, RUNNING, DONE, FAILED, CANCELLED, INTERRUPTED = (
     "queued", "running", "done", "failed", "cancelled", "interrupted")
 FINISHED = (DONE, FAILED, CANCELLED, INTERRUPTED)
 
 
-class JobCancelled(Exception):
-    """Raised inside a job by ``check_cancelled`` once cancel was requested."""
+# The one cancel exception (pipelines.training.Cancelled): raised inside a job by
+# ``check_cancelled`` once cancel was requested, and by any pipeline whose cancel flag fired.
+JobCancelled = Cancelled
 
 
 @dataclass

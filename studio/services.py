@@ -14,10 +14,10 @@ import numpy as np
 
 from pipelines import masks as M
 from pipelines.imageio import ImageInputError, check_array
+from pipelines.training import Cancelled, ProgressFn
 from pipelines.registry import AUTO, GENERATORS, get_generator, get_info
 from studio.catalog import GOOD, Catalog
 
-ProgressFn = Callable[[float, str], None]
 
 
 class UserError(ValueError):
@@ -216,10 +216,8 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
             out = gen(image, mask, seed=seed, **params)
         except (ValueError, TypeError) as exc:  # ModelError, MaskError, unknown option …
             raise UserError(str(exc)) from exc
-        except RuntimeError as exc:
-            if type(exc).__name__ == "GenerationCancelled":
-                break
-            raise
+        except Cancelled:
+            break
         if not info.full_image:  # the paste-back contract, enforced, not assumed
             outside = M.dilate(mask, int(req.feather)) == 0
             if not np.array_equal(out[outside], image[outside]):

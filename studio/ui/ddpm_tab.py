@@ -11,6 +11,7 @@ import numpy as np
 
 from studio.context import StudioContext
 from studio.inspection import DDPMEvalRequest, DDPMTrainRequest, evaluate_ddpm, inspect_image, train_ddpm
+from pipelines.training import Cancelled
 from studio.jobs import JobCancelled
 from studio.runs import RunLog
 from studio.ui.jobs_panel import JobPanel
@@ -226,7 +227,7 @@ def build(ctx: StudioContext) -> list:
             try:
                 summary = evaluate_ddpm(req, jctx.progress, lambda: jctx.cancelled)
             except BaseException as exc:
-                runlog.finish(run_id, status="cancelled" if isinstance(exc, (JobCancelled, InterruptedError))
+                runlog.finish(run_id, status="cancelled" if isinstance(exc, (JobCancelled, InterruptedError, Cancelled))
                               else "failed", error=str(exc))
                 raise
             runlog.finish(run_id, summary["metrics"])
