@@ -332,19 +332,32 @@ def cmd_ddpm_evaluate(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from studio.experiment import METRIC_KEYS, ExperimentRequest, run_experiment
-    req = ExperimentRequest(data=args.data, synthetic=args.synthetic, out=args.out, backbone=args.backbone,
-                            coreset=args.coreset, size=args.size, real_fraction=args.real_fraction,
-                            seed=args.seed)
+    from studio.experiment import METRIC_KEYS, ExperimentRequest, run_experiment, source_blocks
+    req = ExperimentRequest(data=args.data, out=args.out, synthetic=args.synthetic, generate=args.generate,
+                            per_type=args.per_type, repeats=args.repeats, seed=args.seed,
+                            backbone=args.backbone, coreset=args.coreset, size=args.size,
+                            segmenter_steps=args.segmenter_steps, n_boot=args.bootstrap,
+                            strength=args.strength, model=args.model, threads=args.threads)
     bar, progress = _tqdm_progress("experiment", args.quiet)
     try:
         r = run_experiment(req, progress=progress)
     finally:
         bar.close()
-    for arm in ("real_only", "with_synthetic", "delta"):
-        print(f"{arm:15s} " + "  ".join(f"{k}={r[arm][k]:+.4f}" if arm == "delta" else f"{k}={r[arm][k]:.4f}"
-                                        for k in METRIC_KEYS))
-    print(f"wrote {Path(args.out) / 'metrics.json'} and report.md")
+    for src, b in source_blocks(r).items():
+        print(f"[{src}]")
+        for model, arms in (("patchcore", ("reference_only", "reference_plus_synthetic", "delta")),
+                            ("segmenter", ("synthetic_only", "reference_only", "reference_plus_synthetic",
+                                           "delta", "delta_synthetic_only"))):
+            for arm in arms:
+                v = b[model][arm]
+                fmt = "{:+.4f}" if arm.startswith("delta") else "{:.4f}"
+                print(f"  {model:9s} {arm:25s} " + "  ".join(
+                    f"{k}={fmt.format(v[k]['mean'])} [{fmt.format(v[k]['ci95'][0])}, {fmt.format(v[k]['ci95'][1])}]"
+                    for k in METRIC_KEYS))
+        print(f"  verdict: {b['verdict']['text']}")
+    for note in r.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {Path(args.out) / 'metrics.json'}, report.md and figure.html ({r['seconds']:.0f} s)")
     return 0
 
 
@@ -497,15 +510,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.set_defaults(fn=cmd_ddpm_evaluate)
 
-    sp = sub.add_parser("experiment", help="PatchCore dual bank: real crops only vs real + synthetic")
-    sp.add_argument("--data", required=True, help="MVTec-AD-layout category (the real test split is used)")
-    sp.add_argument("--synthetic", required=True,
-                    help="folder with synthetic/<type>/*.png + synthetic_ground_truth/ (an export)")
-    sp.add_argument("--backbone", default="efficientnet_lite0")
-    sp.add_argument("--coreset", type=float, default=0.1)
-    sp.add_argument("--size", type=int, default=256)
-    sp.add_argument("--real-fraction", type=float, default=0.3)
+    sp = sub.add_parser("experiment", help="did synthetic data help? PatchCore dual bank + a supervised "
+                                           "segmenter, K repeats, bootstrap CIs, verdict")
+    sp.add_argument("--data", required=True, help="MVTec-AD-layout category; its data roles decide what is "
+                                                  "learned from (reference) and what is scored (evaluation)")
+    sp.add_argument("--synthetic", help="an export with synthetic/<type>/*.png + synthetic_ground_truth/ "
+                                        "(+ provenance.jsonl, checked for descent from evaluation images)")
+    sp.add_argument("--generate", help="generate inside the protocol: NAME[,NAME…] or 'all' "
+                                       "(perlin, cutpaste, pixel-inpaint with a trained model)")
+    sp.add_argument("--per-type", type=int, default=10, help="generated defects per damage type and repeat")
+    sp.add_argument("--repeats", type=int, default=5, help="K repeats (seeds S..S+K-1)")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--backbone", default="efficientnet_lite0")
+    sp.add_argument("--coreset", type=float, default=None, help="PatchCore coreset fraction (default: PatchCore's)")
+    sp.add_argument("--size", type=int, default=256)
+    sp.add_argument("--segmenter-steps", type=int, default=150)
+    sp.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws")
+    sp.add_argument("--strength", type=float, default=0.8, help="generator strength (perlin, cutpaste)")
+    sp.add_argument("--model", help="pixel-inpaint model folder (default: its environment variable)")
+    sp.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: fastest and reproducible on a shared 2-core machine; 0 = torch's)")
     sp.add_argument("--quiet", action="store_true")
     sp.add_argument("--out", required=True)
     sp.set_defaults(fn=cmd_experiment)

@@ -1,33 +1,656 @@
-""""Did synthetic data help?" — PatchCore with a dual bank of real defect crops only vs real +
-accepted synthetic crops, both evaluated on the same held-out REAL test images.
+""""Did synthetic data help?" — the studio's measuring stick.
 
-The real defects that feed the positive bank are held out by ``split_positives`` (deterministic in
-the seed), so no image is both in a bank and evaluated, and both arms see the same evaluation set.
+Protocol (``python -m studio experiment``, the Curation tab's Experiment step):
+
+* **Roles.** Real defect images of ``--data`` are ``reference`` (may be learned from / copied)
+  or ``evaluation`` (only scored), from :func:`pipelines.roles.category_roles`. Everything is
+  scored on ``roles.scored`` = evaluation defects + ``test/good``; nothing learns from them.
+* **Synthetic defects** come from an export (``--synthetic DIR``: ``synthetic/<type>/*.png`` +
+  ``synthetic_ground_truth/``; refused, naming the sample, when its ``provenance.jsonl`` says it
+  descends from an evaluation image or its pixels equal one) and/or are made inside the protocol
+  (``--generate perlin,cutpaste|all --per-type N``): N per damage type on ``train/good`` images,
+  with masks sampled from the reference masks of that type (:func:`sample_mask`: a reference mask,
+  randomly flipped / rotated by 90° / shifted, kept ≥ 95 % inside the product foreground
+  :func:`foreground_mask` estimates from ``train/good``); cut-paste donors are that type's
+  reference defects only. Every generator gets the same base images, masks and seeds, so they
+  are compared on equal terms.
+* **Arm A — PatchCore, dual bank.** The normal bank is fitted on ``train/good`` once per repeat
+  and reused; only the positive bank changes (``fit_positive`` replaces it): reference real
+  defect crops only vs reference + synthetic.
+* **Arm B — supervised segmenter** (:mod:`pipelines.segmenter`, the downstream test of DRAEM /
+  AnomalyDiffusion): trained on synthetic only, reference real defects only, and both; each
+  training set also holds every ``train/good`` image with an empty mask.
+* **Repeats.** ``K`` repeats (default 5); repeat ``k`` uses seed ``S + k`` for the coreset, the
+  segmenter's initialisation and batches, and the generation (base images, masks, generator
+  seeds). The role split never changes.
+* **Statistics** (:mod:`pipelines.stats`). Every metric (pixel AUROC, pixel AP, AUPRO, image
+  AUROC) and every delta is ``{"mean", "ci95"}``: the mean over the repeats, and a 95 % paired,
+  stratified bootstrap interval over the evaluation images. A verdict — ``helped`` / ``no
+  detectable effect`` / ``hurt`` — comes only from a delta's interval (entirely above 0 /
+  containing 0 / entirely below 0). The headline uses :data:`PRIMARY_METRIC` (pixel AP: threshold
+  free and sensitive to the few defect pixels; pixel AUROC saturates near 1).
+
+Outputs in ``--out``: ``metrics.json`` (blocks described in :func:`run_experiment`), ``report.md``,
+``figure.html`` (plotly, error bars; ``figure.png`` too when kaleido is installed) and
+``samples/<generator>.png`` (a few synthetic defects of the first repeat, mask outlined).
+Deterministic: two runs with the same inputs write the same numbers.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Sequence
 
-from studio.evaluation import PatchCoreRequest, run_patchcore
+import cv2
+import numpy as np
 
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
+from pipelines import roles as R
+from pipelines.fileio import atomic_write_json, atomic_write_text
+from pipelines.stats import METRICS, compare, verdict
+from pipelines.training import CancelFn, Cancelled, ProgressFn, check_cancelled
+
+METRIC_KEYS = METRICS                       # pixel_auroc, pixel_ap, aupro, image_auroc
+PRIMARY_METRIC = "pixel_ap"
+FOREGROUND_MIN_CONTRAST = 30.0              # RGB distance product ↔ background below which the
+                                            # whole image counts as product (textures)
 
 
 @dataclass
 class ExperimentRequest:
-    data: str                         # MVTec-AD-layout category (real images only are evaluated)
-    synthetic: str                    # export folder with synthetic/<type> + synthetic_ground_truth/
+    data: str                               # MVTec-AD-layout category (roles decide what is scored)
     out: str
-    backbone: str = "efficientnet_lite0"
-    coreset: float = 0.1
-    size: int = 256
-    real_fraction: float = 0.3
+    synthetic: str | None = None            # an export: synthetic/<type> + synthetic_ground_truth/
+    generate: str | Sequence[str] | None = None   # "perlin,cutpaste" | "all" | a list of names
+    per_type: int = 10                      # synthetic defects per damage type and repeat
+    repeats: int = 5
     seed: int = 0
+    backbone: str = "efficientnet_lite0"
+    coreset: float | None = None            # None: PatchCore's default
+    size: int = 256
+    segmenter_steps: int = 150
+    n_boot: int = 1000
+    strength: float = 0.8                   # generator strength (perlin, cutpaste)
+    feather: int = 4
+    model: str | None = None                # pixel-inpaint model folder (else its env variable)
+    threads: int = 1                        # torch threads while it runs (0: leave torch's setting)
+
+    def validate(self) -> None:
+        if not self.synthetic and not self.generate:
+            raise ValueError("nothing to compare: give --synthetic EXPORT_DIR and/or --generate "
+                             "NAME[,NAME…]|all (e.g. perlin,cutpaste)")
+        if not 1 <= int(self.repeats) <= 50:
+            raise ValueError(f"repeats must be 1..50, got {self.repeats}")
+        if self.generate and not 1 <= int(self.per_type) <= 500:
+            raise ValueError(f"per-type must be 1..500, got {self.per_type}")
+        if not 32 <= int(self.size) <= 1024:
+            raise ValueError(f"size must be 32..1024 px, got {self.size}")
+        if self.coreset is not None and not 0 < float(self.coreset) <= 1:
+            raise ValueError(f"coreset must be a fraction in (0, 1], got {self.coreset}")
+        if int(self.threads) < 0:
+            raise ValueError(f"threads must be ≥ 0 (0: torch's default), got {self.threads}")
+        if int(self.segmenter_steps) < 1 or int(self.n_boot) < 100:
+            raise ValueError("segmenter steps must be ≥ 1 and bootstrap draws ≥ 100")
+
+    def generator_names(self) -> list[str]:
+        g = self.generate
+        if not g:
+            return []
+        items = [s.strip() for s in (g.split(",") if isinstance(g, str) else g) if s and s.strip()]
+        return list(dict.fromkeys(items))
+
+
+@dataclass
+class Synthetic:
+    """One synthetic defect: image ``[S x S x 3]`` uint8, mask ``[S x S]`` bool, and where it came from."""
+    image: np.ndarray
+    mask: np.ndarray
+    label: str
+    name: str                                # file (export) or generator/repeat/type/index
+    sha: str                                 # pixel hash of the image
+    ancestors: list[str] = field(default_factory=list)   # hashes of the real images it derives from
+
+
+# ------------------------------------------------------------------------------------------------
+# Foreground and mask shapes (kept simple; a later issue adds real shape models)
+
+
+def foreground_mask(images: Sequence[np.ndarray]) -> np.ndarray:
+    """Product foreground ``[H x W]`` bool estimated from defect-free images of one product.
+
+    The per-pixel median image is compared with the median colour of its 4-px border (the
+    background): Otsu's threshold on that RGB distance, opened and closed (7 px disc), the
+    largest component with its holes filled. When product and background are not separable
+    (Otsu threshold under :data:`FOREGROUND_MIN_CONTRAST`: a texture, or a product that fills the
+    frame) or the result covers < 5 % or > 95 % of the image, the whole image is foreground."""
+    from scipy import ndimage
+    med = np.median(np.stack(images), axis=0).astype(np.float32)
+    h, w = med.shape[:2]
+    b = max(1, min(4, h // 16))
+    frame = np.concatenate([med[:b].reshape(-1, 3), med[-b:].reshape(-1, 3),
+                            med[:, :b].reshape(-1, 3), med[:, -b:].reshape(-1, 3)])
+    dist = np.linalg.norm(med - np.median(frame, axis=0), axis=2)
+    whole = np.ones((h, w), bool)
+    top = float(dist.max())
+    if top <= 0:
+        return whole
+    d8 = np.clip(dist / top * 255, 0, 255).astype(np.uint8)
+    t, _ = cv2.threshold(d8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    if t / 255 * top < FOREGROUND_MIN_CONTRAST:
+        return whole
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
+    m = cv2.morphologyEx((d8 > t).astype(np.uint8), cv2.MORPH_OPEN, k)
+    m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, k)
+    lab, n = ndimage.label(m)
+    if n == 0:
+        return whole
+    m = ndimage.binary_fill_holes(lab == 1 + int(np.argmax(np.bincount(lab.ravel())[1:])))
+    return m if 0.05 <= m.mean() <= 0.95 else whole
+
+
+def sample_mask(ref_masks: Sequence[np.ndarray], foreground: np.ndarray, rng: np.random.Generator,
+                min_inside: float = 0.95) -> tuple[np.ndarray, int]:
+    """A new mask ``[H x W]`` bool shaped like a reference mask: one of ``ref_masks`` (picked by
+    ``rng``), flipped / rotated by a multiple of 90° (one of the 8 symmetries of the square),
+    then placed at a random position where ≥ ``min_inside`` of it lies in ``foreground`` (all
+    positions scored at once with ``cv2.matchTemplate``; the best-covered position when none
+    qualifies). Returns ``(mask, index of the reference mask used)``."""
+    i = int(rng.integers(len(ref_masks)))
+    m = np.asarray(ref_masks[i]) > 0
+    k = int(rng.integers(8))
+    m = np.rot90(m, k % 4)
+    if k >= 4:
+        m = m[:, ::-1]
+    ys, xs = np.nonzero(m)
+    patch = m[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    H, W = foreground.shape
+    ph, pw = patch.shape
+    if ph > H or pw > W:                      # a non-square image rotated: keep the original
+        patch = (np.asarray(ref_masks[i]) > 0)
+        ys, xs = np.nonzero(patch)
+        patch = patch[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        ph, pw = patch.shape
+    cover = cv2.matchTemplate(foreground.astype(np.float32), patch.astype(np.float32), cv2.TM_CCORR)
+    ok = np.argwhere(cover >= min_inside * patch.sum() - 1e-3)
+    y, x = (ok[int(rng.integers(len(ok)))] if len(ok) else np.unravel_index(int(np.argmax(cover)), cover.shape))
+    out = np.zeros((H, W), bool)
+    out[y:y + ph, x:x + pw] = patch
+    return out, i
+
+
+# ------------------------------------------------------------------------------------------------
+# Sources of synthetic defects
+
+
+def _hash_list(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, str)]
+    return []
+
+
+def _provenance_ancestors(folder: Path) -> dict[str, list[str]]:
+    """``provenance.jsonl`` of an export → ``{file (relative): ancestor hashes}`` from the keys
+    ``descends_from``, ``source_sha256``, ``donor_sha256`` and ``source_image.sha256``."""
+    out: dict[str, list[str]] = {}
+    prov = folder / "provenance.jsonl"
+    if not prov.is_file():
+        return out
+    for n, line in enumerate(prov.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"{prov} line {n} is not JSON ({exc}); re-export the synthetic set") from None
+        anc = (_hash_list(rec.get("descends_from")) + _hash_list(rec.get("source_sha256"))
+               + _hash_list(rec.get("donor_sha256")))
+        src = rec.get("source_image")
+        if isinstance(src, dict):
+            anc += _hash_list(src.get("sha256"))
+        if rec.get("file"):
+            out[str(rec["file"])] = sorted(set(anc))
+    return out
+
+
+def load_export(folder: str | Path, size: int, roles: R.CategoryRoles) -> list[Synthetic]:
+    """The accepted synthetic defects of an export, checked against the evaluation images:
+    a sample whose pixels equal an evaluation image, or whose provenance names one as an
+    ancestor, is refused (:class:`pipelines.roles.LeakageError`, naming it)."""
+    from pipelines.mvtec import load_image
+    from pipelines.imageio import read_mask
+    folder = Path(folder)
+    files = sorted((folder / "synthetic").glob("*/*.png")) if (folder / "synthetic").is_dir() else []
+    if not files:
+        raise ValueError(f"{folder} holds no accepted synthetic samples (synthetic/<type>/*.png) — accept "
+                         "some candidates first, then export")
+    ancestry = _provenance_ancestors(folder)
+    by_hash = {roles.hashes[s.path]: roles.rel([s])[0] for s in roles.evaluation}
+    out: list[Synthetic] = []
+    for f in files:
+        rel = str(f.relative_to(folder))
+        mask_file = folder / "synthetic_ground_truth" / f.parent.name / f"{f.stem}_mask.png"
+        if not mask_file.is_file():
+            continue
+        sha = R.file_pixel_hash(f)
+        if sha in by_hash:
+            raise R.LeakageError(f"synthetic sample {rel} is pixel-identical to evaluation image "
+                                 f"{by_hash[sha]}: it cannot be trained on while that image is scored")
+        m = read_mask(mask_file)
+        m = cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST) > 0 if m.shape != (size, size) else m > 0
+        if not m.any():
+            continue
+        out.append(Synthetic(load_image(f, size), m, f.parent.name, rel, sha, ancestry.get(rel, [])))
+    if not out:
+        raise ValueError(f"{folder} holds no accepted synthetic samples with masks "
+                         "(synthetic_ground_truth/<type>/NNN_mask.png)")
+    R.check_descent([(s.name, s.ancestors) for s in out], roles.evaluation_hashes)
+    return out
+
+
+@dataclass
+class GeneratorPlan:
+    name: str
+    generator: object
+    info: object                                          # pipelines.generator.GeneratorInfo
+    params: dict = field(default_factory=dict)            # options passed on every call (model)
+    ancestors: list[str] = field(default_factory=list)    # what the generator itself learned from
+
+
+def experiment_generators() -> list[str]:
+    """What ``--generate all`` means: every damage generator of the registry that runs here
+    offline — no hub weights (``info.needs_model``), in-mask (not ``full_image``), available now
+    (a data-trained one such as pixel-inpaint only when a trained model is found)."""
+    from pipelines.registry import get_info, offline_names
+    return [n for n in offline_names("damage") if not get_info(n).needs_model and not get_info(n).full_image]
+
+
+def resolve_generators(names: Sequence[str], model: str | None, roles: R.CategoryRoles,
+                       notes: list[str]) -> list[GeneratorPlan]:
+    """Generator names (``all`` = :func:`experiment_generators`) → ready generators. A generator
+    that learned from data (``info.learns_from_data``) must say what it learned from
+    (``ancestors``: its model's ``training_data.json``), and none of it may be an evaluation
+    image. A name given explicitly that cannot run is an error; under ``all`` it is a note."""
+    from pipelines.registry import GENERATORS, get_generator, get_info
+    explicit = [n for n in names if n != "all"]
+    wanted = []
+    if "all" in names:
+        wanted = experiment_generators()
+        if model and "pixel-inpaint" in GENERATORS and "pixel-inpaint" not in wanted:
+            wanted.append("pixel-inpaint")          # a model given on the command line
+        skipped = [n for n in GENERATORS if get_info(n).mode == "damage" and n not in wanted
+                   and not get_info(n).needs_model and not get_info(n).full_image]
+        for n in skipped:
+            notes.append(f"skipped {n}: {get_generator(n).available()[1]}")
+    wanted += [n for n in explicit if n not in wanted]
+    plans = []
+    for name in wanted:
+        info = get_info(name)                  # KeyError listing the known names
+        if info.mode != "damage" or info.full_image:
+            raise ValueError(f"generator {name!r} does not make a defect inside a mask; the experiment "
+                             f"can generate with: {', '.join(experiment_generators())}")
+        gen = get_generator(name)
+        params = {"model": model} if model and any(s.name == "model" for s in info.option_specs) else {}
+        problem = None
+        if not params:
+            ok, msg = gen.available()
+            problem = None if ok else msg
+        ancestors = list(gen.ancestors(dict(params))) if hasattr(gen, "ancestors") else []
+        if problem is None and info.learns_from_data and not ancestors:
+            problem = (f"its model lists no training data (training_data.json), so what it learned from "
+                       "cannot be checked against the evaluation images; retrain it with "
+                       "`python -m studio train`")
+        if problem:
+            if name in explicit:
+                raise ValueError(f"generator {name}: {problem}")
+            notes.append(f"skipped {name}: {problem}")
+            continue
+        R.check_descent([(f"generator {name} (its training data)", ancestors)], roles.evaluation_hashes)
+        plans.append(GeneratorPlan(name, gen, info, params, ancestors))
+    return plans
+
+
+def synthesize(plan: GeneratorPlan, train: Sequence[np.ndarray], train_hashes: Sequence[str],
+               reference: dict[str, list[tuple[np.ndarray, np.ndarray, str]]], foreground: np.ndarray,
+               per_type: int, seed: int, repeat: int, strength: float, feather: int,
+               cancelled: CancelFn | None = None) -> list[Synthetic]:
+    """``per_type`` synthetic defects per damage type with reference defects (``reference``:
+    type → [(image, mask, pixel hash)]). The base image, mask and generator seed of item ``i``
+    of type ``t`` depend only on ``(seed, repeat, t, i)``, never on the generator. Parameters as
+    :func:`studio.services.generate` passes them: feather, damage type, strength when the
+    generator takes it, donors (that type's reference defects only) when it needs them."""
+    out: list[Synthetic] = []
+    for t in sorted(reference):
+        refs = reference[t]
+        type_key = int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)
+        params: dict = {"feather": int(feather), "damage_type": t, **plan.params}
+        ancestors = list(plan.ancestors)
+        if plan.info.takes_strength:
+            params["strength"] = float(strength)
+        if plan.info.needs_donors:
+            params["donors"] = [(img, m.astype(np.uint8) * 255) for img, m, _ in refs]
+            ancestors += [h for _, _, h in refs]
+        for i in range(per_type):
+            check_cancelled(cancelled, "experiment")
+            rng = np.random.default_rng([int(seed), int(repeat), type_key, i])
+            base = int(rng.integers(len(train)))
+            mask, shape_from = sample_mask([m for _, m, _ in refs], foreground, rng)
+            gen_seed = int(rng.integers(2 ** 31 - 1))
+            img = np.ascontiguousarray(plan.generator(train[base], mask.astype(np.uint8) * 255,
+                                                      seed=gen_seed, **params))
+            out.append(Synthetic(img, mask, t, f"{plan.name}/r{repeat}/{t}/{i:03d}", R.pixel_hash(img),
+                                 sorted({train_hashes[base], refs[shape_from][2], *ancestors})))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The protocol
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+    out = {}
+    for pkg in ("torch", "timm", "scikit-learn", "numpy", "opencv-python-headless"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+@contextlib.contextmanager
+def _deterministic(threads: int):
+    """Deterministic torch kernels and a fixed number of torch threads for the duration (the
+    previous settings are restored; both are process-wide, so a concurrent job in the same
+    process runs with them too).
+
+    One thread by default: the protocol is mostly small ops (coreset steps, a tiny decoder), and
+    on a shared 2-core machine with other work running, two threads spent most of their time
+    waiting for each other — PatchCore's fit on transistor took 10 s with one thread vs 56 s with
+    two, a segmenter step 11 ms vs 287 ms. A fixed count also keeps the floating-point summation
+    order, hence the numbers, the same on machines with other core counts."""
+    import torch
+    before = torch.are_deterministic_algorithms_enabled()
+    n_before = torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    if threads and threads > 0:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+        torch.set_num_threads(n_before)
+
+
+@contextlib.contextmanager
+def _as_cancelled(*kinds: type):
+    """Re-raise another module's cancel exception as the one :class:`pipelines.training.Cancelled`."""
+    try:
+        yield
+    except Cancelled:
+        raise
+    except kinds as exc:
+        raise Cancelled(str(exc)) from exc
+
+
+def _check_training_set(name: str, hashes: set[str], evaluation: set[str]) -> None:
+    leak = hashes & evaluation
+    if leak:
+        raise R.LeakageError(f"the {name} training set holds {len(leak)} evaluation image(s) "
+                             f"({sorted(leak)[0][:12]}…); refusing to run")
+
+
+def run_experiment(req: ExperimentRequest, progress: ProgressFn | None = None,
+                   cancelled: CancelFn | None = None) -> dict:
+    """Run the protocol of the module docstring; write ``metrics.json``, ``report.md`` and the
+    figure to ``req.out``; return the metrics dict.
+
+    Blocks: ``protocol`` (evaluation / reference / scored paths relative to ``--data``, repeats,
+    seed), ``patchcore`` {reference_only, reference_plus_synthetic, delta}, ``segmenter``
+    {synthetic_only, reference_only, reference_plus_synthetic, delta, delta_synthetic_only} —
+    every metric ``{"mean", "ci95"}`` (deltas add ``verdict``) — ``verdict``, with ``--generate``
+    ``backends`` {name: {patchcore, segmenter, verdict}}; the top-level blocks refer to
+    ``--synthetic`` if given, else to the first generator. ``real_only`` / ``with_synthetic`` /
+    ``delta`` hold arm A's means (backward compatible). ``training_hashes`` lists the pixel hashes
+    of every image any model was trained on (no evaluation image is ever among them)."""
+    import torch
+
+    from pipelines.backbones import build_backbone
+    from pipelines.mvtec import check_sizes, load_category, load_image, load_mask
+    from pipelines.patchcore import Cancelled as PatchCoreCancelled
+    from pipelines.patchcore import PatchCore
+    from pipelines.segmenter import FeatureCache, TrainConfig, predict_maps, train_segmenter
+    from pipelines.stats import summarize
+
+    req.validate()
+    t_start = time.perf_counter()
+    say = progress or (lambda f, m="": None)
+
+    def check():
+        check_cancelled(cancelled, "experiment")
+
+    cat = load_category(req.data)
+    notes = check_sizes(cat)
+    roles = R.category_roles(cat)
+    if not roles.evaluation:
+        raise ValueError(f"{req.data} has no evaluation defects to score (every defect type has a "
+                         "single image, or evaluation.txt lists none)")
+    if not roles.good:
+        raise ValueError(f"{req.data}/test/good is empty: image AUROC needs good test images")
+    if not roles.reference:
+        raise ValueError(f"{req.data} has no reference defects (a type needs at least 2 images to "
+                         "give one to reference)")
+    S = int(req.size)
+    say(0.0, f"loading {len(cat.train)} train/good, {len(roles.reference)} reference, "
+             f"{len(roles.scored)} scored images")
+    train = [load_image(p, S) for p in cat.train]
+    train_hashes = [R.file_pixel_hash(p) for p in cat.train]
+    ref_imgs = [load_image(s.path, S) for s in roles.reference]
+    ref_masks = [load_mask(s, S) for s in roles.reference]
+    ref_hashes = [roles.hashes[s.path] for s in roles.reference]
+    reference: dict[str, list] = {}
+    for s, img, m, h in zip(roles.reference, ref_imgs, ref_masks, ref_hashes):
+        if m.any():
+            reference.setdefault(s.label, []).append((img, m, h))
+    scored_imgs = [load_image(s.path, S) for s in roles.scored]
+    scored_masks = np.stack([load_mask(s, S) for s in roles.scored])
+    labels = np.array([s.is_anomaly for s in roles.scored], int)
+    evaluation_hashes = roles.evaluation_hashes
+    _check_training_set("train/good", set(train_hashes), evaluation_hashes)
+
+    sources: list[str] = []
+    export: list[Synthetic] = []
+    if req.synthetic:
+        export = load_export(req.synthetic, S, roles)
+        sources.append("synthetic")
+    plans = resolve_generators(req.generator_names(), req.model, roles, notes) if req.generate else []
+    if req.generate and not plans:
+        raise ValueError("no generator can run here: " + "; ".join(notes))
+    sources += [p.name for p in plans]
+    missing = sorted({s.label for s in roles.evaluation} - set(reference))
+    if plans and missing:
+        notes.append(f"no reference defect of type(s) {', '.join(missing)}: nothing is generated for them")
+    fg = foreground_mask(train)
+
+    K = int(req.repeats)
+    pc_arms: dict[str, list] = {"reference_only": []}
+    seg_arms: dict[str, list] = {"reference_only": []}
+    for src in sources:
+        pc_arms[f"{src}:reference_plus_synthetic"] = []
+        seg_arms[f"{src}:synthetic_only"] = []
+        seg_arms[f"{src}:reference_plus_synthetic"] = []
+    hashes = {"patchcore_normal_bank": set(train_hashes), "patchcore_positive_bank": set(ref_hashes),
+              "segmenter": set(train_hashes) | set(ref_hashes)}
+    counts: dict[str, int] = {}
+    examples: dict[str, list[Synthetic]] = {}
+    timing = {"patchcore_fit": 0.0, "patchcore_predict": 0.0, "segmenter_train": 0.0, "generate": 0.0}
+
+    with _deterministic(int(req.threads)), torch.random.fork_rng(devices=[]), _as_cancelled(PatchCoreCancelled):
+        torch.manual_seed(int(req.seed))
+        fc = FeatureCache(build_backbone(req.backbone))
+        say(0.02, "segmenter features of train/good, reference and scored images")
+        f_train, f_ref, f_scored = fc.features(train, cancelled), fc.features(ref_imgs, cancelled), \
+            fc.features(scored_imgs, cancelled)
+        empty = [np.zeros((S, S), bool)] * len(train)
+        steps = 2 + 3 * len(sources)               # progress units per repeat
+
+        def unit(k, j, msg):
+            say(0.05 + 0.9 * (k * steps + j) / (K * steps), f"repeat {k + 1}/{K}: {msg}")
+
+        for k in range(K):
+            seed_k = int(req.seed) + k
+            check()
+            unit(k, 0, "PatchCore normal bank")
+            pc_kw = {} if req.coreset is None else {"coreset": float(req.coreset)}
+            pc = PatchCore(backbone=req.backbone, size=S, seed=seed_k, **pc_kw)
+            t0 = time.perf_counter()
+            pc.fit(train, cancelled=cancelled)
+            pc.fit_positive(ref_imgs, ref_masks)
+            timing["patchcore_fit"] += time.perf_counter() - t0
+
+            def pc_score(arm):
+                t1 = time.perf_counter()
+                scores, maps = pc.predict(scored_imgs, cancelled=cancelled)
+                timing["patchcore_predict"] += time.perf_counter() - t1
+                pc_arms[arm].append(summarize(labels, scores, scored_masks, maps))
+
+            pc_score("reference_only")
+            cfg = TrainConfig(steps=int(req.segmenter_steps), seed=seed_k)
+
+            def seg(arm, feats, masks):
+                check()
+                t1 = time.perf_counter()
+                model = train_segmenter(torch.cat(feats), list(masks), cfg, cancelled=cancelled)
+                timing["segmenter_train"] += time.perf_counter() - t1
+                scores, maps = predict_maps(model, f_scored, S)
+                seg_arms[arm].append(summarize(labels, scores, scored_masks, maps))
+
+            unit(k, 1, "segmenter on reference defects")
+            seg("reference_only", [f_train, f_ref], [*empty, *ref_masks])
+            for j, src in enumerate(sources):
+                check()
+                unit(k, 2 + 3 * j, f"{src}: synthetic defects")
+                if src == "synthetic":
+                    syn = export
+                else:
+                    t1 = time.perf_counter()
+                    plan = next(p for p in plans if p.name == src)
+                    syn = synthesize(plan, train, train_hashes, reference, fg, int(req.per_type),
+                                     int(req.seed), k, req.strength, req.feather, cancelled)
+                    timing["generate"] += time.perf_counter() - t1
+                    R.check_descent([(s.name, s.ancestors) for s in syn], evaluation_hashes)
+                if not syn:
+                    raise ValueError(f"{src}: no synthetic defects (no damage type has reference defects)")
+                syn_hashes = {s.sha for s in syn}
+                _check_training_set(f"{src} synthetic", syn_hashes, evaluation_hashes)
+                counts[src] = len(syn)
+                examples.setdefault(src, syn)
+                hashes["patchcore_positive_bank"] |= syn_hashes
+                hashes["segmenter"] |= syn_hashes
+                syn_imgs, syn_masks = [s.image for s in syn], [s.mask for s in syn]
+                unit(k, 3 + 3 * j, f"{src}: PatchCore positive bank")
+                t1 = time.perf_counter()
+                pc.fit_positive(ref_imgs + syn_imgs, ref_masks + syn_masks)
+                timing["patchcore_fit"] += time.perf_counter() - t1
+                pc_score(f"{src}:reference_plus_synthetic")
+                unit(k, 4 + 3 * j, f"{src}: segmenters")
+                f_syn = fc.features(syn_imgs, cancelled)
+                seg(f"{src}:synthetic_only", [f_train, f_syn], [*empty, *syn_masks])
+                seg(f"{src}:reference_plus_synthetic", [f_train, f_ref, f_syn], [*empty, *ref_masks, *syn_masks])
+            del pc
+
+    _check_training_set("segmenter", hashes["segmenter"], evaluation_hashes)
+    _check_training_set("PatchCore positive bank", hashes["patchcore_positive_bank"], evaluation_hashes)
+    say(0.95, f"bootstrap ({req.n_boot} draws)")
+    blocks = {}
+    for src in sources:
+        pc_cmp = compare({"reference_only": pc_arms["reference_only"],
+                          "reference_plus_synthetic": pc_arms[f"{src}:reference_plus_synthetic"]},
+                         {"delta": ("reference_plus_synthetic", "reference_only")},
+                         n_boot=req.n_boot, seed=req.seed)
+        seg_cmp = compare({"synthetic_only": seg_arms[f"{src}:synthetic_only"],
+                           "reference_only": seg_arms["reference_only"],
+                           "reference_plus_synthetic": seg_arms[f"{src}:reference_plus_synthetic"]},
+                          {"delta": ("reference_plus_synthetic", "reference_only"),
+                           "delta_synthetic_only": ("synthetic_only", "reference_only")},
+                          n_boot=req.n_boot, seed=req.seed)
+        blocks[src] = {"patchcore": {**pc_cmp["arms"], **pc_cmp["deltas"]},
+                       "segmenter": {**seg_cmp["arms"], **seg_cmp["deltas"]},
+                       "n_synthetic": counts[src]}
+        blocks[src]["verdict"] = _verdicts(src, blocks[src])
+    top = sources[0]
+    pc_top = blocks[top]["patchcore"]
+    result = {
+        "real_only": {k: pc_top["reference_only"][k]["mean"] for k in METRIC_KEYS},
+        "with_synthetic": {k: pc_top["reference_plus_synthetic"][k]["mean"] for k in METRIC_KEYS},
+        "delta": {k: pc_top["delta"][k]["mean"] for k in METRIC_KEYS},
+        "protocol": {
+            "evaluation": roles.rel(roles.evaluation), "reference": roles.rel(roles.reference),
+            "scored": roles.rel(roles.scored), "train_good": len(train), "roles_source": roles.source,
+            "repeats": K, "seed": int(req.seed), "n_boot": int(req.n_boot), "primary_metric": PRIMARY_METRIC,
+            "backbone": req.backbone, "coreset": req.coreset, "size": S,
+            "segmenter_steps": int(req.segmenter_steps), "per_type": int(req.per_type) if plans else None,
+        },
+        "source": top,
+        "patchcore": blocks[top]["patchcore"],
+        "segmenter": blocks[top]["segmenter"],
+        "verdict": blocks[top]["verdict"],
+        "n_synthetic": counts[top],
+    }
+    if plans:
+        result["backends"] = {p.name: blocks[p.name] for p in plans}
+    if req.synthetic:
+        result["synthetic"] = {"folder": str(Path(req.synthetic).resolve()), "samples": len(export),
+                               "per_type": _per_type(export)}
+    result.update({
+        "training_hashes": {k: sorted(v) for k, v in hashes.items()},
+        "notes": notes,
+        "data": {"category": str(Path(req.data).resolve()), **_folder_digest(Path(req.data))},
+        "request": asdict(req), "versions": _versions(),
+        "timing": {k: round(v, 2) for k, v in timing.items()},
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    out = Path(req.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_samples(out, examples)
+    atomic_write_json(out / "metrics.json", result, indent=1)
+    atomic_write_text(out / "report.md", report_markdown(result))
+    write_figure(result, out)
+    say(1.0, "done")
+    return result
+
+
+def _per_type(samples: Sequence[Synthetic]) -> dict[str, int]:
+    c: dict[str, int] = {}
+    for s in samples:
+        c[s.label] = c.get(s.label, 0) + 1
+    return dict(sorted(c.items()))
+
+
+def _verdicts(src: str, block: dict) -> dict:
+    pc, seg = block["patchcore"], block["segmenter"]
+    per = {"patchcore": {k: pc["delta"][k]["verdict"] for k in METRIC_KEYS},
+           "segmenter": {k: seg["delta"][k]["verdict"] for k in METRIC_KEYS},
+           "segmenter_synthetic_only": {k: seg["delta_synthetic_only"][k]["verdict"] for k in METRIC_KEYS}}
+
+    def phrase(name, d):
+        v = d[PRIMARY_METRIC]
+        return (f"{name}: {verdict(v['ci95'])} ({PRIMARY_METRIC} {v['mean']:+.3f}, 95 % CI "
+                f"[{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}])")
+    text = (f"Adding {src} defects — " + "; ".join([
+        phrase("PatchCore positive bank", pc["delta"]),
+        phrase("segmenter", seg["delta"]),
+        phrase("segmenter on synthetic only vs reference only", seg["delta_synthetic_only"])]))
+    return {"metric": PRIMARY_METRIC, "patchcore": per["patchcore"][PRIMARY_METRIC],
+            "segmenter": per["segmenter"][PRIMARY_METRIC],
+            "segmenter_synthetic_only": per["segmenter_synthetic_only"][PRIMARY_METRIC],
+            "per_metric": per, "text": text}
 
 
 def _folder_digest(folder: Path, pattern: str = "**/*.png") -> dict:
@@ -39,66 +662,159 @@ def _folder_digest(folder: Path, pattern: str = "**/*.png") -> dict:
     return {"files": len(files), "sha256": h.hexdigest()[:16]}
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
+def _write_samples(out: Path, examples: dict[str, list[Synthetic]], per_source: int = 8) -> None:
+    """``samples/<source>.png``: up to ``per_source`` synthetic defects (spread over the types)
+    with their mask outlined in green."""
+    from pipelines.imageio import write_png_atomic
+    for src, syn in examples.items():
+        by_type: dict[str, list[Synthetic]] = {}
+        for s in syn:
+            by_type.setdefault(s.label, []).append(s)
+        picked: list[Synthetic] = []
+        while len(picked) < min(per_source, len(syn)):
+            for t in sorted(by_type):
+                if by_type[t] and len(picked) < per_source:
+                    picked.append(by_type[t].pop(0))
+        tiles = []
+        for s in picked:
+            img = np.ascontiguousarray(s.image.copy())
+            contours, _ = cv2.findContours(s.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(img, contours, -1, (0, 255, 0), 1)
+            tiles.append(img)
+        if tiles:
+            write_png_atomic(out / "samples" / f"{src.replace('/', '_')}.png", np.concatenate(tiles, axis=1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Report and figure
+
+
+def _fmt(v: dict) -> str:
+    return f"{v['mean']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+
+
+def _fmt_delta(v: dict) -> str:
+    return f"{v['mean']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] {v['verdict']}"
+
+
+SEG_ARMS = ("synthetic_only", "reference_only", "reference_plus_synthetic")
+PC_ARMS = ("reference_only", "reference_plus_synthetic")
+
+
+def source_blocks(r: dict) -> dict[str, dict]:
+    """``{source: {"patchcore", "segmenter", "verdict"}}`` of a result, in run order."""
     out = {}
-    for pkg in ("torch", "timm", "faiss-cpu", "scikit-learn", "numpy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
+    if r.get("synthetic") or not r.get("backends"):
+        out[r.get("source", "synthetic")] = {k: r[k] for k in ("patchcore", "segmenter", "verdict")}
+    out.update(r.get("backends") or {})
     return out
 
 
-def run_experiment(req: ExperimentRequest, progress: Callable[[float, str], None] | None = None,
-                   cancelled: Callable[[], bool] | None = None) -> dict:
-    syn = Path(req.synthetic)
-    if not (syn / "synthetic").is_dir() or not any((syn / "synthetic").glob("*/*.png")):
-        raise ValueError(f"{syn} holds no accepted synthetic samples (synthetic/<type>/*.png) — accept "
-                         "some candidates first, then export")
-    out = Path(req.out)
-    say = progress or (lambda f, m="": None)
-    common = dict(data=req.data, backbone=req.backbone, coreset=req.coreset, size=req.size,
-                  real_fraction=req.real_fraction, seed=req.seed)
-    say(0.0, "real defect crops only")
-    a = run_patchcore(PatchCoreRequest(out=str(out / "real_only"), bank="dual-real", **common),
-                      progress=lambda f, m="": say(0.5 * f, f"real only: {m}"), cancelled=cancelled)
-    say(0.5, "real + synthetic crops")
-    b = run_patchcore(PatchCoreRequest(out=str(out / "with_synthetic"), bank="dual-real-synthetic",
-                                       positives=str(syn), **common),
-                      progress=lambda f, m="": say(0.5 + 0.5 * f, f"with synthetic: {m}"), cancelled=cancelled)
-    assert a["held_out_for_positive_bank"] == b["held_out_for_positive_bank"]  # same evaluation set
-    pick = lambda s: {k: s["metrics"][k] for k in (*METRIC_KEYS, "n_test", "n_positive_images",
-                                                    "positive_patches", "fit_seconds")}
-    result = {
-        "real_only": pick(a), "with_synthetic": pick(b),
-        "delta": {k: b["metrics"][k] - a["metrics"][k] for k in METRIC_KEYS},
-        "evaluated_on": f"{a['metrics']['n_test']} real test images (held out for the bank: "
-                        f"{len(a['held_out_for_positive_bank'])})",
-        "data": {"category": str(Path(req.data).resolve()), **_folder_digest(Path(req.data))},
-        "synthetic": {"folder": str(syn.resolve()), **_folder_digest(syn / "synthetic")},
-        "request": asdict(req), "versions": _versions(),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=1))
-    (out / "report.md").write_text(report_markdown(result))
-    say(1.0, "done")
-    return result
+def table_rows(r: dict) -> list[dict]:
+    """One row per (source, model, arm or delta) with each metric as ``mean [lo, hi]``."""
+    rows = []
+    for src, b in source_blocks(r).items():
+        for model, arms in (("PatchCore", PC_ARMS + ("delta",)),
+                            ("segmenter", SEG_ARMS + ("delta", "delta_synthetic_only"))):
+            block = b["patchcore" if model == "PatchCore" else "segmenter"]
+            for arm in arms:
+                row = {"source": src, "model": model, "arm": arm}
+                for k in METRIC_KEYS:
+                    row[k] = _fmt_delta(block[arm][k]) if arm.startswith("delta") else _fmt(block[arm][k])
+                rows.append(row)
+    return rows
 
 
 def report_markdown(r: dict) -> str:
-    lines = ["# Did synthetic data help?", "",
-             f"PatchCore, dual memory bank, backbone `{r['request']['backbone']}`, coreset "
-             f"{r['request']['coreset']:.0%}, {r['request']['size']} px, seed {r['request']['seed']}.",
-             f"Evaluated on {r['evaluated_on']}.", "",
-             "| metric | real crops only | real + synthetic | Δ |", "|---|---|---|---|"]
-    for k in METRIC_KEYS:
-        lines.append(f"| {k} | {r['real_only'][k]:.4f} | {r['with_synthetic'][k]:.4f} | {r['delta'][k]:+.4f} |")
-    lines += ["", f"Positive bank: {r['real_only']['n_positive_images']} real images "
-                  f"({r['real_only']['positive_patches']} patches) vs {r['with_synthetic']['n_positive_images']} "
-                  f"real + synthetic images ({r['with_synthetic']['positive_patches']} patches).",
-              f"Data: {r['data']['files']} files, sha256 {r['data']['sha256']}; synthetic: "
-              f"{r['synthetic']['files']} files, sha256 {r['synthetic']['sha256']}.",
-              f"Versions: {', '.join(f'{k} {v}' for k, v in r['versions'].items())}. {r['created_at']}", ""]
+    p = r["protocol"]
+    lines = ["# Did synthetic data help?", ""]
+    for src, b in source_blocks(r).items():
+        lines.append(f"- **{src}** — {b['verdict']['text']}.")
+    lines += ["", "A verdict comes only from the 95 % interval of a difference: *helped* (entirely above 0), "
+              "*hurt* (entirely below 0), *no detectable effect* (contains 0). Intervals: paired, stratified "
+              f"bootstrap over the evaluation images ({p['n_boot']} draws), metrics averaged over "
+              f"{p['repeats']} repeats (seeds {p['seed']}…{p['seed'] + p['repeats'] - 1}). Per-metric "
+              "intervals are not adjusted for multiple comparisons.", "",
+              "## Protocol", "",
+              f"- Data: `{r['data']['category']}` ({r['data']['files']} files, sha256 {r['data']['sha256']}); "
+              f"roles from {p['roles_source']}: {len(p['reference'])} reference defects (may be learned from), "
+              f"{len(p['evaluation'])} evaluation defects (only scored), {p['train_good']} train/good.",
+              f"- Scored: {len(p['scored'])} images (evaluation defects + test/good).",
+              f"- Arm A: PatchCore `{p['backbone']}`, {p['size']} px, coreset "
+              f"{'default' if p['coreset'] is None else p['coreset']}; normal bank on train/good (once per "
+              "repeat); positive bank = reference defect crops only vs reference + synthetic.",
+              f"- Arm B: segmenter (1×1 + 3×3 conv decoder on frozen `{p['backbone']}` features, "
+              f"{p['segmenter_steps']} steps, BCE + Dice) trained on synthetic only / reference only / both, "
+              "always with every train/good image as a negative.",
+              ]
+    if p.get("per_type"):
+        lines.append(f"- Generated: {p['per_type']} per damage type and repeat on train/good images, masks "
+                     "shaped like reference masks (flipped / rotated / shifted inside the product foreground); "
+                     "cut-paste donors are reference defects only.")
+    if r.get("synthetic"):
+        lines.append(f"- Export: `{r['synthetic']['folder']}`, {r['synthetic']['samples']} samples "
+                     f"({', '.join(f'{k} {v}' for k, v in r['synthetic']['per_type'].items())}); checked "
+                     "against the evaluation images (pixels and provenance).")
+    for src, b in source_blocks(r).items():
+        lines += ["", f"## {src}", "", "| model | arm | " + " | ".join(METRIC_KEYS) + " |",
+                  "|---|---|" + "---|" * len(METRIC_KEYS)]
+        for row in (row for row in table_rows(r) if row["source"] == src):
+            lines.append(f"| {row['model']} | {row['arm']} | " + " | ".join(row[k] for k in METRIC_KEYS) + " |")
+    if r.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
+    t = r.get("timing", {})
+    lines += ["", f"Run time {r['seconds']:.0f} s (PatchCore fit {t.get('patchcore_fit', 0):.0f} s, predict "
+                  f"{t.get('patchcore_predict', 0):.0f} s, segmenter training {t.get('segmenter_train', 0):.0f} s, "
+                  f"generation {t.get('generate', 0):.0f} s). "
+                  f"Versions: {', '.join(f'{k} {v}' for k, v in r['versions'].items())}. {r['created_at']}", ""]
     return "\n".join(lines)
+
+
+def experiment_figure(r: dict):
+    """Plotly figure: per model, the difference to reference-only training for each metric, with
+    95 % intervals as error bars (a bar whose interval excludes 0 is an effect)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("PatchCore positive bank: + synthetic − reference only",
+                                                        "Segmenter: − reference only"), shared_yaxes=True)
+    palette = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2")
+    for i, (src, b) in enumerate(source_blocks(r).items()):
+        series = [(1, b["patchcore"]["delta"], f"{src}: reference + synthetic", palette[(2 * i) % 6]),
+                  (2, b["segmenter"]["delta"], f"{src}: reference + synthetic", palette[(2 * i) % 6]),
+                  (2, b["segmenter"]["delta_synthetic_only"], f"{src}: synthetic only", palette[(2 * i + 1) % 6])]
+        for col, d, name, colour in series:
+            y = [d[k]["mean"] for k in METRIC_KEYS]
+            fig.add_bar(x=list(METRIC_KEYS), y=y, name=name, marker_color=colour, legendgroup=name,
+                        showlegend=col == 1 or "synthetic only" in name,
+                        error_y=dict(type="data", symmetric=False,
+                                     array=[d[k]["ci95"][1] - d[k]["mean"] for k in METRIC_KEYS],
+                                     arrayminus=[d[k]["mean"] - d[k]["ci95"][0] for k in METRIC_KEYS]),
+                        hovertext=[f"{d[k]['verdict']}: {d[k]['mean']:+.3f} [{d[k]['ci95'][0]:+.3f}, "
+                                   f"{d[k]['ci95'][1]:+.3f}]" for k in METRIC_KEYS], row=1, col=col)
+    fig.add_hline(y=0, line_color="#444", line_width=1)
+    fig.update_layout(barmode="group", height=380, margin=dict(l=40, r=10, t=60, b=40),
+                      title=f"Δ metric vs reference-only training (mean of {r['protocol']['repeats']} repeats, 95 % CI)")
+    return fig
+
+
+def write_figure(r: dict, out: Path) -> list[str]:
+    """``figure.html`` (plotly.js embedded: opens offline) and ``figure.png`` when kaleido is
+    installed. Returns the files written."""
+    fig = experiment_figure(r)
+    atomic_write_text(out / "figure.html", fig.to_html(include_plotlyjs=True, full_html=True))
+    written = ["figure.html"]
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return written
+    try:
+        fig.write_image(str(out / "figure.png"), width=1100, height=420)
+        written.append("figure.png")
+    except Exception:  # noqa: BLE001 — kaleido without a usable browser: the HTML is enough
+        pass
+    return written
+
+
+__all__ = ["ExperimentRequest", "run_experiment", "report_markdown", "experiment_figure", "write_figure",
+           "table_rows", "source_blocks", "foreground_mask", "sample_mask", "load_export",
+           "resolve_generators", "experiment_generators", "synthesize", "METRIC_KEYS", "PRIMARY_METRIC"]
