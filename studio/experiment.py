@@ -9,11 +9,10 @@ Protocol (``python -m studio experiment``, the Curation tab's Experiment step):
   ``synthetic_ground_truth/``; refused, naming the sample, when its ``provenance.jsonl`` says it
   descends from an evaluation image or its pixels equal one) and/or are made inside the protocol
   (``--generate perlin,cutpaste|all --per-type N``): N per damage type on ``train/good`` images,
-  with masks sampled from the reference masks of that type (:func:`sample_mask`: a reference mask,
-  randomly flipped / rotated by 90° / shifted, kept ≥ 95 % inside the product foreground
-  :func:`foreground_mask` estimates from ``train/good``); cut-paste donors are that type's
-  reference defects only. Every generator gets the same base images, masks and seeds, so they
-  are compared on equal terms.
+  with masks from the studio's shape model fitted on that type's reference masks only
+  (:class:`MaskSampler`: :mod:`pipelines.shapes`, kept on the product foreground estimated from
+  ``train/good``); cut-paste donors are that type's reference defects only. Every generator gets
+  the same base images, masks and seeds, so they are compared on equal terms.
 * **Arm A — PatchCore, dual bank.** The normal bank is fitted on ``train/good`` once per repeat
   and reused; only the positive bank changes (``fit_positive`` replaces it): reference real
   defect crops only vs reference + synthetic.
@@ -56,8 +55,6 @@ from pipelines.training import CancelFn, Cancelled, ProgressFn, check_cancelled
 
 METRIC_KEYS = METRICS                       # pixel_auroc, pixel_ap, aupro, image_auroc
 PRIMARY_METRIC = "pixel_ap"
-FOREGROUND_MIN_CONTRAST = 30.0              # RGB distance product ↔ background below which the
-                                            # whole image counts as product (textures)
 
 
 @dataclass
@@ -116,70 +113,29 @@ class Synthetic:
 
 
 # ------------------------------------------------------------------------------------------------
-# Foreground and mask shapes (kept simple; a later issue adds real shape models)
+# Mask shapes: the studio's shape model (pipelines.shapes), fitted on reference masks only
 
 
-def foreground_mask(images: Sequence[np.ndarray]) -> np.ndarray:
-    """Product foreground ``[H x W]`` bool estimated from defect-free images of one product.
+@dataclass
+class MaskSampler:
+    """Masks shaped like one damage type's *reference* masks, on the product: a
+    :func:`pipelines.shapes.shape_model_for` fitted on them (the model the Curation batch uses),
+    sampled inside the foreground :func:`pipelines.shapes.estimate_foreground` finds on
+    train/good — or without one when the references mostly lie off it (``on_product``)."""
+    model: object
+    foreground: np.ndarray | None
 
-    The per-pixel median image is compared with the median colour of its 4-px border (the
-    background): Otsu's threshold on that RGB distance, opened and closed (7 px disc), the
-    largest component with its holes filled. When product and background are not separable
-    (Otsu threshold under :data:`FOREGROUND_MIN_CONTRAST`: a texture, or a product that fills the
-    frame) or the result covers < 5 % or > 95 % of the image, the whole image is foreground."""
-    from scipy import ndimage
-    med = np.median(np.stack(images), axis=0).astype(np.float32)
-    h, w = med.shape[:2]
-    b = max(1, min(4, h // 16))
-    frame = np.concatenate([med[:b].reshape(-1, 3), med[-b:].reshape(-1, 3),
-                            med[:, :b].reshape(-1, 3), med[:, -b:].reshape(-1, 3)])
-    dist = np.linalg.norm(med - np.median(frame, axis=0), axis=2)
-    whole = np.ones((h, w), bool)
-    top = float(dist.max())
-    if top <= 0:
-        return whole
-    d8 = np.clip(dist / top * 255, 0, 255).astype(np.uint8)
-    t, _ = cv2.threshold(d8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    if t / 255 * top < FOREGROUND_MIN_CONTRAST:
-        return whole
-    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
-    m = cv2.morphologyEx((d8 > t).astype(np.uint8), cv2.MORPH_OPEN, k)
-    m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, k)
-    lab, n = ndimage.label(m)
-    if n == 0:
-        return whole
-    m = ndimage.binary_fill_holes(lab == 1 + int(np.argmax(np.bincount(lab.ravel())[1:])))
-    return m if 0.05 <= m.mean() <= 0.95 else whole
+    @classmethod
+    def fit(cls, damage_type: str, ref_masks: Sequence[np.ndarray], foreground: np.ndarray | None
+            ) -> "MaskSampler":
+        from pipelines import shapes
+        fg = None if foreground is None or foreground.all() else foreground
+        model = shapes.shape_model_for(damage_type, [np.asarray(m) > 0 for m in ref_masks], fg)
+        return cls(model, fg if getattr(model, "on_product", True) else None)
 
-
-def sample_mask(ref_masks: Sequence[np.ndarray], foreground: np.ndarray, rng: np.random.Generator,
-                min_inside: float = 0.95) -> tuple[np.ndarray, int]:
-    """A new mask ``[H x W]`` bool shaped like a reference mask: one of ``ref_masks`` (picked by
-    ``rng``), flipped / rotated by a multiple of 90° (one of the 8 symmetries of the square),
-    then placed at a random position where ≥ ``min_inside`` of it lies in ``foreground`` (all
-    positions scored at once with ``cv2.matchTemplate``; the best-covered position when none
-    qualifies). Returns ``(mask, index of the reference mask used)``."""
-    i = int(rng.integers(len(ref_masks)))
-    m = np.asarray(ref_masks[i]) > 0
-    k = int(rng.integers(8))
-    m = np.rot90(m, k % 4)
-    if k >= 4:
-        m = m[:, ::-1]
-    ys, xs = np.nonzero(m)
-    patch = m[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-    H, W = foreground.shape
-    ph, pw = patch.shape
-    if ph > H or pw > W:                      # a non-square image rotated: keep the original
-        patch = (np.asarray(ref_masks[i]) > 0)
-        ys, xs = np.nonzero(patch)
-        patch = patch[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-        ph, pw = patch.shape
-    cover = cv2.matchTemplate(foreground.astype(np.float32), patch.astype(np.float32), cv2.TM_CCORR)
-    ok = np.argwhere(cover >= min_inside * patch.sum() - 1e-3)
-    y, x = (ok[int(rng.integers(len(ok)))] if len(ok) else np.unravel_index(int(np.argmax(cover)), cover.shape))
-    out = np.zeros((H, W), bool)
-    out[y:y + ph, x:x + pw] = patch
-    return out, i
+    def sample(self, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+        """``[H x W]`` bool, never empty."""
+        return self.model.sample(shape, rng, foreground=self.foreground) > 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,9 +272,9 @@ def resolve_generators(names: Sequence[str], model: str | None, roles: R.Categor
 
 
 def synthesize(plan: GeneratorPlan, train: Sequence[np.ndarray], train_hashes: Sequence[str],
-               reference: dict[str, list[tuple[np.ndarray, np.ndarray, str]]], foreground: np.ndarray,
-               per_type: int, seed: int, repeat: int, strength: float, feather: int,
-               cancelled: CancelFn | None = None) -> list[Synthetic]:
+               reference: dict[str, list[tuple[np.ndarray, np.ndarray, str]]],
+               masks: dict[str, MaskSampler], per_type: int, seed: int, repeat: int, strength: float,
+               feather: int, cancelled: CancelFn | None = None) -> list[Synthetic]:
     """``per_type`` synthetic defects per damage type with reference defects (``reference``:
     type → [(image, mask, pixel hash)]). The base image, mask and generator seed of item ``i``
     of type ``t`` depend only on ``(seed, repeat, t, i)``, never on the generator. Parameters as
@@ -329,22 +285,22 @@ def synthesize(plan: GeneratorPlan, train: Sequence[np.ndarray], train_hashes: S
         refs = reference[t]
         type_key = int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)
         params: dict = {"feather": int(feather), "damage_type": t, **plan.params}
-        ancestors = list(plan.ancestors)
+        # the mask shapes come from every reference mask of the type: all are ancestors
+        ancestors = [*plan.ancestors, *(h for _, _, h in refs)]
         if plan.info.takes_strength:
             params["strength"] = float(strength)
         if plan.info.needs_donors:
             params["donors"] = [(img, m.astype(np.uint8) * 255) for img, m, _ in refs]
-            ancestors += [h for _, _, h in refs]
         for i in range(per_type):
             check_cancelled(cancelled, "experiment")
             rng = np.random.default_rng([int(seed), int(repeat), type_key, i])
             base = int(rng.integers(len(train)))
-            mask, shape_from = sample_mask([m for _, m, _ in refs], foreground, rng)
+            mask = masks[t].sample(train[base].shape[:2], rng)
             gen_seed = int(rng.integers(2 ** 31 - 1))
             img = np.ascontiguousarray(plan.generator(train[base], mask.astype(np.uint8) * 255,
                                                       seed=gen_seed, **params))
             out.append(Synthetic(img, mask, t, f"{plan.name}/r{repeat}/{t}/{i:03d}", R.pixel_hash(img),
-                                 sorted({train_hashes[base], refs[shape_from][2], *ancestors})))
+                                 sorted({train_hashes[base], *ancestors})))
     return out
 
 
@@ -475,7 +431,10 @@ def run_experiment(req: ExperimentRequest, progress: ProgressFn | None = None,
     missing = sorted({s.label for s in roles.evaluation} - set(reference))
     if plans and missing:
         notes.append(f"no reference defect of type(s) {', '.join(missing)}: nothing is generated for them")
-    fg = foreground_mask(train)
+    if plans:
+        from pipelines.shapes import estimate_foreground
+        fg = estimate_foreground(train)
+        mask_models = {t: MaskSampler.fit(t, [m for _, m, _ in refs], fg) for t, refs in reference.items()}
 
     K = int(req.repeats)
     pc_arms: dict[str, list] = {"reference_only": []}
@@ -540,7 +499,7 @@ def run_experiment(req: ExperimentRequest, progress: ProgressFn | None = None,
                 else:
                     t1 = time.perf_counter()
                     plan = next(p for p in plans if p.name == src)
-                    syn = synthesize(plan, train, train_hashes, reference, fg, int(req.per_type),
+                    syn = synthesize(plan, train, train_hashes, reference, mask_models, int(req.per_type),
                                      int(req.seed), k, req.strength, req.feather, cancelled)
                     timing["generate"] += time.perf_counter() - t1
                     R.check_descent([(s.name, s.ancestors) for s in syn], evaluation_hashes)
@@ -643,10 +602,9 @@ def _verdicts(src: str, block: dict) -> dict:
         v = d[PRIMARY_METRIC]
         return (f"{name}: {verdict(v['ci95'])} ({PRIMARY_METRIC} {v['mean']:+.3f}, 95 % CI "
                 f"[{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}])")
-    text = (f"Adding {src} defects — " + "; ".join([
-        phrase("PatchCore positive bank", pc["delta"]),
-        phrase("segmenter", seg["delta"]),
-        phrase("segmenter on synthetic only vs reference only", seg["delta_synthetic_only"])]))
+    text = "; ".join([phrase(f"PatchCore positive bank + {src}", pc["delta"]),
+                      phrase(f"segmenter reference + {src}", seg["delta"]),
+                      phrase(f"segmenter {src} only (vs reference only)", seg["delta_synthetic_only"])])
     return {"metric": PRIMARY_METRIC, "patchcore": per["patchcore"][PRIMARY_METRIC],
             "segmenter": per["segmenter"][PRIMARY_METRIC],
             "segmenter_synthetic_only": per["segmenter_synthetic_only"][PRIMARY_METRIC],
@@ -749,8 +707,8 @@ def report_markdown(r: dict) -> str:
               ]
     if p.get("per_type"):
         lines.append(f"- Generated: {p['per_type']} per damage type and repeat on train/good images, masks "
-                     "shaped like reference masks (flipped / rotated / shifted inside the product foreground); "
-                     "cut-paste donors are reference defects only.")
+                     "from the shape model fitted on the type's reference masks (pipelines.shapes, on the "
+                     "product foreground); donors (cut-paste, defect transfer) are reference defects only.")
     if r.get("synthetic"):
         lines.append(f"- Export: `{r['synthetic']['folder']}`, {r['synthetic']['samples']} samples "
                      f"({', '.join(f'{k} {v}' for k, v in r['synthetic']['per_type'].items())}); checked "
@@ -776,7 +734,7 @@ def experiment_figure(r: dict):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
     fig = make_subplots(rows=1, cols=2, subplot_titles=("PatchCore positive bank: + synthetic − reference only",
-                                                        "Segmenter: − reference only"), shared_yaxes=True)
+                                                        "Segmenter: arm − reference only"), shared_yaxes=False)
     palette = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2")
     for i, (src, b) in enumerate(source_blocks(r).items()):
         series = [(1, b["patchcore"]["delta"], f"{src}: reference + synthetic", palette[(2 * i) % 6]),
@@ -816,5 +774,5 @@ def write_figure(r: dict, out: Path) -> list[str]:
 
 
 __all__ = ["ExperimentRequest", "run_experiment", "report_markdown", "experiment_figure", "write_figure",
-           "table_rows", "source_blocks", "foreground_mask", "sample_mask", "load_export",
+           "table_rows", "source_blocks", "MaskSampler", "load_export",
            "resolve_generators", "experiment_generators", "synthesize", "METRIC_KEYS", "PRIMARY_METRIC"]

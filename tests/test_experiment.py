@@ -1,6 +1,6 @@
 """The experiment protocol on the demo data (random-init backbone, K = 2, tiny per-type): the
-metrics.json blocks, no evaluation image in any training set (by pixel hash), determinism, mask
-sampling inside the foreground, and the refusal of a leaking --synthetic export."""
+metrics.json blocks, no evaluation image in any training set (by pixel hash), determinism, masks
+from the reference shapes on the product, and the refusal of a leaking --synthetic export."""
 from __future__ import annotations
 
 import json
@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.mvtec import load_category, load_image
+from pipelines.mvtec import load_category, load_image, load_mask
 from pipelines.roles import file_pixel_hash, folder_roles
-from studio.experiment import (ExperimentRequest, foreground_mask, resolve_generators, run_experiment,
-                               sample_mask)
+from studio.experiment import ExperimentRequest, MaskSampler, resolve_generators, run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "assets" / "demo"
@@ -83,18 +82,21 @@ def test_two_runs_give_identical_numbers(runs):
         assert a[key] == b[key], key
 
 
-def test_foreground_and_sampled_masks_stay_on_the_product():
+def test_masks_come_from_the_reference_shapes_on_the_product():
+    from pipelines.shapes import estimate_foreground
     bottle = [load_image(p, 128) for p in load_category(DEMO / "bottle").train]
-    fg = foreground_mask(bottle)
-    assert 0.3 < fg.mean() < 0.9 and fg[64, 64] and not fg[0, 0]       # the bottle, not the corners
-    metal = [load_image(p, 128) for p in load_category(DEMO / "brushed_metal").train]
-    assert foreground_mask(metal).all()                                   # a texture: all product
-    ref = np.zeros((128, 128), bool)
-    ref[10:20, 5:40] = True
+    fg = estimate_foreground(bottle)
+    assert 0.2 < fg.mean() < 0.9 and fg[64, 64] and not fg[0, 0]        # the bottle, not the corners
+    roles = folder_roles(DEMO / "bottle")
+    refs = [load_mask(s, 128) for s in roles.reference if s.label == "contamination"]
+    sampler = MaskSampler.fit("contamination", refs, fg)
     rng = np.random.default_rng(0)
-    for _ in range(20):
-        m, i = sample_mask([ref], fg, rng)
-        assert i == 0 and m.sum() == ref.sum() and (m & fg).sum() >= 0.95 * m.sum()
+    masks = [sampler.sample((128, 128), rng) for _ in range(10)]
+    assert all(m.shape == (128, 128) and m.any() for m in masks)
+    if sampler.foreground is not None:
+        assert all(not (m & ~sampler.foreground).any() for m in masks)
+    again = MaskSampler.fit("contamination", refs, fg).sample((128, 128), np.random.default_rng(0))
+    assert np.array_equal(again, masks[0])                                  # seeded
 
 
 def test_generators_all_and_unknown(tmp_path):
