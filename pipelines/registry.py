@@ -21,6 +21,7 @@ from pipelines.generator import GeneratorInfo, OptionSpec
 GENERATORS: dict[str, str] = {
     "perlin": "pipelines.classical:PerlinDefectGenerator",
     "cutpaste": "pipelines.classical:CutPasteGenerator",
+    "defect-transfer": "pipelines.transfer:DefectTransferGenerator",
     "wall-lab": "pipelines.classical:LabRecolorGenerator",
     "pixel-inpaint": "pipelines.pixel_inpaint:PixelInpaintGenerator",
     "sd-inpaint": "pipelines.inpaint:SDInpaintGenerator",

@@ -1,0 +1,576 @@
+"""Defect transfer: a real defect's *appearance* learned from reference donors and re-lit on the
+target — the offline ``defect-transfer`` damage generator.
+
+Cut-paste copies a donor's pixels: on a brighter or darker product the patch reads as pasted.
+This generator transfers what a defect *does* to the surface instead of what it looks like in
+the donor photograph, in the spirit of illumination-ratio transfer and NSA ("natural synthetic
+anomalies"): the defect is the donor's deviation from its own local background, and that
+deviation modulates the target's own illumination and colour.
+
+Algorithm (per call; shapes are the working window around the target mask, ``H×W``)
+--------------------------------------------------------------------------------------
+1. **Donor deviation.** For every donor ``(image, mask)`` (reference real defects of the type):
+   the defect region ``hole = dilate(mask, r)`` (``r`` = 2..8 px, so rims and lips are inside)
+   is inpainted (``cv2.inpaint``, Telea; smoothed) → an estimate of the donor's background under
+   the defect. In CIE LAB the deviation is ``δ = (log((L+1)/(L_bg+1)), a − a_bg, b − b_bg)``
+   (``H_d×W_d×3``, 0 outside ``hole``, tapered over its last 1.5 px). A crack that is dark inside
+   with a bright lip is a log-ratio < 0 framed by > 0.
+2. **Global alignment.** Principal axes (second moments) of the target and donor masks give a
+   target → donor affine map for each of the 8 signed axis permutations (the dihedral group in
+   the principal frame) with per-axis scales ``σ_donor / σ_target`` (anisotropy ≤ 4); the seeded
+   jitter rotates (± 12°·jitter) and scales (± 12 %·jitter) it. The candidate whose warped
+   (slightly dilated) donor mask has the highest IoU with the target mask wins, near-ties
+   (within 0.05) broken by the seed.
+3. **Non-rigid refinement** (``warp="field"``, default): a smooth displacement field ``u`` that
+   makes the warped donor's signed distance function match the target's — demons-style
+   iterations ``u ← G_σ * (u − ½ (φ_W(x+u) − φ_T(x)) ∇φ_W / |∇φ_W|²)`` in a band around the
+   target, σ = 4 % of the mask's length — so the donor defect fills the painted shape and does
+   not cross its outline much. ``warp="affine"`` skips it. A small seeded Perlin displacement
+   (± 3 % of the size · jitter) adds shape variation in both modes.
+4. **Re-lighting.** The warped deviation, scaled by ``strength × gain × (1 + 0.3·jitter·perlin)``,
+   is applied to the target in LAB: ``L' = (L + 1)·exp(δ_L) − 1``, ``a' = a + δ_a``,
+   ``b' = b + δ_b`` — relative to the target's own local lightness and colour, so a −40 % dark
+   scratch is −40 % of the *target's* L on a bright or a dark product.
+5. **Blending** of the deviation at the boundary of ``Ω = dilate(mask, feather)``:
+   ``blend="laplacian"`` (default) — multi-band: the Laplacian pyramid of ``δ`` weighted by the
+   Gaussian pyramid of ``Ω`` (coarse shading fades over a wide band, fine detail stays sharp);
+   ``blend="poisson"`` — the deviation whose Laplacian equals ``δ``'s inside ``Ω`` and which is 0
+   on its boundary (``δ`` + a harmonic correction: Poisson blending in the log-lightness domain).
+6. **Composite.** :func:`pipelines.classical.composite` with ``alpha = masks.feather(mask,
+   feather)``: pixels outside ``dilate(mask, feather)`` are byte-identical to the input.
+
+Seed → output
+-------------
+``rng = numpy.random.default_rng(seed)`` draws, in this order: the donor (uniform over the
+donors), the rotation and scale jitter, the intensity draw, the tie-break among equally good
+dihedral candidates, the Perlin gain field, then the two Perlin displacement fields. The
+intensity gain is ``(I*/I_donor)^jitter · exp(±0.15·jitter)`` where ``I*`` is uniform in
+``[min, max]`` of the donors' mean |log-ratio| inside their masks (the range seen across donors)
+and clipped to 0.6..1.6. With ``jitter=0`` and one donor the output does not depend on the seed
+(except among tied candidates); different seeds otherwise change the donor, pose, intensity and
+texture of the defect.
+
+Params: ``donors`` (list of ``(image H×W×3 uint8, mask H×W)`` — reference real defects of the
+type, at least one), ``strength`` (0..1, default 1: scales the deviation), ``blend``,
+``warp``, ``jitter`` (0..1, default 0.5), ``damage_type`` (unused beyond the error message).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+from scipy import sparse
+from scipy.sparse.linalg import splu
+from skimage import color as skcolor
+
+from pipelines import masks as mk
+from pipelines.classical import (DEFAULT_FEATHER, _DIHEDRAL, ClassicalGenerator, _check_image,
+                                 fractal_noise, style_for)
+from pipelines.color import rgb_to_lab
+from pipelines.generator import GeneratorInfo, option
+
+BLENDS = ("laplacian", "poisson")
+WARPS = ("field", "affine")
+RELIGHTS = ("auto", "ratio", "level")
+_EPS_L = 1.0                 # log((L + 1) / (L_bg + 1)): black pixels do not blow up
+_MAX_ANISO = 2.0             # per-axis scale within [g / 2, g · 2] of their geometric mean g
+_FIELD_ITERS = 50
+_FIELD_MAX_SIDE = 192        # the displacement field is computed at most this large
+_POISSON_MAX_PX = 40_000     # larger regions get their (smooth) harmonic correction at lower res
+
+
+@dataclass(frozen=True)
+class DefectTransferOptions:
+    blend: str = option("laplacian", "boundary blending of the transferred deviation: laplacian "
+                                     "(multi-band: soft shading, sharp detail) or poisson "
+                                     "(gradient-domain, deviation forced to 0 at the border)",
+                        choices=BLENDS)
+    warp: str = option("field", "donor → target shape fit: field (moments alignment + a smooth "
+                                "displacement field from distance transforms) or affine "
+                                "(moments alignment only)", choices=WARPS)
+    relight: str = option("auto", "how the defect takes the target's light: ratio (modulates the "
+                                  "surface pixel by pixel: thin marks), level (opaque parts keep "
+                                  "the donor's content and colour, re-lit by the local low-frequency "
+                                  "level: holes, chips, stains) or auto (ratio for scratch / crack "
+                                  "types, else level)", choices=RELIGHTS)
+    jitter: float = option(0.5, "seeded variation at 1: pose (rotation ±12°, scale ×0.89..1.13), "
+                                "intensity within the donors' range, Perlin texture and outline "
+                                "(0 = none)",
+                           min=0.0, max=1.0, step=0.05)
+
+
+# --------------------------------------------------------------------------------------------
+# Colour helpers
+# --------------------------------------------------------------------------------------------
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    return rgb_to_lab(rgb).astype(np.float32)
+
+
+def _rgb(lab: np.ndarray) -> np.ndarray:
+    """LAB → float RGB 0..255 (unrounded, clipped to the gamut)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rgb = skcolor.lab2rgb(lab.astype(np.float64).reshape(-1, 1, 3)).reshape(lab.shape)
+    return np.clip(rgb * 255.0, 0.0, 255.0).astype(np.float32)
+
+
+def _sdf(m: np.ndarray) -> np.ndarray:
+    """Signed distance (px, float32): negative inside ``m`` (bool, neither empty nor full),
+    positive outside."""
+    m8 = m.astype(np.uint8)
+    outside = cv2.distanceTransform(1 - m8, cv2.DIST_L2, 5)
+    inside = cv2.distanceTransform(m8, cv2.DIST_L2, 5)
+    return (outside - inside).astype(np.float32)
+
+
+def _moments(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(centroid (x, y), R 2×2 with the major / minor axis as columns, σ (major, minor))`` of
+    a non-empty boolean mask; each pixel counts as a unit square (a 1-px line has σ_minor > 0)."""
+    ys, xs = np.nonzero(m)
+    pts = np.stack([xs, ys]).astype(np.float64)
+    c = pts.mean(axis=1)
+    cov = np.cov(pts) if xs.size > 1 else np.zeros((2, 2))
+    ev, vec = np.linalg.eigh(cov + np.eye(2) / 12.0)
+    return c, vec[:, ::-1].copy(), np.sqrt(ev[::-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Donors
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Donor:
+    """A reference defect prepared for transfer (all arrays in the donor's window).
+
+    ``deviation`` ``h×w×3 float32`` (log L ratio, Δa, Δb; 0 outside ``support``), ``mask`` and
+    ``support`` ``h×w bool`` (the annotated defect / where the deviation lives), ``intensity``
+    the mean |log L ratio| inside the mask."""
+    deviation: np.ndarray
+    mask: np.ndarray
+    support: np.ndarray
+    intensity: float
+
+
+def _halo(mask: np.ndarray) -> int:
+    """Pixels around an annotated defect that still belong to it (rims, lips, shadows)."""
+    return int(np.clip(round(2 + 0.05 * math.sqrt(mask.sum())), 2, 8))
+
+
+def _as_pair(pair: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        img, msk = pair
+    except (TypeError, ValueError):
+        raise ValueError(f"donor {i} must be an (image, mask) pair") from None
+    img = _check_image(img)
+    try:
+        m = mk.validate_mask(msk, img.shape)
+    except mk.MaskError as exc:
+        raise mk.MaskError(f"Donor defect {i}: {exc}") from None
+    return img, m > 0
+
+
+def _window_of(m: np.ndarray, margin: int) -> tuple[slice, slice]:
+    x0, y0, x1, y1 = mk.bbox(m)  # type: ignore[misc]
+    h, w = m.shape
+    return (slice(max(0, y0 - margin), min(h, y1 + margin)),
+            slice(max(0, x0 - margin), min(w, x1 + margin)))
+
+
+def _background(rgb: np.ndarray, hole: np.ndarray, smooth: float) -> np.ndarray:
+    """The donor's background under ``hole``: Telea inpainting (on a downscaled copy when the hole
+    is large — it is smooth anyway), smoothed inside the hole; ``h×w×3 uint8``."""
+    if hole.all():                                  # nothing around it to learn from
+        return np.broadcast_to(np.median(rgb.reshape(-1, 3), axis=0).astype(np.uint8), rgb.shape).copy()
+    h, w = hole.shape
+    f = min(1.0, math.sqrt(6000.0 / max(1, int(hole.sum()))))
+    src, hl = rgb, hole.astype(np.uint8)
+    if f < 1.0:
+        size = (max(8, round(w * f)), max(8, round(h * f)))
+        src = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+        hl = (cv2.resize(hl * 255, size, interpolation=cv2.INTER_AREA) > 0).astype(np.uint8)
+    bg = cv2.inpaint(np.ascontiguousarray(src), hl, 5, cv2.INPAINT_TELEA)
+    if f < 1.0:
+        bg = cv2.resize(bg, (w, h), interpolation=cv2.INTER_LINEAR)
+    bg = cv2.GaussianBlur(bg, (0, 0), smooth)
+    return np.where(hole[..., None], bg, rgb)
+
+
+def _level_sigma(size: float) -> float:
+    """σ (px) of the low-frequency illumination level for a defect ``size`` px long."""
+    return float(np.clip(size, 8.0, 120.0))
+
+
+def deviation(lab: np.ndarray, lab_bg: np.ndarray, level_sigma: float) -> np.ndarray:
+    """The relative deviation of ``lab`` from its background ``lab_bg`` (``H×W×3`` LAB each) →
+    ``H×W×6 float32`` channels (:data:`CHANNELS`):
+
+    - ``log_l`` = log((L + 1) / (L_bg + 1)): lightness as a ratio;
+    - ``log_k``: the chroma change along the background's own hue, as a log ratio (a dark stain
+      on copper desaturates copper; on a blue product it desaturates blue), trusted in
+      proportion to the background's chroma (not below C = 2, fully above C = 6);
+    - ``rest_a``, ``rest_b``: the rest of the a/b change: a hue the defect brings (rust on grey),
+      applied in proportion to the illumination gain between donor and target (0.5..2);
+    - ``opacity`` (0..1): how strongly the defect differs from the surface (|log_l| or |Δab|/25
+      from 0.1 to 0.6, smoothed) — where ``relight="level"`` replaces instead of modulating;
+    - ``log_s`` = log((L_bg + 1) / (S_bg + 1)), ``S_bg`` the background blurred by
+      ``level_sigma``: the background's structure above its low-frequency level (what the
+      ``level`` model puts back so a hole's content is absolute up to that level);
+    - ``log_lbg`` = log(L_bg + 1) and ``a_d``, ``b_d`` (the defect's own a/b): levels, not
+      changes — for the illumination gain of the chroma and the ``level`` model's colour.
+    """
+    L, L_bg = np.maximum(lab[..., 0], 0), np.maximum(lab_bg[..., 0], 0)
+    dl = np.log((L + _EPS_L) / (L_bg + _EPS_L))
+    ab, ab_bg = lab[..., 1:], lab_bg[..., 1:]
+    c_bg = np.sqrt((ab_bg ** 2).sum(-1))
+    unit = ab_bg / np.maximum(c_bg, 1e-3)[..., None]
+    dab = ab - ab_bg
+    trust = np.clip((c_bg - 2.0) / 4.0, 0.0, 1.0)
+    along = (dab * unit).sum(-1)
+    k = np.clip(1.0 + trust * along / np.maximum(c_bg, 1e-3), 0.25, 2.5)
+    rest = dab - ((k - 1.0) * c_bg)[..., None] * unit
+    strength = np.maximum(np.abs(dl), np.sqrt((dab ** 2).sum(-1)) / 25.0).astype(np.float32)
+    opacity = np.clip((cv2.GaussianBlur(strength, (0, 0), 1.0) - 0.1) / 0.5, 0, 1)
+    s_bg = cv2.GaussianBlur(L_bg.astype(np.float32), (0, 0), level_sigma, borderType=cv2.BORDER_REFLECT)
+    log_s = np.log((L_bg + _EPS_L) / (s_bg + _EPS_L))
+    return np.concatenate([dl[..., None], np.log(k)[..., None], rest, opacity[..., None],
+                           log_s[..., None], np.log(L_bg + _EPS_L)[..., None], ab], -1).astype(np.float32)
+
+
+CHANNELS = ("log_l", "log_k", "rest_a", "rest_b", "opacity", "log_s", "log_lbg", "a_d", "b_d")
+_BLENDED = 6                 # channels blended at the border (the rest are levels, not changes)
+
+
+def prepare_donor(image: np.ndarray, mask: np.ndarray) -> Donor:
+    """The deviation of a real defect from its inpainted background (see the module doc, step 1).
+    ``image`` ``H×W×3 uint8``, ``mask`` ``H×W bool`` (non-empty)."""
+    r = _halo(mask)
+    size = 4.0 * float(_moments(mask)[2][0])
+    ys, xs = _window_of(mask, 3 * r + 8)
+    rgb, m = image[ys, xs], mask[ys, xs]
+    hole = mk.dilate(m.astype(np.uint8) * 255, r) > 0
+    bg = _background(rgb, hole, smooth=max(1.0, r / 2))
+    dev = deviation(_lab(rgb), _lab(bg), _level_sigma(size))
+    taper = np.clip(cv2.distanceTransform(hole.astype(np.uint8), cv2.DIST_L2, 3) / 1.5, 0, 1)
+    dev[..., :_BLENDED] *= taper[..., None].astype(np.float32)
+    return Donor(dev, m, hole, float(np.abs(dev[m, 0]).mean()))
+
+
+def apply_deviation(lab: np.ndarray, dev: np.ndarray, level_sigma: float, model: str = "ratio") -> np.ndarray:
+    """Apply a (warped, scaled) deviation (:func:`deviation`'s channels) to a target ``H×W×3`` LAB.
+
+    ``ratio``: ``log(L'+1) = log_l + log(L+1)`` — the defect modulates the target's own
+    lightness pixel by pixel (stains, scratches, cracks: a surface change lit like the surface).
+    ``level``: where the defect is opaque (``o`` = opacity) its content replaces the surface and is
+    re-lit by the target's low-frequency level ``S`` (the target's L blurred by ``level_sigma``):
+    ``log(L'+1) = log_l + o·log_s + (1−o)·log(L+1) + o·log(S+1)`` (holes, chips, missing parts:
+    what shows through does not follow the surface's bright and dark bands).
+    Chroma: ``ab' = ab·exp(log_k) + (rest_a, rest_b)·γ`` with the illumination gain
+    ``γ = clip((L'+1)/(L_d+1), 0.5, 2)``, ``L_d + 1 = exp(log_l + log_lbg)`` the defect's own
+    lightness in the donor; ``level`` mixes in the donor's own colour where it is opaque:
+    ``(1−o)·ab' + o·(a_d, b_d)·γ``."""
+    L = np.maximum(lab[..., 0], 0.0).astype(np.float32)
+    log_l = dev[..., 0] + np.log(L + _EPS_L)
+    if model == "level":
+        S = cv2.GaussianBlur(L, (0, 0), level_sigma, borderType=cv2.BORDER_REFLECT)
+        o = np.clip(dev[..., 4], 0.0, 1.0)
+        log_l += o * (dev[..., 5] + np.log(S + _EPS_L) - np.log(L + _EPS_L))
+    out = np.empty_like(lab)
+    out[..., 0] = np.clip(np.exp(log_l) - _EPS_L, 0.0, 100.0)
+    gain = np.clip((out[..., 0] + _EPS_L) / np.exp(dev[..., 0] + dev[..., 6]), 0.5, 2.0)[..., None]
+    out[..., 1:] = lab[..., 1:] * np.exp(dev[..., 1:2]) + dev[..., 2:4] * gain
+    if model == "level":
+        o = o[..., None]
+        out[..., 1:] = (1 - o) * out[..., 1:] + o * dev[..., 7:9] * gain
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry: moments alignment over the dihedral group, then a displacement field
+# --------------------------------------------------------------------------------------------
+def _rot(a: float) -> np.ndarray:
+    return np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+
+
+def candidate_affines(target: np.ndarray, donor: np.ndarray, angle: float = 0.0,
+                      scale: float = 1.0) -> list[np.ndarray]:
+    """Eight ``2×3`` maps target coords → donor coords (``cv2.WARP_INVERSE_MAP`` convention): the
+    target's principal frame onto the donor's through each signed axis permutation, per-axis
+    scales ``σ_donor / σ_target`` (anisotropy clamped), then ``angle`` (rad) / ``scale`` jitter
+    about the donor's centroid."""
+    ct, Rt, st = _moments(target)
+    cd, Rd, sd = _moments(donor)
+    out = []
+    for P in _DIHEDRAL:
+        src = np.argmax(np.abs(P), axis=1)          # donor axis i ← target axis src[i]
+        s = sd / st[src]
+        g = math.sqrt(s[0] * s[1])
+        s = np.clip(s, g / _MAX_ANISO, g * _MAX_ANISO)
+        lin = Rd @ _rot(angle) @ np.diag(s * scale) @ P @ Rt.T
+        out.append(np.hstack([lin, (cd - lin @ ct)[:, None]]))
+    return out
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+_DISC5 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+
+
+def best_affine(target: np.ndarray, donor_mask: np.ndarray, affines: list[np.ndarray],
+                rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """The candidate whose warped donor mask best overlaps ``target`` (both dilated by 2 px so
+    thin strokes count), near-ties (within 0.05 IoU) broken by ``rng``; ``(affine, IoU)``."""
+    h, w = target.shape
+    t = cv2.dilate(target.astype(np.uint8), _DISC5) > 0
+    d = cv2.dilate(donor_mask.astype(np.uint8), _DISC5)
+    scores = np.array([_iou(cv2.warpAffine(d, a, (w, h), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP) > 0, t)
+                       for a in affines])
+    good = np.flatnonzero(scores >= scores.max() - 0.05)
+    k = int(good[int(rng.integers(len(good)))])
+    return affines[k], float(scores[k])
+
+
+def displacement_field(target: np.ndarray, warped: np.ndarray, size: float,
+                       iters: int = _FIELD_ITERS, sigma_frac: float = 0.04, step: float = 0.5
+                       ) -> np.ndarray:
+    """``H×W×2 float32`` field ``u`` (x, y) with ``warped(x + u(x)) ≈ target(x)`` (boolean
+    ``H×W`` masks; ``size`` ≈ the target's length in px).
+
+    Demons-style iterations on signed distance functions ``φ`` (negative inside): each pixel
+    moves along ``−∇φ_W`` by ``step ×`` the distance mismatch ``φ_W(x + u) − φ_T(x)`` (clipped to
+    2 px per iteration, weighted to a band around the target), then ``u`` is smoothed by a
+    Gaussian of σ = ``sigma_frac × size`` (1..8 px) and limited to 35 % of ``size``. Computed at
+    most :data:`_FIELD_MAX_SIDE` px large and upsampled."""
+    h, w = target.shape
+    if not warped.any() or not target.any() or warped.all() or target.all():
+        return np.zeros((h, w, 2), np.float32)         # no outline to align
+    f = min(1.0, _FIELD_MAX_SIDE / max(h, w))
+    if f < 1.0:
+        size_lo = (max(4, round(w * f)), max(4, round(h * f)))
+        t = cv2.resize(target.astype(np.uint8), size_lo, interpolation=cv2.INTER_NEAREST) > 0
+        wm = cv2.resize(warped.astype(np.uint8), size_lo, interpolation=cv2.INTER_NEAREST) > 0
+        if t.any() and wm.any():
+            u = displacement_field(t, wm, size * f, iters, sigma_frac, step)
+            u = cv2.resize(u, (w, h), interpolation=cv2.INTER_LINEAR) / f
+            return u.astype(np.float32)
+    phi_t, phi_w = _sdf(target), _sdf(warped)
+    gy, gx = np.gradient(phi_w)
+    gx, gy = gx.astype(np.float32), gy.astype(np.float32)
+    sigma = float(np.clip(sigma_frac * size, 1.0, 8.0))
+    band = float(np.clip(0.25 * size, 4.0, 40.0))
+    weight = np.clip(1.5 - np.abs(phi_t) / band, 0.0, 1.0).astype(np.float32)
+    max_u = float(np.clip(0.35 * size, 3.0, 60.0))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    u = np.zeros((h, w, 2), np.float32)
+    for _ in range(iters):
+        mx, my = xx + u[..., 0], yy + u[..., 1]
+        pw = cv2.remap(phi_w, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        gxw = cv2.remap(gx, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        gyw = cv2.remap(gy, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        move = -step * (pw - phi_t) / np.maximum(gxw * gxw + gyw * gyw, 0.25) * weight
+        u[..., 0] += np.clip(move * gxw, -2.0, 2.0)
+        u[..., 1] += np.clip(move * gyw, -2.0, 2.0)
+        u = cv2.GaussianBlur(u, (0, 0), sigma)
+        norm = np.sqrt((u * u).sum(axis=2, keepdims=True))
+        u *= np.minimum(1.0, max_u / np.maximum(norm, 1e-6))
+    return u
+
+
+# --------------------------------------------------------------------------------------------
+# Blending of the deviation
+# --------------------------------------------------------------------------------------------
+def multiband(dev: np.ndarray, weight: np.ndarray, levels: int | None = None) -> np.ndarray:
+    """Laplacian-pyramid blend of ``dev`` (``H×W×C``) with zero: ``Σ_k L_k(dev)·G_k(weight)``."""
+    h, w = weight.shape
+    if levels is None:
+        levels = int(np.clip(math.floor(math.log2(max(1, min(h, w)) / 6)), 0, 5))
+    gp, wp = [dev.astype(np.float32)], [weight.astype(np.float32)]
+    for _ in range(levels):
+        gp.append(cv2.pyrDown(gp[-1]))
+        wp.append(cv2.pyrDown(wp[-1]))
+    out = gp[-1] * wp[-1][..., None]
+    for k in range(levels - 1, -1, -1):
+        size = (gp[k].shape[1], gp[k].shape[0])
+        up = cv2.pyrUp(gp[k + 1], dstsize=size)
+        up = up.reshape(gp[k].shape)
+        lap = gp[k] - up
+        out = cv2.pyrUp(out, dstsize=size).reshape(gp[k].shape) + lap * wp[k][..., None]
+    return out
+
+
+def _harmonic(boundary: np.ndarray, omega: np.ndarray) -> np.ndarray:
+    """``c`` with ``Δc = 0`` on ``omega`` and ``c = boundary`` on the pixels around it
+    (``H×W×C``); pixels off the image are Neumann (not counted). 0 outside ``omega``."""
+    h, w = omega.shape
+    idx = -np.ones((h, w), np.int64)
+    ys, xs = np.nonzero(omega)
+    n = ys.size
+    idx[ys, xs] = np.arange(n)
+    rows, cols, vals = [], [], []
+    diag = np.zeros(n)
+    rhs = np.zeros((n, boundary.shape[2]))
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        ny, nx = ys + dy, xs + dx
+        ok = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+        diag[ok] += 1
+        nyc, nxc = np.clip(ny, 0, h - 1), np.clip(nx, 0, w - 1)
+        inner = ok & omega[nyc, nxc]
+        rows.append(np.flatnonzero(inner))
+        cols.append(idx[nyc[inner], nxc[inner]])
+        outer = ok & ~omega[nyc, nxc]
+        rhs[outer] += boundary[nyc[outer], nxc[outer]]
+    rows_a, cols_a = np.concatenate(rows), np.concatenate(cols)
+    diag = np.maximum(diag, 1)
+    a = sparse.csc_matrix((np.concatenate([diag, -np.ones(rows_a.size)]),
+                           (np.concatenate([np.arange(n), rows_a]), np.concatenate([np.arange(n), cols_a]))),
+                          shape=(n, n))
+    sol = splu(a).solve(rhs)
+    out = np.zeros(boundary.shape, np.float32)
+    out[ys, xs] = sol
+    return out
+
+
+def poisson(dev: np.ndarray, omega: np.ndarray) -> np.ndarray:
+    """The deviation whose Laplacian equals ``dev``'s inside ``omega`` and which is 0 on its
+    boundary: ``dev + c`` with ``c`` harmonic, ``c = −dev`` around ``omega`` (0 outside).
+    The correction is smooth, so large regions get it at a lower resolution."""
+    h, w = omega.shape
+    if not omega.any():
+        return np.zeros_like(dev)
+    f = min(1.0, math.sqrt(_POISSON_MAX_PX / max(1, int(omega.sum()))))
+    if f < 1.0:
+        size = (max(4, round(w * f)), max(4, round(h * f)))
+        d_lo = cv2.resize(dev, size, interpolation=cv2.INTER_AREA).reshape(size[1], size[0], -1)
+        o_lo = cv2.resize(omega.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+        c = cv2.resize(_harmonic(-d_lo, o_lo), (w, h), interpolation=cv2.INTER_LINEAR)
+        c = c.reshape(dev.shape)
+    else:
+        c = _harmonic(-dev, omega)
+    return np.where(omega[..., None], dev + c, 0.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# The generator
+# --------------------------------------------------------------------------------------------
+class DefectTransferGenerator(ClassicalGenerator):
+    """A defect whose appearance is learned from reference real defects of its type and re-lit
+    on the target (relative deviation in LAB, warped onto the painted mask, multi-band or Poisson
+    blended). See the module docstring for the algorithm and the seed → output mapping."""
+
+    info = GeneratorInfo(
+        "defect-transfer", "1", "damage",
+        "A reference real defect's appearance (its deviation from its own background) warped onto "
+        "the mask and re-lit on the target's illumination and colour; multi-band or Poisson blended",
+        options=DefectTransferOptions, needs_donors=True)
+    _context = 12
+
+    def __call__(self, image, mask, *, seed, feather=DEFAULT_FEATHER, **params):
+        if not params.get("donors"):
+            kind = params.get("damage_type")
+            raise ValueError(
+                "defect-transfer learns a defect's appearance from real ones: it needs at least one "
+                f"reference real defect of this type {'(' + repr(kind) + ') ' if kind else ''}with its "
+                "mask — import or accept a real defect image (role 'reference'), or pick the perlin "
+                "generator")
+        return super().__call__(image, mask, seed=seed, feather=feather, **params)
+
+    def _generate(self, crop, cmask, rng, feather, *, strength, donors, blend="laplacian",
+                  warp="field", relight="auto", jitter=0.5, damage_type=None):
+        relight_model = relight
+        if blend not in BLENDS:
+            raise ValueError(f"unknown blend {blend!r}; known: {', '.join(BLENDS)}")
+        if warp not in WARPS:
+            raise ValueError(f"unknown warp {warp!r}; known: {', '.join(WARPS)}")
+        if relight not in RELIGHTS:
+            raise ValueError(f"unknown relight {relight!r}; known: {', '.join(RELIGHTS)}")
+        jitter = float(np.clip(jitter, 0.0, 1.0))
+        pairs = [_as_pair(p, i) for i, p in enumerate(donors)]
+        h, w = cmask.shape
+        target = cmask > 0
+
+        # 1. The donor (seeded) and its deviation; the intensity range seen across donors.
+        i = int(rng.integers(len(pairs)))
+        donor = prepare_donor(*pairs[i])
+        intensities = [_quick_intensity(*pair) for pair in pairs]
+
+        # 2. Pose: moments alignment over the dihedral group, jittered, best IoU wins.
+        angle = math.radians(12.0) * jitter * rng.uniform(-1, 1)
+        scale = math.exp(0.12 * jitter * rng.uniform(-1, 1))
+        lo, hi = min(intensities), max(intensities)
+        wanted = rng.uniform(lo, hi)
+        spread = rng.uniform(-1, 1)
+        affine, _ = best_affine(target, donor.mask,
+                                candidate_affines(target, donor.mask, angle, scale), rng)
+
+        # 3. Non-rigid refinement: the warped donor mask's distance function onto the target's.
+        size = 4.0 * float(_moments(target)[2][0])              # ≈ the target's length
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        gain_noise = fractal_noise((h, w), rng, cell=max(4.0, size / 3), octaves=3)
+        amp = jitter * float(np.clip(0.03 * size, 0.5, 3.0))
+        cell = max(6.0, size / 2)
+        wobble = np.stack([fractal_noise((h, w), rng, cell, octaves=2),
+                           fractal_noise((h, w), rng, cell, octaves=2)], -1) * amp
+        if warp == "field":
+            warped = cv2.warpAffine(donor.mask.astype(np.float32), affine, (w, h),
+                                    flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP) > 0.5
+            u = displacement_field(target, warped, size)
+        else:
+            u = np.zeros((h, w, 2), np.float32)
+        px, py = xx + u[..., 0] + wobble[..., 0], yy + u[..., 1] + wobble[..., 1]
+        mx = (affine[0, 0] * px + affine[0, 1] * py + affine[0, 2]).astype(np.float32)
+        my = (affine[1, 0] * px + affine[1, 1] * py + affine[1, 2]).astype(np.float32)
+        dev = donor.deviation
+        zoom_out = math.sqrt(abs(np.linalg.det(affine[:, :2])))     # donor px per target px
+        if zoom_out > 1.3:                                           # anti-alias before shrinking
+            dev = cv2.GaussianBlur(dev, (0, 0), 0.45 * zoom_out)
+        dev = cv2.remap(dev, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                        borderValue=0).reshape(h, w, dev.shape[2])
+
+        # 4. Intensity: strength × gain (within the donors' range) × Perlin modulation.
+        gain = (wanted / max(intensities[i], 1e-6)) ** jitter if hi > 0 else 1.0
+        gain = float(np.clip(gain * math.exp(0.15 * jitter * spread), 0.6, 1.6))
+        g = strength * gain * (1.0 + 0.3 * jitter * gain_noise)
+        dev[..., :4] *= g[..., None].astype(np.float32)
+        dev[..., 4:6] *= strength
+
+        # 5. Blend the deviation at the border of Ω = dilate(mask, feather).
+        omega = mk.dilate(cmask, feather) > 0
+        if blend == "poisson":
+            dev[..., :_BLENDED] = poisson(dev[..., :_BLENDED], omega)
+        else:
+            dev[..., :_BLENDED] = multiband(dev[..., :_BLENDED], omega.astype(np.float32))
+
+        # 6. Re-light the target: relative lightness, additive chroma; applied as an RGB delta
+        #    so that pixels with no deviation keep their exact values.
+        lab = _lab(crop)
+        model = relight_model if relight_model != "auto" else relight_for(damage_type)
+        out = apply_deviation(lab, dev, _level_sigma(size), model)
+        return crop.astype(np.float32) + (_rgb(out) - _rgb(lab))
+
+
+def relight_for(damage_type: str | None) -> str:
+    """``ratio`` for thin surface marks that follow the surface's shading (classical styles
+    ``scratch`` and ``crack``), ``level`` for everything else (holes, chips, missing or misplaced
+    parts, stains and contamination: opaque material with its own colour)."""
+    return "ratio" if style_for(damage_type) in ("scratch", "crack") else "level"
+
+
+def _quick_intensity(image: np.ndarray, mask: np.ndarray) -> float:
+    """A donor's mean |log L ratio| inside its mask against the median L of a ring around it —
+    a cheap stand-in for :func:`prepare_donor`'s ``intensity`` (used for the range only)."""
+    r = _halo(mask)
+    ys, xs = _window_of(mask, 3 * r + 8)
+    m = mask[ys, xs].astype(np.uint8) * 255
+    ring = (mk.dilate(m, 2 * r + 4) > 0) & ~(mk.dilate(m, r) > 0)
+    L = _lab(image[ys, xs])[..., 0]
+    ref = float(np.median(L[ring])) if ring.any() else float(np.median(L))
+    return float(np.abs(np.log((L[m > 0] + _EPS_L) / (ref + _EPS_L))).mean())
+
+
+__all__ = ["DefectTransferGenerator", "DefectTransferOptions", "Donor", "prepare_donor",
+           "candidate_affines", "best_affine", "displacement_field", "multiband", "poisson",
+           "BLENDS", "WARPS"]
