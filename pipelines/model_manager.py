@@ -26,6 +26,18 @@ from typing import Any, Callable, Hashable
 DEFAULT_MB = 6144
 
 
+def release_memory() -> None:
+    """Give freed memory back to the OS after an eviction: ``gc.collect()`` and, on glibc,
+    ``malloc_trim(0)`` (freed tensor blocks otherwise stay in the heap and RSS never drops)."""
+    import gc
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):      # not glibc (macOS, Windows, musl): nothing to trim
+        pass
+
+
 def model_bytes(obj: Any) -> int:
     """Bytes of the torch tensors an object holds (parameters + buffers, each tensor once)."""
     try:
@@ -81,6 +93,11 @@ class ModelManager:
                 if hit is not None:
                     self._entries.move_to_end(key)
                     return hit.value
+            if group is not None and group_limit is not None:
+                with self._lock:                   # make room first: the old model is freed
+                    n = self._evict_group(key, group, group_limit)   # before the new one is allocated
+                if n:
+                    release_memory()
             value = loader()                       # outside the manager's lock: others go on
             entry = _Entry(value, model_bytes(value), group)
             with self._lock:
@@ -90,12 +107,17 @@ class ModelManager:
                 self._evict(key, group, group_limit)
             return value
 
+    def _evict_group(self, keep: Hashable, group: str, group_limit: int) -> int:
+        same = [k for k, e in self._entries.items() if e.group == group and k != keep]
+        drop = same[: max(0, len(same) - (group_limit - 1))]
+        for k in drop:
+            del self._entries[k]
+            self.evictions += 1
+        return len(drop)
+
     def _evict(self, keep: Hashable, group: str | None, group_limit: int | None) -> None:
         if group is not None and group_limit is not None:
-            same = [k for k, e in self._entries.items() if e.group == group and k != keep]
-            for k in same[: max(0, len(same) - (group_limit - 1))]:
-                del self._entries[k]
-                self.evictions += 1
+            self._evict_group(keep, group, group_limit)
         while self.total_bytes > self.max_bytes and len(self._entries) > 1:
             oldest = next(k for k in self._entries if k != keep)
             del self._entries[oldest]
@@ -127,4 +149,4 @@ class ModelManager:
 
 MANAGER = ModelManager()
 
-__all__ = ["ModelManager", "MANAGER", "model_bytes"]
+__all__ = ["ModelManager", "MANAGER", "model_bytes", "release_memory"]

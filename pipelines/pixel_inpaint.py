@@ -475,18 +475,14 @@ class PixelInpaintModel:
         return out
 
 
-_cache: dict[str, PixelInpaintModel] = {}
-_cache_lock = threading.Lock()
-
-
 def load_model(model: str | os.PathLike | None = None) -> PixelInpaintModel:
-    """Cached by checkpoint folder and file mtime (a newer checkpoint reloads)."""
+    """Loaded through the model manager, keyed by checkpoint folder and file mtime (a newer
+    checkpoint reloads); one pixel-inpaint model stays loaded at a time, so retraining and
+    switching models never piles them up in memory."""
+    from pipelines.model_manager import MANAGER
     folder = resolve_model(model)
-    key = f"{folder.resolve()}:{(folder / MODEL_FILE).stat().st_mtime_ns}"
-    with _cache_lock:
-        if key not in _cache:
-            _cache[key] = PixelInpaintModel.load(folder)
-        return _cache[key]
+    key = ("pixel-inpaint", str(folder.resolve()), (folder / MODEL_FILE).stat().st_mtime_ns)
+    return MANAGER.get(key, lambda: PixelInpaintModel.load(folder), group="pixel-inpaint", group_limit=1)
 
 
 @dataclass(frozen=True)
