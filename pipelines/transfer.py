@@ -5,54 +5,65 @@ Cut-paste copies a donor's pixels: on a brighter or darker product the patch rea
 This generator transfers what a defect *does* to the surface instead of what it looks like in
 the donor photograph, in the spirit of illumination-ratio transfer and NSA ("natural synthetic
 anomalies"): the defect is the donor's deviation from its own local background, and that
-deviation modulates the target's own illumination and colour.
+deviation is applied to the target's own illumination and colour.
 
-Algorithm (per call; shapes are the working window around the target mask, ``H×W``)
+Algorithm (per call; arrays are the working window around the target mask, ``H×W``)
 --------------------------------------------------------------------------------------
-1. **Donor deviation.** For every donor ``(image, mask)`` (reference real defects of the type):
-   the defect region ``hole = dilate(mask, r)`` (``r`` = 2..8 px, so rims and lips are inside)
-   is inpainted (``cv2.inpaint``, Telea; smoothed) → an estimate of the donor's background under
-   the defect. In CIE LAB the deviation is ``δ = (log((L+1)/(L_bg+1)), a − a_bg, b − b_bg)``
-   (``H_d×W_d×3``, 0 outside ``hole``, tapered over its last 1.5 px). A crack that is dark inside
-   with a bright lip is a log-ratio < 0 framed by > 0.
-2. **Global alignment.** Principal axes (second moments) of the target and donor masks give a
-   target → donor affine map for each of the 8 signed axis permutations (the dihedral group in
-   the principal frame) with per-axis scales ``σ_donor / σ_target`` (anisotropy ≤ 4); the seeded
-   jitter rotates (± 12°·jitter) and scales (± 12 %·jitter) it. The candidate whose warped
-   (slightly dilated) donor mask has the highest IoU with the target mask wins, near-ties
-   (within 0.05) broken by the seed.
-3. **Non-rigid refinement** (``warp="field"``, default): a smooth displacement field ``u`` that
-   makes the warped donor's signed distance function match the target's — demons-style
-   iterations ``u ← G_σ * (u − ½ (φ_W(x+u) − φ_T(x)) ∇φ_W / |∇φ_W|²)`` in a band around the
-   target, σ = 4 % of the mask's length — so the donor defect fills the painted shape and does
-   not cross its outline much. ``warp="affine"`` skips it. A small seeded Perlin displacement
-   (± 3 % of the size · jitter) adds shape variation in both modes.
-4. **Re-lighting.** The warped deviation, scaled by ``strength × gain × (1 + 0.3·jitter·perlin)``,
-   is applied to the target in LAB: ``L' = (L + 1)·exp(δ_L) − 1``, ``a' = a + δ_a``,
-   ``b' = b + δ_b`` — relative to the target's own local lightness and colour, so a −40 % dark
-   scratch is −40 % of the *target's* L on a bright or a dark product.
-5. **Blending** of the deviation at the boundary of ``Ω = dilate(mask, feather)``:
-   ``blend="laplacian"`` (default) — multi-band: the Laplacian pyramid of ``δ`` weighted by the
-   Gaussian pyramid of ``Ω`` (coarse shading fades over a wide band, fine detail stays sharp);
-   ``blend="poisson"`` — the deviation whose Laplacian equals ``δ``'s inside ``Ω`` and which is 0
-   on its boundary (``δ`` + a harmonic correction: Poisson blending in the log-lightness domain).
-6. **Composite.** :func:`pipelines.classical.composite` with ``alpha = masks.feather(mask,
+1. **Donor deviation** (:func:`prepare_donor`, :func:`deviation`). The defect region
+   ``hole = dilate(mask, r)`` (``r`` = 2..8 px, so rims and lips are inside) is inpainted
+   (``cv2.inpaint``, Telea, on a shrunk copy for large holes; smoothed) → the donor's background
+   under the defect. In CIE LAB the deviation is relative: ``log_l = log((L+1)/(L_bg+1))``
+   (a crack dark inside with a bright lip is < 0 framed by > 0), the chroma change along the
+   background's own hue as a ratio ``log_k`` plus the remaining a/b change (a hue the defect
+   brings), an ``opacity`` (how strongly the defect differs from the surface) and the levels
+   the ``level`` model needs (see :data:`CHANNELS`). 0 outside ``hole``, tapered at its edge.
+2. **Global alignment** (:func:`candidate_affines`, :func:`best_affine`). Principal axes
+   (second moments) of the target and donor masks give a target → donor affine map for each of
+   the 8 signed axis permutations (the dihedral group in the principal frame) with per-axis
+   scales ``σ_donor / σ_target`` (anisotropy ≤ 4); the seeded jitter rotates (±12°·jitter) and
+   scales (×e^(±0.12·jitter)) it. The candidate whose warped (slightly dilated) donor mask has
+   the highest IoU with the target mask wins, near-ties (within 0.05) broken by the seed.
+3. **Non-rigid refinement** (``warp="field"``, default; :func:`displacement_field`): a smooth
+   displacement field ``u`` that makes the warped donor's signed distance function match the
+   target's — demons-style iterations ``u ← G_σ * (u − ½ (φ_W(x+u) − φ_T(x)) ∇φ_W / |∇φ_W|²)``
+   in a band around the target, σ = 4 % of the mask's length — so the donor defect fills the
+   painted shape and does not cross its outline much. ``warp="affine"`` skips it. A small seeded
+   Perlin displacement (up to 3 % of the length · jitter) varies the outline in both modes.
+4. **Intensity.** ``log_l``, ``log_k`` and the a/b change are scaled by
+   ``strength × gain × (1 + 0.3·jitter·perlin)`` (opacity by ``strength``): ``strength`` 0 is
+   the input, 1 the donor's full deviation.
+5. **Blending** of the deviation at the border of ``Ω = dilate(mask, feather)``:
+   ``blend="laplacian"`` (default; :func:`multiband`) — the Laplacian pyramid of the deviation
+   weighted by the Gaussian pyramid of ``Ω`` (coarse shading fades over a wide band, fine detail
+   stays sharp); ``blend="poisson"`` (:func:`poisson`) — the deviation whose Laplacian equals the
+   warped one inside ``Ω`` and which is 0 on its border (a harmonic correction: Poisson blending
+   in the log-lightness domain).
+6. **Re-lighting** (:func:`apply_deviation`), relative to the target, never copied:
+   ``relight="ratio"`` — ``L' = (L+1)·exp(log_l) − 1`` pixel by pixel, chroma
+   ``ab·exp(log_k) + Δab_rest·γ`` (γ = the illumination gain donor → target, 0.5..2): a −40 %
+   scratch is −40 % of the *target's* L on a bright or a dark product. ``relight="level"`` —
+   the same where the defect is faint; where it is opaque its content (the donor's L relative to
+   the donor background's low-frequency level, its own colour) replaces the surface, re-lit by
+   the target's low-frequency level (σ ≈ the defect's length), so a hole or a stain does not
+   show the product's bright and dark bands through it. ``auto`` (default): ``ratio`` for
+   scratch / crack types, ``level`` for the rest. Applied as an RGB delta.
+7. **Composite.** :func:`pipelines.classical.composite` with ``alpha = masks.feather(mask,
    feather)``: pixels outside ``dilate(mask, feather)`` are byte-identical to the input.
 
 Seed → output
 -------------
 ``rng = numpy.random.default_rng(seed)`` draws, in this order: the donor (uniform over the
-donors), the rotation and scale jitter, the intensity draw, the tie-break among equally good
-dihedral candidates, the Perlin gain field, then the two Perlin displacement fields. The
-intensity gain is ``(I*/I_donor)^jitter · exp(±0.15·jitter)`` where ``I*`` is uniform in
-``[min, max]`` of the donors' mean |log-ratio| inside their masks (the range seen across donors)
-and clipped to 0.6..1.6. With ``jitter=0`` and one donor the output does not depend on the seed
-(except among tied candidates); different seeds otherwise change the donor, pose, intensity and
-texture of the defect.
+donors), the rotation and the scale jitter, the intensity draw (``I*`` and a spread), the
+tie-break among equally good dihedral candidates, the Perlin gain field, then the two Perlin
+displacement fields. The intensity gain is ``(I*/I_donor)^jitter · e^(0.15·jitter·spread)``
+clipped to 0.6..1.6, where ``I*`` is uniform in ``[min, max]`` of the donors' mean |log L ratio|
+inside their masks (the range seen across donors) and ``spread`` uniform in [−1, 1]. With
+``jitter=0`` and one donor the output does not depend on the seed (except among tied
+candidates); otherwise different seeds change the donor, pose, intensity, texture and outline.
 
 Params: ``donors`` (list of ``(image H×W×3 uint8, mask H×W)`` — reference real defects of the
-type, at least one), ``strength`` (0..1, default 1: scales the deviation), ``blend``,
-``warp``, ``jitter`` (0..1, default 0.5), ``damage_type`` (unused beyond the error message).
+type, at least one), ``strength`` (0..1, default 1), ``blend``, ``warp``, ``relight``,
+``jitter`` (0..1, default 0.5), ``damage_type`` (picks ``relight="auto"``'s model).
 """
 from __future__ import annotations
 
@@ -145,9 +156,9 @@ def _moments(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 class Donor:
     """A reference defect prepared for transfer (all arrays in the donor's window).
 
-    ``deviation`` ``h×w×3 float32`` (log L ratio, Δa, Δb; 0 outside ``support``), ``mask`` and
-    ``support`` ``h×w bool`` (the annotated defect / where the deviation lives), ``intensity``
-    the mean |log L ratio| inside the mask."""
+    ``deviation`` ``h×w×9 float32`` (:data:`CHANNELS`; the changes are 0 outside ``support``),
+    ``mask`` and ``support`` ``h×w bool`` (the annotated defect / where the deviation lives),
+    ``intensity`` the mean |log L ratio| inside the mask."""
     deviation: np.ndarray
     mask: np.ndarray
     support: np.ndarray
@@ -205,7 +216,7 @@ def _level_sigma(size: float) -> float:
 
 def deviation(lab: np.ndarray, lab_bg: np.ndarray, level_sigma: float) -> np.ndarray:
     """The relative deviation of ``lab`` from its background ``lab_bg`` (``H×W×3`` LAB each) →
-    ``H×W×6 float32`` channels (:data:`CHANNELS`):
+    ``H×W×9 float32`` channels (:data:`CHANNELS`):
 
     - ``log_l`` = log((L + 1) / (L_bg + 1)): lightness as a ratio;
     - ``log_k``: the chroma change along the background's own hue, as a log ratio (a dark stain
@@ -233,10 +244,23 @@ def deviation(lab: np.ndarray, lab_bg: np.ndarray, level_sigma: float) -> np.nda
     rest = dab - ((k - 1.0) * c_bg)[..., None] * unit
     strength = np.maximum(np.abs(dl), np.sqrt((dab ** 2).sum(-1)) / 25.0).astype(np.float32)
     opacity = np.clip((cv2.GaussianBlur(strength, (0, 0), 1.0) - 0.1) / 0.5, 0, 1)
-    s_bg = cv2.GaussianBlur(L_bg.astype(np.float32), (0, 0), level_sigma, borderType=cv2.BORDER_REFLECT)
-    log_s = np.log((L_bg + _EPS_L) / (s_bg + _EPS_L))
+    s_bg = _level(lab_bg[..., :1], level_sigma)
+    log_s = np.log((L_bg + _EPS_L) / (np.maximum(s_bg, 0) + _EPS_L))
     return np.concatenate([dl[..., None], np.log(k)[..., None], rest, opacity[..., None],
                            log_s[..., None], np.log(L_bg + _EPS_L)[..., None], ab], -1).astype(np.float32)
+
+
+def _level(x: np.ndarray, sigma: float) -> np.ndarray:
+    """The low-frequency level of ``x`` (``H×W`` or ``H×W×1``) → ``H×W`` (blurred by ``sigma``;
+    a wide blur is done on a copy shrunk so that σ is 4 px, then enlarged)."""
+    h, w = x.shape[:2]
+    img = x.astype(np.float32).reshape(h, w)
+    f = min(1.0, 4.0 / sigma)
+    if f < 1.0 and min(h, w) * f >= 4:
+        small = cv2.resize(img, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+        small = cv2.GaussianBlur(small, (0, 0), sigma * f, borderType=cv2.BORDER_REFLECT)
+        return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    return cv2.GaussianBlur(img, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
 
 
 CHANNELS = ("log_l", "log_k", "rest_a", "rest_b", "opacity", "log_s", "log_lbg", "a_d", "b_d")
@@ -270,11 +294,12 @@ def apply_deviation(lab: np.ndarray, dev: np.ndarray, level_sigma: float, model:
     Chroma: ``ab' = ab·exp(log_k) + (rest_a, rest_b)·γ`` with the illumination gain
     ``γ = clip((L'+1)/(L_d+1), 0.5, 2)``, ``L_d + 1 = exp(log_l + log_lbg)`` the defect's own
     lightness in the donor; ``level`` mixes in the donor's own colour where it is opaque:
-    ``(1−o)·ab' + o·(a_d, b_d)·γ``."""
+    ``(1−o)·ab' + o·(a_d, b_d)·γ`` (no colour cast is carried over: the low-frequency a/b
+    difference between two windows is mostly the materials', not the light's)."""
     L = np.maximum(lab[..., 0], 0.0).astype(np.float32)
     log_l = dev[..., 0] + np.log(L + _EPS_L)
     if model == "level":
-        S = cv2.GaussianBlur(L, (0, 0), level_sigma, borderType=cv2.BORDER_REFLECT)
+        S = np.maximum(_level(L, level_sigma), 0)
         o = np.clip(dev[..., 4], 0.0, 1.0)
         log_l += o * (dev[..., 5] + np.log(S + _EPS_L) - np.log(L + _EPS_L))
     out = np.empty_like(lab)
@@ -404,13 +429,14 @@ def multiband(dev: np.ndarray, weight: np.ndarray, levels: int | None = None) ->
 
 def _harmonic(boundary: np.ndarray, omega: np.ndarray) -> np.ndarray:
     """``c`` with ``Δc = 0`` on ``omega`` and ``c = boundary`` on the pixels around it
-    (``H×W×C``); pixels off the image are Neumann (not counted). 0 outside ``omega``."""
+    (``H×W×C``); pixels off the image are Neumann (not counted). 0 outside ``omega``.
+    Sparse 5-point Laplacian over the pixels of ``omega``, solved by SuperLU."""
     h, w = omega.shape
     idx = -np.ones((h, w), np.int64)
     ys, xs = np.nonzero(omega)
     n = ys.size
     idx[ys, xs] = np.arange(n)
-    rows, cols, vals = [], [], []
+    rows, cols = [], []
     diag = np.zeros(n)
     rhs = np.zeros((n, boundary.shape[2]))
     for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
@@ -424,7 +450,7 @@ def _harmonic(boundary: np.ndarray, omega: np.ndarray) -> np.ndarray:
         outer = ok & ~omega[nyc, nxc]
         rhs[outer] += boundary[nyc[outer], nxc[outer]]
     rows_a, cols_a = np.concatenate(rows), np.concatenate(cols)
-    diag = np.maximum(diag, 1)
+    diag = np.maximum(diag, 1) + 1e-4      # a part of omega with no border is pinned to c = 0
     a = sparse.csc_matrix((np.concatenate([diag, -np.ones(rows_a.size)]),
                            (np.concatenate([np.arange(n), rows_a]), np.concatenate([np.arange(n), cols_a]))),
                           shape=(n, n))
@@ -444,7 +470,8 @@ def poisson(dev: np.ndarray, omega: np.ndarray) -> np.ndarray:
     f = min(1.0, math.sqrt(_POISSON_MAX_PX / max(1, int(omega.sum()))))
     if f < 1.0:
         size = (max(4, round(w * f)), max(4, round(h * f)))
-        d_lo = cv2.resize(dev, size, interpolation=cv2.INTER_AREA).reshape(size[1], size[0], -1)
+        d_lo = np.concatenate([cv2.resize(dev[..., i:i + 1], size, interpolation=cv2.INTER_AREA
+                                          ).reshape(size[1], size[0], 1) for i in range(dev.shape[2])], -1)
         o_lo = cv2.resize(omega.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
         c = cv2.resize(_harmonic(-d_lo, o_lo), (w, h), interpolation=cv2.INTER_LINEAR)
         c = c.reshape(dev.shape)

@@ -273,3 +273,22 @@ def test_service_with_reference_donors_from_the_store(tmp_path):
             generate(GenerateRequest(image=img, mask=mask, damage_type="scratch", backend=NAME), store=None)
     finally:
         store.close()
+
+
+# --------------------------------------------------------------------------------- blending
+def test_blends_keep_the_inside_and_vanish_at_the_border():
+    rng = np.random.default_rng(0)
+    dev = cv2.GaussianBlur(rng.normal(size=(48, 64, 3)).astype(np.float32), (0, 0), 2)
+    omega = np.zeros((48, 64), bool)
+    omega[8:40, 10:54] = True
+    # multi-band: weight 1 everywhere reconstructs the input, 0 gives nothing
+    assert np.allclose(T.multiband(dev, np.ones((48, 64), np.float32)), dev, atol=1e-4)
+    assert np.allclose(T.multiband(dev, np.zeros((48, 64), np.float32)), 0, atol=1e-6)
+    # Poisson: 0 outside Ω, the Laplacian of the deviation kept inside (away from the border)
+    out = T.poisson(dev, omega)
+    assert np.abs(out[~omega]).max() == 0
+    lap = lambda x: cv2.Laplacian(x, cv2.CV_32F)
+    inner = mk.erode(omega.astype(np.uint8) * 255, 1) > 0
+    assert np.abs(lap(out) - lap(dev))[inner].max() < 1e-3
+    ring = omega & ~(mk.erode(omega.astype(np.uint8) * 255, 1) > 0)   # next to the border: ≈ 0
+    assert np.abs(out[ring]).mean() < 0.5 * np.abs(dev[ring]).mean()
