@@ -13,6 +13,23 @@ Training examples are square crops around a defect (side = max(``min_crop``, bbo
 type's style (:func:`pipelines.classical.style_for`) labelled "normal". The loss is weighted
 towards the mask (``1 + mask_weight·m``).
 
+Two-stage schedule (opt-in: ``pretrain_steps`` > 0 or ``pretrain_minutes`` set; see
+:class:`PixelInpaintConfig`):
+
+    1. "product" — learn the product: every example is a ``train/good`` image with a mask shaped
+       like one of the damage types (:func:`pipelines.shapes.shape_model_for` fitted on that
+       type's training masks, kept on :func:`pipelines.shapes.estimate_foreground` of the good
+       images; ``pretrain_masks='random'``: the type's classic style), labelled "normal". No
+       defect image is drawn in this stage. The U-Net learns to fill a hole with the product's own
+       texture and geometry; the damage-type embeddings stay untouched.
+    2. "damage" — learn the damage: the reference defects with their type's class id (mask-aware
+       augmentation as above), plus ``good_fraction`` of shaped-mask good examples labelled
+       "normal" so the product is not forgotten.
+
+The stage, the step where stage 2 began, the stage-1 seconds and the examples drawn per stage and
+source are kept in ``trainer_state.json`` and ``config.json`` (``"schedule"``), so a resumed run
+continues in the right stage; a checkpoint is written at the boundary.
+
 Generation (:class:`PixelInpaintGenerator`, the classical calling convention
 ``gen(image, mask, *, seed, feather=4, damage_type=..., strength=1.0, **params)``):
 
@@ -34,6 +51,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -59,6 +77,8 @@ FORMAT = "defect-studio-pixel-inpaint/1"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 NORMAL = "__normal__"
+PRODUCT, DAMAGE = "product", "damage"          # the stages of the two-stage schedule
+PRETRAIN_MASKS = ("shapes", "random")
 TRAIN_HINT = ("train one with `python -m studio train --kind pixel-inpaint --data <MVTec category "
               "folder> --out <folder>` (about 15 min on a CPU) and pass model=<folder> or set "
               f"{ENV}=<folder>")
@@ -81,6 +101,18 @@ PRESETS: dict[str, dict] = {
 # ================================================================================================
 @dataclass
 class PixelInpaintConfig(ConfigMixin):
+    """A pixel-inpaint training run.
+
+    Budget: ``max_steps`` counts every step of the model (both stages, resumed ones included),
+    ``minutes`` the wall clock of this run. The two-stage schedule is opt-in: stage 1 ("product",
+    good images with damage-shaped masks, class "normal") lasts until ``pretrain_steps`` steps of
+    the model or ``pretrain_minutes`` of stage-1 wall clock (summed over resumed runs), whichever
+    comes first; then stage 2 ("damage", the reference defects + ``good_fraction`` good examples)
+    runs until the budget ends. With both at their defaults (0 / None) the run is today's single
+    stage, byte for byte.
+
+    Recommended CPU budget: measured by ``benchmarks/pixel_inpaint_fewshot.py`` (to be filled in).
+    """
     output_dir: str = ""                   # checkpoints go here (required)
     data: str | None = None                # MVTec-layout category (for run_from_config / the CLI)
     damage_types: list | None = None       # None: every type with samples
@@ -94,6 +126,9 @@ class PixelInpaintConfig(ConfigMixin):
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     good_fraction: float = 0.25            # share of 'normal' examples (random masks on good images)
+    pretrain_steps: int = 0                # two-stage: stage 1 ("product") ends at this step (0: no step limit)
+    pretrain_minutes: float | None = None  # two-stage: ... or after this much stage-1 wall clock (all runs)
+    pretrain_masks: str = "shapes"         # two-stage masks on good images: 'shapes' (fitted) | 'random' (style)
     mask_weight: float = 4.0               # loss weight 1 + mask_weight · m
     batch_size: int = 8
     learning_rate: float = 4e-4
@@ -126,6 +161,16 @@ class PixelInpaintConfig(ConfigMixin):
         check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         check(0.0 <= self.good_fraction < 1.0, f"good_fraction must be in [0, 1), got {self.good_fraction}")
         check(self.context >= 1.0, f"context must be ≥ 1, got {self.context}")
+        check(self.pretrain_steps >= 0, f"pretrain_steps must be ≥ 0, got {self.pretrain_steps}")
+        check(self.pretrain_minutes is None or self.pretrain_minutes > 0,
+              f"pretrain_minutes must be > 0 (or unset), got {self.pretrain_minutes}")
+        check(self.pretrain_masks in PRETRAIN_MASKS,
+              f"pretrain_masks must be one of {', '.join(PRETRAIN_MASKS)}, got {self.pretrain_masks!r}")
+
+    @property
+    def two_stage(self) -> bool:
+        """Whether stage 1 ("product") runs before the defects (``pretrain_steps`` / ``pretrain_minutes``)."""
+        return self.pretrain_steps > 0 or self.pretrain_minutes is not None
 
 
 # ================================================================================================
@@ -192,8 +237,12 @@ class PixelInpaintTrainer(CheckpointedTrainer):
     """Train (or resume) a pixel-space inpainting model.
 
     ``samples``: ``[(image H×W×3 uint8, mask H×W uint8, damage_type)]`` (real defects);
-    ``good``: defect-free images for the 'normal' examples (may be empty if ``good_fraction`` = 0).
+    ``good``: defect-free images for the 'normal' examples (may be empty if ``good_fraction`` = 0
+    and the schedule has one stage).
     ``self.losses`` — ``[(step, loss)]``, appended live (also ``OUT/history.jsonl``).
+    ``self.stage`` — ``"product"`` (stage 1 of the two-stage schedule) or ``"damage"``;
+    ``self.examples`` — ``{stage: {"good": n, "defect": n}}``, the examples drawn so far (resumed
+    runs included); ``self.pretrain_end`` — the step where stage 2 began (None before / without it).
     """
 
     def __init__(self, cfg: PixelInpaintConfig, samples: Sequence, good: Sequence[np.ndarray] = ()):
@@ -205,6 +254,16 @@ class PixelInpaintTrainer(CheckpointedTrainer):
         if cfg.good_fraction > 0 and not self.good:
             raise TrainDataError("good_fraction > 0 needs defect-free images (train/good); "
                                  "pass good images or set good_fraction: 0")
+        if cfg.two_stage and not self.good:
+            raise TrainDataError("the two-stage schedule (pretrain_steps / pretrain_minutes) learns the "
+                                 "product from defect-free images (train/good); pass good images")
+        self.stage = PRODUCT if cfg.two_stage else DAMAGE
+        self.pretrain_end: int | None = None
+        self.pretrain_seconds = 0.0               # stage-1 wall clock of earlier runs (+ this one, live)
+        self.examples = {PRODUCT: {"good": 0, "defect": 0}, DAMAGE: {"good": 0, "defect": 0}}
+        self._shapes: dict[str, Any] = {}         # damage type → shape model (built on first use)
+        self._fg: dict[tuple, np.ndarray | None] = {}   # image size → foreground at that size
+        self._fg_est: np.ndarray | None = None
 
     # -- data ------------------------------------------------------------------------------------
     def meta(self) -> dict:
@@ -214,17 +273,62 @@ class PixelInpaintTrainer(CheckpointedTrainer):
                     num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
                     styles={t: style_for(t) for t in self.types})
 
+    def _foreground(self, hw: tuple[int, int]) -> np.ndarray | None:
+        """The product's foreground (from the good images) at ``hw``; None when it is the whole frame."""
+        if hw not in self._fg:
+            from pipelines.shapes import estimate_foreground
+            if self._fg_est is None:
+                self._fg_est = estimate_foreground(self.good)
+            fg = self._fg_est
+            if fg.shape != hw:
+                fg = cv2.resize(fg.astype(np.uint8), (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST) > 0
+            self._fg[hw] = None if fg.all() or not fg.any() else fg
+        return self._fg[hw]
+
+    def shape_model(self, damage_type: str):
+        """:func:`pipelines.shapes.shape_model_for` fitted on this type's training masks (the
+        reference defects), against the good images' foreground."""
+        if damage_type not in self._shapes:
+            from pipelines.shapes import shape_model_for
+            masks = [s.mask for s in self.samples if s.damage_type == damage_type]
+            fgs = [self._foreground(m.shape[:2]) for m in masks]
+            self._shapes[damage_type] = shape_model_for(
+                damage_type, masks, foregrounds=None if all(f is None for f in fgs) else
+                [np.ones(m.shape[:2], bool) if f is None else f for m, f in zip(masks, fgs)])
+        return self._shapes[damage_type]
+
+    def good_mask(self, damage_type: str, hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+        """A mask for a 'normal' example on a good image: the type's classic style (today's single
+        stage, or ``pretrain_masks='random'``), else a sample of the type's shape model."""
+        if not self.cfg.two_stage or self.cfg.pretrain_masks == "random":
+            return mk.random_mask(style_for(damage_type), hw, rng)
+        model = self.shape_model(damage_type)
+        where = self._foreground(hw) if getattr(model, "on_product", True) else None
+        return model.sample(hw, rng, where)
+
+    def good_example(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+        """A train/good image, a mask shaped like a random damage type, the 'normal' class id."""
+        img = self.good[int(rng.integers(len(self.good)))]
+        t = self.types[int(rng.integers(len(self.types)))]
+        return img, self.good_mask(t, img.shape[:2], rng), len(self.types)
+
+    def defect_example(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+        """A reference defect, its mask and its type's class id."""
+        s = self.samples[int(rng.integers(len(self.samples)))]
+        return s.image, s.mask, self.types.index(s.damage_type)
+
     def example(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """One training example: ``(x0 [3 x r x r], m [1 x r x r], class id)``."""
+        """One training example: ``(x0 [3 x r x r], m [1 x r x r], class id)``. Stage "product":
+        always a good image; stage "damage": a good image with probability ``good_fraction``, else
+        a reference defect."""
         c, r = self.cfg, self.cfg.resolution
-        if self.good and rng.random() < c.good_fraction:
-            img = self.good[int(rng.integers(len(self.good)))]
-            t = self.types[int(rng.integers(len(self.types)))]
-            m = mk.random_mask(style_for(t), img.shape[:2], rng)
-            cls = len(self.types)
+        if self.stage == PRODUCT or (self.good and rng.random() < c.good_fraction):
+            img, m, cls = self.good_example(rng)
+            source = "good"
         else:
-            s = self.samples[int(rng.integers(len(self.samples)))]
-            img, m, cls = s.image, s.mask, self.types.index(s.damage_type)
+            img, m, cls = self.defect_example(rng)
+            source = "defect"
+        self.examples[self.stage][source] += 1
         img, m = augment_pair(img, m, rng, c.augment)
         if rng.random() < 0.5:                      # the generator repaints dilate(mask, feather)
             m = mk.dilate(m, float(rng.uniform(0, DEFAULT_FEATHER)))
@@ -244,11 +348,32 @@ class PixelInpaintTrainer(CheckpointedTrainer):
         from safetensors.torch import save_file
         state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
         save_file(state, str(folder / MODEL_FILE))
+        schedule = self.schedule()
         (folder / CONFIG_FILE).write_text(json.dumps({**self.meta(), "unet": dict(unet.config),
-                                                      "step": self.step}, indent=1, default=list))
+                                                      "step": self.step, "schedule": schedule},
+                                                     indent=1, default=list))
         groups = save_optimizer(opt, folder)
         write_trainer_state(folder, "pixel-inpaint", self.step, self.losses, groups, config=self.cfg.to_dict(),
-                            rng=rng_state)
+                            rng=rng_state, schedule=schedule)
+
+    def schedule(self) -> dict:
+        """The run's stages so far: where stage 2 began, stage-1 seconds, examples drawn per stage
+        and source, and the data each stage draws from (kept in the checkpoint)."""
+        c = self.cfg
+        stages = [PRODUCT, DAMAGE] if c.two_stage or self.pretrain_end is not None else [DAMAGE]
+        end = self.pretrain_end if self.pretrain_end is not None else (self.step if self.stage == PRODUCT else 0)
+        return {"stages": stages, "stage": self.stage, "pretrain_end": self.pretrain_end,
+                "steps": {PRODUCT: end if PRODUCT in stages else 0, DAMAGE: self.step - end},
+                "pretrain_seconds": round(self._pretrain_clock(), 3),
+                "pretrain_masks": c.pretrain_masks if c.two_stage else None,
+                "examples": {k: dict(v) for k, v in self.examples.items()},
+                "data": {"good_images": len(self.good),
+                         "defects": {t: sum(s.damage_type == t for s in self.samples) for t in self.types}}}
+
+    def _pretrain_clock(self) -> float:
+        """Stage-1 wall clock so far: earlier runs + this run while it is in stage 1."""
+        live = getattr(self, "_stage_t0", None)
+        return self.pretrain_seconds + (0.0 if live is None else max(0.0, time.monotonic() - live))
 
     def _resume(self, unet, opt) -> dict | None:
         last = self.ckpt.latest() if self.cfg.resume else None
@@ -264,7 +389,36 @@ class PixelInpaintTrainer(CheckpointedTrainer):
         _load_weights(unet, last)
         state = read_trainer_state(last)
         self._restore(last, opt, state)
+        sch = state.get("schedule") or {}
+        if sch:
+            self.pretrain_end = sch.get("pretrain_end")
+            self.pretrain_seconds = float(sch.get("pretrain_seconds") or 0.0)
+            for stage, counts in (sch.get("examples") or {}).items():
+                self.examples.setdefault(stage, {"good": 0, "defect": 0}).update(counts)
+            # a run that reached stage 2 stays there; one saved in stage 1 goes on with it
+            # (this config permitting: without a stage 1 it moves to stage 2 now)
+            self.stage = DAMAGE if sch.get("stage") == DAMAGE or not self.cfg.two_stage else PRODUCT
+        elif self.step > 0:
+            self.stage = DAMAGE        # a checkpoint from before the schedule: single-stage training
         return state
+
+    def _next_stage(self, progress: ProgressFn | None, save) -> None:
+        """Stage 1 → 2 when stage 1 has used its steps / minutes (checked before each step): the
+        boundary step is recorded and a checkpoint of the product model is written."""
+        c = self.cfg
+        if self.stage != PRODUCT:
+            return
+        done = (not c.two_stage or (c.pretrain_steps > 0 and self.step >= c.pretrain_steps)
+                or (c.pretrain_minutes is not None and self._pretrain_clock() >= 60.0 * c.pretrain_minutes))
+        if not done:
+            return
+        self.pretrain_seconds, self._stage_t0 = self._pretrain_clock(), None
+        self.stage, self.pretrain_end = DAMAGE, self.step
+        latest = self.ckpt.latest()
+        if self.step > 0 and (latest is None or latest.name != Checkpoints.name(self.step)):
+            save()                     # the product model (a resumed run would switch here too)
+        report(progress, self.budget.fraction(self.step),
+               f"stage 2 (damage) from step {self.step} after {self.pretrain_seconds / 60:.1f} min of stage 1")
 
     # -- loop ------------------------------------------------------------------------------------
     def run(self, progress: ProgressFn | None = None, cancelled: CancelFn | None = None) -> TrainResult:
@@ -291,8 +445,11 @@ class PixelInpaintTrainer(CheckpointedTrainer):
 
         unet.train()
         report(progress, 0.0, f"training pixel-inpaint from step {self.step} on {len(self.samples)} "
-                              f"defects of {len(self.types)} type(s)")
+                              f"defects of {len(self.types)} type(s)"
+                              + (f", stage {self.stage}" if c.two_stage else ""))
+        self._stage_t0 = time.monotonic() if self.stage == PRODUCT else None
         while not (stopped := self._stop_reason()):
+            self._next_stage(progress, save)
             losses = [self._micro_step(acc, unet, opt, sched, rng) for _ in range(c.gradient_accumulation_steps)]
             self._end_step(losses, acc.is_main_process)
             lr_sched.step()
@@ -305,6 +462,7 @@ class PixelInpaintTrainer(CheckpointedTrainer):
         latest = self.ckpt.latest()
         if latest is None or latest.name != Checkpoints.name(self.step):
             save()
+        self.pretrain_seconds, self._stage_t0 = self._pretrain_clock(), None
         return self._result(stopped)
 
     def _micro_step(self, acc, unet, opt, sched, rng: np.random.Generator) -> float:
@@ -352,7 +510,7 @@ def run_from_config(cfg: PixelInpaintConfig, progress: ProgressFn | None = None,
     from pipelines.mvtec import load_category, load_image
     samples = load_training_samples(cfg)
     good = [load_image(p, cfg.image_size) for p in load_category(cfg.data, require_test=False).train] \
-        if cfg.good_fraction > 0 else []
+        if cfg.good_fraction > 0 or cfg.two_stage else []
     return train_pixel_inpaint(cfg, samples, good, progress, cancelled)
 
 
