@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import gradio as gr
@@ -14,7 +15,8 @@ import numpy as np
 from studio.context import StudioContext
 from studio.curation import (CurationDB, CurationError, Thresholds, balance, make_plan, next_candidate,
                              plan_status, quality, run_plan)
-from studio.experiment import METRIC_KEYS, ExperimentRequest, run_experiment
+from studio.experiment import (METRIC_KEYS, PRIMARY_METRIC, ExperimentRequest, experiment_figure,
+                               run_experiment, source_blocks, table_rows)
 from studio.runs import RunLog
 from studio.ui.jobs_panel import JobPanel
 
@@ -29,31 +31,40 @@ document.addEventListener('keydown', (e) => {
 });
 </script>
 """
-EXP_COLS = ["id", "product", "arm", *METRIC_KEYS, "created_at"]
+EXP_COLS = ["id", "product", "model", "arm", *METRIC_KEYS, "verdict", "created_at"]
+EXP_GENERATORS = ("perlin", "cutpaste")       # generated inside the protocol (offline, no weights)
 
 
 def experiments_frame(runlog: RunLog):
+    """Stored experiments: PatchCore rows ``real_only`` / ``with_synthetic`` / ``delta`` (the
+    means, as before) and, for runs of the current protocol, the segmenter's rows; a delta row
+    carries the verdict of the primary metric. Older runs show the metrics they stored."""
     import pandas as pd
     rows = []
     for r in runlog.list("experiment"):
         m = r["metrics"] or {}
+        pc, seg = m.get("patchcore") or {}, m.get("segmenter") or {}
         for arm in ("real_only", "with_synthetic", "delta"):
             if arm in m:
-                rows.append([r["id"], r["product"], arm, *[round(m[arm][k], 4) for k in METRIC_KEYS],
+                v = pc.get("delta", {}).get(PRIMARY_METRIC, {}).get("verdict", "") if arm == "delta" else ""
+                rows.append([r["id"], r["product"], "PatchCore", arm,
+                             *[round(m[arm][k], 4) if k in m[arm] else None for k in METRIC_KEYS], v,
                              r["created_at"]])
+        for arm in ("synthetic_only", "reference_only", "reference_plus_synthetic", "delta"):
+            if arm in seg:
+                rows.append([r["id"], r["product"], "segmenter", arm,
+                             *[round(seg[arm][k]["mean"], 4) for k in METRIC_KEYS],
+                             seg[arm][PRIMARY_METRIC].get("verdict", ""), r["created_at"]])
     return pd.DataFrame(rows, columns=EXP_COLS)
 
 
-def experiment_figure(m: dict):
-    import plotly.graph_objects as go
-    fig = go.Figure()
-    for arm, colour in (("real_only", "#4c78a8"), ("with_synthetic", "#f58518")):
-        fig.add_bar(x=list(METRIC_KEYS), y=[m[arm][k] for k in METRIC_KEYS], name=arm, marker_color=colour)
-    fig.update_layout(barmode="group", yaxis_range=[min(0.5, min(min(m[a][k] for k in METRIC_KEYS)
-                                                                 for a in ("real_only", "with_synthetic"))), 1.0],
-                      title="Real test split: real crops only vs + synthetic", height=340,
-                      margin=dict(l=40, r=10, t=50, b=40))
-    return fig
+def verdict_markdown(m: dict) -> str:
+    lines = [f"**{src}** — {b['verdict']['text']}" for src, b in source_blocks(m).items()]
+    p = m["protocol"]
+    lines.append(f"<small>{p['repeats']} repeats, {len(p['evaluation'])} evaluation defects + "
+                 f"{len(p['scored']) - len(p['evaluation'])} good images scored; a verdict comes only from a "
+                 "95 % bootstrap interval of the difference.</small>")
+    return "\n\n".join(lines)
 
 
 def _overlay_mask(image, mask):
@@ -110,8 +121,22 @@ def build(ctx: StudioContext) -> list:
                     "EfficientNet-Lite0 features — not Inception/LPIPS.")
         q_table = gr.Dataframe(interactive=False, elem_id="cu-quality-table")
     with gr.Tab("4 · Experiment"):
-        exp = JobPanel(ctx, "Run experiment (PatchCore dual bank)", "experiment")
+        gr.Markdown("Did synthetic data help? PatchCore with a positive bank of reference defects only vs "
+                    "reference + synthetic, and a supervised segmenter trained on synthetic only / reference "
+                    "only / both — scored on the evaluation defects and good test images, repeated with K "
+                    "seeds, with 95 % bootstrap intervals. The accepted samples are exported and compared; "
+                    "ticked generators are also run inside the protocol on equal terms.")
+        with gr.Row():
+            exp_repeats = gr.Slider(1, 10, 5, step=1, label="Repeats (K seeds)", elem_id="cu-exp-repeats")
+            exp_generate = gr.CheckboxGroup(list(EXP_GENERATORS), value=[], elem_id="cu-exp-generate",
+                                            label="Also generate with (compared on equal terms)")
+            exp_per_type = gr.Number(10, label="Generated per damage type", precision=0,
+                                     elem_id="cu-exp-per-type")
+        exp = JobPanel(ctx, "Run experiment (PatchCore dual bank + segmenter)", "experiment")
+        exp_verdict = gr.Markdown(elem_id="cu-exp-verdict")
         exp_plot = gr.Plot(label="Result", elem_id="cu-exp-plot")
+        exp_result = gr.Dataframe(label="This run: mean [95 % CI] over the repeats", interactive=False,
+                                  elem_id="cu-exp-result")
         exp_report = gr.Markdown(elem_id="cu-exp-report")
         exp_file = gr.File(label="Report (Markdown)", elem_id="cu-exp-file")
         exp_table = gr.Dataframe(experiments_frame(runlog), label="Stored experiments", interactive=False,
@@ -185,39 +210,50 @@ def build(ctx: StudioContext) -> list:
     q_btn.click(do_quality, product, q_table, api_name="quality")
 
     # -- experiment ----------------------------------------------------------------------------
-    def start_experiment(p):
+    def start_experiment(p, repeats, gens, per_type):
         if not p:
             raise gr.Error("Pick a product")
-        if not store.list_samples(product=p, status="accepted", limit=1):
-            raise gr.Error(f"No accepted synthetic samples for {p!r} — accept some candidates first")
+        has_samples = bool(store.list_samples(product=p, status="accepted", limit=1))
+        if not has_samples and not gens:
+            raise gr.Error(f"No accepted synthetic samples for {p!r} — accept some candidates first, or tick "
+                           "a generator to generate inside the experiment")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         export = ctx.settings.workspace / "exports" / f"{p}-{stamp}"
         store.export_mvtec(export, p)
-        req = ExperimentRequest(data=str(export / p), synthetic=str(export / p),
-                                out=str(ctx.settings.workspace / "runs" / f"experiment-{p}-{stamp}"))
+        req = ExperimentRequest(data=str(export / p), synthetic=str(export / p) if has_samples else None,
+                                generate=list(gens) or None, per_type=int(per_type or 10),
+                                repeats=int(repeats), out=str(ctx.settings.workspace / "runs" / f"experiment-{p}-{stamp}"))
+        req.validate()
 
         def job(jctx, req):
-            run_id = runlog.start("experiment", p, req.data, req.__dict__, req.out, jctx.job_id)
+            from pipelines.training import Cancelled      # what the job runner records as cancelled
+            run_id = runlog.start("experiment", p, req.data, asdict(req), req.out, jctx.job_id)
             try:
                 r = run_experiment(req, jctx.progress, lambda: jctx.cancelled)
             except BaseException as exc:
-                runlog.finish(run_id, status="failed", error=str(exc))
+                runlog.finish(run_id, status="cancelled" if isinstance(exc, Cancelled) else "failed",
+                              error=str(exc))
                 raise
-            runlog.finish(run_id, {k: r[k] for k in ("real_only", "with_synthetic", "delta")})
+            runlog.finish(run_id, {k: r.get(k) for k in ("real_only", "with_synthetic", "delta", "patchcore",
+                                                         "segmenter", "verdict", "source", "backends")})
             return {"out": req.out, "run_id": run_id}
-        return ctx.jobs.submit("experiment", job, req, request=req.__dict__)
+        return ctx.jobs.submit("experiment", job, req, request=asdict(req))
 
     def live_experiment(job):
         if job["status"] != "done":
-            return gr.update(), gr.update(), gr.update(), experiments_frame(runlog)
+            return gr.update(), gr.update(), gr.update(), gr.update(), gr.update(), experiments_frame(runlog)
+        import pandas as pd
         out = Path(job["result"]["out"])
         m = json.loads((out / "metrics.json").read_text())
-        return experiment_figure(m), (out / "report.md").read_text(), str(out / "report.md"), \
-            experiments_frame(runlog)
+        return (verdict_markdown(m), experiment_figure(m), pd.DataFrame(table_rows(m)),
+                (out / "report.md").read_text(), str(out / "report.md"), experiments_frame(runlog))
 
-    exp.wire(start_experiment, [product], live_experiment, [exp_plot, exp_report, exp_file, exp_table])
+    exp.wire(start_experiment, [product, exp_repeats, exp_generate, exp_per_type], live_experiment,
+             [exp_verdict, exp_plot, exp_result, exp_report, exp_file, exp_table])
+
     def experiments() -> list[dict]:
-        """Stored experiments, one row per arm (real_only, with_synthetic, delta)."""
+        """Stored experiments, one row per model and arm (PatchCore: real_only, with_synthetic, delta;
+        segmenter: synthetic_only, reference_only, reference_plus_synthetic, delta)."""
         return experiments_frame(runlog).to_dict("records")
 
     gr.api(experiments, api_name="experiments")
