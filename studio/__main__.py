@@ -83,11 +83,10 @@ def add_generation_flags(sp) -> None:
 
 
 def cmd_generate(args) -> int:
-    import numpy as np
     from tqdm import tqdm
 
     from pipelines.imageio import ImageInputError, read_mask, read_rgb, write_png_atomic
-    from studio.services import GenerateRequest, UserError, generate
+    from studio.services import UserError, generate
 
     try:
         image = read_rgb(args.image, args.max_pixels)
@@ -152,7 +151,7 @@ def cmd_generate_batch(args) -> int:
     from accelerate import PartialState
 
     from pipelines.imageio import ImageInputError, read_mask, read_rgb, write_png_atomic
-    from studio.services import GenerateRequest, UserError, generate
+    from studio.services import UserError, generate
 
     import torch
     # on a CPU-only machine the processes of `accelerate launch` / torchrun talk over gloo
@@ -403,13 +402,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m studio", description="Defect Studio, headless.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    def ws(sp):
-        sp.add_argument("--workspace", help="workspace folder (default: $DEFECT_STUDIO_WORKSPACE or ./workspace)")
-
+def _add_dataset_commands(sub, ws) -> None:
+    """demo data, import, export, samples, roles, review."""
     sp = sub.add_parser("demo-data", help="write the deterministic MVTec-layout demo set")
     sp.add_argument("--out", required=True, help="output folder (one sub-folder per product)")
     sp.add_argument("--n-train", type=int, default=30, help="good training images per product")
@@ -426,6 +420,41 @@ def build_parser() -> argparse.ArgumentParser:
     ws(sp)
     sp.set_defaults(fn=cmd_import)
 
+    sp = sub.add_parser("export", help="export real images + accepted samples to the MVTec AD layout")
+    sp.add_argument("--product", required=True)
+    sp.add_argument("--format", choices=["mvtec", "coco"], default="mvtec",
+                    help="mvtec: MVTec AD folders (+ synthetic/); coco: images/ + annotations.json (RLE masks)")
+    sp.add_argument("--out", required=True)
+    ws(sp)
+    sp.set_defaults(fn=cmd_export)
+
+    sp = sub.add_parser("samples", help="list samples (JSON lines)")
+    sp.add_argument("--product")
+    sp.add_argument("--status", choices=["candidate", "accepted", "rejected"])
+    sp.add_argument("--limit", type=int, default=50)
+    ws(sp)
+    sp.set_defaults(fn=cmd_samples)
+
+    sp = sub.add_parser("roles", help="data roles of real defects: list, set, or show a folder's split",
+                        description="Every real defect image is 'reference' (may be learned from or "
+                                    "copied) or 'evaluation' (only ever scored).")
+    sp.add_argument("--product")
+    sp.add_argument("--set", nargs=2, metavar=("IMAGE_ID", "ROLE"), help="ROLE: reference | evaluation")
+    sp.add_argument("--data", help="a category folder: print the split it gets (evaluation.txt or the rule)")
+    ws(sp)
+    sp.set_defaults(fn=cmd_roles)
+
+    sp = sub.add_parser("review", help="accept or reject a candidate")
+    sp.add_argument("id", type=int)
+    sp.add_argument("decision", choices=["accepted", "rejected", "candidate"])
+    sp.add_argument("--note")
+    ws(sp)
+    sp.set_defaults(fn=cmd_review)
+
+
+
+def _add_generation_commands(sub, ws) -> None:
+    """generate, generate-batch (flags generated from the generators' options)."""
     sp = sub.add_parser("generate", help="make N candidates for an image + mask")
     sp.add_argument("--image", required=True)
     sp.add_argument("--mask", help="mask image (white or alpha = defect); not needed for --damage good")
@@ -444,21 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.set_defaults(fn=cmd_generate_batch)
 
-    sp = sub.add_parser("export", help="export real images + accepted samples to the MVTec AD layout")
-    sp.add_argument("--product", required=True)
-    sp.add_argument("--format", choices=["mvtec", "coco"], default="mvtec",
-                    help="mvtec: MVTec AD folders (+ synthetic/); coco: images/ + annotations.json (RLE masks)")
-    sp.add_argument("--out", required=True)
-    ws(sp)
-    sp.set_defaults(fn=cmd_export)
 
-    sp = sub.add_parser("samples", help="list samples (JSON lines)")
-    sp.add_argument("--product")
-    sp.add_argument("--status", choices=["candidate", "accepted", "rejected"])
-    sp.add_argument("--limit", type=int, default=50)
-    ws(sp)
-    sp.set_defaults(fn=cmd_samples)
 
+def _add_evaluation_commands(sub, ws) -> None:
+    """patchcore, ddpm train | evaluate, experiment."""
     sp = sub.add_parser("patchcore", help="fit PatchCore on train/good and evaluate on test/ (MVTec layout)")
     sp.add_argument("--data", required=True, help="MVTec-AD-layout category folder")
     sp.add_argument("--positives", help="folder of defect images + masks for a dual bank "
@@ -534,6 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.set_defaults(fn=cmd_experiment)
 
+
+
+def _add_training_commands(sub, ws) -> None:
+    """train (LoRA + damage embeddings, or pixel-inpaint)."""
     sp = sub.add_parser("train", help="train LoRA + damage embeddings (SD 1.5 inpainting) or the "
                                       "offline pixel-inpaint model")
     sp.add_argument("--kind", choices=["lora", "pixel-inpaint"], default="pixel-inpaint")
@@ -559,21 +581,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(fn=cmd_train)
 
-    sp = sub.add_parser("roles", help="data roles of real defects: list, set, or show a folder's split",
-                        description="Every real defect image is 'reference' (may be learned from or "
-                                    "copied) or 'evaluation' (only ever scored).")
-    sp.add_argument("--product")
-    sp.add_argument("--set", nargs=2, metavar=("IMAGE_ID", "ROLE"), help="ROLE: reference | evaluation")
-    sp.add_argument("--data", help="a category folder: print the split it gets (evaluation.txt or the rule)")
-    ws(sp)
-    sp.set_defaults(fn=cmd_roles)
 
-    sp = sub.add_parser("review", help="accept or reject a candidate")
-    sp.add_argument("id", type=int)
-    sp.add_argument("decision", choices=["accepted", "rejected", "candidate"])
-    sp.add_argument("--note")
-    ws(sp)
-    sp.set_defaults(fn=cmd_review)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m studio", description="Defect Studio, headless.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def ws(sp):
+        sp.add_argument("--workspace", help="workspace folder (default: $DEFECT_STUDIO_WORKSPACE or ./workspace)")
+    _add_dataset_commands(sub, ws)
+    _add_generation_commands(sub, ws)
+    _add_evaluation_commands(sub, ws)
+    _add_training_commands(sub, ws)
     return p
 
 
