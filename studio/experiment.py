@@ -377,19 +377,60 @@ def run_experiment(req: ExperimentRequest, progress: ProgressFn | None = None,
     import torch
 
     from pipelines.backbones import build_backbone
-    from pipelines.mvtec import check_sizes, load_category, load_image, load_mask
     from pipelines.patchcore import Cancelled as PatchCoreCancelled
-    from pipelines.patchcore import PatchCore
-    from pipelines.segmenter import FeatureCache, TrainConfig, predict_maps, train_segmenter
-    from pipelines.stats import summarize
+    from pipelines.segmenter import FeatureCache
 
     req.validate()
     t_start = time.perf_counter()
     say = progress or (lambda f, m="": None)
+    d = _load_protocol(req, say)
+    run = _Runs(req, d, say, cancelled)
+    with _deterministic(int(req.threads)), torch.random.fork_rng(devices=[]), _as_cancelled(PatchCoreCancelled):
+        torch.manual_seed(int(req.seed))
+        run.features(FeatureCache(build_backbone(req.backbone)))
+        for k in range(int(req.repeats)):
+            run.repeat(k)
+    _check_training_set("segmenter", run.hashes["segmenter"], d.evaluation_hashes)
+    _check_training_set("PatchCore positive bank", run.hashes["patchcore_positive_bank"], d.evaluation_hashes)
+    say(0.95, f"bootstrap ({req.n_boot} draws)")
+    result = _result(req, d, run, _blocks(req, d.sources, run), t_start)
+    out = Path(req.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_samples(out, run.examples)
+    atomic_write_json(out / "metrics.json", result, indent=1)
+    atomic_write_text(out / "report.md", report_markdown(result))
+    write_figure(result, out)
+    say(1.0, "done")
+    return result
 
-    def check():
-        check_cancelled(cancelled, "experiment")
 
+@dataclass
+class _Protocol:
+    """The data of one experiment: roles, loaded images, what is scored, the synthetic sources."""
+    roles: R.CategoryRoles
+    notes: list
+    train: list
+    train_hashes: list
+    ref_imgs: list
+    ref_masks: list
+    ref_hashes: list
+    reference: dict                  # type -> [(image, mask, hash)] of reference defects
+    scored_imgs: list
+    scored_masks: np.ndarray
+    labels: np.ndarray
+    export: list
+    plans: list
+    sources: list
+    mask_models: dict
+
+    @property
+    def evaluation_hashes(self) -> set[str]:
+        return self.roles.evaluation_hashes
+
+
+def _load_protocol(req: ExperimentRequest, say) -> _Protocol:
+    """Roles, images (resized to ``req.size``), the scored set and the synthetic sources."""
+    from pipelines.mvtec import check_sizes, load_category, load_image, load_mask
     cat = load_category(req.data)
     notes = check_sizes(cat)
     roles = R.category_roles(cat)
@@ -413,12 +454,7 @@ def run_experiment(req: ExperimentRequest, progress: ProgressFn | None = None,
     for s, img, m, h in zip(roles.reference, ref_imgs, ref_masks, ref_hashes):
         if m.any():
             reference.setdefault(s.label, []).append((img, m, h))
-    scored_imgs = [load_image(s.path, S) for s in roles.scored]
-    scored_masks = np.stack([load_mask(s, S) for s in roles.scored])
-    labels = np.array([s.is_anomaly for s in roles.scored], int)
-    evaluation_hashes = roles.evaluation_hashes
-    _check_training_set("train/good", set(train_hashes), evaluation_hashes)
-
+    _check_training_set("train/good", set(train_hashes), roles.evaluation_hashes)
     sources: list[str] = []
     export: list[Synthetic] = []
     if req.synthetic:
@@ -431,157 +467,184 @@ def run_experiment(req: ExperimentRequest, progress: ProgressFn | None = None,
     missing = sorted({s.label for s in roles.evaluation} - set(reference))
     if plans and missing:
         notes.append(f"no reference defect of type(s) {', '.join(missing)}: nothing is generated for them")
+    mask_models = {}
     if plans:
         from pipelines.shapes import estimate_foreground
         fg = estimate_foreground(train)
         mask_models = {t: MaskSampler.fit(t, [m for _, m, _ in refs], fg) for t, refs in reference.items()}
+    return _Protocol(roles, notes, train, train_hashes, ref_imgs, ref_masks, ref_hashes, reference,
+                     [load_image(s.path, S) for s in roles.scored],
+                     np.stack([load_mask(s, S) for s in roles.scored]),
+                     np.array([s.is_anomaly for s in roles.scored], int), export, plans, sources, mask_models)
 
-    K = int(req.repeats)
-    pc_arms: dict[str, list] = {"reference_only": []}
-    seg_arms: dict[str, list] = {"reference_only": []}
-    for src in sources:
-        pc_arms[f"{src}:reference_plus_synthetic"] = []
-        seg_arms[f"{src}:synthetic_only"] = []
-        seg_arms[f"{src}:reference_plus_synthetic"] = []
-    hashes = {"patchcore_normal_bank": set(train_hashes), "patchcore_positive_bank": set(ref_hashes),
-              "segmenter": set(train_hashes) | set(ref_hashes)}
-    counts: dict[str, int] = {}
-    examples: dict[str, list[Synthetic]] = {}
-    timing = {"patchcore_fit": 0.0, "patchcore_predict": 0.0, "segmenter_train": 0.0, "generate": 0.0}
 
-    with _deterministic(int(req.threads)), torch.random.fork_rng(devices=[]), _as_cancelled(PatchCoreCancelled):
-        torch.manual_seed(int(req.seed))
-        fc = FeatureCache(build_backbone(req.backbone))
-        say(0.02, "segmenter features of train/good, reference and scored images")
-        f_train, f_ref, f_scored = fc.features(train, cancelled), fc.features(ref_imgs, cancelled), \
-            fc.features(scored_imgs, cancelled)
-        empty = [np.zeros((S, S), bool)] * len(train)
-        steps = 2 + 3 * len(sources)               # progress units per repeat
+class _Runs:
+    """The K repeats: per repeat one PatchCore normal bank and the arms of every source."""
 
-        def unit(k, j, msg):
-            say(0.05 + 0.9 * (k * steps + j) / (K * steps), f"repeat {k + 1}/{K}: {msg}")
+    def __init__(self, req: ExperimentRequest, d: _Protocol, say, cancelled: CancelFn | None):
+        self.req, self.d, self.say, self.cancelled = req, d, say, cancelled
+        self.pc_arms: dict[str, list] = {"reference_only": []}
+        self.seg_arms: dict[str, list] = {"reference_only": []}
+        for src in d.sources:
+            self.pc_arms[f"{src}:reference_plus_synthetic"] = []
+            self.seg_arms[f"{src}:synthetic_only"] = []
+            self.seg_arms[f"{src}:reference_plus_synthetic"] = []
+        self.hashes = {"patchcore_normal_bank": set(d.train_hashes), "patchcore_positive_bank": set(d.ref_hashes),
+                       "segmenter": set(d.train_hashes) | set(d.ref_hashes)}
+        self.counts: dict[str, int] = {}
+        self.examples: dict[str, list[Synthetic]] = {}
+        self.timing = {"patchcore_fit": 0.0, "patchcore_predict": 0.0, "segmenter_train": 0.0, "generate": 0.0}
+        self.steps = 2 + 3 * len(d.sources)               # progress units per repeat
 
-        for k in range(K):
-            seed_k = int(req.seed) + k
-            check()
-            unit(k, 0, "PatchCore normal bank")
-            pc_kw = {} if req.coreset is None else {"coreset": float(req.coreset)}
-            pc = PatchCore(backbone=req.backbone, size=S, seed=seed_k, **pc_kw)
-            t0 = time.perf_counter()
-            pc.fit(train, cancelled=cancelled)
-            pc.fit_positive(ref_imgs, ref_masks)
-            timing["patchcore_fit"] += time.perf_counter() - t0
+    def check(self) -> None:
+        check_cancelled(self.cancelled, "experiment")
 
-            def pc_score(arm):
-                t1 = time.perf_counter()
-                scores, maps = pc.predict(scored_imgs, cancelled=cancelled)
-                timing["patchcore_predict"] += time.perf_counter() - t1
-                pc_arms[arm].append(summarize(labels, scores, scored_masks, maps))
+    def unit(self, k: int, j: int, msg: str) -> None:
+        K = int(self.req.repeats)
+        self.say(0.05 + 0.9 * (k * self.steps + j) / (K * self.steps), f"repeat {k + 1}/{K}: {msg}")
 
-            pc_score("reference_only")
-            cfg = TrainConfig(steps=int(req.segmenter_steps), seed=seed_k)
+    def features(self, fc) -> None:
+        self.say(0.02, "segmenter features of train/good, reference and scored images")
+        d, c = self.d, self.cancelled
+        self.fc = fc
+        self.f_train, self.f_ref, self.f_scored = fc.features(d.train, c), fc.features(d.ref_imgs, c), \
+            fc.features(d.scored_imgs, c)
+        self.empty = [np.zeros((int(self.req.size),) * 2, bool)] * len(d.train)
 
-            def seg(arm, feats, masks):
-                check()
-                t1 = time.perf_counter()
-                model = train_segmenter(torch.cat(feats), list(masks), cfg, cancelled=cancelled)
-                timing["segmenter_train"] += time.perf_counter() - t1
-                scores, maps = predict_maps(model, f_scored, S)
-                seg_arms[arm].append(summarize(labels, scores, scored_masks, maps))
+    def _pc_score(self, arm: str) -> None:
+        from pipelines.stats import summarize
+        t1 = time.perf_counter()
+        scores, maps = self.pc.predict(self.d.scored_imgs, cancelled=self.cancelled)
+        self.timing["patchcore_predict"] += time.perf_counter() - t1
+        self.pc_arms[arm].append(summarize(self.d.labels, scores, self.d.scored_masks, maps))
 
-            unit(k, 1, "segmenter on reference defects")
-            seg("reference_only", [f_train, f_ref], [*empty, *ref_masks])
-            for j, src in enumerate(sources):
-                check()
-                unit(k, 2 + 3 * j, f"{src}: synthetic defects")
-                if src == "synthetic":
-                    syn = export
-                else:
-                    t1 = time.perf_counter()
-                    plan = next(p for p in plans if p.name == src)
-                    syn = synthesize(plan, train, train_hashes, reference, mask_models, int(req.per_type),
-                                     int(req.seed), k, req.strength, req.feather, cancelled)
-                    timing["generate"] += time.perf_counter() - t1
-                    R.check_descent([(s.name, s.ancestors) for s in syn], evaluation_hashes)
-                if not syn:
-                    raise ValueError(f"{src}: no synthetic defects (no damage type has reference defects)")
-                syn_hashes = {s.sha for s in syn}
-                _check_training_set(f"{src} synthetic", syn_hashes, evaluation_hashes)
-                counts[src] = len(syn)
-                examples.setdefault(src, syn)
-                hashes["patchcore_positive_bank"] |= syn_hashes
-                hashes["segmenter"] |= syn_hashes
-                syn_imgs, syn_masks = [s.image for s in syn], [s.mask for s in syn]
-                unit(k, 3 + 3 * j, f"{src}: PatchCore positive bank")
-                t1 = time.perf_counter()
-                pc.fit_positive(ref_imgs + syn_imgs, ref_masks + syn_masks)
-                timing["patchcore_fit"] += time.perf_counter() - t1
-                pc_score(f"{src}:reference_plus_synthetic")
-                unit(k, 4 + 3 * j, f"{src}: segmenters")
-                f_syn = fc.features(syn_imgs, cancelled)
-                seg(f"{src}:synthetic_only", [f_train, f_syn], [*empty, *syn_masks])
-                seg(f"{src}:reference_plus_synthetic", [f_train, f_ref, f_syn], [*empty, *ref_masks, *syn_masks])
-            del pc
+    def _seg(self, arm: str, feats: list, masks: list, seed: int) -> None:
+        import torch
 
-    _check_training_set("segmenter", hashes["segmenter"], evaluation_hashes)
-    _check_training_set("PatchCore positive bank", hashes["patchcore_positive_bank"], evaluation_hashes)
-    say(0.95, f"bootstrap ({req.n_boot} draws)")
+        from pipelines.segmenter import TrainConfig, predict_maps, train_segmenter
+        from pipelines.stats import summarize
+        self.check()
+        t1 = time.perf_counter()
+        cfg = TrainConfig(steps=int(self.req.segmenter_steps), seed=seed)
+        model = train_segmenter(torch.cat(feats), list(masks), cfg, cancelled=self.cancelled)
+        self.timing["segmenter_train"] += time.perf_counter() - t1
+        scores, maps = predict_maps(model, self.f_scored, int(self.req.size))
+        self.seg_arms[arm].append(summarize(self.d.labels, scores, self.d.scored_masks, maps))
+
+    def repeat(self, k: int) -> None:
+        """Repeat ``k`` (seed S+k): normal bank, the reference-only arms, then every source."""
+        from pipelines.patchcore import PatchCore
+        req, d, seed_k = self.req, self.d, int(self.req.seed) + k
+        self.check()
+        self.unit(k, 0, "PatchCore normal bank")
+        pc_kw = {} if req.coreset is None else {"coreset": float(req.coreset)}
+        self.pc = PatchCore(backbone=req.backbone, size=int(req.size), seed=seed_k, **pc_kw)
+        t0 = time.perf_counter()
+        self.pc.fit(d.train, cancelled=self.cancelled)
+        self.pc.fit_positive(d.ref_imgs, d.ref_masks)
+        self.timing["patchcore_fit"] += time.perf_counter() - t0
+        self._pc_score("reference_only")
+        self.unit(k, 1, "segmenter on reference defects")
+        self._seg("reference_only", [self.f_train, self.f_ref], [*self.empty, *d.ref_masks], seed_k)
+        for j, src in enumerate(d.sources):
+            self._source(k, j, src, seed_k)
+        del self.pc
+
+    def _synthetic(self, k: int, src: str) -> list[Synthetic]:
+        d, req = self.d, self.req
+        if src == "synthetic":
+            return d.export
+        t1 = time.perf_counter()
+        plan = next(p for p in d.plans if p.name == src)
+        syn = synthesize(plan, d.train, d.train_hashes, d.reference, d.mask_models, int(req.per_type),
+                         int(req.seed), k, req.strength, req.feather, self.cancelled)
+        self.timing["generate"] += time.perf_counter() - t1
+        R.check_descent([(s.name, s.ancestors) for s in syn], d.evaluation_hashes)
+        return syn
+
+    def _source(self, k: int, j: int, src: str, seed_k: int) -> None:
+        d = self.d
+        self.check()
+        self.unit(k, 2 + 3 * j, f"{src}: synthetic defects")
+        syn = self._synthetic(k, src)
+        if not syn:
+            raise ValueError(f"{src}: no synthetic defects (no damage type has reference defects)")
+        syn_hashes = {s.sha for s in syn}
+        _check_training_set(f"{src} synthetic", syn_hashes, d.evaluation_hashes)
+        self.counts[src] = len(syn)
+        self.examples.setdefault(src, syn)
+        self.hashes["patchcore_positive_bank"] |= syn_hashes
+        self.hashes["segmenter"] |= syn_hashes
+        syn_imgs, syn_masks = [s.image for s in syn], [s.mask for s in syn]
+        self.unit(k, 3 + 3 * j, f"{src}: PatchCore positive bank")
+        t1 = time.perf_counter()
+        self.pc.fit_positive(d.ref_imgs + syn_imgs, d.ref_masks + syn_masks)
+        self.timing["patchcore_fit"] += time.perf_counter() - t1
+        self._pc_score(f"{src}:reference_plus_synthetic")
+        self.unit(k, 4 + 3 * j, f"{src}: segmenters")
+        f_syn = self.fc.features(syn_imgs, self.cancelled)
+        self._seg(f"{src}:synthetic_only", [self.f_train, f_syn], [*self.empty, *syn_masks], seed_k)
+        self._seg(f"{src}:reference_plus_synthetic", [self.f_train, self.f_ref, f_syn],
+                  [*self.empty, *d.ref_masks, *syn_masks], seed_k)
+
+
+def _blocks(req: ExperimentRequest, sources: list[str], run: _Runs) -> dict:
+    """Per source: both arms' bootstrap summaries, the deltas and the verdicts."""
     blocks = {}
     for src in sources:
-        pc_cmp = compare({"reference_only": pc_arms["reference_only"],
-                          "reference_plus_synthetic": pc_arms[f"{src}:reference_plus_synthetic"]},
+        pc_cmp = compare({"reference_only": run.pc_arms["reference_only"],
+                          "reference_plus_synthetic": run.pc_arms[f"{src}:reference_plus_synthetic"]},
                          {"delta": ("reference_plus_synthetic", "reference_only")},
                          n_boot=req.n_boot, seed=req.seed)
-        seg_cmp = compare({"synthetic_only": seg_arms[f"{src}:synthetic_only"],
-                           "reference_only": seg_arms["reference_only"],
-                           "reference_plus_synthetic": seg_arms[f"{src}:reference_plus_synthetic"]},
+        seg_cmp = compare({"synthetic_only": run.seg_arms[f"{src}:synthetic_only"],
+                           "reference_only": run.seg_arms["reference_only"],
+                           "reference_plus_synthetic": run.seg_arms[f"{src}:reference_plus_synthetic"]},
                           {"delta": ("reference_plus_synthetic", "reference_only"),
                            "delta_synthetic_only": ("synthetic_only", "reference_only")},
                           n_boot=req.n_boot, seed=req.seed)
         blocks[src] = {"patchcore": {**pc_cmp["arms"], **pc_cmp["deltas"]},
                        "segmenter": {**seg_cmp["arms"], **seg_cmp["deltas"]},
-                       "n_synthetic": counts[src]}
+                       "n_synthetic": run.counts[src]}
         blocks[src]["verdict"] = _verdicts(src, blocks[src])
-    top = sources[0]
+    return blocks
+
+
+def _result(req: ExperimentRequest, d: _Protocol, run: _Runs, blocks: dict, t_start: float) -> dict:
+    """metrics.json: the blocks of the docstring of :func:`run_experiment`."""
+    top = d.sources[0]
     pc_top = blocks[top]["patchcore"]
     result = {
         "real_only": {k: pc_top["reference_only"][k]["mean"] for k in METRIC_KEYS},
         "with_synthetic": {k: pc_top["reference_plus_synthetic"][k]["mean"] for k in METRIC_KEYS},
         "delta": {k: pc_top["delta"][k]["mean"] for k in METRIC_KEYS},
         "protocol": {
-            "evaluation": roles.rel(roles.evaluation), "reference": roles.rel(roles.reference),
-            "scored": roles.rel(roles.scored), "train_good": len(train), "roles_source": roles.source,
-            "repeats": K, "seed": int(req.seed), "n_boot": int(req.n_boot), "primary_metric": PRIMARY_METRIC,
-            "backbone": req.backbone, "coreset": req.coreset, "size": S,
-            "segmenter_steps": int(req.segmenter_steps), "per_type": int(req.per_type) if plans else None,
+            "evaluation": d.roles.rel(d.roles.evaluation), "reference": d.roles.rel(d.roles.reference),
+            "scored": d.roles.rel(d.roles.scored), "train_good": len(d.train), "roles_source": d.roles.source,
+            "repeats": int(req.repeats), "seed": int(req.seed), "n_boot": int(req.n_boot),
+            "primary_metric": PRIMARY_METRIC, "backbone": req.backbone, "coreset": req.coreset,
+            "size": int(req.size), "segmenter_steps": int(req.segmenter_steps),
+            "per_type": int(req.per_type) if d.plans else None,
         },
         "source": top,
         "patchcore": blocks[top]["patchcore"],
         "segmenter": blocks[top]["segmenter"],
         "verdict": blocks[top]["verdict"],
-        "n_synthetic": counts[top],
+        "n_synthetic": run.counts[top],
     }
-    if plans:
-        result["backends"] = {p.name: blocks[p.name] for p in plans}
+    if d.plans:
+        result["backends"] = {p.name: blocks[p.name] for p in d.plans}
     if req.synthetic:
-        result["synthetic"] = {"folder": str(Path(req.synthetic).resolve()), "samples": len(export),
-                               "per_type": _per_type(export)}
+        result["synthetic"] = {"folder": str(Path(req.synthetic).resolve()), "samples": len(d.export),
+                               "per_type": _per_type(d.export)}
     result.update({
-        "training_hashes": {k: sorted(v) for k, v in hashes.items()},
-        "notes": notes,
+        "training_hashes": {k: sorted(v) for k, v in run.hashes.items()},
+        "notes": d.notes,
         "data": {"category": str(Path(req.data).resolve()), **_folder_digest(Path(req.data))},
         "request": asdict(req), "versions": _versions(),
-        "timing": {k: round(v, 2) for k, v in timing.items()},
+        "timing": {k: round(v, 2) for k, v in run.timing.items()},
         "seconds": round(time.perf_counter() - t_start, 1),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
-    out = Path(req.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_samples(out, examples)
-    atomic_write_json(out / "metrics.json", result, indent=1)
-    atomic_write_text(out / "report.md", report_markdown(result))
-    write_figure(result, out)
-    say(1.0, "done")
     return result
 
 
