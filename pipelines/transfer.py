@@ -17,16 +17,20 @@ Algorithm (per call; arrays are the working window around the target mask, ``H×
    background's own hue as a ratio ``log_k`` plus the remaining a/b change (a hue the defect
    brings), an ``opacity`` (how strongly the defect differs from the surface) and the levels
    the ``level`` model needs (see :data:`CHANNELS`). 0 outside ``hole``, tapered at its edge.
+   The donor surface's own texture (brushing, grain) is cored out of the lightness deviation
+   (:func:`core_surface_texture`), so it does not travel, rotated, onto the target.
 2. **Global alignment** (:func:`candidate_affines`, :func:`best_affine`). Principal axes
    (second moments) of the target and donor masks give a target → donor affine map for each of
    the 8 signed axis permutations (the dihedral group in the principal frame) with per-axis
-   scales ``σ_donor / σ_target`` (anisotropy ≤ 4); the seeded jitter rotates (±12°·jitter) and
-   scales (×e^(±0.12·jitter)) it. The candidate whose warped (slightly dilated) donor mask has
-   the highest IoU with the target mask wins, near-ties (within 0.05) broken by the seed.
+   scales ``σ_donor / σ_target`` (anisotropy ≤ 4 for a stroke-like donor, ≈ 1 for a round one,
+   whose texture squashing would streak); the seeded jitter rotates it (±12°·jitter for an
+   elongated target, σ ratio ≥ 2, up to ±180°·jitter for a round one) and scales it
+   (×e^(±0.12·jitter)). The candidate whose warped (slightly dilated) donor mask has the
+   highest IoU with the target mask wins, near-ties (within 0.05) broken by the seed.
 3. **Non-rigid refinement** (``warp="field"``, default; :func:`displacement_field`): a smooth
    displacement field ``u`` that makes the warped donor's signed distance function match the
    target's — demons-style iterations ``u ← G_σ * (u − ½ (φ_W(x+u) − φ_T(x)) ∇φ_W / |∇φ_W|²)``
-   in a band around the target, σ = 4 % of the mask's length — so the donor defect fills the
+   in a band around the target, σ = 6 % of the mask's length — so the donor defect fills the
    painted shape and does not cross its outline much. ``warp="affine"`` skips it. A small seeded
    Perlin displacement (up to 3 % of the length · jitter) varies the outline in both modes.
 4. **Intensity.** ``log_l``, ``log_k`` and the a/b change are scaled by
@@ -34,8 +38,8 @@ Algorithm (per call; arrays are the working window around the target mask, ``H×
    the input, 1 the donor's full deviation.
 5. **Blending** of the deviation at the border of ``Ω = dilate(mask, feather)``:
    ``blend="laplacian"`` (default; :func:`multiband`) — the Laplacian pyramid of the deviation
-   weighted by the Gaussian pyramid of ``Ω`` (coarse shading fades over a wide band, fine detail
-   stays sharp); ``blend="poisson"`` (:func:`poisson`) — the deviation whose Laplacian equals the
+   weighted by the Gaussian pyramid of ``Ω`` with ``2^levels ≈ feather`` (coarse shading fades
+   over the feather band, fine detail stays sharp); ``blend="poisson"`` (:func:`poisson`) — the deviation whose Laplacian equals the
    warped one inside ``Ω`` and which is 0 on its border (a harmonic correction: Poisson blending
    in the log-lightness domain).
 6. **Re-lighting** (:func:`apply_deviation`), relative to the target, never copied:
@@ -45,8 +49,9 @@ Algorithm (per call; arrays are the working window around the target mask, ``H×
    the same where the defect is faint; where it is opaque its content (the donor's L relative to
    the donor background's low-frequency level, its own colour) replaces the surface, re-lit by
    the target's low-frequency level (σ ≈ the defect's length), so a hole or a stain does not
-   show the product's bright and dark bands through it. ``auto`` (default): ``ratio`` for
-   scratch / crack types, ``level`` for the rest. Applied as an RGB delta.
+   show the product's bright and dark bands through it. ``auto`` (default, :func:`relight_for`):
+   ``ratio`` for scratch / crack and translucent stain-like types, ``level`` for the rest.
+   Applied as an RGB delta.
 7. **Composite.** :func:`pipelines.classical.composite` with ``alpha = masks.feather(mask,
    feather)``: pixels outside ``dilate(mask, feather)`` are byte-identical to the input.
 
@@ -88,9 +93,11 @@ BLENDS = ("laplacian", "poisson")
 WARPS = ("field", "affine")
 RELIGHTS = ("auto", "ratio", "level")
 _EPS_L = 1.0                 # log((L + 1) / (L_bg + 1)): black pixels do not blow up
-_MAX_ANISO = 2.0             # per-axis scale within [g / 2, g · 2] of their geometric mean g
+_MAX_ANISO = 2.0             # per-axis scales within [g / 2, g · 2] of their geometric mean g
 _FIELD_ITERS = 50
 _FIELD_MAX_SIDE = 192        # the displacement field is computed at most this large
+_CORE_SIGMAS = (1.5,)        # px: the bands of surface texture removed from a donor's deviation
+_CORE_K = 1.0                # soft threshold = _CORE_K × the surface texture's robust σ per band
 _POISSON_MAX_PX = 40_000     # larger regions get their (smooth) harmonic correction at lower res
 
 
@@ -104,11 +111,12 @@ class DefectTransferOptions:
                                 "displacement field from distance transforms) or affine "
                                 "(moments alignment only)", choices=WARPS)
     relight: str = option("auto", "how the defect takes the target's light: ratio (modulates the "
-                                  "surface pixel by pixel: thin marks), level (opaque parts keep "
+                                  "surface pixel by pixel: thin marks, translucent stains), level (opaque parts keep "
                                   "the donor's content and colour, re-lit by the local low-frequency "
-                                  "level: holes, chips, stains) or auto (ratio for scratch / crack "
-                                  "types, else level)", choices=RELIGHTS)
-    jitter: float = option(0.5, "seeded variation at 1: pose (rotation ±12°, scale ×0.89..1.13), "
+                                  "level: holes, chips, contamination) or auto (ratio for scratch, "
+                                  "crack and stain-like types, else level)", choices=RELIGHTS)
+    jitter: float = option(0.5, "seeded variation at 1: pose (rotation ±12° for elongated masks, "
+                                "up to ±180° for round ones; scale ×0.89..1.13), "
                                 "intensity within the donors' range, Perlin texture and outline "
                                 "(0 = none)",
                            min=0.0, max=1.0, step=0.05)
@@ -267,6 +275,32 @@ CHANNELS = ("log_l", "log_k", "rest_a", "rest_b", "opacity", "log_s", "log_lbg",
 _BLENDED = 6                 # channels blended at the border (the rest are levels, not changes)
 
 
+def core_surface_texture(log_l: np.ndarray, L: np.ndarray, hole: np.ndarray, r: int) -> np.ndarray:
+    """Remove the donor surface's own texture from the lightness deviation ``log_l`` (``H×W``).
+
+    The inpainted background is smooth, so the product's texture under the defect (brushing,
+    grain) would travel with the deviation — rotated with the donor, it would cross the target's
+    own texture. Per band (differences of Gaussians at σ = :data:`_CORE_SIGMAS` px) the
+    deviation inside ``hole`` is soft-thresholded at :data:`_CORE_K` × the robust σ of the same
+    band of log L in a ring around the hole (the surface's texture amplitude): the surface
+    texture goes, stronger defect detail (rims, grains, crack edges) stays, shrunk by the
+    threshold."""
+    ring = (mk.dilate(hole.astype(np.uint8) * 255, 2 * r + 4) > 0) & ~hole
+    if ring.sum() < 16:
+        return log_l
+    logL = np.log(np.maximum(L, 0) + _EPS_L).astype(np.float32)
+    x = log_l.astype(np.float32)
+    out = np.zeros_like(x)
+    for sigma in _CORE_SIGMAS:
+        x_low = cv2.GaussianBlur(x, (0, 0), sigma)
+        t_low = cv2.GaussianBlur(logL, (0, 0), sigma)
+        band, t_band = x - x_low, logL - t_low
+        noise = 1.4826 * float(np.median(np.abs(t_band[ring] - np.median(t_band[ring]))))
+        out += np.sign(band) * np.maximum(np.abs(band) - _CORE_K * noise, 0.0)
+        x, logL = x_low, t_low
+    return np.where(hole, out + x, log_l).astype(np.float32)
+
+
 def prepare_donor(image: np.ndarray, mask: np.ndarray) -> Donor:
     """The deviation of a real defect from its inpainted background (see the module doc, step 1).
     ``image`` ``H×W×3 uint8``, ``mask`` ``H×W bool`` (non-empty)."""
@@ -276,7 +310,9 @@ def prepare_donor(image: np.ndarray, mask: np.ndarray) -> Donor:
     rgb, m = image[ys, xs], mask[ys, xs]
     hole = mk.dilate(m.astype(np.uint8) * 255, r) > 0
     bg = _background(rgb, hole, smooth=max(1.0, r / 2))
-    dev = deviation(_lab(rgb), _lab(bg), _level_sigma(size))
+    lab = _lab(rgb)
+    dev = deviation(lab, _lab(bg), _level_sigma(size))
+    dev[..., 0] = core_surface_texture(dev[..., 0], lab[..., 0], hole, r)
     taper = np.clip(cv2.distanceTransform(hole.astype(np.uint8), cv2.DIST_L2, 3) / 1.5, 0, 1)
     dev[..., :_BLENDED] *= taper[..., None].astype(np.float32)
     return Donor(dev, m, hole, float(np.abs(dev[m, 0]).mean()))
@@ -323,16 +359,20 @@ def candidate_affines(target: np.ndarray, donor: np.ndarray, angle: float = 0.0,
                       scale: float = 1.0) -> list[np.ndarray]:
     """Eight ``2×3`` maps target coords → donor coords (``cv2.WARP_INVERSE_MAP`` convention): the
     target's principal frame onto the donor's through each signed axis permutation, per-axis
-    scales ``σ_donor / σ_target`` (anisotropy clamped), then ``angle`` (rad) / ``scale`` jitter
-    about the donor's centroid."""
+    scales ``σ_donor / σ_target`` (each within ×/÷ ``min(2, √(donor σ ratio))`` of their geometric
+    mean: a stroke may be stretched across, a round texture patch stays nearly isotropic), then
+    ``angle`` (rad) / ``scale`` jitter about the donor's centroid."""
     ct, Rt, st = _moments(target)
     cd, Rd, sd = _moments(donor)
+    # a stroke may be stretched across (its texture runs along it); a round donor is a texture
+    # patch that squashing would streak: its anisotropy cap is √(its own elongation)
+    cap = float(np.clip(math.sqrt(sd[0] / sd[1]), 1.0, _MAX_ANISO))
     out = []
     for P in _DIHEDRAL:
         src = np.argmax(np.abs(P), axis=1)          # donor axis i ← target axis src[i]
         s = sd / st[src]
         g = math.sqrt(s[0] * s[1])
-        s = np.clip(s, g / _MAX_ANISO, g * _MAX_ANISO)
+        s = np.clip(s, g / cap, g * cap)
         lin = Rd @ _rot(angle) @ np.diag(s * scale) @ P @ Rt.T
         out.append(np.hstack([lin, (cd - lin @ ct)[:, None]]))
     return out
@@ -360,7 +400,7 @@ def best_affine(target: np.ndarray, donor_mask: np.ndarray, affines: list[np.nda
 
 
 def displacement_field(target: np.ndarray, warped: np.ndarray, size: float,
-                       iters: int = _FIELD_ITERS, sigma_frac: float = 0.04, step: float = 0.5
+                       iters: int = _FIELD_ITERS, sigma_frac: float = 0.06, step: float = 0.5
                        ) -> np.ndarray:
     """``H×W×2 float32`` field ``u`` (x, y) with ``warped(x + u(x)) ≈ target(x)`` (boolean
     ``H×W`` masks; ``size`` ≈ the target's length in px).
@@ -524,8 +564,12 @@ class DefectTransferGenerator(ClassicalGenerator):
         donor = prepare_donor(*pairs[i])
         intensities = [_quick_intensity(*pair) for pair in pairs]
 
-        # 2. Pose: moments alignment over the dihedral group, jittered, best IoU wins.
-        angle = math.radians(12.0) * jitter * rng.uniform(-1, 1)
+        # 2. Pose: moments alignment over the dihedral group, jittered, best IoU wins. A round
+        #    target may turn the donor any way (±180°·jitter), an elongated one (σ ratio ≥ 2)
+        #    only by ±12°·jitter.
+        _, _, sig_t = _moments(target)
+        roundness = float(np.clip(2.0 - sig_t[0] / sig_t[1], 0.0, 1.0))
+        angle = math.radians(12.0 + 168.0 * roundness) * jitter * rng.uniform(-1, 1)
         scale = math.exp(0.12 * jitter * rng.uniform(-1, 1))
         lo, hi = min(intensities), max(intensities)
         wanted = rng.uniform(lo, hi)
@@ -533,11 +577,12 @@ class DefectTransferGenerator(ClassicalGenerator):
         affine, _ = best_affine(target, donor.mask,
                                 candidate_affines(target, donor.mask, angle, scale), rng)
 
-        # 3. Non-rigid refinement: the warped donor mask's distance function onto the target's.
+        # 3. Seeded Perlin fields (gain, outline wobble), then the non-rigid refinement: the
+        #    warped donor mask's distance function onto the target's; one remap of the donor.
         size = 4.0 * float(_moments(target)[2][0])              # ≈ the target's length
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         gain_noise = fractal_noise((h, w), rng, cell=max(4.0, size / 3), octaves=3)
-        amp = jitter * float(np.clip(0.03 * size, 0.5, 3.0))
+        amp = jitter * float(np.clip(0.08 * size, 0.5, 6.0))
         cell = max(6.0, size / 2)
         wobble = np.stack([fractal_noise((h, w), rng, cell, octaves=2),
                            fractal_noise((h, w), rng, cell, octaves=2)], -1) * amp
@@ -569,21 +614,29 @@ class DefectTransferGenerator(ClassicalGenerator):
         if blend == "poisson":
             dev[..., :_BLENDED] = poisson(dev[..., :_BLENDED], omega)
         else:
-            dev[..., :_BLENDED] = multiband(dev[..., :_BLENDED], omega.astype(np.float32))
+            levels = int(np.clip(round(math.log2(max(1.0, feather))), 1, 4))   # 2^levels ≈ feather
+            dev[..., :_BLENDED] = multiband(dev[..., :_BLENDED], omega.astype(np.float32), levels)
 
-        # 6. Re-light the target: relative lightness, additive chroma; applied as an RGB delta
-        #    so that pixels with no deviation keep their exact values.
+        # 6. Re-light the target (ratio or level model), applied as an RGB delta so that pixels
+        #    with no deviation keep their exact values; 7. the base class composites.
         lab = _lab(crop)
         model = relight_model if relight_model != "auto" else relight_for(damage_type)
         out = apply_deviation(lab, dev, _level_sigma(size), model)
         return crop.astype(np.float32) + (_rgb(out) - _rgb(lab))
 
 
+_TRANSLUCENT = ("stain", "oil", "liquid", "color", "colour", "tint")
+
+
 def relight_for(damage_type: str | None) -> str:
-    """``ratio`` for thin surface marks that follow the surface's shading (classical styles
-    ``scratch`` and ``crack``), ``level`` for everything else (holes, chips, missing or misplaced
-    parts, stains and contamination: opaque material with its own colour)."""
-    return "ratio" if style_for(damage_type) in ("scratch", "crack") else "level"
+    """``ratio`` for marks that follow the surface's shading and let its texture show through:
+    thin ones (classical styles ``scratch`` and ``crack``) and translucent films (a type name
+    with stain, oil, liquid, colour or tint); ``level`` for everything else (holes, chips,
+    missing or misplaced parts, contamination, glue: opaque material with its own colour)."""
+    name = (damage_type or "").lower()
+    if style_for(damage_type) in ("scratch", "crack") or any(w in name for w in _TRANSLUCENT):
+        return "ratio"
+    return "level"
 
 
 def _quick_intensity(image: np.ndarray, mask: np.ndarray) -> float:
