@@ -67,7 +67,8 @@ def build(folder: Path, types: list[str] | None, n: int, seed: int, cell: int) -
     if types:
         unknown = sorted(set(types) - set(labels))
         if unknown:
-            raise SystemExit(f"no reference defects of type(s) {', '.join(unknown)}; known: {', '.join(labels)}")
+            raise SystemExit(f"no reference defects of type(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(labels)}")
         labels = [t for t in labels if t in types]
     groups = ["real (evaluation)", *gens]
     label_w = 118
@@ -78,7 +79,8 @@ def build(folder: Path, types: list[str] | None, n: int, seed: int, cell: int) -
     timing: dict[str, list[float]] = {g: [] for g in gens}
     for label in labels:
         refs = [(read_rgb(s.path), read_mask(s.mask_path)) for s in roles.reference if s.label == label]
-        evals = [(read_rgb(s.path), read_mask(s.mask_path)) for s in roles.evaluation if s.label == label]
+        evals = [(read_rgb(s.path), read_mask(s.mask_path))          # shown, never learned from
+                 for s in roles.evaluation if s.label == label]
         model = shapes.shape_model_for(label, [m for _, m in refs], foregrounds=fg)
         where = fg if getattr(model, "on_product", True) else None
         row = np.zeros((cell + 2 * GAP, width, 3), np.uint8)
@@ -120,7 +122,8 @@ def save(grid: np.ndarray, out: Path) -> int:
     tmp = out.with_suffix(".tmp.png")
     im.save(tmp, optimize=True)
     if tmp.stat().st_size > MAX_BYTES:
-        im.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(tmp, optimize=True)
+        im = im.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        im.save(tmp, optimize=True)
     tmp.replace(out)
     return out.stat().st_size
 
@@ -129,7 +132,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("folder", type=Path, help="an MVTec-layout category folder")
     ap.add_argument("--out", type=Path, required=True, help="the PNG to write")
-    ap.add_argument("--types", nargs="*", default=None, help="damage types (default: every type with reference defects)")
+    ap.add_argument("--types", nargs="*", default=None,
+                    help="damage types (default: every type with reference defects)")
     ap.add_argument("--n", type=int, default=3, help="crops per group")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cell", type=int, default=128, help="crop size in px")

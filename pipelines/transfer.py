@@ -39,9 +39,9 @@ Algorithm (per call; arrays are the working window around the target mask, ``H×
 5. **Blending** of the deviation at the border of ``Ω = dilate(mask, feather)``:
    ``blend="laplacian"`` (default; :func:`multiband`) — the Laplacian pyramid of the deviation
    weighted by the Gaussian pyramid of ``Ω`` with ``2^levels ≈ feather`` (coarse shading fades
-   over the feather band, fine detail stays sharp); ``blend="poisson"`` (:func:`poisson`) — the deviation whose Laplacian equals the
-   warped one inside ``Ω`` and which is 0 on its border (a harmonic correction: Poisson blending
-   in the log-lightness domain).
+   over the feather band, fine detail stays sharp); ``blend="poisson"`` (:func:`poisson`) —
+   the deviation whose Laplacian equals the warped one inside ``Ω`` and which is 0 on its
+   border (a harmonic correction: Poisson blending in the log-lightness domain).
 6. **Re-lighting** (:func:`apply_deviation`), relative to the target, never copied:
    ``relight="ratio"`` — ``L' = (L+1)·exp(log_l) − 1`` pixel by pixel, chroma
    ``ab·exp(log_k) + Δab_rest·γ`` (γ = the illumination gain donor → target, 0.5..2): a −40 %
@@ -111,10 +111,11 @@ class DefectTransferOptions:
                                 "displacement field from distance transforms) or affine "
                                 "(moments alignment only)", choices=WARPS)
     relight: str = option("auto", "how the defect takes the target's light: ratio (modulates the "
-                                  "surface pixel by pixel: thin marks, translucent stains), level (opaque parts keep "
-                                  "the donor's content and colour, re-lit by the local low-frequency "
-                                  "level: holes, chips, contamination) or auto (ratio for scratch, "
-                                  "crack and stain-like types, else level)", choices=RELIGHTS)
+                                  "surface pixel by pixel: thin marks, translucent stains), level "
+                                  "(opaque parts keep the donor's content and colour, re-lit by the "
+                                  "local low-frequency level: holes, chips, contamination) or auto "
+                                  "(ratio for scratch, crack and stain-like types, else level)",
+                          choices=RELIGHTS)
     jitter: float = option(0.5, "seeded variation at 1: pose (rotation ±12° for elongated masks, "
                                 "up to ±180° for round ones; scale ×0.89..1.13), "
                                 "intensity within the donors' range, Perlin texture and outline "
