@@ -1,4 +1,9 @@
-"""Dataset tab: browse and filter samples, see provenance, class balance, import and export."""
+"""Dataset tab: browse and filter samples, see provenance, class balance, import and export.
+
+Handlers are module-level functions taking the context first (testable without a server);
+``build`` lays the widgets out in small helpers and wires them with ``jobs_panel.bind`` (a
+``functools.partial`` that keeps the handler's docstring as the endpoint's API description).
+"""
 from __future__ import annotations
 
 import json
@@ -9,6 +14,7 @@ import gradio as gr
 from pipelines.roles import DEFAULT_REFERENCE_FRACTION, ROLES
 from studio.context import StudioContext
 from studio.formats import KINDS
+from studio.ui.jobs_panel import bind
 
 ALL = "(all)"
 COLUMNS = ["id", "product", "damage_type", "color", "generator", "seed", "status", "note", "created_at"]
@@ -50,115 +56,161 @@ def balance_figure(rows: list[dict], product: str | None):
     return fig
 
 
-def build(ctx: StudioContext) -> dict:
-    store = ctx.store
+def _product_filter(p: str | None) -> str | None:
+    return None if p in (None, ALL) else p
 
+
+# -- handlers: module level, each takes the context first ---------------------------------------
+def list_samples(ctx: StudioContext, p, s, d):
+    """Samples matching the filters, the class balance and the data roles of the real defects."""
+    store = ctx.store
+    rows = store.list_samples(product=_product_filter(p), status=None if s == ALL else s, limit=500)
+    if d:
+        d = d.lower()
+        rows = [r for r in rows if d in (r.get("damage_type") or "").lower()
+                or d in (r.get("color") or "").lower()]
+    import pandas as pd
+    frame = pd.DataFrame([[r.get(c) for c in COLUMNS] for r in rows], columns=COLUMNS)
+    return frame, balance_figure(store.class_balance(), _product_filter(p)), \
+        roles_frame(store, _product_filter(p))
+
+
+def on_set_role(ctx: StudioContext, i, r, p):
+    """Set the data role (reference / evaluation) of a real defect image; returns the status and the
+    refreshed roles table (of the filtered product)."""
+    return set_role(ctx.store, i, r, _product_filter(p))
+
+
+def show(ctx: StudioContext, sid):
+    """A sample's provenance, image and mask (nothing for id 0)."""
+    if not sid:
+        return None, None, None
+    store = ctx.store
+    try:
+        row = store.get_sample(int(sid))
+    except (KeyError, ValueError) as exc:
+        raise gr.Error(str(exc)) from exc
+    return row, store.load_sample_image(int(sid)), store.load_sample_mask(int(sid))
+
+
+def on_row(ctx: StudioContext, index, data):
+    """A click on row ``index[0]`` of the samples table: (sample id, provenance, image, mask)."""
+    try:
+        row = index[0]
+        sid = int(data.iloc[row, 0]) if hasattr(data, "iloc") else int(data[row][0])
+    except (TypeError, ValueError, IndexError):
+        return gr.update(), gr.update(), gr.update(), gr.update()
+    return (sid, *show(ctx, sid))
+
+
+def do_import(ctx: StudioContext, path, kind, product):
+    """Import a folder on the server (MVTec AD / VisA category, KolektorSDD2 or plain images)."""
+    if not path or not Path(path).expanduser().is_dir():
+        raise gr.Error(f"{path!r} is not a folder on the server")
+    from studio.formats import import_any
+    try:
+        rep = import_any(ctx.store, path, kind, product or None)
+    except ValueError as exc:
+        raise gr.Error(str(exc)) from exc
+    return f"Imported ({rep['kind']}): `{json.dumps(rep, default=str)[:800]}`", \
+        gr.update(choices=[ALL, *ctx.store.products()])
+
+
+def do_export(ctx: StudioContext, path, p, fmt="MVTec AD"):
+    """Export one product to a folder on the server: MVTec AD layout (with evaluation.txt) or COCO."""
+    if not path:
+        raise gr.Error("Give an export folder")
+    if p == ALL:
+        raise gr.Error("Pick one product to export")
+    try:
+        if fmt.startswith("COCO"):
+            from studio.formats.coco import export_coco
+            rep = export_coco(ctx.store, p, Path(path).expanduser())
+        else:
+            rep = ctx.store.export_mvtec(Path(path).expanduser(), p)
+    except ValueError as exc:
+        raise gr.Error(str(exc)) from exc
+    return f"Exported **{p}** to `{path}`: `{json.dumps(rep, default=str)[:800]}`"
+
+
+# -- layout and wiring ---------------------------------------------------------------------------
+def _browser(ctx: StudioContext) -> dict:
+    w: dict = {}
     with gr.Row():
-        f_product = gr.Dropdown([ALL, *store.products()], value=ALL, label="Product", elem_id="ds-product")
-        f_status = gr.Dropdown([ALL, "candidate", "accepted", "rejected"], value="accepted",
-                               label="Status", elem_id="ds-status")
-        f_damage = gr.Textbox(label="Damage type / colour contains", elem_id="ds-damage")
-        refresh = gr.Button("Refresh", elem_id="ds-refresh")
-    table = gr.Dataframe(headers=COLUMNS, interactive=False, label="Samples", elem_id="ds-table",
-                         wrap=True)
+        w["product"] = gr.Dropdown([ALL, *ctx.store.products()], value=ALL, label="Product",
+                                   elem_id="ds-product")
+        w["status"] = gr.Dropdown([ALL, "candidate", "accepted", "rejected"], value="accepted",
+                                  label="Status", elem_id="ds-status")
+        w["damage"] = gr.Textbox(label="Damage type / colour contains", elem_id="ds-damage")
+        w["refresh"] = gr.Button("Refresh", elem_id="ds-refresh")
+    w["table"] = gr.Dataframe(headers=COLUMNS, interactive=False, label="Samples", elem_id="ds-table",
+                              wrap=True)
     with gr.Row():
         with gr.Column():
-            sample_id = gr.Number(0, label="Sample id", precision=0, elem_id="ds-sample-id")
-            provenance = gr.JSON(label="Provenance", elem_id="ds-provenance")
-        sample_img = gr.Image(format="png", label="Sample", interactive=False)
-        sample_mask = gr.Image(format="png", label="Mask", interactive=False)
-    balance_plot = gr.Plot(label="Class balance", elem_id="ds-balance")
+            w["sample_id"] = gr.Number(0, label="Sample id", precision=0, elem_id="ds-sample-id")
+            w["provenance"] = gr.JSON(label="Provenance", elem_id="ds-provenance")
+        w["sample_img"] = gr.Image(format="png", label="Sample", interactive=False)
+        w["sample_mask"] = gr.Image(format="png", label="Mask", interactive=False)
+    w["balance"] = gr.Plot(label="Class balance", elem_id="ds-balance")
+    return w
+
+
+def _roles() -> dict:
+    w: dict = {}
     with gr.Accordion("Data roles of real defects (reference / evaluation)", open=False):
         gr.Markdown("Every real defect image has one role. **reference**: may be learned from or copied "
                     "(cut-paste donors, training data, the positive bank, the experiment's real arm). "
                     "**evaluation**: only ever scored. Roles are set at import (per damage type, "
                     f"{int(DEFAULT_REFERENCE_FRACTION * 100)} % reference, from the pixels) and travel with "
                     "every export (`evaluation.txt`).")
-        roles_table = gr.Dataframe(headers=ROLE_COLUMNS, interactive=False, label="Real defect images",
-                                   elem_id="ds-roles", wrap=True)
+        w["table"] = gr.Dataframe(headers=ROLE_COLUMNS, interactive=False, label="Real defect images",
+                                  elem_id="ds-roles", wrap=True)
         with gr.Row():
-            role_image = gr.Number(None, label="Image id", precision=0, elem_id="ds-role-image")
-            role_value = gr.Radio(list(ROLES), value="evaluation", label="Role", elem_id="ds-role-value")
-            role_btn = gr.Button("Set role", elem_id="ds-role-set")
-        role_status = gr.Markdown(elem_id="ds-role-status")
+            w["image"] = gr.Number(None, label="Image id", precision=0, elem_id="ds-role-image")
+            w["value"] = gr.Radio(list(ROLES), value="evaluation", label="Role", elem_id="ds-role-value")
+            w["btn"] = gr.Button("Set role", elem_id="ds-role-set")
+        w["status"] = gr.Markdown(elem_id="ds-role-status")
+    return w
+
+
+def _import_export() -> dict:
+    w: dict = {}
     with gr.Accordion("Import / export", open=False):
         with gr.Row():
-            import_path = gr.Textbox(label="Folder to import (MVTec AD / VisA category, KolektorSDD2, or plain images)")
-            import_kind = gr.Dropdown(list(KINDS), value="auto", label="Layout")
-            import_product = gr.Textbox(label="Product (plain folders)")
-            import_btn = gr.Button("Import")
+            w["import_path"] = gr.Textbox(
+                label="Folder to import (MVTec AD / VisA category, KolektorSDD2, or plain images)")
+            w["import_kind"] = gr.Dropdown(list(KINDS), value="auto", label="Layout")
+            w["import_product"] = gr.Textbox(label="Product (plain folders)")
+            w["import_btn"] = gr.Button("Import")
         with gr.Row():
-            export_path = gr.Textbox(label="Export folder", elem_id="ds-export-path")
-            export_format = gr.Radio(["MVTec AD", "COCO (RLE masks)"], value="MVTec AD", label="Format",
-                                     elem_id="ds-export-format")
-            export_btn = gr.Button("Export product", elem_id="ds-export")
-        io_status = gr.Markdown(elem_id="ds-io-status")
+            w["export_path"] = gr.Textbox(label="Export folder", elem_id="ds-export-path")
+            w["export_format"] = gr.Radio(["MVTec AD", "COCO (RLE masks)"], value="MVTec AD", label="Format",
+                                          elem_id="ds-export-format")
+            w["export_btn"] = gr.Button("Export product", elem_id="ds-export")
+        w["status"] = gr.Markdown(elem_id="ds-io-status")
+    return w
 
-    def list_samples(p, s, d):
-        rows = store.list_samples(product=None if p == ALL else p, status=None if s == ALL else s,
-                                  limit=500)
-        if d:
-            d = d.lower()
-            rows = [r for r in rows if d in (r.get("damage_type") or "").lower()
-                    or d in (r.get("color") or "").lower()]
-        import pandas as pd
-        frame = pd.DataFrame([[r.get(c) for c in COLUMNS] for r in rows], columns=COLUMNS)
-        return frame, balance_figure(store.class_balance(), None if p == ALL else p), \
-            roles_frame(store, None if p == ALL else p)
 
-    def on_row(evt: gr.SelectData, data):
-        try:
-            row = evt.index[0]
-            sid = int(data.iloc[row, 0]) if hasattr(data, "iloc") else int(data[row][0])
-        except (TypeError, ValueError, IndexError):
-            return gr.update(), gr.update(), gr.update(), gr.update()
-        return (sid, *show(sid))
-
-    def show(sid):
-        if not sid:
-            return None, None, None
-        try:
-            row = store.get_sample(int(sid))
-        except (KeyError, ValueError) as exc:
-            raise gr.Error(str(exc)) from exc
-        return row, store.load_sample_image(int(sid)), store.load_sample_mask(int(sid))
-
-    def do_import(path, kind, product):
-        if not path or not Path(path).expanduser().is_dir():
-            raise gr.Error(f"{path!r} is not a folder on the server")
-        from studio.formats import import_any
-        try:
-            rep = import_any(store, path, kind, product or None)
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from exc
-        return f"Imported ({rep['kind']}): `{json.dumps(rep, default=str)[:800]}`", \
-            gr.update(choices=[ALL, *store.products()])
-
-    def do_export(path, p, fmt="MVTec AD"):
-        if not path:
-            raise gr.Error("Give an export folder")
-        if p == ALL:
-            raise gr.Error("Pick one product to export")
-        try:
-            if fmt.startswith("COCO"):
-                from studio.formats.coco import export_coco
-                rep = export_coco(store, p, Path(path).expanduser())
-            else:
-                rep = store.export_mvtec(Path(path).expanduser(), p)
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from exc
-        return f"Exported **{p}** to `{path}`: `{json.dumps(rep, default=str)[:800]}`"
-
-    filters = [f_product, f_status, f_damage]
-    listed = [table, balance_plot, roles_table]
-    refresh.click(list_samples, filters, listed, api_name="list_samples")
+def build(ctx: StudioContext) -> dict:
+    """Render the tab inside the current Blocks and wire it (api_name = the gradio_client endpoint)."""
+    b, r, io = _browser(ctx), _roles(), _import_export()
+    refresh = bind(list_samples, ctx)
+    filters = [b["product"], b["status"], b["damage"]]
+    listed = [b["table"], b["balance"], r["table"]]
+    b["refresh"].click(refresh, filters, listed, api_name="list_samples")
     for f in filters:
-        f.change(list_samples, filters, listed, api_name=False)
-    role_btn.click(lambda i, r, p: set_role(store, i, r, None if p == ALL else p),
-                   [role_image, role_value, f_product], [role_status, roles_table], api_name="set_role")
-    table.select(on_row, table, [sample_id, provenance, sample_img, sample_mask], api_name=False)
-    sample_id.submit(show, sample_id, [provenance, sample_img, sample_mask], api_name="show_sample")
-    import_btn.click(do_import, [import_path, import_kind, import_product], [io_status, f_product],
-                     api_name="import_folder")
-    export_btn.click(do_export, [export_path, f_product, export_format], io_status, api_name="export")
-    return {"refresh": (list_samples, filters, listed)}
+        f.change(refresh, filters, listed, api_name=False)
+    r["btn"].click(bind(on_set_role, ctx), [r["image"], r["value"], b["product"]], [r["status"], r["table"]],
+                   api_name="set_role")
+
+    def on_select_row(evt: gr.SelectData, data):   # event data needs a type hint (no partial)
+        return on_row(ctx, evt.index, data)
+    b["table"].select(on_select_row, b["table"], [b["sample_id"], b["provenance"], b["sample_img"],
+                                                   b["sample_mask"]], api_name=False)
+    b["sample_id"].submit(bind(show, ctx), b["sample_id"], [b["provenance"], b["sample_img"], b["sample_mask"]],
+                          api_name="show_sample")
+    io["import_btn"].click(bind(do_import, ctx), [io["import_path"], io["import_kind"], io["import_product"]],
+                           [io["status"], b["product"]], api_name="import_folder")
+    io["export_btn"].click(bind(do_export, ctx), [io["export_path"], b["product"], io["export_format"]],
+                           io["status"], api_name="export")
+    return {"refresh": (refresh, filters, listed)}

