@@ -1,8 +1,9 @@
-"""Dataset and PatchCore tab handlers (and the job panel's) called directly with a context built on a
+"""Dataset, PatchCore, DDPM and Training tab handlers called directly with a context built on a
 temporary workspace (no server): happy paths and the refusals a user sees as ``gr.Error``."""
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import gradio as gr
@@ -12,8 +13,10 @@ from studio.config import Settings
 from studio.context import StudioContext
 from studio.runs import RunLog
 from studio.ui import dataset_tab as D
+from studio.ui import ddpm_tab as DD
 from studio.ui import jobs_panel as J
 from studio.ui import patchcore_tab as P
+from studio.ui import training_tab as T
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "assets" / "demo"
@@ -130,3 +133,123 @@ def test_patchcore_start_refuses_then_runs_a_job(ctx, tmp_path):
     assert items and Path(items[0][0]).is_file()
     assert runs.iloc[0]["id"] == job["result"]["run_id"] and runs.iloc[0]["status"] == "done"
     assert runs.iloc[0]["backbone"] == "random"
+
+
+# -- DDPM tab --------------------------------------------------------------------------------------
+def test_ddpm_checkpoints_images_and_refusals(ctx, tmp_path):
+    ckpt, eval_ckpt = DD.refresh_checkpoints(ctx)
+    assert ckpt["choices"] == [] and ckpt["value"] is None and eval_ckpt == ckpt
+    fake = DD.models_root(ctx) / "ddpm-x"
+    fake.mkdir(parents=True)
+    (fake / "config.json").write_text("{}")
+    ckpt, _ = DD.refresh_checkpoints(ctx)
+    assert ckpt["choices"] == [str(fake)] and ckpt["value"] == str(fake)
+
+    images = DD.test_images(ctx, "bottle")
+    tests = [r["id"] for r in ctx.store.list_images(product="bottle", split="test")]
+    assert [v for _, v in images["choices"]] == tests and images["value"] == tests[0]
+    assert DD.test_images(ctx, None)["choices"] == []
+
+    with pytest.raises(gr.Error, match="Pick a checkpoint"):
+        DD.do_inspect(ctx, "", tests[0], 50, "as trained", 0)
+    with pytest.raises(gr.Error, match="Pick a test image"):
+        DD.do_inspect(ctx, str(fake), None, 50, "as trained", 0)
+    with pytest.raises(gr.Error):                                       # not a real checkpoint
+        DD.do_inspect(ctx, str(fake), tests[0], 50, "as trained", 0)
+
+    state = DD.DDPMState.of(ctx)
+    assert state.live_models is not DD.DDPMState.of(ctx).live_models   # per app, never shared
+    with pytest.raises(gr.Error, match="Pick a checkpoint"):
+        DD.start_eval(ctx, state, "bottle", "", "", "50", "as trained", "color")
+    with pytest.raises(gr.Error, match="integers"):
+        DD.start_eval(ctx, state, "bottle", "", str(fake), "deep", "as trained", "color")
+    with pytest.raises(gr.Error, match="is not a folder"):
+        DD.start_eval(ctx, state, "", str(tmp_path / "missing"), str(fake), "50", "as trained", "color")
+    with pytest.raises(gr.Error, match="Pick a product"):
+        DD.start_train(ctx, state, "", "", "", "gaussian", 5, 0, 64, 32, "tiny", 200, True, False)
+    with pytest.raises(gr.Error, match="crop 128"):
+        DD.start_train(ctx, state, "bottle", "", "", "gaussian", 5, 0, 64, 128, "tiny", 200, True, False)
+    assert DD.compare_frame(state).empty and list(DD.compare_frame(state).columns) == DD.EVAL_COLS
+
+
+def test_ddpm_train_job_records_the_run(ctx, monkeypatch):
+    """The background job (train_ddpm stubbed: fast) records the run, feeds the live loss curve
+    from the per-app state, and a cancel that stopped cleanly is recorded as cancelled."""
+    state = DD.DDPMState.of(ctx)
+    seen = {}
+
+    def fake_train(req, progress, cancelled, on_model):
+        on_model(type("Insp", (), {"losses": [(1, 0.5), (2, 0.25)]})())
+        seen["live"] = DD.live_train(state, {"id": next(iter(state.live_models)), "status": "running"})
+        progress(0.5, "half")
+        stopped = "cancelled" if req.steps == 1 else "steps"
+        return {"checkpoint": req.out, "step": req.steps, "steps_this_run": req.steps, "seconds": 0.1,
+                "loss": 0.25, "stopped": stopped, "losses": [(1, 0.5), (2, 0.25)], "parameters": 10}
+    monkeypatch.setattr(DD, "train_ddpm", fake_train)
+    jid = DD.start_train(ctx, state, "", str(DEMO / "bottle"), "tiny-h", "gaussian", 5, 2, 64, 32, "tiny", 200,
+                         True, False)
+    job = ctx.jobs.wait(jid, timeout=30)
+    assert job["status"] == "done", job["error"]
+    assert job["request"]["out"] == str(DD.models_root(ctx) / "tiny-h") and job["request"]["steps"] == 2
+    fig, info = seen["live"]
+    assert "step 2" in fig.layout.title.text and info == gr.update()
+    fig, info = DD.live_train(state, job)
+    assert info["step"] == 2 and info["stopped"] == "steps" and jid not in state.live_models
+    run = state.runlog.list("ddpm-train")[0]
+    assert run["status"] == "done" and run["job_id"] == jid and run["product"] == "bottle"
+    assert run["metrics"] == {"step": 2, "loss": 0.25}
+
+    jid = DD.start_train(ctx, state, "bottle", "", "", "gaussian", 5, 1, 64, 32, "tiny", 200, True, True)
+    job = ctx.jobs.wait(jid, timeout=30)
+    assert job["status"] == "done" and state.runlog.list("ddpm-train")[0]["status"] == "cancelled"
+    assert "cancelled at step 1" in job["log"] and job["request"]["out"].endswith("ddpm-bottle")
+
+
+# -- Training tab ------------------------------------------------------------------------------------
+PIXEL = "pixel-inpaint (offline, trains from scratch)"
+
+
+def test_training_refusals_and_command(ctx):
+    types = T.on_product(ctx, "bottle")
+    assert "broken_large" in types["choices"] and "good" not in types["choices"] and types["value"] == []
+    assert T.on_product(ctx, None)["choices"] == []
+    with pytest.raises(gr.Error, match="Pick a product"):
+        T.train_command(ctx, PIXEL, "", [], "real only", "", "", 15, 0, 4, 0, True)
+    with pytest.raises(gr.Error, match="No accepted synthetic samples for 'bottle'; choose 'real only'"):
+        T.start(ctx, T.TrainingState.of(ctx), PIXEL, "bottle", [], "real + accepted synthetic", "", "x", 15, 2,
+                4, 0, True)
+    run = T.train_command(ctx, PIXEL, "bottle", ["scratch", "contamination"], "real only", "", "", 15, 3, 4,
+                          1e-4, False)
+    assert run.kind == "pixel-inpaint" and run.out == T.adapters_root(ctx) / "pixel-inpaint-bottle"
+    assert (run.data / "train" / "good").is_dir()                      # the product was exported
+    cmd = " ".join(run.cmd)
+    assert "--damage-types scratch,contamination" in cmd and "--steps 3" in cmd and "--no-resume" in cmd
+    assert "--lr 0.0001" in cmd and "--rank" not in cmd and "--minutes" not in cmd
+    lora = T.train_command(ctx, "LoRA + damage embedding (SD 1.5 inpainting folder)", "bottle", [], "real only",
+                           "/models/sd", "mine", 2.5, 0, 8, 0, True)
+    assert lora.out.name == "mine" and lora.cmd[-6:] == ["--minutes", "2.5", "--rank", "8", "--model", "/models/sd"]
+    assert T.list_adapters(ctx) == []
+    assert T.live(ctx, T.TrainingState.of(ctx), {"id": "x", "result": None}) == (gr.update(),) * 3
+
+
+def test_training_job_runs_the_trainer_process(ctx):
+    """The background job forwards the trainer's PROGRESS lines, records the run and returns its
+    JSON summary; a failing trainer fails the job with its last error line (a stub process: fast)."""
+    state = T.TrainingState.of(ctx)
+    out = T.adapters_root(ctx) / "stub"
+    script = ("import json; print('PROGRESS 0.5 half way', flush=True); print('log line'); "
+              "print(json.dumps({'step': 3, 'loss': 0.1, 'stopped': 'steps'}, indent=1))")
+    run = T.TrainCommand([sys.executable, "-c", script], "pixel-inpaint", "bottle", DEMO / "bottle", out)
+    jid = ctx.jobs.submit("train", T.train_job, run, state)
+    job = ctx.jobs.wait(jid, timeout=60)
+    assert job["status"] == "done", job["error"]
+    assert job["result"] == {"step": 3, "loss": 0.1, "stopped": "steps", "out": str(out)}
+    assert state.procs[jid] == {"out": out}
+    rec = state.runlog.list("train-pixel-inpaint")[0]
+    assert rec["status"] == "done" and rec["metrics"] == {"step": 3, "loss": 0.1}
+
+    bad = T.TrainCommand([sys.executable, "-c", "import sys; sys.exit('trainer says no')"], "lora", "bottle",
+                         DEMO / "bottle", out)
+    job = ctx.jobs.wait(ctx.jobs.submit("train", T.train_job, bad, state), timeout=60)
+    assert job["status"] == "failed" and "trainer says no" in job["error"]
+    assert state.runlog.list("train-lora")[0]["status"] == "failed"

@@ -1,9 +1,14 @@
 """DDPM tab: train a pixel-space DDPM on a product's good images (background job, live loss,
-cancel keeps the checkpoint, resume), inspect one image at a chosen depth, evaluate and compare."""
+cancel keeps the checkpoint, resume), inspect one image at a chosen depth, evaluate and compare.
+
+Handlers are module-level functions taking the context first (testable without a server); the
+tab's per-app state (run log, models being trained) is a :class:`DDPMState` made in ``build``.
+"""
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
@@ -14,7 +19,7 @@ from studio.inspection import DDPMEvalRequest, DDPMTrainRequest, evaluate_ddpm, 
 from pipelines.training import Cancelled
 from studio.jobs import JobCancelled
 from studio.runs import RunLog
-from studio.ui.jobs_panel import JobPanel
+from studio.ui.jobs_panel import JobPanel, bind
 from studio.ui.patchcore_tab import roc_figure
 
 EVAL_COLS = ["id", "product", "depths", "noise", "residual", "image_auroc", "pixel_auroc", "aupro",
@@ -38,214 +43,264 @@ def _checkpoints(root: Path) -> list[str]:
     return sorted(str(p.parent) for p in root.glob("*/config.json"))
 
 
+def models_root(ctx: StudioContext) -> Path:
+    return ctx.settings.workspace / "models"
+
+
+@dataclass
+class DDPMState:
+    """Per-app state of the tab, made by ``build`` (never module-level: two apps share nothing):
+    the run log and the inspectors being trained (job id → model, for the live loss curve)."""
+    runlog: RunLog
+    live_models: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, ctx: StudioContext) -> "DDPMState":
+        return cls(RunLog(ctx.settings.workspace))
+
+
+def category_for(ctx: StudioContext, product: str, folder: str) -> tuple[Path, str]:
+    """(category folder, name): a folder on the server, or a fresh export of ``product``."""
+    if folder:
+        p = Path(folder).expanduser()
+        if not p.is_dir():
+            raise gr.Error(f"{folder} is not a folder on the server")
+        return p, p.name
+    if not product:
+        raise gr.Error("Pick a product or give a folder")
+    out = ctx.settings.workspace / "exports" / f"{product}-{time.strftime('%Y%m%d-%H%M%S')}"
+    ctx.store.export_mvtec(out, product)
+    return out / product, product
+
+
+# -- training --------------------------------------------------------------------------------------
+def start_train(ctx: StudioContext, state: DDPMState, p, fold, name, nz, mins, st, sz, cr, pre, tm, rot,
+                res) -> str:
+    """Train (or resume) a DDPM checkpoint on a product's good images as a background job."""
+    data, pname = category_for(ctx, p, fold)
+    out = models_root(ctx) / (name.strip() or f"ddpm-{pname}")
+    req = DDPMTrainRequest(data=str(data), out=str(out), minutes=float(mins) if not st else None,
+                           steps=int(st) or None, noise=nz, size=int(sz), crop=int(cr), preset=pre,
+                           t_max=int(tm), rot90=bool(rot), resume=bool(res))
+    try:
+        req.validate()
+        from pipelines.ddpm import ModelConfig
+        ModelConfig(size=req.size, crop=req.crop, preset=req.preset, noise=req.noise).validate()
+    except ValueError as exc:
+        raise gr.Error(str(exc)) from exc
+    return ctx.jobs.submit("ddpm-train", train_job, req, state, pname, request=req.__dict__)
+
+
+def train_job(jctx, req: DDPMTrainRequest, state: DDPMState, pname: str) -> dict:
+    """The background job: train, record the run; a cancel stops cleanly and keeps the checkpoint."""
+    run_id = state.runlog.start("ddpm-train", pname, req.data, req.__dict__, req.out, jctx.job_id)
+
+    def progress(f, msg=""):
+        try:
+            jctx.progress(f, msg)
+        except JobCancelled:
+            pass  # train() polls cancelled() and stops cleanly; the checkpoint is saved
+
+    try:
+        summary = train_ddpm(req, progress, lambda: jctx.cancelled,
+                             on_model=lambda m: state.live_models.__setitem__(jctx.job_id, m))
+    except BaseException as exc:
+        state.runlog.finish(run_id, status="failed", error=str(exc))
+        raise
+    state.runlog.finish(run_id, {"step": summary["step"], "loss": summary["loss"]},
+                        status="cancelled" if summary["stopped"] == "cancelled" else "done")
+    if summary["stopped"] == "cancelled":
+        jctx.log(f"cancelled at step {summary['step']}; checkpoint saved to {req.out}")
+    return summary
+
+
+def live_train(state: DDPMState, job: dict) -> tuple:
+    """Each timer tick: (loss figure, last-run info once done)."""
+    model = state.live_models.get(job["id"])
+    losses = list(getattr(model, "losses", []) or [])
+    if job["status"] == "done" and job["result"]:
+        losses = job["result"].get("losses") or losses
+        info = {k: job["result"][k] for k in ("checkpoint", "step", "steps_this_run", "seconds", "loss",
+                                              "stopped", "parameters")}
+        state.live_models.pop(job["id"], None)
+        return loss_figure(losses), info
+    return loss_figure(losses, f"training loss — step {losses[-1][0] if losses else 0}"), gr.update()
+
+
+# -- inspection ------------------------------------------------------------------------------------
+def test_images(ctx: StudioContext, p):
+    """The product's test images as dropdown choices (first one picked)."""
+    rows = ctx.store.list_images(product=p, split="test") if p else []
+    return gr.update(choices=[(f"#{r['id']} {r['label']}", int(r["id"])) for r in rows],
+                     value=int(rows[0]["id"]) if rows else None)
+
+
+def refresh_checkpoints(ctx: StudioContext):
+    c = _checkpoints(models_root(ctx))
+    return gr.update(choices=c, value=c[0] if c else None), gr.update(choices=c, value=c[0] if c else None)
+
+
+def do_inspect(ctx: StudioContext, ck, iid, d, nz, sd):
+    if not ck:
+        raise gr.Error("Pick a checkpoint (train one first)")
+    if not iid:
+        raise gr.Error("Pick a test image")
+    try:
+        img = ctx.store.load_image(int(iid))
+        gt = ctx.store.load_mask(int(iid))
+        res = inspect_image(ck, img, int(d), None if nz == "as trained" else nz, int(sd or 0))
+    except (ValueError, KeyError) as exc:
+        raise gr.Error(str(exc)) from exc
+    gt_img = None if gt is None else np.repeat((gt > 0).astype(np.uint8)[..., None] * 255, 3, axis=2)
+    return (img, res["reconstruction"], res["residual"], res["overlay"], gt_img,
+            f"depth {int(d)} · image score {res['score']:.4f}")
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+def compare_frame(state: DDPMState):
+    import pandas as pd
+    rows = []
+    for r in state.runlog.list("ddpm-eval"):
+        m, p = r["metrics"] or {}, r["params"] or {}
+        rows.append([r["id"], r["product"], ",".join(map(str, p.get("depths") or [])), p.get("noise") or "as trained",
+                     p.get("kind"), *[round(m[k], 4) if isinstance(m.get(k), (int, float)) else None
+                                      for k in ("image_auroc", "pixel_auroc", "aupro", "pixel_f1_max",
+                                                "ms_per_image")], r["status"]])
+    return pd.DataFrame(rows, columns=EVAL_COLS)
+
+
+def start_eval(ctx: StudioContext, state: DDPMState, p, fold, ck, ds, nz, kind) -> str:
+    """Evaluate a checkpoint on the test split at the given depths as a background job."""
+    if not ck:
+        raise gr.Error("Pick a checkpoint")
+    try:
+        dl = [int(x) for x in str(ds).replace(" ", "").split(",") if x]
+    except ValueError:
+        raise gr.Error(f"depths must be integers like 100,200 — got {ds!r}") from None
+    data, pname = category_for(ctx, p, fold)
+    out = ctx.settings.workspace / "runs" / f"ddpm-{pname}-{time.strftime('%Y%m%d-%H%M%S')}"
+    req = DDPMEvalRequest(data=str(data), checkpoint=ck, out=str(out), depths=dl,
+                          noise=None if nz == "as trained" else nz, kind=kind)
+    return ctx.jobs.submit("ddpm-eval", eval_job, req, state.runlog, pname, request=req.__dict__)
+
+
+def eval_job(jctx, req: DDPMEvalRequest, runlog: RunLog, pname: str) -> dict:
+    """The background job: evaluate, record the run (cancelled / failed with the reason)."""
+    run_id = runlog.start("ddpm-eval", pname, req.data, req.__dict__, req.out, jctx.job_id)
+    try:
+        summary = evaluate_ddpm(req, jctx.progress, lambda: jctx.cancelled)
+    except BaseException as exc:
+        runlog.finish(run_id, status="cancelled" if isinstance(exc, (JobCancelled, InterruptedError, Cancelled))
+                      else "failed", error=str(exc))
+        raise
+    runlog.finish(run_id, summary["metrics"])
+    return {"out": req.out, "metrics": summary["metrics"]}
+
+
+def live_eval(state: DDPMState, job: dict) -> tuple:
+    """Each timer tick: (metrics table, ROC figure, overlays once done, comparison table)."""
+    if job["status"] != "done":
+        return gr.update(), gr.update(), gr.update(), compare_frame(state)
+    out = Path(job["result"]["out"])
+    summary = json.loads((out / "result.json").read_text())
+    m = summary["metrics"]
+    table = [[k, round(v, 4) if isinstance(v, float) else v] for k, v in m.items()]
+    items = [(str(out / o["file"]), f"{o['label']} · score {o['score']:.4f}") for o in summary["overlays"]]
+    return table, roc_figure(summary["roc"], m.get("image_auroc"), "DDPM residuals"), items, compare_frame(state)
+
+
+# -- layout ------------------------------------------------------------------------------------------
+def _train_tab(ctx: StudioContext) -> dict:
+    w: dict = {}
+    with gr.Row():
+        with gr.Column(scale=1, min_width=280):
+            w["ckpt_name"] = gr.Textbox("", label="Checkpoint name (default: ddpm-<product>)",
+                                        elem_id="dd-ckpt-name")
+            w["noise"] = gr.Radio(["gaussian", "simplex"], value="gaussian", label="Noise", elem_id="dd-noise")
+            w["minutes"] = gr.Slider(0.5, 120, 20, step=0.5, label="Time budget (minutes)", elem_id="dd-minutes")
+            w["steps"] = gr.Number(0, label="…or total steps (0 = time budget only)", precision=0,
+                                   elem_id="dd-steps")
+            with gr.Row():
+                w["size"] = gr.Dropdown([64, 128, 256], value=128, label="Working size", elem_id="dd-size")
+                w["crop"] = gr.Dropdown([32, 64, 128], value=64, label="Crop (U-Net size)", elem_id="dd-crop")
+            w["preset"] = gr.Dropdown(["tiny", "small", "default"], value="small", label="Model size",
+                                      elem_id="dd-preset")
+            w["t_max"] = gr.Slider(50, 1000, 350, step=10, label="Train on timesteps below", elem_id="dd-tmax")
+            w["rot90"] = gr.Checkbox(True, label="90° rotations (rotation-invariant products only)")
+            w["resume"] = gr.Checkbox(False, label="Resume the checkpoint", elem_id="dd-resume")
+            w["panel"] = JobPanel(ctx, "Train DDPM", "ddpm_train")
+        with gr.Column(scale=2):
+            w["loss"] = gr.Plot(loss_figure([]), label="Loss", elem_id="dd-loss")
+            w["info"] = gr.JSON(label="Last run", elem_id="dd-train-info")
+    return w
+
+
+def _inspect_tab(ctx: StudioContext) -> dict:
+    w: dict = {}
+    with gr.Row():
+        w["ckpt"] = gr.Dropdown(_checkpoints(models_root(ctx)), label="Checkpoint", allow_custom_value=True,
+                                elem_id="dd-ckpt")
+        w["refresh"] = gr.Button("↻", size="sm", min_width=40)
+        w["image_id"] = gr.Dropdown([], label="Test image", allow_custom_value=True, elem_id="dd-image")
+        w["depth"] = gr.Slider(10, 800, 50, step=10, label="Depth t", elem_id="dd-depth")
+        w["noise"] = gr.Radio(["as trained", "gaussian", "simplex"], value="as trained", label="Noise")
+        w["seed"] = gr.Number(0, label="Seed", precision=0)
+    w["btn"] = gr.Button("Inspect", variant="primary", elem_id="dd-inspect")
+    with gr.Row():
+        w["images"] = [gr.Image(label=label, format="png", interactive=False)
+                       for label in ("input", "reconstruction", "residual", "overlay", "ground truth")]
+    w["status"] = gr.Markdown(elem_id="dd-inspect-status")
+    return w
+
+
+def _evaluate_tab(ctx: StudioContext) -> dict:
+    w: dict = {}
+    with gr.Row():
+        with gr.Column(scale=1, min_width=280):
+            w["ckpt"] = gr.Dropdown(_checkpoints(models_root(ctx)), label="Checkpoint", allow_custom_value=True,
+                                    elem_id="dd-eval-ckpt")
+            w["depths"] = gr.Textbox("50", label="Depths (comma-separated; maps are averaged)",
+                                     elem_id="dd-depths")
+            w["noise"] = gr.Radio(["as trained", "gaussian", "simplex"], value="as trained", label="Noise")
+            w["residual"] = gr.Radio(["color", "ssim", "feature", "color+ssim"], value="color", label="Residual")
+            w["panel"] = JobPanel(ctx, "Evaluate on the test split", "ddpm_eval")
+        with gr.Column(scale=2):
+            w["metrics"] = gr.Dataframe(headers=["metric", "value"], label="Metrics", elem_id="dd-metrics")
+            w["roc"] = gr.Plot(label="Image-level ROC")
+            w["gallery"] = gr.Gallery(label="input · ground truth · residual heatmap · thresholded",
+                                      columns=2, height=420, object_fit="contain", format="png")
+    w["compare"] = gr.Dataframe(headers=EVAL_COLS, label="Depth comparison (all DDPM evaluations)",
+                                interactive=False, elem_id="dd-compare")
+    return w
+
+
+# -- wiring ------------------------------------------------------------------------------------------
 def build(ctx: StudioContext) -> list:
-    store = ctx.store
-    runlog = RunLog(ctx.settings.workspace)
-    models_root = ctx.settings.workspace / "models"
-    live_models: dict[str, object] = {}   # job id → inspector being trained (for the live loss)
-    products = store.products()
-
-    def category_for(product: str, folder: str) -> tuple[Path, str]:
-        if folder:
-            p = Path(folder).expanduser()
-            if not p.is_dir():
-                raise gr.Error(f"{folder} is not a folder on the server")
-            return p, p.name
-        if not product:
-            raise gr.Error("Pick a product or give a folder")
-        out = ctx.settings.workspace / "exports" / f"{product}-{time.strftime('%Y%m%d-%H%M%S')}"
-        store.export_mvtec(out, product)
-        return out / product, product
-
+    """Render the tab inside the current Blocks and wire it; returns the page-load refreshes."""
+    state = DDPMState.of(ctx)   # per app: the run log and the models being trained
+    products = ctx.store.products()
     with gr.Row():
         product = gr.Dropdown(products, value=products[0] if products else None, label="Product",
                               elem_id="dd-product")
         folder = gr.Textbox("", label="…or an MVTec-AD-layout category folder on the server")
     with gr.Tab("Train"):
-        with gr.Row():
-            with gr.Column(scale=1, min_width=280):
-                ckpt_name = gr.Textbox("", label="Checkpoint name (default: ddpm-<product>)",
-                                       elem_id="dd-ckpt-name")
-                noise = gr.Radio(["gaussian", "simplex"], value="gaussian", label="Noise", elem_id="dd-noise")
-                minutes = gr.Slider(0.5, 120, 20, step=0.5, label="Time budget (minutes)", elem_id="dd-minutes")
-                steps = gr.Number(0, label="…or total steps (0 = time budget only)", precision=0,
-                                  elem_id="dd-steps")
-                with gr.Row():
-                    size = gr.Dropdown([64, 128, 256], value=128, label="Working size", elem_id="dd-size")
-                    crop = gr.Dropdown([32, 64, 128], value=64, label="Crop (U-Net size)", elem_id="dd-crop")
-                preset = gr.Dropdown(["tiny", "small", "default"], value="small", label="Model size",
-                                     elem_id="dd-preset")
-                t_max = gr.Slider(50, 1000, 350, step=10, label="Train on timesteps below", elem_id="dd-tmax")
-                rot90 = gr.Checkbox(True, label="90° rotations (rotation-invariant products only)")
-                resume = gr.Checkbox(False, label="Resume the checkpoint", elem_id="dd-resume")
-                train_panel = JobPanel(ctx, "Train DDPM", "ddpm_train")
-            with gr.Column(scale=2):
-                loss_plot = gr.Plot(loss_figure([]), label="Loss", elem_id="dd-loss")
-                train_info = gr.JSON(label="Last run", elem_id="dd-train-info")
+        t = _train_tab(ctx)
     with gr.Tab("Inspect"):
-        with gr.Row():
-            ckpt = gr.Dropdown(_checkpoints(models_root), label="Checkpoint", allow_custom_value=True,
-                               elem_id="dd-ckpt")
-            refresh_ckpt = gr.Button("↻", size="sm", min_width=40)
-            image_id = gr.Dropdown([], label="Test image", allow_custom_value=True, elem_id="dd-image")
-            depth = gr.Slider(10, 800, 50, step=10, label="Depth t", elem_id="dd-depth")
-            inspect_noise = gr.Radio(["as trained", "gaussian", "simplex"], value="as trained", label="Noise")
-            seed = gr.Number(0, label="Seed", precision=0)
-        inspect_btn = gr.Button("Inspect", variant="primary", elem_id="dd-inspect")
-        with gr.Row():
-            im_in = gr.Image(label="input", format="png", interactive=False)
-            im_rec = gr.Image(label="reconstruction", format="png", interactive=False)
-            im_res = gr.Image(label="residual", format="png", interactive=False)
-            im_ov = gr.Image(label="overlay", format="png", interactive=False)
-            im_gt = gr.Image(label="ground truth", format="png", interactive=False)
-        inspect_status = gr.Markdown(elem_id="dd-inspect-status")
+        i = _inspect_tab(ctx)
     with gr.Tab("Evaluate"):
-        with gr.Row():
-            with gr.Column(scale=1, min_width=280):
-                eval_ckpt = gr.Dropdown(_checkpoints(models_root), label="Checkpoint", allow_custom_value=True,
-                                        elem_id="dd-eval-ckpt")
-                depths = gr.Textbox("50", label="Depths (comma-separated; maps are averaged)",
-                                    elem_id="dd-depths")
-                eval_noise = gr.Radio(["as trained", "gaussian", "simplex"], value="as trained", label="Noise")
-                residual = gr.Radio(["color", "ssim", "feature", "color+ssim"], value="color", label="Residual")
-                eval_panel = JobPanel(ctx, "Evaluate on the test split", "ddpm_eval")
-            with gr.Column(scale=2):
-                eval_metrics = gr.Dataframe(headers=["metric", "value"], label="Metrics", elem_id="dd-metrics")
-                eval_roc = gr.Plot(label="Image-level ROC")
-                eval_gallery = gr.Gallery(label="input · ground truth · residual heatmap · thresholded",
-                                          columns=2, height=420, object_fit="contain", format="png")
-        compare = gr.Dataframe(headers=EVAL_COLS, label="Depth comparison (all DDPM evaluations)",
-                               interactive=False, elem_id="dd-compare")
-
-    # -- training ----------------------------------------------------------------------------
-    def start_train(p, fold, name, nz, mins, st, sz, cr, pre, tm, rot, res):
-        data, pname = category_for(p, fold)
-        out = models_root / (name.strip() or f"ddpm-{pname}")
-        req = DDPMTrainRequest(data=str(data), out=str(out), minutes=float(mins) if not st else None,
-                               steps=int(st) or None, noise=nz, size=int(sz), crop=int(cr), preset=pre,
-                               t_max=int(tm), rot90=bool(rot), resume=bool(res))
-        try:
-            req.validate()
-            from pipelines.ddpm import ModelConfig
-            ModelConfig(size=req.size, crop=req.crop, preset=req.preset, noise=req.noise).validate()
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from exc
-
-        def job(jctx, req):
-            run_id = runlog.start("ddpm-train", pname, req.data, req.__dict__, req.out, jctx.job_id)
-
-            def progress(f, msg=""):
-                try:
-                    jctx.progress(f, msg)
-                except JobCancelled:
-                    pass  # train() polls cancelled() and stops cleanly; the checkpoint is saved
-
-            try:
-                summary = train_ddpm(req, progress, lambda: jctx.cancelled,
-                                     on_model=lambda m: live_models.__setitem__(jctx.job_id, m))
-            except BaseException as exc:
-                runlog.finish(run_id, status="failed", error=str(exc))
-                raise
-            runlog.finish(run_id, {"step": summary["step"], "loss": summary["loss"]},
-                          status="cancelled" if summary["stopped"] == "cancelled" else "done")
-            if summary["stopped"] == "cancelled":
-                jctx.log(f"cancelled at step {summary['step']}; checkpoint saved to {req.out}")
-            return summary
-
-        return ctx.jobs.submit("ddpm-train", job, req, request=req.__dict__)
-
-    def live_train(job):
-        model = live_models.get(job["id"])
-        losses = list(getattr(model, "losses", []) or [])
-        if job["status"] == "done" and job["result"]:
-            losses = job["result"].get("losses") or losses
-            info = {k: job["result"][k] for k in ("checkpoint", "step", "steps_this_run", "seconds", "loss",
-                                                  "stopped", "parameters")}
-            live_models.pop(job["id"], None)
-            return loss_figure(losses), info
-        return loss_figure(losses, f"training loss — step {losses[-1][0] if losses else 0}"), gr.update()
-
-    train_panel.wire(start_train, [product, folder, ckpt_name, noise, minutes, steps, size, crop, preset,
-                                   t_max, rot90, resume], live_train, [loss_plot, train_info])
-
-    # -- inspection --------------------------------------------------------------------------
-    def test_images(p):
-        rows = store.list_images(product=p, split="test") if p else []
-        return gr.update(choices=[(f"#{r['id']} {r['label']}", int(r["id"])) for r in rows],
-                         value=int(rows[0]["id"]) if rows else None)
-
-    def refresh_checkpoints():
-        c = _checkpoints(models_root)
-        return gr.update(choices=c, value=c[0] if c else None), gr.update(choices=c, value=c[0] if c else None)
-
-    def do_inspect(ck, iid, d, nz, sd):
-        if not ck:
-            raise gr.Error("Pick a checkpoint (train one first)")
-        if not iid:
-            raise gr.Error("Pick a test image")
-        try:
-            img = store.load_image(int(iid))
-            gt = store.load_mask(int(iid))
-            res = inspect_image(ck, img, int(d), None if nz == "as trained" else nz, int(sd or 0))
-        except (ValueError, KeyError) as exc:
-            raise gr.Error(str(exc)) from exc
-        gt_img = None if gt is None else np.repeat((gt > 0).astype(np.uint8)[..., None] * 255, 3, axis=2)
-        return (img, res["reconstruction"], res["residual"], res["overlay"], gt_img,
-                f"depth {int(d)} · image score {res['score']:.4f}")
-
-    product.change(test_images, product, image_id, api_name=False)
-    refresh_ckpt.click(refresh_checkpoints, None, [ckpt, eval_ckpt], api_name="ddpm_checkpoints")
-    inspect_btn.click(do_inspect, [ckpt, image_id, depth, inspect_noise, seed],
-                      [im_in, im_rec, im_res, im_ov, im_gt, inspect_status], api_name="ddpm_inspect")
-
-    # -- evaluation --------------------------------------------------------------------------
-    def compare_frame():
-        import pandas as pd
-        rows = []
-        for r in runlog.list("ddpm-eval"):
-            m, p = r["metrics"] or {}, r["params"] or {}
-            rows.append([r["id"], r["product"], ",".join(map(str, p.get("depths") or [])), p.get("noise") or "as trained",
-                         p.get("kind"), *[round(m[k], 4) if isinstance(m.get(k), (int, float)) else None
-                                          for k in ("image_auroc", "pixel_auroc", "aupro", "pixel_f1_max",
-                                                    "ms_per_image")], r["status"]])
-        return pd.DataFrame(rows, columns=EVAL_COLS)
-
-    def start_eval(p, fold, ck, ds, nz, kind):
-        if not ck:
-            raise gr.Error("Pick a checkpoint")
-        try:
-            dl = [int(x) for x in str(ds).replace(" ", "").split(",") if x]
-        except ValueError:
-            raise gr.Error(f"depths must be integers like 100,200 — got {ds!r}") from None
-        data, pname = category_for(p, fold)
-        out = ctx.settings.workspace / "runs" / f"ddpm-{pname}-{time.strftime('%Y%m%d-%H%M%S')}"
-        req = DDPMEvalRequest(data=str(data), checkpoint=ck, out=str(out), depths=dl,
-                              noise=None if nz == "as trained" else nz, kind=kind)
-
-        def job(jctx, req):
-            run_id = runlog.start("ddpm-eval", pname, req.data, req.__dict__, req.out, jctx.job_id)
-            try:
-                summary = evaluate_ddpm(req, jctx.progress, lambda: jctx.cancelled)
-            except BaseException as exc:
-                runlog.finish(run_id, status="cancelled" if isinstance(exc, (JobCancelled, InterruptedError, Cancelled))
-                              else "failed", error=str(exc))
-                raise
-            runlog.finish(run_id, summary["metrics"])
-            return {"out": req.out, "metrics": summary["metrics"]}
-
-        return ctx.jobs.submit("ddpm-eval", job, req, request=req.__dict__)
-
-    def live_eval(job):
-        if job["status"] != "done":
-            return gr.update(), gr.update(), gr.update(), compare_frame()
-        out = Path(job["result"]["out"])
-        summary = json.loads((out / "result.json").read_text())
-        m = summary["metrics"]
-        table = [[k, round(v, 4) if isinstance(v, float) else v] for k, v in m.items()]
-        items = [(str(out / o["file"]), f"{o['label']} · score {o['score']:.4f}") for o in summary["overlays"]]
-        return table, roc_figure(summary["roc"], m.get("image_auroc"), "DDPM residuals"), items, compare_frame()
-
-    eval_panel.wire(start_eval, [product, folder, eval_ckpt, depths, eval_noise, residual], live_eval,
-                    [eval_metrics, eval_roc, eval_gallery, compare])
-    return [(compare_frame, [], [compare]), (refresh_checkpoints, [], [ckpt, eval_ckpt]),
-            (test_images, [product], [image_id])]
+        e = _evaluate_tab(ctx)
+    t["panel"].wire(bind(start_train, ctx, state),
+                    [product, folder, t["ckpt_name"], t["noise"], t["minutes"], t["steps"], t["size"],
+                     t["crop"], t["preset"], t["t_max"], t["rot90"], t["resume"]],
+                    bind(live_train, state), [t["loss"], t["info"]])
+    checkpoints, images = bind(refresh_checkpoints, ctx), bind(test_images, ctx)
+    product.change(images, product, i["image_id"], api_name=False)
+    i["refresh"].click(checkpoints, None, [i["ckpt"], e["ckpt"]], api_name="ddpm_checkpoints")
+    i["btn"].click(bind(do_inspect, ctx), [i["ckpt"], i["image_id"], i["depth"], i["noise"], i["seed"]],
+                   [*i["images"], i["status"]], api_name="ddpm_inspect")
+    compare = bind(compare_frame, state)
+    e["panel"].wire(bind(start_eval, ctx, state),
+                    [product, folder, e["ckpt"], e["depths"], e["noise"], e["residual"]],
+                    bind(live_eval, state), [e["metrics"], e["roc"], e["gallery"], e["compare"]])
+    return [(compare, [], [e["compare"]]), (checkpoints, [], [i["ckpt"], e["ckpt"]]),
+            (images, [product], [i["image_id"]])]
