@@ -6,7 +6,6 @@ the result; all logic lives in ``studio.services`` and ``pipelines``.
 from __future__ import annotations
 
 import os
-from functools import partial
 
 import gradio as gr
 import numpy as np
@@ -17,6 +16,7 @@ from pipelines.registry import generator_names
 from studio.catalog import GOOD
 from studio.context import StudioContext
 from studio.services import GenerateRequest, UserError, generate, review
+from studio.ui.jobs_panel import bind as keep_doc
 
 DAMAGE, COLOUR = "Damage type", "Wall colour"
 OVERLAY = np.array([255, 45, 45], np.uint8)
@@ -390,7 +390,7 @@ def build(ctx: StudioContext) -> dict:
             v = _canvas(ctx, c["first_id"])
         with gr.Column(scale=2):
             r = _review(ctx)
-    bind = lambda fn, *a: partial(fn, ctx, *a)        # noqa: E731 — handlers take ctx first
+    bind = lambda fn, *a: keep_doc(fn, ctx, *a)       # noqa: E731 — handlers take ctx first
     editor, feather, src = v["editor"], c["feather"], c["source_id"]
     def list_images_api(product_name: str) -> list[dict]:
         """Images of a product in the dataset: id, split, label, file, has_mask."""
