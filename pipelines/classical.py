@@ -306,6 +306,21 @@ _CLONE_MODES = {"normal": cv2.NORMAL_CLONE, "mixed": cv2.MIXED_CLONE}
 _DISC5 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
 
 
+def donor_pair(pair: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """A donor ``(image, mask)`` checked: ``H×W×3`` uint8 RGB and its validated ``H×W`` mask;
+    errors name the donor."""
+    try:
+        img, msk = pair
+    except (TypeError, ValueError):
+        raise ValueError(f"donor {i} must be an (image, mask) pair") from None
+    img = _check_image(img)
+    try:
+        m = mk.validate_mask(msk, img.shape)
+    except mk.MaskError as exc:
+        raise mk.MaskError(f"Donor defect {i}: {exc}") from None
+    return img, m
+
+
 @dataclass(frozen=True)
 class CutPasteOptions:
     clone: str = option("normal", "Poisson mode: normal (donor pixels, colours matched at the border) "
@@ -345,15 +360,7 @@ class CutPasteGenerator(ClassicalGenerator):
 
     @staticmethod
     def _donor(pair: Any, i: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
-        try:
-            img, msk = pair
-        except (TypeError, ValueError):
-            raise ValueError(f"donor {i} must be an (image, mask) pair") from None
-        img = _check_image(img)
-        try:
-            m = mk.validate_mask(msk, img.shape)
-        except mk.MaskError as exc:
-            raise mk.MaskError(f"Donor defect {i}: {exc}") from None
+        img, m = donor_pair(pair, i)
         return img, m, mk.bbox(m)  # type: ignore[return-value]
 
     def _generate(self, crop, cmask, rng, feather, *, strength, donors, clone="normal",

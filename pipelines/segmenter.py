@@ -211,13 +211,10 @@ def train_segmenter(features: torch.Tensor, masks: Sequence[np.ndarray] | torch.
 
 
 def smooth_maps(maps: np.ndarray, sigma: float = 4.0) -> np.ndarray:
-    """Gaussian smoothing of ``maps: [N x H x W]`` float32 in place (kernel to 4σ, reflected border)."""
-    if sigma <= 0:
-        return maps
-    k = 2 * int(4 * sigma + 0.5) + 1
-    for i in range(len(maps)):
-        maps[i] = cv2.GaussianBlur(maps[i], (k, k), sigma, borderType=cv2.BORDER_REFLECT_101)
-    return maps
+    """Gaussian smoothing of ``maps: [N x H x W]`` float32 in place — PatchCore's, so both models'
+    maps are smoothed alike."""
+    from pipelines.patchcore import gaussian_blur
+    return gaussian_blur(maps, sigma)
 
 
 @torch.inference_mode()

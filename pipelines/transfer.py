@@ -84,7 +84,7 @@ from scipy.sparse.linalg import splu
 from skimage import color as skcolor
 
 from pipelines import masks as mk
-from pipelines.classical import (DEFAULT_FEATHER, _DIHEDRAL, ClassicalGenerator, _check_image,
+from pipelines.classical import (DEFAULT_FEATHER, _DIHEDRAL, ClassicalGenerator, donor_pair,
                                  fractal_noise, style_for)
 from pipelines.color import rgb_to_lab
 from pipelines.generator import GeneratorInfo, option
@@ -180,15 +180,7 @@ def _halo(mask: np.ndarray) -> int:
 
 
 def _as_pair(pair: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        img, msk = pair
-    except (TypeError, ValueError):
-        raise ValueError(f"donor {i} must be an (image, mask) pair") from None
-    img = _check_image(img)
-    try:
-        m = mk.validate_mask(msk, img.shape)
-    except mk.MaskError as exc:
-        raise mk.MaskError(f"Donor defect {i}: {exc}") from None
+    img, m = donor_pair(pair, i)
     return img, m > 0
 
 
