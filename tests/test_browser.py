@@ -126,6 +126,9 @@ def test_curation_plan_batch_review_experiment(page, tmp_path):
     pg.wait_for_timeout(500)
 
     _subtab(pg, "4 · Experiment")
+    repeats = pg.locator("#cu-exp-repeats input[type=number]")
+    repeats.fill("1")                 # one repeat: the protocol itself is tested in test_experiment.py
+    repeats.press("Enter")
     pg.click("#experiment-start")
     pg.wait_for_function("document.querySelector('#experiment-status').innerText.includes('— done')",
                          timeout=600_000)
