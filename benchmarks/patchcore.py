@@ -1,8 +1,13 @@
-"""PatchCore speed / memory / quality on the demo data, side by side with anomalib's PatchCore.
+"""PatchCore speed / memory / quality on the demo data and real category folders, side by side
+with anomalib's PatchCore.
 
-    python benchmarks/patchcore.py [--data assets/demo] [--products bottle,brushed_metal]
-        [--backbone efficientnet_lite0] [--coreset 0.1] [--dim N|none] [--knn auto|faiss|torch]
-        [--repeats 7] [--fit-repeats 2] [--no-anomalib]
+    python benchmarks/patchcore.py [CATEGORY_DIR ...] [--data assets/demo]
+        [--products bottle,brushed_metal] [--backbone efficientnet_lite0] [--coreset 0.1]
+        [--dim N|none] [--knn auto|faiss|torch] [--repeats 7] [--fit-repeats 2] [--no-anomalib]
+
+e.g. ``python benchmarks/patchcore.py ../shared/realdata/transistor``: the demo products
+(``--products`` under ``--data``; ``--products ''`` for none) and then each MVTec-AD-layout
+folder given, each with its own section, and a summary table at the end.
 
 Per product it prints, for ours: fit seconds, ms per image, bare-backbone ms per image and the
 ratio of total inference time to that backbone forward (target ≤ 1.3) — against our truncated,
@@ -142,7 +147,7 @@ def worker_fit_anomalib(args) -> dict:
         model = _anomalib_model(args.backbone, args.weights)
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        xs = _normalised_batches(train)
+        xs = _normalised_batches(train, args.backbone)
         model.train()
         with torch.inference_mode():
             for x in xs:
@@ -154,12 +159,16 @@ def worker_fit_anomalib(args) -> dict:
             "peak_rss_mb": _peak_rss_mb()}
 
 
-def _normalised_batches(imgs):
+def _normalised_batches(imgs, backbone: str):
+    """Batches of 8 normalised as our extractor does it (the weights' own normalisation), so
+    anomalib's model and timm's stock forward see the very tensors ours sees."""
     import numpy as np
     import torch
-    from pipelines.backbones import IMAGENET_MEAN, IMAGENET_STD
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    from pipelines.backbones import NORMALIZATIONS
+    from pipelines.patchcore import default_normalization
+    mean, std = NORMALIZATIONS[default_normalization(backbone)]
+    mean = torch.tensor(mean).view(1, 3, 1, 1)
+    std = torch.tensor(std).view(1, 3, 1, 1)
     return [(torch.from_numpy(np.stack(imgs[s:s + 8])).permute(0, 3, 1, 2).float() / 255 - mean) / std
             for s in range(0, len(imgs), 8)]
 
@@ -182,7 +191,7 @@ def worker_infer(args) -> dict:
         an = _anomalib_model(args.backbone, args.weights)
         an.memory_bank = torch.load(args.anomalib_bank, weights_only=True)
         an.eval()
-    xs = _normalised_batches(test)
+    xs = _normalised_batches(test, args.backbone)
     t = {"ours": 0.0, "ours_backbone": 0.0, "plain_timm": 0.0, "anomalib": 0.0, "anomalib_backbone": 0.0}
     with torch.inference_mode():
         outs = [an(x) for x in xs] if an is not None else []
@@ -238,6 +247,8 @@ def _fmt_metrics(m: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folders", nargs="*", type=Path,
+                    help="MVTec-AD-layout category folders measured after the demo products")
     ap.add_argument("--data", default=str(ROOT / "assets" / "demo"))
     ap.add_argument("--products", default="bottle,brushed_metal")
     ap.add_argument("--backbone", default="efficientnet_lite0")
@@ -272,9 +283,13 @@ def main(argv=None) -> int:
           f"dim={args.dim or 'default'} knn={args.knn}; times = min over repeats "
           f"(inference {args.repeats}/batch, fit {args.fit_repeats}); {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}")
-    for product in args.products.split(","):
-        data = Path(args.data) / product
-        print(f"\n## {product}")
+    folders = [Path(args.data) / p for p in args.products.split(",") if p] + list(args.folders)
+    if not folders:
+        raise SystemExit("nothing to measure: give category folders or --products")
+    summary = []
+    for data in folders:
+        product = data.name
+        print(f"\n## {product} ({data})")
         with tempfile.TemporaryDirectory() as tmp:
             fit = _run(sys.executable, "fit_ours", args, data, out=f"{tmp}/ours")
             an_fit, an_error = None, None
@@ -292,6 +307,7 @@ def main(argv=None) -> int:
               f"timm's stock features_only forward, {inf['plain_timm']:.1f} ms/image) | peak RSS "
               f"{fit['peak_rss_mb']:.0f} MB | bank {fit['bank'][0]} x {fit['bank'][1]}")
         print(f"           {_fmt_metrics(fit['metrics'])}")
+        summary.append((product, fit, inf, ratio))
         k = fit["knn"]
         print(f"  kNN {k['queries']} queries: faiss IndexFlatL2 {1000 * k['faiss_flat']['s']:.0f} ms | ours (exact torch "
               f"matmul+max) {1000 * k['torch_ours']['s']:.0f} ms (top-1 agree {k['torch_ours']['top1_agree']:.4f}) | "
@@ -320,6 +336,13 @@ def main(argv=None) -> int:
               f"{inf['anomalib'] / inf['ours']:.2f}x (aim >= 1.8x); "
               + ", ".join(f"{m} {fit['metrics'][m] - am[m]:+.4f}" for m in ("image_auroc", "pixel_auroc", "aupro"))
               + " (ours - anomalib)")
+    print("\n## summary (ours)\n")
+    print("| category | image AUROC | pixel AUROC | AUPRO | fit s | ms/image | backbone ms/image | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for product, fit, inf, ratio in summary:
+        m = fit["metrics"]
+        print(f"| {product} | {m['image_auroc']:.4f} | {m['pixel_auroc']:.4f} | {m['aupro']:.4f} | "
+              f"{fit['fit_s']:.2f} | {inf['ours']:.1f} | {inf['ours_backbone']:.1f} | {ratio:.2f} |")
     return 0
 
 

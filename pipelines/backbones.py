@@ -34,6 +34,13 @@ from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Input normalisations (mean, std) of RGB in [0, 1]: "imagenet" (torchvision / timm ResNets) and
+# "tf" — (x − 0.5) / 0.5, i.e. (pixel − 127.5) / 127.5, the preprocessing of Google's TF
+# EfficientNet-Lite checkpoints (timm's ``tf_efficientnet_lite*`` pretrained_cfg).
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "tf": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
 WEIGHTS_ENV = "DEFECT_STUDIO_BACKBONE_WEIGHTS"
 
 
@@ -61,7 +68,7 @@ class FeatureExtractor(nn.Module):
     """
 
     def __init__(self, name: str, body: nn.Module, layers: Sequence[int], strides: Sequence[int],
-                 channels: Sequence[int], weights_path: str | None = None):
+                 channels: Sequence[int], weights_path: str | None = None, normalization: str = "imagenet"):
         super().__init__()
         self.name = name
         self.body = body
@@ -70,8 +77,13 @@ class FeatureExtractor(nn.Module):
         self.channels = tuple(int(c) for c in channels)
         self.weights_path = weights_path
         self.fused = 0                      # BatchNorm layers folded into convolutions
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        if normalization not in NORMALIZATIONS:
+            raise BackboneError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, "
+                                f"not {normalization!r}")
+        self.normalization = normalization
+        mean, std = NORMALIZATIONS[normalization]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.eval()
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -79,7 +91,8 @@ class FeatureExtractor(nn.Module):
         return list(self.body(x))
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, layers={self.layers}, strides={self.strides}, channels={self.channels}"
+        return (f"name={self.name!r}, layers={self.layers}, strides={self.strides}, "
+                f"channels={self.channels}, normalization={self.normalization!r}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -422,10 +435,15 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 
 
 def build_backbone(name: str, layers: Sequence[int] | None = None,
-                   weights: str | Path | None = None, fuse: bool = True) -> FeatureExtractor:
+                   weights: str | Path | None = None, fuse: bool = True,
+                   normalization: str = "imagenet") -> FeatureExtractor:
     """Build backbone ``name`` returning the maps of ``layers`` (timm ``out_indices``; default:
     the two middle stages at strides 8 and 16). ``weights``: an explicit weights file.
-    ``fuse``: fold BatchNorm into the convolutions (inference only; see :func:`fold_batchnorm`)."""
+    ``fuse``: fold BatchNorm into the convolutions (inference only; see :func:`fold_batchnorm`).
+    ``normalization``: the input normalisation applied inside (a key of :data:`NORMALIZATIONS`;
+    ``"tf"`` is what the TF EfficientNet-Lite weights were trained with)."""
+    if normalization not in NORMALIZATIONS:
+        raise BackboneError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, not {normalization!r}")
     spec = get_backbone_spec(name)
     layers = tuple(spec.default_layers if layers is None else layers)
     if not layers or len(set(layers)) != len(layers):
@@ -435,6 +453,10 @@ def build_backbone(name: str, layers: Sequence[int] | None = None,
         extractor = spec.factory(name, layers, weights)
     except (IndexError, AssertionError) as exc:  # timm rejects out-of-range out_indices like this
         raise BackboneError(f"backbone {name!r} has no feature stages {layers}: {exc}") from exc
+    mean, std = NORMALIZATIONS[normalization]
+    extractor.normalization = normalization
+    extractor.mean.copy_(torch.tensor(mean).view(1, 3, 1, 1))
+    extractor.std.copy_(torch.tensor(std).view(1, 3, 1, 1))
     extractor.eval()
     for p in extractor.parameters():
         p.requires_grad_(False)

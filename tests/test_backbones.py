@@ -13,12 +13,11 @@ CAT_CLASSES = {281, 282, 285}      # tabby, tiger cat, Egyptian cat
 COFFEE_CLASSES = {967, 968}        # espresso, cup
 
 
-def _imagenet_batch(img: np.ndarray) -> torch.Tensor:
+def _imagenet_batch(img: np.ndarray, normalization: str = "imagenet") -> torch.Tensor:
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
     x = F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
-    mean = torch.tensor(B.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(B.IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    mean, std = B.NORMALIZATIONS[normalization]
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 def test_unknown_backbone_lists_known_names():
@@ -42,11 +41,49 @@ def test_offline_lite_weights_load_strictly_and_classify(name):
     assert set(renamed) == set(model.state_dict())
     assert all(renamed[k].shape == v.shape for k, v in model.state_dict().items())
     clf = B.build_lite_classifier(name)     # strict=True inside
+    for norm in ("tf", "imagenet"):         # "tf": what the TF checkpoints were trained with
+        with torch.inference_mode():
+            cat = clf(_imagenet_batch(data.chelsea(), norm)).topk(5).indices[0].tolist()
+            coffee = clf(_imagenet_batch(data.coffee(), norm)).topk(5).indices[0].tolist()
+        assert cat[0] in CAT_CLASSES and CAT_CLASSES & set(cat), (norm, cat)
+        assert COFFEE_CLASSES & set(coffee[:2]), (norm, coffee)
+
+
+@pytest.mark.parametrize("normalization", ["tf", "imagenet"])
+def test_lite_extractor_equals_timm_stock_forward_on_the_same_weights(normalization):
+    """Our extractor (renamed lukemelas keys, truncated, BatchNorm folded) against timm's stock
+    ``tf_efficientnet_lite0`` features_only model — all stages, BatchNorm (eps 1e-3) unfused,
+    TF 'same' padding — with the renamed state dict loaded strictly, on a real photo."""
+    import cv2
+    import timm
+    from skimage import data
+
+    sd, _ = B._lite_state_dict("efficientnet_lite0", None)
+    stock = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=(2, 3))
+    stock.load_state_dict({k: v for k, v in sd.items() if not k.startswith(("conv_head.", "bn2.", "classifier."))},
+                          strict=True)
+    stock.eval()
+    assert len(stock.blocks) == 7 and stock.bn1.eps == 1e-3
+    fe = B.build_backbone("efficientnet_lite0", normalization=normalization)
+    plain = B.build_backbone("efficientnet_lite0", normalization=normalization, fuse=False)
+    mean, std = B.NORMALIZATIONS[normalization]
+    assert fe.normalization == normalization and torch.equal(fe.mean.flatten(), torch.tensor(mean))
+    img = np.stack([cv2.resize(data.chelsea(), (256, 256), interpolation=cv2.INTER_AREA),
+                    cv2.resize(data.coffee(), (256, 256), interpolation=cv2.INTER_AREA)])
+    x = torch.from_numpy(img).permute(0, 3, 1, 2).float() / 255
     with torch.inference_mode():
-        cat = clf(_imagenet_batch(data.chelsea())).topk(5).indices[0].tolist()
-        coffee = clf(_imagenet_batch(data.coffee())).topk(5).indices[0].tolist()
-    assert cat[0] in CAT_CLASSES and CAT_CLASSES & set(cat), cat
-    assert COFFEE_CLASSES & set(coffee[:2]), coffee
+        ref = stock((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+        ours, ours_plain = fe(x), plain(x)
+    for a, p, r in zip(ours, ours_plain, ref):
+        torch.testing.assert_close(p, r, rtol=0, atol=0)
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5 * float(r.abs().max()))
+
+
+def test_normalizations():
+    assert B.NORMALIZATIONS["tf"] == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert B.build_backbone("random").normalization == "imagenet"      # build_backbone's default
+    with pytest.raises(B.BackboneError, match="normalization"):
+        B.build_backbone("random", normalization="caffe")
 
 
 def test_lite_feature_extractor_is_truncated_and_matches_full_network():

@@ -203,9 +203,74 @@ def test_embedder_pools_channels_per_layer():
     emb = PatchEmbedder([40, 112], dim=128)
     out = emb([torch.rand(2, 40, 32, 32), torch.rand(2, 112, 16, 16)])
     assert out.shape == (2, 32, 32, 128) and emb.dims == (64, 64)
-    assert PatchEmbedder([40, 112], dim=None).out_dim == 80     # 2 layers × 40 channels
-    assert PatchEmbedder([40, 112], dim=None).dims == (40, 40)
+    assert PatchEmbedder([40, 112], dim=80).dims == (40, 40)     # the pre-issue-11 default
+    assert PatchEmbedder([40, 112], dim=None).out_dim == 152    # default: every channel
+    assert PatchEmbedder([40, 112], dim=None).dims == (40, 112)
+    assert default_embed_dim([40, 112]) == 152 and default_embed_dim([128, 256]) == 384
     assert default_embed_dim([512, 1024]) == 1024 and default_embed_dim([1024, 2048]) == 1024
+    assert PatchEmbedder([512, 1024]).dims == (512, 512)         # WideResNet-50: pooled, as in the paper
+
+
+def test_embedder_default_is_the_plain_patchcore_embedding():
+    """All channels, zero-padded 3×3 mean (AvgPool2d(3, 1, 1), as anomalib / the paper's
+    zero-padded unfold), the coarse map bilinearly upsampled, concatenated."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    f0, f1 = torch.rand(2, 40, 32, 32, generator=g), torch.rand(2, 112, 16, 16, generator=g)
+    ref = torch.cat([F.avg_pool2d(f0, 3, 1, 1),
+                     F.interpolate(F.avg_pool2d(f1, 3, 1, 1), size=(32, 32), mode="bilinear",
+                                   align_corners=False)], 1).permute(0, 2, 3, 1)
+    torch.testing.assert_close(PatchEmbedder([40, 112])([f0, f1]), ref)
+
+
+def test_embedder_border_cells_shrink_towards_zero():
+    """Regression (issue 11): averaging the border cells over in-image cells only
+    (count_include_pad=False) let the noisy border features of a zero-padded CNN dominate the
+    good images' scores on real data (transistor image AUROC 0.91 vs 1.00). With the zeros
+    counted, a constant map keeps its value inside and shrinks by 6/9 on edges, 4/9 in corners."""
+    ones = [torch.ones(1, 2, 8, 8)]
+    out = PatchEmbedder([2])(ones)[0, ..., 0]
+    assert torch.allclose(out[1:-1, 1:-1], torch.ones(6, 6))
+    assert torch.allclose(out[0, 1:-1], torch.full((6,), 6 / 9)) and torch.allclose(out[1:-1, -1], torch.full((6,), 6 / 9))
+    assert torch.allclose(out[[0, 0, -1, -1], [0, -1, 0, -1]], torch.full((4,), 4 / 9))
+    assert torch.equal(PatchEmbedder([2], count_include_pad=False)(ones), torch.ones(1, 8, 8, 2))
+
+
+def test_defaults_and_legacy_config(fitted, bottle, tmp_path):
+    _, _, test, _, _ = bottle
+    cfg = fitted.config
+    assert (cfg["dim"], cfg["normalization"], cfg["count_include_pad"], cfg["image_score"]) == \
+        (152, "tf", True, "reweight")
+    assert fitted.extractor.normalization == "tf"
+    assert torch.equal(fitted.extractor.mean, torch.full((1, 3, 1, 1), 0.5))
+    assert PatchCore(backbone="random").config["normalization"] == "imagenet"
+    # a model saved before these settings existed is rebuilt with what it was computed with
+    fitted.save(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    old = {k: v for k, v in json.loads(path.read_text()).items()
+           if k not in ("normalization", "count_include_pad", "image_score")}
+    path.write_text(json.dumps(old))
+    legacy = PatchCore.load(tmp_path / "m")
+    assert (legacy.config["normalization"], legacy.config["count_include_pad"], legacy.config["image_score"]) == \
+        ("imagenet", False, "reweight")
+    assert legacy.extractor.normalization == "imagenet" and not legacy.embedder.count_include_pad
+    with pytest.raises(ValueError, match="image_score"):
+        PatchCore(backbone="random", image_score="mean")
+    with pytest.raises(ValueError, match="normalization"):
+        PatchCore(backbone="random", normalization="caffe")
+
+
+def test_image_score_max_is_the_map_maximum(fitted, bottle):
+    _, _, test, _, _ = bottle
+    try:
+        fitted.config["image_score"] = "max"
+        scores, maps = fitted.predict(test[:5])
+    finally:
+        fitted.config["image_score"] = "reweight"
+    np.testing.assert_array_equal(scores, maps.reshape(5, -1).max(1))
+    reweighted, maps2 = fitted.predict(test[:5])
+    np.testing.assert_array_equal(maps, maps2)
+    assert not np.array_equal(reweighted, scores)      # the paper's rule: another number
 
 
 def test_pipelines_never_import_gradio_or_studio():
