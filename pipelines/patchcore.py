@@ -57,11 +57,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -70,10 +68,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.backbones import FeatureExtractor, build_backbone
+from pipelines.fileio import atomic_write_bytes, atomic_write_json
 from pipelines.mvtec import Category, LayoutError, TestSample, load_category, load_image
+from pipelines.training import Cancelled, CancelFn, ProgressFn, check_cancelled, report  # noqa: F401 (Cancelled: re-exported)
 
-ProgressFn = Callable[[float, str], None]
-CancelFn = Callable[[], bool]
 FORMAT_VERSION = 1
 DUAL_RULES = ("margin", "ratio")
 KNN_METHODS = ("auto", "faiss", "torch")
@@ -82,22 +80,17 @@ IMAGE_SCORES = ("max", "reweight")
 LEGACY_CONFIG = {"normalization": "imagenet", "image_score": "reweight", "count_include_pad": False}
 
 
-class Cancelled(RuntimeError):
-    """Raised inside fit/predict once the ``cancelled`` callable returns True."""
-
-
 class NotFittedError(RuntimeError):
     """predict/save before fit."""
 
 
 def _check(cancelled: CancelFn | None) -> None:
-    if cancelled is not None and cancelled():
-        raise Cancelled("PatchCore cancelled")
+    """Raise the one :class:`pipelines.training.Cancelled` once ``cancelled()`` is True."""
+    check_cancelled(cancelled, "PatchCore")
 
 
 def _say(progress: ProgressFn | None, fraction: float, message: str) -> None:
-    if progress is not None:
-        progress(float(min(max(fraction, 0.0), 1.0)), message)
+    report(progress, fraction, message)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -743,22 +736,14 @@ class PatchCore:
         """Write ``path/config.json`` and ``path/banks.safetensors`` (atomically: temp + rename)."""
         if self.memory_bank is None:
             raise NotFittedError("nothing to save: PatchCore is not fitted")
-        from safetensors.torch import save_file
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         cfg = {"format": "defect-studio-patchcore", "version": FORMAT_VERSION, **self.config,
                "weights": self.weights}
         tensors = {"memory_bank": self.memory_bank.contiguous(), "positive_bank": self.positive_bank.contiguous()}
-        for name, write in (("banks.safetensors", lambda p: save_file(tensors, p)),
-                            ("config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=1)))):
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-            os.close(fd)
-            try:
-                write(tmp)
-                os.replace(tmp, folder / name)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+        from safetensors.torch import save
+        atomic_write_bytes(folder / "banks.safetensors", save(tensors))
+        atomic_write_json(folder / "config.json", cfg, indent=1)
         return folder
 
     @classmethod

@@ -18,7 +18,7 @@ from pipelines.imageio import write_png_atomic
 from pipelines.mvtec import LayoutError, check_sizes, load_category, load_image, load_mask, load_positives
 
 BANK_MODES = ("single", "dual-real", "dual-real-synthetic")
-ProgressFn = Callable[[float, str], None]
+from pipelines.training import ProgressFn  # noqa: E402  (the one progress type)
 
 
 @dataclass
