@@ -244,6 +244,7 @@ def test_defaults_and_legacy_config(fitted, bottle, tmp_path):
     assert fitted.extractor.normalization == "tf"
     assert torch.equal(fitted.extractor.mean, torch.full((1, 3, 1, 1), 0.5))
     assert PatchCore(backbone="random").config["normalization"] == "imagenet"
+    assert PatchCore(backbone="random").config["coreset"] == 0.05
     # a model saved before these settings existed is rebuilt with what it was computed with
     fitted.save(tmp_path / "m")
     path = tmp_path / "m" / "config.json"
