@@ -1,9 +1,9 @@
-"""PatchCore speed / memory / quality on the demo data and real category folders, side by side
-with anomalib's PatchCore.
+"""PatchCore speed / memory / quality on the demo data and real category folders, vs anomalib.
 
     python benchmarks/patchcore.py [CATEGORY_DIR ...] [--data assets/demo]
-        [--products bottle,brushed_metal] [--backbone efficientnet_lite0] [--coreset 0.1]
+        [--products bottle,brushed_metal] [--backbone efficientnet_lite0] [--coreset F]
         [--dim N|none] [--knn auto|faiss|torch] [--repeats 7] [--fit-repeats 2] [--no-anomalib]
+        [--threads N] [--clock wall|cpu]
 
 e.g. ``python benchmarks/patchcore.py ../shared/realdata/transistor``: the demo products
 (``--products`` under ``--data``; ``--products ''`` for none) and then each MVTec-AD-layout
@@ -24,6 +24,9 @@ How it is measured (the machine may be shared, so every time is a minimum over r
      (conversion and numpy maps included), our bare extractor, timm's stock features_only
      forward, anomalib's ``PatchcoreModel.forward`` on normalised tensors and its extractor;
      per batch the min over ``--repeats``, summed. Both models meet the same load.
+On a shared machine (other jobs on the same cores) wall times swing by 10× or more: torch's
+two OpenMP threads wait for each other whenever one core is taken. ``--threads 1 --clock cpu``
+then gives stable figures: one thread, process CPU time instead of wall time.
 Peak RSS: of the fit process (ours: fit + predict + k-NN comparison; anomalib: fit). anomalib lives in a separate venv, never in the project's
 requirements: set ANOMALIB_PYTHON (default /opt/anomalib-venv/bin/python) to its interpreter.
 """
@@ -53,6 +56,13 @@ HOW_TO_ANOMALIB = ("python -m venv /opt/anomalib-venv && /opt/anomalib-venv/bin/
 # inference runs in the default environment (a 1 MB threshold would slow every forward).
 ANOMALIB_FIT_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
 HEAD_KEYS = ("conv_head.", "bn2.", "classifier.")
+
+
+_CLOCK = time.perf_counter
+
+
+def _clock() -> float:
+    return _CLOCK()
 
 
 def _peak_rss_mb() -> float:
@@ -105,9 +115,9 @@ def worker_fit_ours(args) -> dict:
     for _ in range(args.fit_repeats):
         model = PatchCore(backbone=args.backbone, coreset=args.coreset, size=args.size, dim=args.dim,
                           knn=args.knn, seed=0)
-        t0 = time.perf_counter()
+        t0 = _clock()
         model.fit(train)
-        fits.append(time.perf_counter() - t0)
+        fits.append(_clock() - t0)
     model.save(args.out)
     scores, maps = model.predict(test)
     # k-NN backends on the real bank and all test patches
@@ -119,9 +129,9 @@ def worker_fit_ours(args) -> dict:
             ("torch_cdist", lambda q, k: cdist_knn(q, model.memory_bank, k))):
         times = []
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
+            t0 = _clock()
             _, i = search(emb, 1)
-            times.append(time.perf_counter() - t0)
+            times.append(_clock() - t0)
         ref = i if ref is None else ref
         knn[name] = {"s": min(times), "top1_agree": float((i == ref).float().mean())}
     # what predict() runs: nearest distances only (matmul + amax), no indices
@@ -129,9 +139,9 @@ def worker_fit_ours(args) -> dict:
     d_ref = cdist_knn(emb, model.memory_bank, 1)[0][:, 0]
     times = []
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
+        t0 = _clock()
         d = exact.nearest_distance(emb)
-        times.append(time.perf_counter() - t0)
+        times.append(_clock() - t0)
     knn["torch_distances"] = {"s": min(times), "max_abs_diff": float((d - d_ref).abs().max())}
     return {"fit_s": min(fits), "bank": [model.bank_size, model.dim_out], "knn": {"queries": len(emb), **knn},
             "metrics": _metrics(labels, scores, masks, maps), "peak_rss_mb": _peak_rss_mb()}
@@ -146,14 +156,14 @@ def worker_fit_anomalib(args) -> dict:
     for _ in range(args.fit_repeats):
         model = _anomalib_model(args.backbone, args.weights)
         torch.manual_seed(0)
-        t0 = time.perf_counter()
+        t0 = _clock()
         xs = _normalised_batches(train, args.backbone)
         model.train()
         with torch.inference_mode():
             for x in xs:
                 model(x)
         model.subsample_embedding(args.coreset)
-        fits.append(time.perf_counter() - t0)
+        fits.append(_clock() - t0)
     torch.save(model.memory_bank.clone(), args.out)
     return {"fit_s": min(fits), "bank": list(model.memory_bank.shape), "anomalib": anomalib.__version__,
             "peak_rss_mb": _peak_rss_mb()}
@@ -207,9 +217,9 @@ def worker_infer(args) -> dict:
                 f()
             for _ in range(args.repeats):
                 for k, f in steps.items():
-                    t0 = time.perf_counter()
+                    t0 = _clock()
                     f()
-                    best[k] = min(best[k], time.perf_counter() - t0)
+                    best[k] = min(best[k], _clock() - t0)
             for k, v in best.items():
                 t[k] += v
     out = {k: 1000 * v / len(test) for k, v in t.items()}
@@ -231,7 +241,8 @@ def _run(python: str, worker: str, args, data: Path, env_extra: dict | None = No
     cmd = [python, str(Path(__file__).resolve()), "--worker", worker, "--data", str(data),
            "--backbone", args.backbone, "--coreset", str(args.coreset), "--size", str(args.size),
            "--repeats", str(args.repeats), "--fit-repeats", str(args.fit_repeats), "--knn", args.knn,
-           "--dim", str(args.dim), "--weights", args.weights]
+           "--dim", str(args.dim), "--weights", args.weights, "--threads", str(args.threads),
+           "--clock", args.clock]
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TQDM_DISABLE="1", **(env_extra or {}))
@@ -252,13 +263,17 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(ROOT / "assets" / "demo"))
     ap.add_argument("--products", default="bottle,brushed_metal")
     ap.add_argument("--backbone", default="efficientnet_lite0")
-    ap.add_argument("--coreset", type=float, default=0.1)
+    ap.add_argument("--coreset", type=float, default=None,
+                    help="coreset fraction (default: PatchCore's, 0.05; the CLI passes its --coreset)")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--dim", default="default", help="embedding dim (int, 'none' = the default rule)")
     ap.add_argument("--knn", default="auto", help="auto | faiss | torch")
     ap.add_argument("--repeats", type=int, default=7, help="inference repeats per batch (min taken)")
     ap.add_argument("--fit-repeats", type=int, default=2, help="fit repeats (min taken)")
     ap.add_argument("--no-anomalib", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: perf_counter; cpu: process CPU time (use with --threads 1 on a shared machine)")
     ap.add_argument("--worker", choices=["fit_ours", "fit_anomalib", "infer"], help=argparse.SUPPRESS)
     ap.add_argument("--weights", default="", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
@@ -268,10 +283,19 @@ def main(argv=None) -> int:
     args.dim = None if args.dim.lower() in ("default", "none") else int(args.dim)
 
     if args.worker:
+        global _CLOCK
+        _CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
         fn = {"fit_ours": worker_fit_ours, "fit_anomalib": worker_fit_anomalib, "infer": worker_infer}
         print(json.dumps(fn[args.worker](args)))
         return 0
 
+    if args.coreset is None:
+        import inspect
+        from pipelines.patchcore import PatchCore
+        args.coreset = inspect.signature(PatchCore).parameters["coreset"].default
     if not args.backbone.startswith("efficientnet_lite"):
         raise SystemExit("this benchmark uses the offline EfficientNet-Lite weights (efficientnet_lite0/1/2)")
     from pipelines.backbones import lite_weights_path
@@ -281,7 +305,8 @@ def main(argv=None) -> int:
     use_anomalib = have_anomalib and not args.no_anomalib
     print(f"# PatchCore benchmark: backbone={args.backbone} size={args.size} coreset={args.coreset} "
           f"dim={args.dim or 'default'} knn={args.knn}; times = min over repeats "
-          f"(inference {args.repeats}/batch, fit {args.fit_repeats}); {os.cpu_count()} CPUs, "
+          f"(inference {args.repeats}/batch, fit {args.fit_repeats}); {args.clock} clock, "
+          f"{args.threads or 'default'} torch threads; {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}")
     folders = [Path(args.data) / p for p in args.products.split(",") if p] + list(args.folders)
     if not folders:
