@@ -21,7 +21,9 @@ Two-stage schedule (opt-in: ``pretrain_steps`` > 0 or ``pretrain_minutes`` set; 
        type's training masks, kept on :func:`pipelines.shapes.estimate_foreground` of the good
        images; ``pretrain_masks='random'``: the type's classic style), labelled "normal". No
        defect image is drawn in this stage. The U-Net learns to fill a hole with the product's own
-       texture and geometry; the damage-type embeddings stay untouched.
+       texture and geometry; the damage-type embeddings stay untouched. (Why "normal" and not each
+       type's id: a type id trained to mean "fill with the product" would have to be unlearnt from
+       two or three defects in stage 2, and guidance contrasts the type with "normal".)
     2. "damage" — learn the damage: the reference defects with their type's class id (mask-aware
        augmentation as above), plus ``good_fraction`` of shaped-mask good examples labelled
        "normal" so the product is not forgotten.
@@ -111,7 +113,16 @@ class PixelInpaintConfig(ConfigMixin):
     runs until the budget ends. With both at their defaults (0 / None) the run is today's single
     stage, byte for byte.
 
-    Recommended CPU budget: measured by ``benchmarks/pixel_inpaint_fewshot.py`` (to be filled in).
+    Recommended CPU budget (``benchmarks/pixel_inpaint_fewshot.py``, default model: 'small', 64 px,
+    batch 8 — about 1.3 steps/s on one torch thread of a quiet 2-core machine, 2–3× fewer when it
+    is shared; use one thread there): 15 minutes or more per run (the default ``minutes``; 806
+    steps on a shared machine), and for the two-stage schedule half of it in stage 1 (``pretrain_minutes = minutes / 2``
+    or ``pretrain_steps = max_steps // 2``). Measured on the MVTec transistor (157 and 806 steps)
+    and the demo bottle (339 and 461 steps, two seeds), the two-stage schedule did not make the
+    defects measurably closer to the reference ones: its KID-style gain (−0.07 … −0.10) flipped
+    to a loss (+0.10) with another seed. Neither schedule makes convincing defects on this budget:
+    ≤ 6 minutes fills masks with coloured noise, 15 minutes with the product's colours but no
+    defect structure; no CPU budget that does has been measured.
     """
     output_dir: str = ""                   # checkpoints go here (required)
     data: str | None = None                # MVTec-layout category (for run_from_config / the CLI)
