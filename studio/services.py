@@ -272,3 +272,35 @@ def request_summary(req: GenerateRequest) -> dict:
     d = asdict(req)
     d.pop("image"), d.pop("mask")
     return d
+
+
+def learned_from(store, product: str, generator: str, damage_type: str | None,
+                 params: dict | None = None) -> str:
+    """What a candidate's generator learned from, in words, e.g. "cutpaste: copies from 6
+    reference defects of broken_large" (donors and training data come only from reference images)."""
+    params = params or {}
+    if damage_type is None:
+        return f"{generator}: recolours the mask to the chosen colour (learns from no image)"
+    try:
+        info = get_info(generator)
+    except (KeyError, ValueError):
+        return generator
+    if info.needs_donors:
+        n = params.get("n_donors")
+        if n is None:
+            n = len(store.reference_defects(product, damage_type)) if store is not None and product else 0
+        return f"{generator}: copies from {n} reference defect{'s' * (n != 1)} of {damage_type}"
+    if info.needs_model or params.get("model"):
+        from pipelines.training_data import read_manifest
+        model = params.get("model")
+        if not model and generator == "pixel-inpaint" and product:
+            from pipelines.pixel_inpaint import shipped_model
+            model = shipped_model(product)
+        manifest = read_manifest(model) if model else {}
+        refs = manifest.get("reference") or []
+        if refs:
+            own = [r for r in refs if damage_type in Path(r).parts]
+            return (f"{generator}: trained on {len(own)} reference defect{'s' * (len(own) != 1)} of "
+                    f"{damage_type} ({len(refs)} of all types) — model {Path(model).name}")
+        return f"{generator}: a trained model{f' ({Path(model).name})' if model else ''}; no training_data.json beside it"
+    return f"{generator}: procedural, styled as {damage_type}; learns from no real defect"
