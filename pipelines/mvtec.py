@@ -3,6 +3,10 @@
   CATEGORY/train/good/*.png
   CATEGORY/test/good/*.png, CATEGORY/test/<defect>/NNN.png
   CATEGORY/ground_truth/<defect>/NNN_mask.png
+A KolektorSDD2 folder is read directly too (:func:`is_ksdd2`):
+  FOLDER/train/NNNNN.png + FOLDER/train/NNNNN_GT.png, FOLDER/test/… likewise
+where a ground truth without any nonzero pixel marks a good image; defects get the label
+``defect``. PatchCore fits on the good train images; defective train images are left out.
 Layout problems raise ``LayoutError`` with a message that says what is wrong and where.
 """
 from __future__ import annotations
@@ -68,11 +72,71 @@ def _mask_for(root: Path, label: str, img: Path) -> Path | None:
     return find_mask(root / "ground_truth" / label, img)
 
 
+KSDD2_GT_SUFFIX = "_GT"
+KSDD2_DEFECT_LABEL = "defect"
+
+
+def is_ksdd2(root: str | Path) -> bool:
+    """A KolektorSDD2-layout folder: ``train/`` or ``test/`` holds ``*_GT.*`` ground truths beside
+    the images (no MVTec ``train/good`` sub-folder)."""
+    root = Path(root)
+    return any((root / s).is_dir() and next((root / s).glob(f"*{KSDD2_GT_SUFFIX}.*"), None) is not None
+               for s in ("train", "test"))
+
+
+def _nonzero(path: Path) -> np.ndarray:
+    """A ground truth as bool [H x W]: any nonzero pixel (KolektorSDD2 masks may be 0/1 or 0/255)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L")) > 0
+    except Exception as exc:  # noqa: BLE001 — PIL raises many types for unreadable files
+        raise LayoutError(f"{path} is not a readable ground-truth image: {exc}") from exc
+
+
+def ksdd2_pairs(folder: Path) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """``(image, ground truth)`` pairs of one KolektorSDD2 split folder, and the images that have
+    no ``<stem>_GT.png`` beside them."""
+    pairs, missing = [], []
+    for img in _images(folder):
+        if img.stem.endswith(KSDD2_GT_SUFFIX):
+            continue
+        gt = next((c for c in (folder / f"{img.stem}{KSDD2_GT_SUFFIX}.png",
+                               folder / f"{img.stem}{KSDD2_GT_SUFFIX}{img.suffix}") if c.is_file()), None)
+        (pairs.append((img, gt)) if gt is not None else missing.append(img))
+    return pairs, missing
+
+
+def _load_ksdd2(root: Path, require_test: bool) -> Category:
+    """A KolektorSDD2 folder as a :class:`Category` (good train images; test good + ``defect``)."""
+    split: dict[str, list[TestSample]] = {"train": [], "test": []}
+    for name in split:
+        if not (root / name).is_dir():
+            continue
+        pairs, missing = ksdd2_pairs(root / name)
+        if missing:
+            raise LayoutError(f"{missing[0].relative_to(root)} has no ground truth {missing[0].stem}"
+                              f"{KSDD2_GT_SUFFIX}.png beside it (KolektorSDD2 layout; {len(missing)} such image(s))")
+        for img, gt in pairs:
+            bad = bool(_nonzero(gt).any())
+            split[name].append(TestSample(img, KSDD2_DEFECT_LABEL if bad else "good", gt if bad else None))
+    train = [s.path for s in split["train"] if not s.is_anomaly]
+    if not train:
+        raise LayoutError(f"{root}/train holds no good images (a KolektorSDD2 good image has an all-black "
+                          f"NNNNN{KSDD2_GT_SUFFIX}.png)")
+    test = split["test"]
+    if require_test and (not any(s.is_anomaly for s in test) or all(s.is_anomaly for s in test)):
+        raise LayoutError(f"{root}/test needs both good and defective images to measure AUROC")
+    return Category(root, train, test, sorted({s.label for s in test if s.is_anomaly}))
+
+
 def load_category(root: str | Path, require_masks: bool = True, require_test: bool = True) -> Category:
     """Index a category folder. With ``require_masks``, every defective test image needs a mask."""
     root = Path(root)
     if not root.is_dir():
         raise LayoutError(f"{root} is not a folder")
+    if not (root / "train" / "good").is_dir() and is_ksdd2(root):
+        return _load_ksdd2(root, require_test)
     train_dir = root / "train" / "good"
     if not train_dir.is_dir():
         hint = ""
@@ -80,7 +144,8 @@ def load_category(root: str | Path, require_masks: bool = True, require_test: bo
         if any((root / s / "train" / "good").is_dir() for s in subs):
             hint = f" (it holds categories: {', '.join(subs)} — pass one of them)"
         raise LayoutError(f"{root} has no train/good folder; expected the MVTec AD layout "
-                          f"CATEGORY/train/good, CATEGORY/test/<type>, CATEGORY/ground_truth/<type>{hint}")
+                          f"CATEGORY/train/good, CATEGORY/test/<type>, CATEGORY/ground_truth/<type>, or the "
+                          f"KolektorSDD2 layout train/NNNNN.png + NNNNN_GT.png{hint}")
     train = _images(train_dir)
     if not train:
         raise LayoutError(f"{train_dir} holds no images")
@@ -167,6 +232,8 @@ def load_mask(sample: TestSample, size: int | None, shape: tuple[int, int] | Non
         m = read_mask(sample.mask_path)
     except ImageInputError as exc:
         raise LayoutError(str(exc)) from exc
+    if not m.any():     # a 0/1 ground truth (KolektorSDD2 and others): any nonzero pixel is defect
+        m = np.where(_nonzero(sample.mask_path), 255, 0).astype(np.uint8)
     if size and m.shape != (size, size):
         m = cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST)
     return m > 0

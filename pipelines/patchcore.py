@@ -77,7 +77,8 @@ DUAL_RULES = ("margin", "ratio")
 KNN_METHODS = ("auto", "faiss", "torch")
 IMAGE_SCORES = ("max", "reweight")
 # what a saved config.json without these keys (written before they existed) was computed with
-LEGACY_CONFIG = {"normalization": "imagenet", "image_score": "reweight", "count_include_pad": False}
+LEGACY_CONFIG = {"normalization": "imagenet", "image_score": "reweight", "count_include_pad": False,
+                 "positive_coreset": 1.0}   # models saved before the positive bank had a coreset
 
 
 class NotFittedError(RuntimeError):
@@ -512,6 +513,10 @@ class PatchCore:
         dual_rule / dual_weight: the positive-bank scoring rule and λ (see the module docstring).
         positive_min_fraction: a feature cell joins the positive bank when at least this share
             of its pixels is defect (if none of an image's cells reaches it, its most-defect cell).
+        positive_coreset: fraction of those eligible defect cells kept in the positive bank, (0, 1]
+            (greedy coreset, like the normal bank's ``coreset``); 10 % by default, the
+            specification's rate. The normal bank keeps its own measured 5 % default: the
+            specification's 1 % lost pixel AUROC on MVTec AD transistor (0.960 vs 0.971 at 5 %).
         batch_size: images per backbone forward.
         sigma: Gaussian smoothing of the anomaly maps, in pixels of the ``size`` image.
     """
@@ -522,9 +527,11 @@ class PatchCore:
                  knn: str = "auto", dual_rule: str = "margin", dual_weight: float = 1.0,
                  positive_min_fraction: float = 0.5, batch_size: int = 8, sigma: float = 4.0,
                  normalization: str | None = None, image_score: str = "reweight",
-                 count_include_pad: bool = True):
+                 count_include_pad: bool = True, positive_coreset: float = 0.1):
         if not 0 < coreset <= 1:
             raise ValueError(f"coreset must be a fraction in (0, 1], got {coreset}")
+        if not 0 < positive_coreset <= 1:
+            raise ValueError(f"positive_coreset must be a fraction in (0, 1], got {positive_coreset}")
         if dual_rule not in DUAL_RULES:
             raise ValueError(f"dual_rule must be one of {', '.join(DUAL_RULES)}, not {dual_rule!r}")
         if dual_weight < 0:
@@ -543,7 +550,8 @@ class PatchCore:
                            num_neighbors=int(num_neighbors), knn=knn, dual_rule=dual_rule,
                            dual_weight=float(dual_weight), positive_min_fraction=float(positive_min_fraction),
                            batch_size=int(batch_size), sigma=float(sigma), normalization=normalization,
-                           image_score=image_score, count_include_pad=bool(count_include_pad))
+                           image_score=image_score, count_include_pad=bool(count_include_pad),
+                           positive_coreset=float(positive_coreset))
         self.weights = None if weights is None else str(weights)
         self.extractor: FeatureExtractor = build_backbone(backbone, layers, weights,
                                                           normalization=normalization)
@@ -628,7 +636,9 @@ class PatchCore:
         """(Re)build the positive bank from defect ``images`` and their ``masks`` (``[H x W]``,
         nonzero = defect; resized to the feature grid by area averaging). A feature cell joins
         the bank when ≥ ``positive_min_fraction`` of it is defect; an image with a non-empty
-        mask but no such cell contributes its most-defect cell. Empty lists → empty bank."""
+        mask but no such cell contributes its most-defect cell. Of these ``E`` eligible cells a
+        greedy coreset of ``ceil(positive_coreset · E)`` rows is kept (``positive_bank:
+        [P x D]``). Empty lists → empty bank."""
         images, masks = list(images), list(masks)
         if len(images) != len(masks):
             raise ValueError(f"{len(images)} positive images but {len(masks)} masks")
@@ -652,7 +662,13 @@ class PatchCore:
             if not sel.any():
                 sel = frac == frac.max()
             rows.append(e[torch.from_numpy(sel)])
-        self.positive_bank = torch.cat(rows).contiguous() if rows else torch.empty(0, D)
+        bank = torch.cat(rows) if rows else torch.empty(0, D)                 # [E x D] eligible cells
+        n = max(1, math.ceil(self.config["positive_coreset"] * len(bank))) if rows else 0
+        if rows and n < len(bank):
+            _say(progress, 1.0, f"positive coreset: {n} of {len(bank)} defect cells")
+            bank = bank[greedy_coreset(bank, n, self.config["projection_dim"], self.config["seed"],
+                                       cancelled=cancelled)]
+        self.positive_bank = bank.contiguous()
         self._pos_nn = NearestNeighbours(self.positive_bank, self.config["knn"]) if rows else None
         return self
 
@@ -770,7 +786,7 @@ class PatchCore:
             raise ValueError(f"{folder}/config.json is not a PatchCore config")
         keys = ("backbone", "layers", "coreset", "dim", "size", "seed", "projection_dim", "num_neighbors",
                 "knn", "dual_rule", "dual_weight", "positive_min_fraction", "batch_size", "sigma",
-                "normalization", "image_score", "count_include_pad")
+                "normalization", "image_score", "count_include_pad", "positive_coreset")
         args = {**LEGACY_CONFIG, **{k: cfg[k] for k in keys if k in cfg}}
         if args.get("dim") is None:          # models saved before the dim was resolved on save
             args["dim"] = int(tensors["memory_bank"].shape[1])

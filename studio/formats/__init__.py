@@ -12,10 +12,10 @@ KINDS = ("auto", "mvtec", "visa", "ksdd2", "folder")
 def detect(path: str | Path) -> str:
     """The layout of a folder: ``ksdd2`` (``train/*_GT.png``), ``mvtec`` (``train/`` or ``test/``
     sub-folders), ``visa`` (``Data/Images``), else a plain ``folder`` of images."""
+    from pipelines.mvtec import is_ksdd2
     src = Path(path)
-    for split in ("train", "test"):
-        if (src / split).is_dir() and any(p.stem.endswith("_GT") for p in (src / split).glob("*_GT.*")):
-            return "ksdd2"
+    if not (src / "train" / "good").is_dir() and is_ksdd2(src):
+        return "ksdd2"
     if (src / "train").is_dir() or (src / "test").is_dir():
         return "mvtec"
     if (src / "Data" / "Images").is_dir():

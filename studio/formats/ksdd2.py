@@ -1,30 +1,24 @@
 """KolektorSDD2 layout: ``train/NNNNN.png`` with ``train/NNNNN_GT.png``, the same under ``test/``;
-a ground truth with no white pixel marks a good image. Defects get the label ``defect`` (the data
-set has one class); masks are binarised to 0/255."""
+a ground truth with no nonzero pixel marks a good image. Defects get the label ``defect`` (the data
+set has one class); masks are binarised to 0/255 (any nonzero pixel is defect). The layout rules
+(file names, the label) are :mod:`pipelines.mvtec`'s, which also reads such a folder directly for
+PatchCore, the experiment and DDPM."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from studio.dataset import ImportReport, StoreError, check_name, decode_file, image_files
+from pipelines.mvtec import KSDD2_DEFECT_LABEL as DEFECT_LABEL
+from pipelines.mvtec import KSDD2_GT_SUFFIX as GT_SUFFIX
+from pipelines.mvtec import ksdd2_pairs
+from studio.dataset import ImportReport, StoreError, check_name, decode_file
 
-GT_SUFFIX = "_GT"
-DEFECT_LABEL = "defect"
-
-
-def _pairs(folder: Path, report: ImportReport) -> list[tuple[Path, Path | None]]:
-    out = []
-    for f in image_files(folder):
-        if f.stem.endswith(GT_SUFFIX):
-            continue
-        gt = next((c for c in (folder / f"{f.stem}{GT_SUFFIX}.png", folder / f"{f.stem}{GT_SUFFIX}{f.suffix}")
-                   if c.is_file()), None)
-        if gt is None:
-            report.skipped.append((str(f), f"no ground truth {f.stem}{GT_SUFFIX}.png beside it"))
-            continue
-        out.append((f, gt))
-    return out
+def _pairs(folder: Path, report: ImportReport) -> list[tuple[Path, Path]]:
+    pairs, missing = ksdd2_pairs(folder)
+    for f in missing:
+        report.skipped.append((str(f), f"no ground truth {f.stem}{GT_SUFFIX}.png beside it"))
+    return pairs
 
 
 def import_folder(store, folder, product="ksdd2") -> dict:
