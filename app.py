@@ -79,17 +79,30 @@ def build_app(settings: Settings | None = None, ctx: StudioContext | None = None
             with gr.Tab("DDPM", id="ddpm"):
                 on_load += ddpm_tab.build(ctx)
         fn, inputs, outputs = ds["refresh"]
+        # every tab's job panels re-attach on load; examples run once per workspace (studio.examples)
         ds_tab.select(fn, inputs, outputs, api_name=False)
         # a reload shows the stored state, not the state when the server started
         for fn, inputs, outputs in [(fn, inputs, outputs), *on_load]:
             demo.load(fn, inputs, outputs, api_name=False)
+    from studio.ui.empty import autohide
+    autohide(demo)             # empty plots / tables stay hidden until they hold data
     demo.studio_context = ctx  # for tests and embedding
     return demo
 
 
+def start_examples(ctx: StudioContext) -> list[str]:
+    """Queue the example PatchCore / DDPM results of the demo products (once per workspace, in the
+    background; ``DEFECT_STUDIO_EXAMPLES=none`` skips them)."""
+    from studio import examples
+    if not examples.enabled() or ctx.settings.demo_dir is None:
+        return []
+    return examples.start_examples(ctx)
+
+
 def _keyboard_js() -> str:
+    from studio.ui.annotate import KEYS_JS as ANNOTATE_KEYS
     from studio.ui.curation_tab import KEYS_JS
-    return KEYS_JS
+    return KEYS_JS + ANNOTATE_KEYS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,7 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     demo.queue(default_concurrency_limit=2).launch(
         server_name=settings.host, server_port=settings.port, auth=settings.auth,
         max_file_size=f"{settings.max_upload_mb:g}mb", show_error=True, footer_links=["api"],
-        ssr_mode=False, allowed_paths=[str(settings.workspace)], head=_keyboard_js())
+        ssr_mode=False, allowed_paths=[str(settings.workspace)], head=_keyboard_js(),
+        prevent_thread_lock=True)
+    start_examples(ctx)        # after the first page is served: it must not delay it
+    demo.block_thread()
 
 
 if __name__ == "__main__":

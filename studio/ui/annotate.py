@@ -15,32 +15,79 @@ from pipelines.imageio import ImageInputError, check_array, read_mask, read_rgb
 from pipelines.registry import generator_names
 from studio.catalog import GOOD
 from studio.context import StudioContext
-from studio.services import GenerateRequest, UserError, generate, review
+from studio.services import GenerateRequest, UserError, generate, learned_from, review
+from studio.ui.jobs_panel import api_endpoint
 from studio.ui.jobs_panel import bind as keep_doc
 
 DAMAGE, COLOUR = "Damage type", "Wall colour"
 OVERLAY = np.array([255, 45, 45], np.uint8)
+DISPLAY_MAX = 1280     # longest side sent to the browser; the store keeps the full resolution
+ZOOM_SIZE = 384        # the defect-region zoom is upscaled to this longest side
+MASK_ALPHA = 0.55      # default mask opacity in the editor
+
+# Annotate keyboard shortcuts (ignored while typing in a text field): A accept, R reject,
+# N next candidate, [ / ] brush size. The Curation review queue keeps its own (a / r / s).
+KEYS_JS = """
+<script>
+document.addEventListener('keydown', (e) => {
+  const t = e.target;
+  if (t && (t.tagName === 'INPUT' || t.tagName === 'TEXTAREA' || t.isContentEditable)) return;
+  if (e.ctrlKey || e.metaKey || e.altKey) return;
+  const onAnnotate = document.getElementById('generate')?.offsetParent !== null;
+  if (!onAnnotate) return;
+  const ids = {a: 'accept', r: 'reject', n: 'next-candidate'};
+  const id = ids[e.key.toLowerCase()];
+  if (id) { const b = document.getElementById(id); if (b) { b.click(); e.preventDefault(); } return; }
+  if (e.key === '[' || e.key === ']') {
+    const box = document.querySelector('#brush-size input[type=number]');
+    if (!box) return;
+    const v = Math.max(2, Math.min(120, Number(box.value) + (e.key === ']' ? 4 : -4)));
+    box.value = v; box.dispatchEvent(new Event('input', {bubbles: true}));
+    box.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', bubbles: true}));
+    box.dispatchEvent(new Event('blur', {bubbles: true}));
+    e.preventDefault();
+  }
+});
+</script>
+"""
 
 
-def _editor_value(image: np.ndarray, mask: np.ndarray | None) -> dict:
-    """EditorValue with the image as background and the mask as one red RGBA layer."""
+def _display_scale(shape) -> float:
+    return min(1.0, DISPLAY_MAX / max(shape[:2]))
+
+
+def display(image: np.ndarray) -> np.ndarray:
+    """The image as shown in the browser: its longest side at most ``DISPLAY_MAX`` (INTER_AREA)."""
+    s = _display_scale(image.shape)
+    if s >= 1.0:
+        return image
+    import cv2
     h, w = image.shape[:2]
+    return cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+
+
+def _editor_value(image: np.ndarray, mask: np.ndarray | None, opacity: float = MASK_ALPHA) -> dict:
+    """EditorValue with the image (resized for display) as background and the mask as one red RGBA
+    layer of the given opacity. The painted mask is scaled back to the stored image's size."""
+    shown = display(image)
+    h, w = shown.shape[:2]
     layer = np.zeros((h, w, 4), np.uint8)
-    composite = image.copy()
+    composite = shown.copy()
     if mask is not None and mask.any():
-        on = mask > 0
-        layer[on] = (*OVERLAY, 255)
-        composite[on] = OVERLAY
-    return {"background": image, "layers": [layer], "composite": composite}
+        on = M.resize_nearest(mask, (h, w)) > 0 if mask.shape[:2] != (h, w) else mask > 0
+        a = float(min(max(opacity, 0.05), 1.0))
+        layer[on] = (*OVERLAY, round(255 * a))
+        composite[on] = (composite[on] * (1 - a) + OVERLAY * a).astype(np.uint8)
+    return {"background": shown, "layers": [layer], "composite": composite}
 
 
 def _preview(image: np.ndarray | None, mask: np.ndarray | None, feather: int) -> np.ndarray | None:
     if image is None:
         return None
     if mask is None or not mask.any():
-        return image
+        return display(image)
     alpha = M.feather(mask, int(feather))[..., None] * 0.6
-    return (image * (1 - alpha) + OVERLAY * alpha).astype(np.uint8)
+    return display((image * (1 - alpha) + OVERLAY * alpha).astype(np.uint8))
 
 
 def _background(editor: dict | None) -> np.ndarray | None:
@@ -168,29 +215,36 @@ def on_pick(ctx: StudioContext, image_id, feather_px):
         gt = ctx.store.load_mask(int(image_id))
     except (KeyError, ValueError, TypeError) as exc:
         raise gr.Error(f"No image #{image_id} in the dataset ({exc})") from exc
-    note_txt = f"Loaded image #{int(image_id)} ({img.shape[1]}×{img.shape[0]})"
+    note_txt = f"Loaded image #{int(image_id)} ({img.shape[1]}×{img.shape[0]}) — paint the defect region, then Generate"
     if gt is not None and gt.any():
         note_txt += " — its ground-truth mask is shown as a starting point"
     return _editor_value(img, gt), int(image_id), _preview(img, gt, feather_px), note_txt
 
 
 def on_upload(ctx: StudioContext, path, p, feather_px):
-    """An uploaded photo becomes an image of the chosen product (split 'upload': a source to paint
-    on, never a training or test image)."""
+    """An uploaded photo (PNG / JPEG / TIFF / BMP, 8 or 16 bit, grey, RGB or RGBA) becomes an image
+    of the chosen product (split 'upload': a source to paint on, never a training or test image),
+    kept at full resolution and shown resized."""
     if not path:
         return gr.update(), gr.update(), gr.update(), ""
+    if not p:
+        raise gr.Error("Pick a product first (or type a new product name in the Product box), then upload")
     limit = ctx.settings.max_upload_mb * 1024 * 1024
     if os.path.getsize(path) > limit:
         raise gr.Error(f"{os.path.basename(path)} is {os.path.getsize(path) / 2**20:.1f} MB, over "
                        f"the {ctx.settings.max_upload_mb:g} MB upload limit")
     try:
         img = read_rgb(path, ctx.settings.max_pixels)
-        new_id = ctx.store.add_image(p or "unsorted", img, split="upload", label=GOOD, origin="real",
+        new_id = ctx.store.add_image(p, img, split="upload", label=GOOD, origin="real",
                                      source_path=os.path.basename(path))
     except (ImageInputError, ValueError) as exc:
         raise gr.Error(str(exc)) from exc
+    shown = display(img)
+    size = f"{img.shape[1]}×{img.shape[0]}" + (
+        f", shown at {shown.shape[1]}×{shown.shape[0]}" if shown.shape != img.shape else "")
     return (_editor_value(img, None), new_id, _preview(img, None, feather_px),
-            f"Uploaded {os.path.basename(path)} as image #{new_id} ({img.shape[1]}×{img.shape[0]})")
+            f"Uploaded {os.path.basename(path)} as an image of **{p}** ({size}) — paint the defect "
+            "region, then Generate")
 
 
 def current_image(ctx: StudioContext, editor_value, src_id):
@@ -277,7 +331,9 @@ def on_generate(ctx: StudioContext, editor_value, p, src_id, m, dmg, col, bk, nu
         raise gr.Error(exc.args[0] if exc.args else str(exc)) from exc
     items = [(c.image, _caption(c, col if m == COLOUR else None)) for c in out]
     info = [{"sample_id": c.sample_id, "seed": c.seed, "generator": c.generator,
-             "status": "candidate"} for c in out]
+             "status": "candidate",
+             "learned_from": learned_from(ctx.store, p or "", c.generator, dmg if m == DAMAGE else None,
+                                          c.params)} for c in out]
     first_id = out[0].sample_id if out else 0
     what = dmg if m == DAMAGE else col
     return items, info, first_id, f"{len(out)} candidate(s) for **{what}** — select one, then accept or reject"
@@ -290,9 +346,74 @@ def on_select(info, evt: gr.SelectData):
         return 0
 
 
+def defect_box(mask: np.ndarray, pad: float = 0.6, min_side: int = 48) -> tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)``: the mask's bounding box grown by ``pad`` of its size on every side
+    (at least ``min_side`` px), clipped to the image; the whole image for an empty mask."""
+    h, w = mask.shape[:2]
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        return 0, h, 0, w
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    side = max(int((max(y1 - y0, x1 - x0)) * (1 + 2 * pad)), min_side)
+    cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
+    half = side // 2
+    y0, x0 = max(0, min(cy - half, h - side)), max(0, min(cx - half, w - side))
+    return y0, min(h, y0 + side), x0, min(w, x0 + side)
+
+
+def zoom(image: np.ndarray, box: tuple[int, int, int, int], size: int = ZOOM_SIZE) -> np.ndarray:
+    """The crop ``box`` of ``image`` upscaled (pixel-exact, nearest) to ``size`` on its longest side."""
+    import cv2
+    y0, y1, x0, x1 = box
+    crop = image[y0:y1, x0:x1]
+    s = size / max(crop.shape[:2])
+    if s <= 1:
+        return cv2.resize(crop, (max(1, round(crop.shape[1] * s)), max(1, round(crop.shape[0] * s))),
+                          interpolation=cv2.INTER_AREA)
+    k = max(1, int(s))
+    return np.repeat(np.repeat(crop, k, axis=0), k, axis=1)
+
+
+def candidate_view(ctx: StudioContext, src_id, sample_id, info) -> tuple:
+    """(before / after pair, zoomed before / after of the defect region, caption) of one candidate."""
+    if not sample_id:
+        return None, None, "Select a candidate (click it, or press **N**)."
+    try:
+        after = ctx.store.load_sample_image(int(sample_id))
+        mask = ctx.store.load_sample_mask(int(sample_id))
+        row = ctx.store.get_sample(int(sample_id))
+    except (KeyError, ValueError) as exc:
+        raise gr.Error(f"Candidate {sample_id} is no longer in the dataset ({exc}); generate again") from exc
+    src = row.get("source_image_id") or src_id
+    before = ctx.store.load_image(int(src)) if src else None
+    if before is None or before.shape != after.shape:
+        before = after
+    box = defect_box(mask > 0)
+    entry = next((c for c in info or [] if c.get("sample_id") == int(sample_id)), {})
+    what = entry.get("learned_from") or learned_from(ctx.store, row["product"], row["generator"],
+                                                     row.get("damage_type"), row.get("params"))
+    pos = next((k for k, c in enumerate(info or []) if c.get("sample_id") == int(sample_id)), 0)
+    status = entry.get("status") or row["status"]
+    caption = (f"**Candidate {pos + 1} of {len(info or []) or 1}** · {status} · seed {row['seed']}  \n"
+               f"{what}  \n<small>drag the slider: left = before, right = after · the zoom shows the "
+               f"defect region ({box[3] - box[2]}×{box[1] - box[0]} px)</small>")
+    return ((display(before), display(after)), (zoom(before, box), zoom(after, box)), caption)
+
+
+def next_candidate(sample_id, info) -> int:
+    """The candidate after ``sample_id`` (cycling), preferring ones not yet decided; 0 for none."""
+    ids = [int(c["sample_id"]) for c in info or [] if c.get("sample_id")]
+    if not ids:
+        return 0
+    start = ids.index(int(sample_id)) + 1 if sample_id and int(sample_id) in ids else 0
+    order = ids[start:] + ids[:start]
+    status = {int(c["sample_id"]): c.get("status") for c in info or [] if c.get("sample_id")}
+    return next((i for i in order if status.get(i) == "candidate"), order[0])
+
+
 def on_decide(ctx: StudioContext, decision: str, sample_id, note_text, info):
     if not sample_id:
-        raise gr.Error("Select a candidate in the gallery first")
+        raise gr.Error("Select a candidate first: click it in the gallery, or press N")
     try:
         row = review(ctx.store, int(sample_id), decision, note=note_text or None)
     except (UserError, KeyError) as exc:
@@ -312,15 +433,17 @@ def list_images(ctx: StudioContext, product_name: str) -> list[dict]:
 # -- layout and wiring ---------------------------------------------------------------------------
 def _controls(ctx: StudioContext, first: str | None, products: list[str]) -> dict:
     w: dict = {}
-    w["product"] = gr.Dropdown(products, value=first, label="Product", elem_id="product")
+    w["product"] = gr.Dropdown(products, value=first, label="Product", allow_custom_value=True,
+                               info="type a new name to make a product for your own photos",
+                               elem_id="product")
     img_opts = image_choices(ctx, first)
     w["first_id"] = img_opts[0][1] if img_opts else None
     w["image_pick"] = gr.Dropdown(img_opts, value=w["first_id"], label="Image from the dataset",
                                   allow_custom_value=True, elem_id="image-pick")
-    w["upload"] = gr.File(label="…or upload an image (PNG/JPEG/BMP/TIFF)", type="filepath",
-                          file_count="single", elem_id="upload")
-    w["source_id"] = gr.Number(w["first_id"] or 0, label="Source image id", precision=0, interactive=False,
-                               elem_id="source-id")
+    w["upload"] = gr.File(label="…or drop / upload your photo (PNG, JPEG, TIFF, BMP; 8/16-bit, grey, RGBA)",
+                          type="filepath", file_count="single", height=110,
+                          file_types=[".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"], elem_id="upload")
+    w["source_id"] = gr.State(w["first_id"] or 0)
     w["mode"] = gr.Radio([DAMAGE, COLOUR], value=DAMAGE, label="Mode", elem_id="mode")
     w["damage"] = gr.Dropdown(damage_choices(ctx, first), value=default_damage(ctx, first),
                               label="Damage type", allow_custom_value=True, elem_id="damage")
@@ -345,33 +468,51 @@ def _canvas(ctx: StudioContext, first_id) -> dict:
     w["editor"] = gr.ImageEditor(
         _editor_value(first_img, None) if first_img is not None else None,
         type="numpy", format="png", image_mode="RGBA", sources=(), transforms=(),
-        layers=False, canvas_size=(512, 512), label="Paint the defect region",
-        brush=gr.Brush(colors=["#ff2d2d"], color_mode="fixed", default_size=14),
+        layers=False, canvas_size=(1024, 640), height=660, label="Paint the defect region",
+        placeholder="Pick an image of the product on the left, or drop your own photo there "
+                    "(it appears here in a second). Then paint the defect with the brush.",
+        brush=gr.Brush(colors=[("#ff2d2d", MASK_ALPHA)], color_mode="fixed", default_size=14),
         eraser=gr.Eraser(default_size=18), elem_id="editor")
     with gr.Row():
+        w["brush"] = gr.Slider(2, 120, 14, step=1, label="Brush size ( [ and ] )", elem_id="brush-size")
+        w["opacity"] = gr.Slider(0.1, 1.0, MASK_ALPHA, step=0.05, label="Mask opacity", elem_id="mask-opacity")
         w["px"] = gr.Slider(1, 25, 3, step=1, label="Mask op size (px)", elem_id="mask-px")
+    gr.Markdown("<small>Scroll to zoom, drag with the middle button (or space + drag) to pan; undo / redo "
+                "are above the canvas.</small>")
     with gr.Row():
         for op in MASK_OPS:
             w[f"{op}_btn"] = gr.Button(op.capitalize() if op != "random" else "Random mask", size="sm",
-                                       elem_id="random-mask" if op == "random" else None)
-    w["mask_upload"] = gr.File(label="…or upload a mask (white or opaque = defect)", type="filepath",
-                               file_count="single", height=90, elem_id="mask-upload")
-    w["preview"] = gr.Image(first_img, format="png", label="Mask preview (feathered)", interactive=False,
-                            elem_id="mask-preview")
+                                       elem_id="random-mask" if op == "random" else f"mask-{op}")
+    with gr.Accordion("Mask from a file · feathered preview", open=False):
+        w["mask_upload"] = gr.File(label="Upload a mask (white or opaque = defect; same size as the image)",
+                                   type="filepath", file_count="single", height=90, elem_id="mask-upload")
+        w["preview"] = gr.Image(display(first_img) if first_img is not None else None, format="png",
+                                label="Mask preview (feathered)", interactive=False, elem_id="mask-preview")
     return w
 
 
 def _review(ctx: StudioContext) -> dict:
     w: dict = {}
-    w["gen_btn"] = gr.Button("Generate candidates", variant="primary", elem_id="generate")
-    w["gallery"] = gr.Gallery(format="png", columns=2, label="Candidates", allow_preview=False,
-                              elem_id="gallery")
-    w["cands"] = gr.JSON(label="Candidates (sample ids)", elem_id="candidates", max_height=150)
-    w["selected"] = gr.Number(0, label="Selected sample id", precision=0, elem_id="selected")
-    w["note"] = gr.Textbox(label="Reviewer note", elem_id="note")
+    w["gallery"] = gr.Gallery(format="png", columns=4, height=220, label="Candidates", allow_preview=False,
+                              elem_id="gallery", visible=False)
+    w["empty"] = gr.Markdown("### No candidates yet\nPaint the defect region on the image, pick the damage "
+                             "type, then press **Generate candidates** — 4 classical candidates take about a "
+                             "second, 4 pixel-inpaint ones about 10–30 s on a CPU.", elem_id="candidates-empty")
+    with gr.Row(visible=False) as w["view_row"]:
+        w["compare"] = gr.ImageSlider(label="Before / after (drag the handle)", type="numpy", format="png",
+                                      max_height=560, elem_id="before-after", scale=3,
+                                      interactive=False)
+        w["zoom"] = gr.ImageSlider(label="Zoom on the defect region", type="numpy", format="png",
+                                   max_height=560, elem_id="defect-zoom", scale=2,
+                                   interactive=False)
+    w["caption"] = gr.Markdown(elem_id="candidate-caption")
     with gr.Row():
-        w["accept_btn"] = gr.Button("Accept", variant="primary", elem_id="accept")
-        w["reject_btn"] = gr.Button("Reject", variant="stop", elem_id="reject")
+        w["note"] = gr.Textbox(label="Reviewer note (optional)", elem_id="note", scale=3)
+        w["accept_btn"] = gr.Button("Accept (A)", variant="primary", elem_id="accept", scale=1)
+        w["reject_btn"] = gr.Button("Reject (R)", variant="stop", elem_id="reject", scale=1)
+        w["next_btn"] = gr.Button("Next (N)", elem_id="next-candidate", scale=1)
+    w["cands"] = gr.State([])
+    w["selected"] = gr.State(0)
     w["status"] = gr.Markdown(elem_id="annotate-status")
     return w
 
@@ -379,17 +520,67 @@ def _review(ctx: StudioContext) -> dict:
 MASK_OPS = ("dilate", "erode", "invert", "clear", "random")
 
 
+# -- UI glue: ids live in gr.State; these wrap the handlers above for the page's events ----------
+def ui_generate(ctx: StudioContext, *args, progress=gr.Progress()):
+    items, info, first_id, status = on_generate(ctx, *args, progress=progress)
+    src_id = args[2]
+    before_after, zoomed, caption = candidate_view(ctx, src_id, first_id, info)
+    return (gr.update(value=items, visible=True, selected_index=0 if items else None), info, first_id,
+            status, gr.update(visible=False), gr.update(visible=bool(items)), before_after, zoomed, caption)
+
+
+def ui_select(ctx: StudioContext, src_id, info, evt: gr.SelectData):
+    sid = on_select(info, evt)
+    return (sid, *candidate_view(ctx, src_id, sid, info))
+
+
+def ui_next(ctx: StudioContext, src_id, sample_id, info):
+    sid = next_candidate(sample_id, info)
+    if not sid:
+        raise gr.Warning("No candidates yet — paint a mask and press Generate candidates")
+    ids = [int(c["sample_id"]) for c in info]
+    return (sid, gr.update(selected_index=ids.index(sid)), *candidate_view(ctx, src_id, sid, info))
+
+
+def ui_decide(ctx: StudioContext, decision: str, src_id, sample_id, note_text, info):
+    status, info = on_decide(ctx, decision, sample_id, note_text, info)
+    sid = next_candidate(sample_id, info)
+    left = sum(c.get("status") == "candidate" for c in info)
+    if left:
+        status += f" — {left} left to review"
+    else:
+        status += " — all candidates reviewed; accepted ones are in the Dataset tab"
+        sid = int(sample_id)
+    ids = [int(c["sample_id"]) for c in info]
+    return (status, info, sid, gr.update(selected_index=ids.index(sid) if sid in ids else None), "",
+            *candidate_view(ctx, src_id, sid, info))
+
+
+def on_brush(size, opacity):
+    """New brush size / opacity for the editor (the painted layer is kept)."""
+    return gr.update(brush=gr.Brush(colors=[("#ff2d2d", float(opacity))], color_mode="fixed",
+                                    default_size=int(size)))
+
+
 def build(ctx: StudioContext) -> dict:
-    """Render the tab inside the current Blocks and wire it (api_name = the gradio_client endpoint)."""
+    """Render the tab inside the current Blocks and wire it (api_name = the gradio_client endpoint).
+
+    The page keeps internal ids (source image, selected sample, candidates) in ``gr.State``; the
+    named API endpoints take them as plain values through hidden components."""
     products = ctx.product_names()
     first = products[0] if products else None
     with gr.Row(equal_height=False):
-        with gr.Column(scale=1, min_width=260):
+        with gr.Column(scale=1, min_width=280):
             c = _controls(ctx, first, products)
-        with gr.Column(scale=2):
+            gen_btn = gr.Button("Generate candidates", variant="primary", elem_id="generate", size="lg")
+        with gr.Column(scale=4):
             v = _canvas(ctx, c["first_id"])
-        with gr.Column(scale=2):
-            r = _review(ctx)
+    r = _review(ctx)
+    r["gen_btn"] = gen_btn
+    with gr.Group(visible=False):   # API-only values: the named endpoints take ids as plain values
+        api_src = gr.Number(0, precision=0, label="api source image")
+        api_sel = gr.Number(0, precision=0, label="api sample")
+        api_cands = gr.JSON(label="api candidates")
     bind = lambda fn, *a: keep_doc(fn, ctx, *a)       # noqa: E731 — handlers take ctx first
     editor, feather, src = v["editor"], c["feather"], c["source_id"]
     def list_images_api(product_name: str) -> list[dict]:
@@ -398,25 +589,43 @@ def build(ctx: StudioContext) -> dict:
     gr.api(list_images_api, api_name="list_images")   # gr.api needs type hints (no partial)
     c["product"].change(bind(on_product), c["product"], [c["image_pick"], c["damage"]], api_name="select_product")
     c["image_pick"].change(bind(on_pick), [c["image_pick"], feather], [editor, src, v["preview"], r["status"]],
-                           api_name="load_image")
+                           api_name=False)
+    api_endpoint(bind(on_pick), [c["image_pick"], feather], [editor, api_src, v["preview"], r["status"]],
+                 "load_image")
     c["upload"].upload(bind(on_upload), [c["upload"], c["product"], feather],
-                       [editor, src, v["preview"], r["status"]], api_name="upload_image")
+                       [editor, src, v["preview"], r["status"]], api_name=False)
+    api_endpoint(bind(on_upload), [c["upload"], c["product"], feather], [editor, api_src, v["preview"],
+                                                                          r["status"]], "upload_image")
     v["mask_upload"].upload(bind(on_mask_upload), [v["mask_upload"], editor, src, feather],
-                            [editor, v["preview"]], api_name="upload_mask")
+                            [editor, v["preview"]], api_name=False)
+    api_endpoint(bind(on_mask_upload), [v["mask_upload"], editor, api_src, feather], [editor, v["preview"]],
+                 "upload_mask")
     c["mode"].change(on_mode, c["mode"], [c["damage"], c["color"]], api_name=False)
     editor.change(bind(on_edit), [editor, src, feather], v["preview"], api_name=False,
                   trigger_mode="always_last", show_progress="hidden")
     feather.release(bind(on_edit), [editor, src, feather], v["preview"], api_name=False, show_progress="hidden")
+    for w in (v["brush"], v["opacity"]):
+        w.change(on_brush, [v["brush"], v["opacity"]], editor, api_name=False, show_progress="hidden")
     op_inputs = [editor, src, v["px"], feather, c["damage"], c["product"]]
     for op in MASK_OPS:
         v[f"{op}_btn"].click(bind(on_mask_op, op), op_inputs, [editor, v["preview"]], api_name=f"mask_{op}")
-    r["gen_btn"].click(bind(on_generate),
-                       [editor, c["product"], src, c["mode"], c["damage"], c["color"], c["backend"], c["n"],
-                        c["seed"], feather, c["strength"], *c["options"]],
-                       [r["gallery"], r["cands"], r["selected"], r["status"]], api_name="generate")
+    gen_inputs = [c["product"], c["mode"], c["damage"], c["color"], c["backend"], c["n"], c["seed"], feather,
+                  c["strength"], *c["options"]]
+    r["gen_btn"].click(bind(ui_generate), [editor, c["product"], src, *gen_inputs[1:]],
+                       [r["gallery"], r["cands"], r["selected"], r["status"], r["empty"], r["view_row"],
+                        r["compare"], r["zoom"], r["caption"]], api_name=False)
+    api_endpoint(bind(on_generate), [editor, c["product"], api_src, *gen_inputs[1:]],
+                 [r["gallery"], api_cands, api_sel, r["status"]], "generate")
     c["backend"].change(on_backend, c["backend"], [c["backend_info"], *c["options"]], api_name="backend_status")
-    r["gallery"].select(on_select, r["cands"], r["selected"], api_name=False)
+    view = [r["compare"], r["zoom"], r["caption"]]
+    def select(src_id, info, evt: gr.SelectData):   # event data needs a type hint (no partial)
+        return ui_select(ctx, src_id, info, evt)
+    r["gallery"].select(select, [src, r["cands"]], [r["selected"], *view], api_name=False)
+    r["next_btn"].click(bind(ui_next), [src, r["selected"], r["cands"]], [r["selected"], r["gallery"], *view],
+                        api_name=False)
     for decision, btn in (("accepted", r["accept_btn"]), ("rejected", r["reject_btn"])):
-        btn.click(bind(on_decide, decision), [r["selected"], r["note"], r["cands"]], [r["status"], r["cands"]],
-                  api_name="accept" if decision == "accepted" else "reject")
+        btn.click(bind(ui_decide, decision), [src, r["selected"], r["note"], r["cands"]],
+                  [r["status"], r["cands"], r["selected"], r["gallery"], r["note"], *view], api_name=False)
+        api_endpoint(bind(on_decide, decision), [api_sel, r["note"], api_cands], [r["status"], api_cands],
+                     "accept" if decision == "accepted" else "reject")
     return {"product": c["product"]}

@@ -27,7 +27,8 @@ document.addEventListener('keydown', (e) => {
   const t = e.target; if (t && (t.tagName === 'INPUT' || t.tagName === 'TEXTAREA')) return;
   const map = {a: 'rv-accept', r: 'rv-reject', s: 'rv-skip'};
   const id = map[e.key]; if (!id) return;
-  const b = document.getElementById(id); if (b) { b.click(); e.preventDefault(); }
+  const b = document.getElementById(id);
+  if (b && b.offsetParent !== null) { b.click(); e.preventDefault(); }   // only on the visible review step
 });
 </script>
 """
@@ -123,12 +124,14 @@ def live_batch(job):
 def show_next(t: CurationState, p, after=0):
     item = next_candidate(t.store, t.cdb, p or None, after=int(after or 0))
     if item is None:
-        return 0, "**Queue empty** — run a batch or generate in the Annotate tab", None, None, None, {}
+        return (0, "**Queue empty** — run a batch (step 1, about a second per candidate) or generate in "
+                "the Annotate tab, then press **Load queue**", None, None, None, {})
     s = item["sample"]
     src = t.store.load_image(s["source_image_id"]) if s.get("source_image_id") else None
     cand = t.store.load_sample_image(s["id"])
     mask = t.store.load_sample_mask(s["id"])
-    return (s["id"], f"{item['remaining']} candidate(s) left · **{s['damage_type'] or s['color']}** "
+    return (s["id"], f"sample #{s['id']} · {item['remaining']} candidate(s) left · "
+            f"**{s['damage_type'] or s['color']}** "
             f"· {s['generator']} · seed {s['seed']}", src, _overlay_mask(cand, mask), cand,
             item["prescreen"])
 
@@ -196,7 +199,9 @@ def _plan_tab(t: CurationState, product) -> None:
         backends = gr.CheckboxGroup(offline_names("damage"), value=["perlin", "cutpaste"],
                                     label="Backends", elem_id="cu-backends")
         plan_btn = gr.Button("Preview plan", elem_id="cu-plan")
-    plan_id = gr.Number(0, label="Plan id", precision=0, elem_id="cu-plan-id")
+    plan_id = gr.State(0)
+    gr.Markdown("Press **Preview plan** to see how many candidates each damage type needs to balance the "
+                "classes (instant); then run the batch below.", elem_id="cu-plan-hint")
     plan_table = gr.Dataframe(label="Plan (before it runs)", interactive=False, elem_id="cu-plan-table")
     batch = JobPanel(t.ctx, "Run / resume batch", "batch")
     batch_info = gr.JSON(label="Batch", elem_id="cu-batch-info")
@@ -212,8 +217,9 @@ def _plan_tab(t: CurationState, product) -> None:
 
 def _review_tab(t: CurationState, product) -> None:
     with gr.Row():
-        rv_id = gr.Number(0, label="Candidate id", precision=0, interactive=False, elem_id="rv-id")
-        rv_left = gr.Markdown(elem_id="rv-left")
+        rv_id = gr.State(0)
+        rv_left = gr.Markdown("Press **Load queue** to review the batch's candidates one by one "
+                              "(keys: a accept, r reject, s skip).", elem_id="rv-left")
     with gr.Row():
         rv_src = gr.Image(label="source", format="png", interactive=False)
         rv_mask = gr.Image(label="mask", format="png", interactive=False)
@@ -239,6 +245,8 @@ def _quality_tab(t: CurationState, product) -> None:
     gr.Markdown("KID-style distance (unbiased MMD², cubic kernel) between synthetic and real reference defect "
                 "crops and the mean pairwise cosine distance within a class, both on the offline "
                 "EfficientNet-Lite0 features — not Inception/LPIPS.")
+    gr.Markdown("Press the button to score every class with accepted samples (a few seconds per class).",
+                elem_id="cu-quality-hint")
     q_table = gr.Dataframe(interactive=False, elem_id="cu-quality-table")
     q_btn.click(bind(do_quality, t), product, q_table, api_name="quality")
 

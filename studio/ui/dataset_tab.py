@@ -14,7 +14,7 @@ import gradio as gr
 from pipelines.roles import DEFAULT_REFERENCE_FRACTION, ROLES
 from studio.context import StudioContext
 from studio.formats import KINDS
-from studio.ui.jobs_panel import bind
+from studio.ui.jobs_panel import api_endpoint, bind
 
 ALL = "(all)"
 COLUMNS = ["id", "product", "damage_type", "color", "generator", "seed", "status", "note", "created_at"]
@@ -81,6 +81,15 @@ def on_set_role(ctx: StudioContext, i, r, p):
     return set_role(ctx.store, i, r, _product_filter(p))
 
 
+def samples_hint(frame) -> str:
+    """The line above the samples table: what to do when it is empty, else how to see a sample."""
+    if frame is None or len(frame) == 0:
+        return ("**No samples match.** Generate candidates in the **Annotate** tab (paint a mask, press "
+                "Generate: about a second each) and accept them (button or key **A**); or set Status to "
+                "(all) to see unreviewed candidates.")
+    return f"{len(frame)} sample(s) — click a row to see its image, mask and provenance."
+
+
 def show(ctx: StudioContext, sid):
     """A sample's provenance, image and mask (nothing for id 0)."""
     if not sid:
@@ -143,11 +152,12 @@ def _browser(ctx: StudioContext) -> dict:
                                   label="Status", elem_id="ds-status")
         w["damage"] = gr.Textbox(label="Damage type / colour contains", elem_id="ds-damage")
         w["refresh"] = gr.Button("Refresh", elem_id="ds-refresh")
+    w["hint"] = gr.Markdown(elem_id="ds-hint")
     w["table"] = gr.Dataframe(headers=COLUMNS, interactive=False, label="Samples", elem_id="ds-table",
                               wrap=True)
     with gr.Row():
         with gr.Column():
-            w["sample_id"] = gr.Number(0, label="Sample id", precision=0, elem_id="ds-sample-id")
+            w["sample_id"] = gr.State(0)
             w["provenance"] = gr.JSON(label="Provenance", elem_id="ds-provenance")
         w["sample_img"] = gr.Image(format="png", label="Sample", interactive=False)
         w["sample_mask"] = gr.Image(format="png", label="Mask", interactive=False)
@@ -197,9 +207,14 @@ def build(ctx: StudioContext) -> dict:
     refresh = bind(list_samples, ctx)
     filters = [b["product"], b["status"], b["damage"]]
     listed = [b["table"], b["balance"], r["table"]]
-    b["refresh"].click(refresh, filters, listed, api_name="list_samples")
+
+    def refresh_page(p, s, d):
+        frame, fig, roles = list_samples(ctx, p, s, d)
+        return frame, fig, roles, samples_hint(frame)
+    b["refresh"].click(refresh_page, filters, [*listed, b["hint"]], api_name=False)
+    api_endpoint(refresh, filters, listed, "list_samples")
     for f in filters:
-        f.change(refresh, filters, listed, api_name=False)
+        f.change(refresh_page, filters, [*listed, b["hint"]], api_name=False)
     r["btn"].click(bind(on_set_role, ctx), [r["image"], r["value"], b["product"]], [r["status"], r["table"]],
                    api_name="set_role")
 
@@ -207,10 +222,11 @@ def build(ctx: StudioContext) -> dict:
         return on_row(ctx, evt.index, data)
     b["table"].select(on_select_row, b["table"], [b["sample_id"], b["provenance"], b["sample_img"],
                                                    b["sample_mask"]], api_name=False)
-    b["sample_id"].submit(bind(show, ctx), b["sample_id"], [b["provenance"], b["sample_img"], b["sample_mask"]],
-                          api_name="show_sample")
+    with gr.Group(visible=False):   # API-only: the endpoint takes the sample id as a value
+        api_sid = gr.Number(0, precision=0, label="api sample")
+    api_endpoint(bind(show, ctx), api_sid, [b["provenance"], b["sample_img"], b["sample_mask"]], "show_sample")
     io["import_btn"].click(bind(do_import, ctx), [io["import_path"], io["import_kind"], io["import_product"]],
                            [io["status"], b["product"]], api_name="import_folder")
     io["export_btn"].click(bind(do_export, ctx), [io["export_path"], b["product"], io["export_format"]],
                            io["status"], api_name="export")
-    return {"refresh": (refresh, filters, listed)}
+    return {"refresh": (refresh_page, filters, [*listed, b["hint"]])}

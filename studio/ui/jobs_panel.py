@@ -15,13 +15,32 @@ from studio.context import StudioContext
 from studio.jobs import FINISHED
 
 
+# What each panel says before its first job: what to do next and how long it takes (2-core CPU).
+IDLE = {
+    "patchcore": "No PatchCore run yet. Pick a product and press **Run PatchCore**: about 10–30 s on a "
+                 "demo product. (A fresh studio computes an example for each demo product on its own.)",
+    "ddpm-train": "No DDPM trained yet. Pick a product and press **Train DDPM**: the loss curve appears "
+                  "after the first steps; minutes to hours (the time budget above).",
+    "ddpm-eval": "No DDPM evaluation yet. Pick a checkpoint (train one, or wait for the example) and press "
+                 "**Evaluate on the test split**: about a minute for a demo product.",
+    "ddpm-grid": "No grid yet. Pick a checkpoint and press **Make the grid**.",
+    "train": "No model trained here yet. Pick a product and press **Train**: pixel-inpaint learns in "
+             "10–30 min on a CPU; the loss curve appears after the first steps.",
+    "batch": "No batch yet. Press **Preview plan**, then **Run / resume batch**: about a second per "
+             "classical candidate.",
+    "experiment": "No experiment yet. Accept a few samples (or tick a generator), then press **Run "
+                  "experiment**: 1–5 min for a demo product with 5 repeats.",
+}
+
+
 def _bar(fraction: float, width: int = 24) -> str:
     done = int(round(fraction * width))
     return "█" * done + "░" * (width - done)
 
 
 def describe(job: dict) -> str:
-    line = f"**{job['kind']}** `{job['id']}` — {job['status']}"
+    """The job's status line (kind, status, progress bar, message) — no internal id."""
+    line = f"**{job['kind']}** — {job['status']}"
     if job["status"] in ("running", "queued"):
         line += f"  \n`{_bar(job['progress'] or 0)}` {100 * (job['progress'] or 0):.0f}% {job['message'] or ''}"
     elif job["status"] == "failed":
@@ -37,6 +56,12 @@ def bind(fn: Callable, *args) -> Callable:
     bound = partial(fn, *args)
     bound.__doc__ = fn.__doc__ or ""
     return bound
+
+
+def api_endpoint(fn: Callable, inputs: list, outputs: list, api_name: str):
+    """A named API endpoint with no trigger on the page (``gr.on`` with no triggers), for calls
+    that take internal ids as plain values: the page keeps those ids in ``gr.State``."""
+    return gr.on([], fn, inputs, outputs, api_name=api_name)
 
 
 # -- handlers: module level, each takes the context first ---------------------------------------
@@ -75,28 +100,60 @@ def job_info(ctx: StudioContext, job_id: str) -> dict:
     return {k: job[k] for k in ("id", "kind", "status", "progress", "message", "result", "error")}
 
 
+def on_attach(ctx: StudioContext, kinds: tuple[str, ...], live_fn: Callable[[dict], tuple], n_outputs: int,
+              idle: str):
+    """Page load: re-attach to the newest job of these kinds (running: the timer follows it; done:
+    its results are shown), or show ``idle`` — what to do and how long it takes."""
+    jobs = [j for k in kinds for j in ctx.jobs.list(k, limit=1)]
+    if not jobs:
+        return (None, idle, gr.Timer(active=False), *[gr.update()] * n_outputs)
+    job = ctx.jobs.get(max(jobs, key=lambda j: j["created_at"])["id"])
+    done = job["status"] in FINISHED
+    try:
+        live = live_fn(job) if done else [gr.update()] * n_outputs
+    except (OSError, ValueError, KeyError, TypeError):   # its files were removed since: say so
+        return (job["id"], describe(job) + "  \n(its result files are gone; run it again)",
+                gr.Timer(active=False), *[gr.update()] * n_outputs)
+    return (job["id"], describe(job), gr.Timer(active=not done), *live)
+
+
 class JobPanel:
-    def __init__(self, ctx: StudioContext, start_label: str, prefix: str):
+    def __init__(self, ctx: StudioContext, start_label: str, prefix: str, idle: str | None = None):
         self.ctx, self.prefix = ctx, prefix
+        self.kind = prefix.replace("_", "-")   # the job kind its start function submits
+        idle = idle if idle is not None else IDLE.get(self.kind, f"Nothing run yet — press **{start_label}**.")
+        self.idle = idle
         with gr.Row():
             self.start = gr.Button(start_label, variant="primary", elem_id=f"{prefix}-start")
             self.cancel = gr.Button("Cancel", variant="stop", elem_id=f"{prefix}-cancel")
-        self.job_id = gr.Textbox(label="Job id", interactive=False, elem_id=f"{prefix}-job-id")
-        self.status = gr.Markdown(elem_id=f"{prefix}-status")
+        self.job_id = gr.State(None)           # internal: never shown
+        self.status = gr.Markdown(idle, elem_id=f"{prefix}-status")
         self.timer = gr.Timer(1.0, active=False)
+        with gr.Group(visible=False):          # API-only: the named endpoints take the job id as text
+            self.api_job_id = gr.Textbox(label="api job")
 
     def wire(self, start_fn: Callable[..., str], inputs: list, live_fn: Callable[[dict], tuple],
-             outputs: list) -> None:
-        """``start_fn(*inputs) -> job id``; ``live_fn(job) -> values for outputs`` on every tick."""
+             outputs: list, attach: tuple[str, ...] | None = None) -> None:
+        """``start_fn(*inputs) -> job id``; ``live_fn(job) -> values for outputs`` on every tick.
+        ``attach``: job kinds whose newest job the panel shows on page load (progress or results;
+        default: the panel's own kind, ``prefix`` with ``-`` for ``_``)."""
+        attach = (self.kind,) if attach is None else attach
         ctx = self.ctx
 
         def job_status(job_id: str) -> dict:
             """Status of a background job: status, progress, message, result, error."""
             return job_info(ctx, job_id)
 
-        self.start.click(bind(on_start, ctx, start_fn), inputs, [self.job_id, self.status, self.timer],
-                         api_name=f"{self.prefix}_start")
+        start = bind(on_start, ctx, start_fn)
+        self.start.click(start, inputs, [self.job_id, self.status, self.timer], api_name=False)
+        api_endpoint(start, inputs, [self.api_job_id, self.status, self.timer], f"{self.prefix}_start")
         self.timer.tick(bind(on_tick, ctx, live_fn, len(outputs)), self.job_id,
                         [self.status, self.timer, *outputs], api_name=False, show_progress="hidden")
-        self.cancel.click(bind(on_cancel, ctx), self.job_id, self.status, api_name=f"{self.prefix}_cancel")
+        self.cancel.click(bind(on_cancel, ctx), self.job_id, self.status, api_name=False)
+        api_endpoint(bind(on_cancel, ctx), self.api_job_id, self.status, f"{self.prefix}_cancel")
         gr.api(job_status, api_name=f"{self.prefix}_job")   # gr.api needs type hints (no partial)
+        if attach:
+            root = gr.context.Context.root_block
+            root.load(bind(on_attach, ctx, tuple(attach), live_fn, len(outputs), self.idle), None,
+                      [self.job_id, self.status, self.timer, *outputs], api_name=False,
+                      show_progress="hidden")

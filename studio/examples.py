@@ -1,0 +1,146 @@
+"""Example results for the demo products, computed once in the background on a first start.
+
+A fresh studio should not open its PatchCore and DDPM tabs on an empty page: after the demo data is
+imported, :func:`start_examples` queues, in the studio's job manager (progress and cancel in each
+tab's job panel), one PatchCore run per demo product and one short DDPM training + evaluation on
+the first demo product. Results are ordinary runs in the workspace (``runs/``, ``models/``,
+``runs.db``); a marker per example (``examples/<kind>-<product>.done``) makes them run once per
+workspace. ``DEFECT_STUDIO_EXAMPLES=none`` skips them (the tests do).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from studio.context import StudioContext
+
+ENV = "DEFECT_STUDIO_EXAMPLES"
+
+
+@dataclass(frozen=True)
+class ExamplePlan:
+    """How much work the examples do (the defaults take about 1–2 min of a 2-core CPU in all)."""
+    patchcore_coreset: float = 0.05
+    patchcore_size: int = 256
+    ddpm_minutes: float | None = 0.75
+    ddpm_steps: int | None = None
+    ddpm_size: int = 64
+    ddpm_crop: int = 32
+    ddpm_preset: str = "tiny"
+    ddpm_depths: tuple[int, ...] = (50,)
+    ddpm_eval_size: int = 128
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "").strip().lower() not in ("none", "0", "off", "false", "no")
+
+
+def _marker(ctx: StudioContext, kind: str, product: str) -> Path:
+    return ctx.settings.workspace / "examples" / f"{kind}-{product}.done"
+
+
+def _done(jctx, marker: Path, result: dict) -> dict:
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S')} job {jctx.job_id}\n")
+    return result
+
+
+def _export(ctx: StudioContext, product: str) -> Path:
+    root = ctx.settings.workspace / "exports" / f"example-{product}"
+    if not (root / product / "train").is_dir():
+        ctx.store.export_mvtec(root, product)
+    return root / product
+
+
+def patchcore_example(jctx, ctx: StudioContext, product: str, plan: ExamplePlan) -> dict:
+    """PatchCore, single bank, on the product's export; recorded as a run like the tab's own."""
+    from studio.evaluation import PatchCoreRequest, run_patchcore
+    from studio.runs import RunLog
+    data = _export(ctx, product)
+    req = PatchCoreRequest(data=str(data), out=str(ctx.settings.workspace / "runs" / f"patchcore-example-{product}"),
+                           bank="single", coreset=plan.patchcore_coreset, size=plan.patchcore_size)
+    runlog = RunLog(ctx.settings.workspace)
+    run_id = runlog.start("patchcore", product, req.data, {**req.__dict__, "example": True}, req.out, jctx.job_id)
+    try:
+        summary = run_patchcore(req, progress=jctx.progress, cancelled=lambda: jctx.cancelled)
+    except BaseException as exc:
+        runlog.finish(run_id, status="failed", error=str(exc))
+        raise
+    runlog.finish(run_id, summary["metrics"])
+    return _done(jctx, _marker(ctx, "patchcore", product),
+                 {"run_id": run_id, "out": req.out, "metrics": summary["metrics"], "example": True})
+
+
+def ddpm_train_example(jctx, ctx: StudioContext, product: str, plan: ExamplePlan) -> dict:
+    from studio.inspection import DDPMTrainRequest, train_ddpm
+    from studio.runs import RunLog
+    data = _export(ctx, product)
+    out = ctx.settings.workspace / "models" / f"ddpm-example-{product}"
+    req = DDPMTrainRequest(data=str(data), out=str(out), minutes=plan.ddpm_minutes, steps=plan.ddpm_steps,
+                           size=plan.ddpm_size, crop=plan.ddpm_crop, preset=plan.ddpm_preset)
+    req.validate()
+    runlog = RunLog(ctx.settings.workspace)
+    run_id = runlog.start("ddpm-train", product, req.data, {**req.__dict__, "example": True}, req.out, jctx.job_id)
+    try:
+        summary = train_ddpm(req, jctx.progress, lambda: jctx.cancelled)
+    except BaseException as exc:
+        runlog.finish(run_id, status="failed", error=str(exc))
+        raise
+    runlog.finish(run_id, {"step": summary["step"], "loss": summary["loss"]})
+    if summary.get("stopped") == "cancelled":
+        return {**summary, "example": True}       # no marker: a later start trains it again
+    result = _done(jctx, _marker(ctx, "ddpm-train", product), {**summary, "example": True})
+    if not _marker(ctx, "ddpm-eval", product).exists():   # chained: runs once this job frees its slot
+        ctx.jobs.submit("ddpm-eval", ddpm_eval_example, ctx, product, plan,
+                        request={"example": True, "product": product})
+    return result
+
+
+def ddpm_eval_example(jctx, ctx: StudioContext, product: str, plan: ExamplePlan) -> dict:
+    from studio.inspection import DDPMEvalRequest, evaluate_ddpm
+    from studio.runs import RunLog
+    data = _export(ctx, product)
+    ckpt = ctx.settings.workspace / "models" / f"ddpm-example-{product}"
+    out = ctx.settings.workspace / "runs" / f"ddpm-example-{product}"
+    req = DDPMEvalRequest(data=str(data), checkpoint=str(ckpt), out=str(out), depths=list(plan.ddpm_depths),
+                          eval_size=plan.ddpm_eval_size)
+    runlog = RunLog(ctx.settings.workspace)
+    run_id = runlog.start("ddpm-eval", product, req.data, {**req.__dict__, "example": True}, req.out, jctx.job_id)
+    try:
+        summary = evaluate_ddpm(req, jctx.progress, lambda: jctx.cancelled)
+    except BaseException as exc:
+        runlog.finish(run_id, status="failed", error=str(exc))
+        raise
+    runlog.finish(run_id, summary["metrics"])
+    return _done(jctx, _marker(ctx, "ddpm-eval", product), {"out": req.out, "metrics": summary["metrics"],
+                                                            "example": True})
+
+
+def pending(ctx: StudioContext, products: list[str]) -> list[tuple[str, str]]:
+    """``(kind, product)`` of the examples not computed yet in this workspace, in running order."""
+    todo = [("patchcore", p) for p in products]
+    if products:
+        todo += [("ddpm-train", products[0]), ("ddpm-eval", products[0])]
+    return [(k, p) for k, p in todo if not _marker(ctx, k, p).exists()]
+
+
+def start_examples(ctx: StudioContext, products: list[str] | None = None,
+                   plan: ExamplePlan | None = None) -> list[str]:
+    """Queue the missing examples (one heavy job at a time, in the order of :func:`pending`);
+    returns their job ids. ``products``: default the demo products found in the store."""
+    plan = plan or ExamplePlan()
+    if products is None:
+        demo = ctx.settings.demo_dir
+        names = {p.name for p in Path(demo).iterdir()} if demo and Path(demo).is_dir() else set()
+        products = [p for p in ctx.store.products() if p in names]
+    fns = {"patchcore": patchcore_example, "ddpm-train": ddpm_train_example, "ddpm-eval": ddpm_eval_example}
+    ids = []
+    todo = pending(ctx, products)
+    for kind, product in todo:
+        if kind == "ddpm-eval" and ("ddpm-train", product) in todo:
+            continue                               # the training example queues it when done
+        ids.append(ctx.jobs.submit(kind, fns[kind], ctx, product, plan,
+                                   request={"example": True, "product": product}))
+    return ids
