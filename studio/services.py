@@ -175,7 +175,7 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
     if req.damage_type is not None:
         catalog = catalog or Catalog()
         try:
-            if req.product:
+            if req.product and set(catalog.damage_types(req.product)) - {GOOD}:
                 catalog.check_damage(req.product, req.damage_type)
             else:
                 catalog.check_any_damage(req.damage_type)
