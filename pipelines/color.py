@@ -16,6 +16,10 @@ from skimage import color as skcolor
 from pipelines.masks import MaskError, to_binary
 
 MIN_METRIC_PIXELS = 16
+NEUTRAL_CHROMA = 5.0          # LAB chroma below which a target colour counts as grey (no hue)
+# Grades of a wall colour (the specification's thresholds; a grade needs all three below):
+#   mean per-pixel LAB distance, hue error (degrees), ΔE2000 of the region's mean colour.
+GRADES = (("excellent", 5.0, 3.0, 3.0), ("good", 15.0, 10.0, 10.0))
 _HEX = re.compile(r"^#?([0-9a-fA-F]{6}|[0-9a-fA-F]{3})$")
 
 
@@ -208,22 +212,43 @@ def color_metrics(image: np.ndarray, mask: Any, target_rgb: Any) -> dict[str, fl
 
     Returns ``lab_distance`` (mean per-pixel LAB Euclidean distance to the target),
     ``delta_e76`` / ``delta_e2000`` (target vs. the mean LAB colour of the region),
-    ``hue_error_deg`` (circular difference of the LAB hue angles, 0..180), ``chroma_diff``
-    (region chroma − target chroma, signed), ``lightness_diff`` (region L − target L),
-    ``mean_lab`` and ``n_pixels``. A mask with fewer than 16 px raises :class:`MaskError`.
+    ``hue_error_deg`` (circular difference of the LAB hue angles, 0..180; 0 when the target is
+    neutral, chroma < :data:`NEUTRAL_CHROMA`, where a hue angle means nothing), ``chroma_diff``
+    (the chromatic distance √(Δa² + Δb²) of the region's mean to the target, ≥ 0),
+    ``lightness_diff`` (region L − target L), ``mean_lab`` and ``n_pixels``. A mask with fewer
+    than 16 px raises :class:`MaskError`. :func:`grade` turns the first three into a grade.
     """
     px = _masked_pixels(image, mask, MIN_METRIC_PIXELS)
     lab = rgb_to_lab(px)
     target = rgb_to_lab(np.array(as_rgb(target_rgb), np.uint8))
     mean_lab = lab.mean(axis=0)
     dh = abs(_hue_deg(mean_lab) - _hue_deg(target)) % 360.0
+    if np.hypot(target[1], target[2]) < NEUTRAL_CHROMA:
+        dh = 0.0                              # a grey target has no hue to miss
     return {
         "lab_distance": float(np.linalg.norm(lab - target, axis=1).mean()),
         "delta_e76": float(skcolor.deltaE_cie76(mean_lab, target)),
         "delta_e2000": float(skcolor.deltaE_ciede2000(mean_lab, target)),
         "hue_error_deg": float(min(dh, 360.0 - dh)),
-        "chroma_diff": float(np.hypot(mean_lab[1], mean_lab[2]) - np.hypot(target[1], target[2])),
+        "chroma_diff": float(np.hypot(mean_lab[1] - target[1], mean_lab[2] - target[2])),
         "lightness_diff": float(mean_lab[0] - target[0]),
         "mean_lab": tuple(float(v) for v in mean_lab),
         "n_pixels": int(len(px)),
     }
+
+
+def grade(metrics: dict) -> str:
+    """``'excellent'`` (LAB distance < 5, hue error < 3°, ΔE2000 < 3), ``'good'`` (< 15, < 10°,
+    < 10) or ``'poor'``, from :func:`color_metrics`'s ``lab_distance``, ``hue_error_deg`` and
+    ``delta_e2000`` (all three must pass)."""
+    for name, lab, hue, de in GRADES:
+        if (metrics["lab_distance"] < lab and metrics["hue_error_deg"] < hue
+                and metrics["delta_e2000"] < de):
+            return name
+    return "poor"
+
+
+def passes(metrics: dict, at_least: str = "good") -> bool:
+    """Whether :func:`grade` is ``at_least`` (``'good'``: good or excellent)."""
+    order = ("poor", "good", "excellent")
+    return order.index(grade(metrics)) >= order.index(at_least)

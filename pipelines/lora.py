@@ -21,10 +21,11 @@ One step (numbered as in the code, :meth:`LoraTrainer._loss`)::
 HF Accelerate wraps the loop (``Accelerator(mixed_precision, gradient_accumulation_steps,
 cpu=<no CUDA>)``), so ``accelerate launch`` on several GPUs runs the same code.
 
-Wall-colour mode (``mode='wall'``): samples are (image, wall mask, _); masks are eroded, masks of
-low quality dropped, the conditioning is the unconditional (all-zero) embedding ``[B x 77 x D]``
-(no table is trained), and the optional LAB colour-consistency loss pulls the predicted image's
-mean LAB inside the mask towards the sample's dominant colour (:func:`prepare_wall_samples`).
+Wall-colour mode (``mode='wall'``) is :class:`pipelines.wall_train.WallTrainer`, a subclass of
+:class:`LoraTrainer` (``train_lora`` / ``run_from_config`` hand a wall config to it): the empty
+conditioning of generation, the solid colour reference through IP-Adapter, random target colours,
+colour metrics per validation step. Its hooks here: :meth:`LoraTrainer._conditioning` and the
+optional LAB colour-consistency loss (``color_loss_weight``, :meth:`LoraTrainer._color_loss`).
 
 The training glue (configs, samples, budget, atomic checkpoints, optimizer state, history,
 Accelerate, the result) is :mod:`pipelines.training`; its names that callers import from here
@@ -46,7 +47,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -98,8 +99,8 @@ class LoraTrainConfig(ConfigMixin):
     mask_weight: float = 4.0
     color_loss_weight: float = 0.0         # wall mode: LAB colour-consistency loss weight
     wall_color_method: str = "median"      # dominant colour: median | mean | kmeans
-    wall_erode_px: float = 3.0             # erode wall masks to drop segmentation noise
-    wall_min_quality: float = 0.3          # drop masks below this quality (0..1)
+    wall_erode_px: float = 5.0             # erode wall masks to drop segmentation noise
+    wall_min_quality: float = 0.6          # wall: keep a sample when >= this share of its mask grades good
     checkpoint_every: int = 100
     checkpoint_limit: int = 3
     validate_every: int = 100              # 0: no validation grids
@@ -138,52 +139,6 @@ class LoraTrainConfig(ConfigMixin):
         check(self.validate_every >= 0, f"validate_every must be ≥ 0, got {self.validate_every}")
         check(self.validation_count >= 1 and len(self.validation_seeds) >= 1,
               "validation needs at least one mask and one seed")
-
-
-# ------------------------------------------------------------------------------------------------
-# Wall-colour data preparation
-# ------------------------------------------------------------------------------------------------
-class WallSample(NamedTuple):
-    image: np.ndarray        # H x W x 3 uint8
-    mask: np.ndarray         # eroded wall mask, H x W uint8 {0, 255}
-    color: tuple             # dominant RGB of the wall
-    reference: np.ndarray    # solid reference patch (texture noise + lighting gradient), 256 x 256 x 3
-    quality: float
-
-
-def mask_quality(mask: np.ndarray, erode_px: float = 3.0) -> float:
-    """0..1: the share of the mask surviving an erosion by ``erode_px`` × the share of its
-    largest connected component (speckled, thin or fragmented segmentations score low)."""
-    m = mk.to_binary(mask)
-    area = int(np.count_nonzero(m))
-    if area == 0:
-        return 0.0
-    kept = np.count_nonzero(mk.erode(m, erode_px)) / area
-    n, labels, stats, _ = cv2.connectedComponentsWithStats((m > 0).astype(np.uint8), connectivity=8)
-    largest = stats[1:, cv2.CC_STAT_AREA].max() / area if n > 1 else 0.0
-    return float(kept * largest)
-
-
-def prepare_wall_samples(samples: Sequence, method: str = "median", erode_px: float = 3.0,
-                         min_quality: float = 0.3, seed: int = 0) -> list[WallSample]:
-    """Wall-colour training data: per (image, wall mask, _) the dominant colour of the mask, a solid
-    reference with texture noise and a lighting gradient, the mask eroded by ``erode_px``;
-    masks with :func:`mask_quality` < ``min_quality`` are dropped (all dropped → TrainDataError)."""
-    from pipelines.color import dominant_color, solid_reference
-    out, dropped = [], []
-    for i, s in enumerate(samples):
-        img, m = np.asarray(s[0]), mk.to_binary(s[1])
-        q = mask_quality(m, erode_px)
-        er = mk.erode(m, erode_px)
-        if q < min_quality or not er.any():
-            dropped.append(f"{i} (quality {q:.2f})")
-            continue
-        rgb = dominant_color(img, er, method)
-        out.append(WallSample(img, er, rgb, solid_reference(rgb, 256, seed=seed + i), q))
-    if not out:
-        raise TrainDataError(f"every wall mask was below the quality threshold {min_quality} "
-                             f"({', '.join(dropped[:10])}); lower wall_min_quality or fix the masks")
-    return out
 
 
 def rgb_to_lab_torch(x: torch.Tensor) -> torch.Tensor:
@@ -244,13 +199,9 @@ class LoraTrainer(CheckpointedTrainer):
     def __init__(self, cfg: LoraTrainConfig, samples: Sequence):
         from pipelines.classical import _check_image
         super().__init__(cfg)
-        if cfg.mode == "wall":
-            wall = prepare_wall_samples(samples, cfg.wall_color_method, cfg.wall_erode_px,
-                                        cfg.wall_min_quality, cfg.seed)
-            self.types = []
-            self.samples = [Sample(_check_image(w.image), w.mask, "wall") for w in wall]
-            self.colors = [w.color for w in wall]
-        else:
+        if cfg.mode == "wall" and type(self) is LoraTrainer:
+            raise ConfigError("mode 'wall' trains with pipelines.wall_train.WallTrainer (train_lora picks it)")
+        if cfg.mode == "damage":
             self.types = check_samples(samples, cfg.damage_types, where="the training samples")
             self.samples = [Sample(_check_image(s[0]), mk.to_binary(s[1]), s[2]) for s in samples
                             if s[2] in self.types]
@@ -425,11 +376,8 @@ class LoraTrainer(CheckpointedTrainer):
         if c.focus == "restricted":
             noisy = m_w.to(lat.dtype) * noisy + (1 - m_w.to(lat.dtype)) * lat
         # 3. the 9-channel U-Net with the damage table as encoder_hidden_states
-        if parts.table is not None:
-            enc = parts.table(ids).view(B, c.embedding_tokens, parts.cross_dim).to(dtype)
-        else:
-            enc = torch.zeros(B, 77, parts.cross_dim, device=acc.device, dtype=dtype)
-        pred = parts.unet(torch.cat([noisy, m_in, mlat], 1), t, encoder_hidden_states=enc).sample
+        enc, extra = self._conditioning(acc, parts, ids)
+        pred = parts.unet(torch.cat([noisy, m_in, mlat], 1), t, encoder_hidden_states=enc, **extra).sample
         # 4. the loss, weighted towards (or restricted to) the mask
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(lat, noise, t)
         w = m_w if c.focus == "restricted" else 1.0 + c.mask_weight * m_w
@@ -438,6 +386,11 @@ class LoraTrainer(CheckpointedTrainer):
         if c.color_loss_weight > 0 and c.mode == "wall":
             loss = loss + c.color_loss_weight * self._color_loss(parts, noisy, pred, t, m, cols)
         return loss
+
+    def _conditioning(self, acc, parts: _Parts, ids) -> tuple[torch.Tensor, dict]:
+        """``encoder_hidden_states [B x T x D]`` of a batch and extra U-Net keyword arguments
+        (the wall trainer adds ``added_cond_kwargs``): the damage table's rows."""
+        return parts.table(ids).view(len(ids), self.cfg.embedding_tokens, parts.cross_dim).to(parts.dtype), {}
 
     @staticmethod
     def _color_loss(parts: _Parts, noisy, pred, t, m, cols) -> torch.Tensor:
@@ -500,11 +453,19 @@ class LoraTrainer(CheckpointedTrainer):
 
 def train_lora(cfg: LoraTrainConfig, samples: Sequence, progress: ProgressFn | None = None,
                cancelled: CancelFn | None = None) -> TrainResult:
-    """Train (or resume) LoRA + damage embedding; see :class:`LoraTrainer` for live losses."""
+    """Train (or resume) LoRA + damage embedding; see :class:`LoraTrainer` for live losses.
+    A wall-colour config (``mode='wall'``) trains with :class:`pipelines.wall_train.WallTrainer`."""
+    if cfg.mode == "wall":
+        from pipelines.wall_train import train_wall
+        return train_wall(cfg, samples, progress, cancelled)
     return LoraTrainer(cfg, samples).run(progress, cancelled)
 
 
 def run_from_config(cfg: LoraTrainConfig, progress: ProgressFn | None = None,
                     cancelled: CancelFn | None = None) -> TrainResult:
-    """Load ``cfg.data`` (real defects of the chosen types + ``extra_data``) and train."""
+    """Load ``cfg.data`` (real defects of the chosen types + ``extra_data``; wall mode: a folder
+    of photos + masks) and train."""
+    if cfg.mode == "wall":
+        from pipelines.wall_train import run_from_config as run_wall
+        return run_wall(cfg, progress, cancelled)
     return train_lora(cfg, load_training_samples(cfg), progress, cancelled)

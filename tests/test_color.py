@@ -130,3 +130,32 @@ def test_color_metrics_rejects_empty_masks():
         col.color_metrics(img, np.full((16, 32), 255, np.uint8), "#e8d8b0")
     with pytest.raises(ValueError, match="#RRGGBB"):
         col.color_metrics(img, np.full((32, 32), 255, np.uint8), "#zzz")
+
+
+def test_chroma_diff_is_the_ab_distance_not_a_difference_of_chromas():
+    # same chroma, opposite hue: |C1| − |C2| would say 0; √(Δa² + Δb²) says 2·C
+    a = np.array([60.0, 30.0, 0.0])
+    b = np.array([60.0, -30.0, 0.0])
+    img = np.tile(col.lab_to_rgb(a), (8, 8, 1))
+    m = col.color_metrics(img, np.full((8, 8), 255, np.uint8), tuple(int(v) for v in col.lab_to_rgb(b)))
+    mean = np.array(m["mean_lab"])
+    target = col.rgb_to_lab(col.lab_to_rgb(b))
+    assert m["chroma_diff"] == pytest.approx(np.hypot(*(mean[1:] - target[1:])), abs=1e-9)
+    assert m["chroma_diff"] > 50
+
+
+def test_grades_follow_the_thresholds():
+    def g(lab, hue, de):
+        return col.grade({"lab_distance": lab, "hue_error_deg": hue, "delta_e2000": de})
+    assert g(4.9, 2.9, 2.9) == "excellent"
+    assert g(5.0, 2.0, 2.0) == "good"               # every criterion must pass
+    assert g(14.9, 9.9, 9.9) == "good"
+    assert g(14.9, 10.0, 1.0) == "poor" and g(15.0, 1.0, 1.0) == "poor" and g(1, 1, 10.0) == "poor"
+    assert col.passes({"lab_distance": 4, "hue_error_deg": 1, "delta_e2000": 1}, "excellent")
+    assert not col.passes({"lab_distance": 40, "hue_error_deg": 1, "delta_e2000": 1})
+
+
+def test_hue_error_is_zero_for_a_neutral_target():
+    img = col.solid_reference("#8a7f80", 16, noise_sigma=0, gradient=(1, 1))   # a slightly warm grey
+    m = col.color_metrics(img, np.full((16, 16), 255, np.uint8), "#808080")
+    assert m["hue_error_deg"] == 0.0 and m["delta_e2000"] > 1

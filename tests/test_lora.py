@@ -169,20 +169,14 @@ def test_failed_save_keeps_previous_latest(tmp_path, models, samples, monkeypatc
     assert (out / "checkpoints" / "step-0000010" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_wall_mode_prep_and_color_loss(tmp_path, models):
+def test_wall_mode_trains_with_the_wall_trainer_and_color_loss(tmp_path, models):
+    """mode='wall' is pipelines.wall_train.WallTrainer (its protocol: tests/test_wall_protocol.py)."""
     rng = np.random.default_rng(0)
     img = np.full((96, 96, 3), (180, 60, 40), np.uint8) + rng.integers(0, 10, (96, 96, 3)).astype(np.uint8)
     good = np.zeros((96, 96), np.uint8)
     good[20:80, 10:70] = 255
-    speckle = (rng.random((96, 96)) > 0.7).astype(np.uint8) * 255      # segmentation noise
-    prepared = L.prepare_wall_samples([(img, good, "wall"), (img, speckle, "wall")], erode_px=3,
-                                      min_quality=0.3)
-    assert len(prepared) == 1
-    p = prepared[0]
-    assert p.mask.sum() < good.sum() and abs(p.color[0] - 184) <= 6
-    assert p.reference.shape == (256, 256, 3)
-    with pytest.raises(L.TrainDataError, match="below the quality threshold"):
-        L.prepare_wall_samples([(img, speckle, "wall")])
+    with pytest.raises(L.ConfigError, match="WallTrainer"):
+        L.LoraTrainer(_cfg(models, tmp_path / "x", mode="wall"), [(img, good, "wall")])
     cfg = _cfg(models, tmp_path / "wall", mode="wall", max_steps=2, color_loss_weight=1.0,
                validate_every=2, validation_count=1, validation_seeds=[0])
     res = L.train_lora(cfg, [(img, good, "wall")])
@@ -190,3 +184,4 @@ def test_wall_mode_prep_and_color_loss(tmp_path, models):
     ck = L.latest_checkpoint(tmp_path / "wall")
     assert (ck / "pytorch_lora_weights.safetensors").is_file()
     assert not (ck / "damage_embedding.json").exists()     # unconditional: no table
+    assert (ck / "color_metrics.json").is_file()
