@@ -23,7 +23,8 @@ def free_port() -> int:
 
 def start_app(workspace: Path, port: int, extra_env: dict | None = None, timeout: float = 90):
     env = dict(os.environ, DEFECT_STUDIO_WORKSPACE=str(workspace), DEFECT_STUDIO_DEMO=str(DEMO),
-               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+               DEFECT_STUDIO_EXAMPLES="none")   # no background example jobs unless a test asks
     env.update(extra_env or {})
     log = open(workspace.parent / f"app-{port}.log", "w")
     t0 = time.monotonic()

@@ -12,7 +12,7 @@ import numpy as np
 
 from pipelines import masks as M
 from pipelines.imageio import ImageInputError, check_array, read_mask, read_rgb
-from pipelines.registry import generator_names
+from pipelines.registry import auto_description, generator_names
 from studio.catalog import GOOD
 from studio.context import StudioContext
 from studio.services import GenerateRequest, UserError, generate, learned_from, review
@@ -176,7 +176,7 @@ def options_from_widgets(backend: str | None, values) -> dict:
 def backend_help(bk: str | None) -> str:
     """The backend's description and whether it can run here (with the exact fix when not)."""
     if not bk or bk == "auto":
-        return "auto: cut-paste when reference defects of this type exist, else Perlin"
+        return auto_description("damage")
     from pipelines.registry import backend_status, get_info
     ok, message = backend_status(bk)
     info = get_info(bk)
@@ -195,7 +195,10 @@ def image_choices(ctx: StudioContext, product: str | None) -> list[tuple[str, in
 
 
 def damage_choices(ctx: StudioContext, product: str | None) -> list[str]:
-    return list(ctx.catalog().damage_types(product)) if product else [GOOD]
+    """The product's damage types; a new product (your own photos) may use any known type."""
+    cat = ctx.catalog()
+    own = list(cat.damage_types(product)) if product else [GOOD]
+    return own if set(own) - {GOOD} else list(cat.all_damage_types())
 
 
 def default_damage(ctx: StudioContext, product: str | None) -> str:
@@ -449,7 +452,7 @@ def _controls(ctx: StudioContext, first: str | None, products: list[str]) -> dic
                               label="Damage type", allow_custom_value=True, elem_id="damage")
     w["color"] = gr.ColorPicker("#3366cc", label="Wall colour", visible=False, elem_id="color")
     w["backend"] = gr.Dropdown(["auto", *generator_names()], value="auto", label="Backend",
-                               info="auto: cut-paste when reference defects of this type exist, else Perlin",
+                               info=auto_description("damage"),
                                elem_id="backend")
     with gr.Row():
         w["n"] = gr.Slider(1, 8, 4, step=1, label="Candidates", elem_id="n")

@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from pipelines.registry import offline_names
+from pipelines.registry import offline_names, picks_model, plan_defaults
 
 from studio.context import StudioContext
 from studio.curation import (CurationDB, CurationError, Thresholds, make_plan, next_candidate,
@@ -18,7 +18,7 @@ from studio.curation import (CurationDB, CurationError, Thresholds, make_plan, n
 from studio.experiment import (METRIC_KEYS, PRIMARY_METRIC, ExperimentRequest, experiment_figure,
                                run_experiment, source_blocks, table_rows)
 from studio.runs import RunLog
-from studio.ui.jobs_panel import JobPanel, bind
+from studio.ui.jobs_panel import JobPanel, api_endpoint, bind
 
 # keyboard shortcuts for the review queue (ignored while typing in a text field)
 KEYS_JS = """
@@ -33,7 +33,13 @@ document.addEventListener('keydown', (e) => {
 </script>
 """
 EXP_COLS = ["id", "product", "model", "arm", *METRIC_KEYS, "verdict", "created_at"]
-EXP_GENERATORS = ("perlin", "cutpaste")       # generated inside the protocol (offline, no weights)
+
+
+def experiment_choices() -> list[str]:
+    """Generators the experiment can run inside the protocol here (registry: offline, in-mask, no
+    hub weights; not the per-product models, which the experiment is not given)."""
+    from studio.experiment import experiment_generators
+    return [n for n in experiment_generators() if not picks_model(n)]
 
 
 def experiments_frame(runlog: RunLog):
@@ -196,7 +202,7 @@ def _plan_tab(t: CurationState, product) -> None:
         target = gr.Number(0, label="Target per class (0 = match the largest)", precision=0,
                            elem_id="cu-target")
         oversample = gr.Slider(1.0, 3.0, 1.0, step=0.25, label="Oversample (reviewers reject some)")
-        backends = gr.CheckboxGroup(offline_names("damage"), value=["perlin", "cutpaste"],
+        backends = gr.CheckboxGroup(offline_names("damage"), value=plan_defaults(),
                                     label="Backends", elem_id="cu-backends")
         plan_btn = gr.Button("Preview plan", elem_id="cu-plan")
     plan_id = gr.State(0)
@@ -211,7 +217,8 @@ def _plan_tab(t: CurationState, product) -> None:
         th_dup = gr.Slider(0, 20, Thresholds.min_duplicate_distance, step=1,
                            label="min perceptual-hash distance between defect crops")
     plan_btn.click(bind(do_plan, t), [product, target, oversample, backends], [plan_id, plan_table],
-                   api_name="plan")
+                   api_name=False)
+    api_endpoint(bind(do_plan, t), [product, target, oversample, backends], [plan_id, plan_table], "plan")
     batch.wire(bind(start_batch, t), [plan_id, th_vis, th_dup], live_batch, [batch_info])
 
 
@@ -248,7 +255,8 @@ def _quality_tab(t: CurationState, product) -> None:
     gr.Markdown("Press the button to score every class with accepted samples (a few seconds per class).",
                 elem_id="cu-quality-hint")
     q_table = gr.Dataframe(interactive=False, elem_id="cu-quality-table")
-    q_btn.click(bind(do_quality, t), product, q_table, api_name="quality")
+    q_btn.click(bind(do_quality, t), product, q_table, api_name=False)
+    api_endpoint(bind(do_quality, t), product, q_table, "quality")
 
 
 def _experiment_tab(t: CurationState, product):
@@ -259,7 +267,7 @@ def _experiment_tab(t: CurationState, product):
                 "ticked generators are also run inside the protocol on equal terms.")
     with gr.Row():
         exp_repeats = gr.Slider(1, 10, 5, step=1, label="Repeats (K seeds)", elem_id="cu-exp-repeats")
-        exp_generate = gr.CheckboxGroup(list(EXP_GENERATORS), value=[], elem_id="cu-exp-generate",
+        exp_generate = gr.CheckboxGroup(experiment_choices(), value=[], elem_id="cu-exp-generate",
                                         label="Also generate with (compared on equal terms)")
         exp_per_type = gr.Number(10, label="Generated per damage type", precision=0,
                                  elem_id="cu-exp-per-type")

@@ -62,21 +62,26 @@ def _wrap(fn, positions: list[int], n_outputs: int):
 
 
 def autohide(demo: gr.Blocks) -> int:
-    """Hide the empty plots / tables / galleries / JSON views of ``demo`` and make every event that
-    writes to one show or hide it by its value. Returns how many components start hidden."""
-    hidden = 0
-    for block in demo.blocks.values():
-        if isinstance(block, KINDS) and block.visible is True and not has_data(block.value):
-            block.visible = False
-            hidden += 1
+    """Hide the empty plots / tables / galleries / JSON views of ``demo`` and make every page event
+    that writes to one show or hide it by its value. Named API endpoints are left as they are (a
+    client gets plain values), so only components some page-only event writes to start hidden.
+    Returns how many components start hidden."""
+    showable: set[int] = set()
     fns = demo.fns.values() if isinstance(demo.fns, dict) else demo.fns
     for bf in fns:
         fn = getattr(bf, "fn", None)
-        if fn is None or inspect.isgeneratorfunction(fn) or inspect.iscoroutinefunction(fn) \
+        if fn is None or getattr(bf, "api_visibility", "public") != "private" \
+                or inspect.isgeneratorfunction(fn) or inspect.iscoroutinefunction(fn) \
                 or inspect.isasyncgenfunction(fn):
             continue
         positions = [i for i, o in enumerate(bf.outputs) if isinstance(o, KINDS)]
         if positions and not getattr(bf, "_autohide", False):
             bf.fn = _wrap(fn, positions, len(bf.outputs))
             bf._autohide = True
+            showable.update(id(bf.outputs[i]) for i in positions)
+    hidden = 0
+    for block in demo.blocks.values():
+        if id(block) in showable and block.visible is True and not has_data(block.value):
+            block.visible = False
+            hidden += 1
     return hidden

@@ -1,0 +1,92 @@
+"""Screenshots of every tab at 1600 × 1000 into docs/screenshots/ (Playwright + Debian's Chromium).
+
+Starts the studio on a fresh temporary workspace (demo data imported), makes one painted, generated
+candidate in Annotate so the before / after view shows, then visits each tab.
+
+    python scripts/screenshots.py [--out docs/screenshots] [--examples]
+
+``--examples`` lets the first-start example PatchCore / DDPM jobs run (and waits for the PatchCore
+ones) so those tabs show results; without it they show their empty-state guidance.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import free_port, start_app, stop_app  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--no-first-run", "--disable-sync"]
+TABS = ["Dataset", "Curation", "Training", "PatchCore", "DDPM"]
+
+
+def _annotate(pg) -> None:
+    """Paint a stroke on the first demo image and generate 4 candidates (classical, ~1 s)."""
+    pg.wait_for_timeout(1500)
+    box = pg.locator("#editor canvas").first.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    pg.mouse.move(cx - 40, cy - 80)
+    pg.mouse.down()
+    for i in range(1, 14):
+        pg.mouse.move(cx - 40 + 6 * i, cy - 80 + 3 * i, steps=2)
+    pg.mouse.up()
+    pg.wait_for_timeout(800)
+    pg.click("#generate")
+    pg.wait_for_function("document.querySelectorAll('#gallery .thumbnail-item').length >= 1", timeout=120_000)
+    pg.wait_for_selector("#before-after img")
+    pg.wait_for_timeout(800)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "docs" / "screenshots"), help="folder for the PNGs")
+    ap.add_argument("--examples", action="store_true",
+                    help="let the example PatchCore / DDPM jobs run and wait for PatchCore's")
+    args = ap.parse_args(argv)
+    if not Path(CHROMIUM).exists():
+        print(f"error: {CHROMIUM} is missing (apt-get install -y chromium)", file=sys.stderr)
+        return 2
+    from playwright.sync_api import sync_playwright
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Path(tmp) / "workspace"
+        ws.mkdir()
+        env = {"DEFECT_STUDIO_EXAMPLES": "on"} if args.examples else {}
+        proc, url, seconds = start_app(ws, free_port(), env)
+        try:
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+                pg = browser.new_page(viewport={"width": 1600, "height": 1000})
+                pg.set_default_timeout(60_000)
+                pg.goto(url)
+                pg.wait_for_selector("#generate")
+                _annotate(pg)
+                pg.screenshot(path=str(out / "annotate.png"))
+                if args.examples:
+                    t0 = time.monotonic()
+                    while time.monotonic() - t0 < 600 and len(list((ws / "examples").glob("patchcore-*"))) < 2:
+                        time.sleep(2)
+                    pg.reload()
+                    pg.wait_for_selector("#generate")
+                    pg.wait_for_timeout(1500)
+                for tab in TABS:
+                    pg.get_by_role("tab", name=tab, exact=True).click()
+                    pg.wait_for_timeout(1200)
+                    pg.screenshot(path=str(out / f"{tab.lower()}.png"))
+                browser.close()
+        finally:
+            stop_app(proc)
+    for f in sorted(out.glob("*.png")):
+        print(f"{f.relative_to(ROOT) if f.is_relative_to(ROOT) else f}  {f.stat().st_size / 1024:.0f} KB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
