@@ -371,10 +371,14 @@ def cmd_train(args) -> int:
     if args.kind == "lora":
         from pipelines.lora import LoraTrainConfig as Config
         from pipelines.lora import run_from_config
+    elif args.kind == "wall":
+        from pipelines.wall_train import WallTrainConfig as Config
+        from pipelines.wall_train import run_from_config
     else:
         from pipelines.pixel_inpaint import PixelInpaintConfig as Config
         from pipelines.pixel_inpaint import run_from_config
-    overrides = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k, None) is not None}
+    from studio.wall_cli import WALL_FLAGS
+    overrides = {k: getattr(args, k) for k in TRAIN_FLAGS + WALL_FLAGS if getattr(args, k, None) is not None}
     if args.no_resume:
         overrides["resume"] = False
     if "damage_types" in overrides:
@@ -566,7 +570,8 @@ def _add_training_commands(sub, ws) -> None:
     """train (LoRA + damage embeddings, or pixel-inpaint)."""
     sp = sub.add_parser("train", help="train LoRA + damage embeddings (SD 1.5 inpainting) or the "
                                       "offline pixel-inpaint model")
-    sp.add_argument("--kind", choices=["lora", "pixel-inpaint"], default="pixel-inpaint")
+    sp.add_argument("--kind", choices=["lora", "pixel-inpaint", "wall"], default="pixel-inpaint",
+                    help="wall: wall-colour LoRA from a folder of photos + masks")
     sp.add_argument("--config", help="YAML file with the trainer's fields (unknown keys are an error)")
     sp.add_argument("--data", help="MVTec-layout category folder (real defects with masks)")
     sp.add_argument("--out", dest="output_dir", help="checkpoint folder")
@@ -587,7 +592,10 @@ def _add_training_commands(sub, ws) -> None:
     sp.add_argument("--cancel-file", help="stop cleanly (keeping a checkpoint) once this file exists")
     sp.add_argument("--progress-lines", action="store_true", help=argparse.SUPPRESS)
     sp.add_argument("--quiet", action="store_true")
+    from studio.wall_cli import add_wall_ablation_command, add_wall_train_flags
+    add_wall_train_flags(sp)
     sp.set_defaults(fn=cmd_train)
+    add_wall_ablation_command(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ import torch
 
 from pipelines import color as col
 from pipelines import wall_train as W
-from pipelines.training import ConfigError, TrainDataError
+from pipelines.training import ConfigError, TrainDataError, latest_checkpoint
 from tests import diffusion_fixtures as dfx
 
 
@@ -306,3 +306,57 @@ def test_ablation_runner_writes_a_table(tmp_path, sd):
     assert md.count("\n") >= 7 and "unconditional" in md
     with pytest.raises(ConfigError, match="unknown ablation"):
         W.run_ablation(cfg, [(img, m, "wall")], tmp_path / "x", variants=["texture2"])
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+def _photo_folder(root: Path) -> Path:
+    from pipelines.imageio import write_png_atomic
+    for k, rgb in enumerate([(180, 60, 40), (60, 150, 90)]):
+        img, m = _wall(k, rgb=rgb)
+        write_png_atomic(root / "images" / f"w{k}.png", img)
+        write_png_atomic(root / "masks" / f"w{k}.png", m)
+    return root
+
+
+def test_cli_train_wall_and_ablation(tmp_path, sd, capsys):
+    from studio.__main__ import main
+    data = _photo_folder(tmp_path / "photos")
+    rc = main(["train", "--kind", "wall", "--data", str(data), "--out", str(tmp_path / "run"),
+               "--model", str(sd), "--steps", "1", "--resolution", "64", "--validate-every", "1",
+               "--validation-colors", "#3366cc", "--random-color-prob", "0.5", "--erode", "3",
+               "--min-quality", "0.5", "--reference", "none", "--quiet"])
+    assert rc == 0
+    assert '"stopped": "steps"' in capsys.readouterr().out
+    rows = W.read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1]
+    state = json.loads((Path(latest_checkpoint(tmp_path / "run")) / "trainer_state.json").read_text())
+    assert state["config"]["wall_erode_px"] == 3 and state["config"]["random_color_prob"] == 0.5
+    assert state["config"]["reference"] == "none"
+    # bad input: one line, non-zero
+    rc = main(["train", "--kind", "wall", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r2"),
+               "--model", str(sd), "--steps", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "does not exist" in err and "Traceback" not in err
+    rc = main(["wall-ablation", "--data", str(data), "--out", str(tmp_path / "abl"), "--model", str(sd),
+               "--steps", "1", "--resolution", "64", "--validation-steps", "2",
+               "--variants", "baseline,unconditional", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "| unconditional |" in out and (tmp_path / "abl" / "ablation.md").is_file()
+    train_help = _help(["train", "--help"])
+    for flag in ("--kind", "--masks", "--random-color-prob", "--reference", "--ip-adapter", "--color-method",
+                 "--color-loss-weight", "--erode", "--min-quality", "--validate-every", "--validation-colors"):
+        assert flag in train_help
+    assert "wall" in train_help
+    abl_help = _help(["wall-ablation", "--help"])
+    for flag in ("--data", "--masks", "--out", "--model", "--steps", "--variants", "--validation-colors"):
+        assert flag in abl_help
+
+
+def _help(argv) -> str:
+    import contextlib
+    import io
+    from studio.__main__ import main
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+        main(argv)
+    return buf.getvalue()
