@@ -1,12 +1,30 @@
 """Curation at scale: a balancing plan, batch generation (resumable, no duplicates), automatic
-pre-screening of candidates, a review queue, and per-class quality of the synthetic set.
+pre-screening and verification of candidates, a review queue, and per-class quality of the
+synthetic set.
+
+Plan rules (the specification's):
+* **Target modes** — ``balance``: top every class up to the largest class (or to ``target``
+  images, real + accepted synthetic); ``fixed``: ``target`` new synthetic samples per class.
+* **Verification and retries** — each candidate gets a verification score in [0, 1]
+  (:func:`verification_score`: every pre-screen check scaled so that its threshold lands on
+  :data:`VERIFY_THRESHOLD` = 0.6, the weakest check wins); a candidate below 0.6 is auto-rejected
+  and regenerated with a new seed (and a new mask), up to :data:`MAX_RETRIES` = 3 retries per item.
+* **Success-rate monitor** — per class, accepted (verified) / attempted candidates; a class is
+  complete when its verified samples reach :data:`COMPLETE_FRACTION` = 80 % of its target
+  (:func:`plan_monitor`, stored with the plan after every item).
+* **Attribute mix** — e.g. ``severity=low:0.5,high:0.5``: each item is assigned one value per
+  attribute, exactly matching the shares within each class (largest remainder, then shuffled with
+  the plan's seed); recorded in the sample's provenance (``params["attributes"]``). ``severity``
+  also sets the generator strength (:data:`SEVERITY_STRENGTH`); other attributes are labels.
 
 Plans and pre-screen scores live in the workspace database next to the samples:
-  plans(id, product, params, summary, created_at)
-  plan_items(plan_id, idx, label, source_image_id, style, seed, backend, status, sample_id)
+  plans(id, product, params, summary, created_at, monitor)
+  plan_items(plan_id, idx, label, source_image_id, style, seed, backend, status, sample_id,
+             attributes, attempts, verified, score)
   prescreen(sample_id, scores, auto_rejected, reason)
-A plan item's sample carries ``batch_id = "plan<id>:<idx>"``, so a resumed batch skips items whose
-sample already exists even when a crash hit between writing the sample and marking the item.
+A plan item's first sample carries ``batch_id = "plan<id>:<idx>"``, its retries
+``"plan<id>:<idx>~r<k>"``, so a resumed batch skips attempts whose sample already exists even when a
+crash hit between writing the sample and marking the item.
 """
 from __future__ import annotations
 
@@ -35,6 +53,14 @@ class CurationError(ValueError):
     """A user-facing problem with a plan or a batch (message shown as-is)."""
 
 
+TARGET_MODES = ("balance", "fixed")
+VERIFY_THRESHOLD = 0.6          # the specification's pass mark for a candidate's verification score
+MAX_RETRIES = 3                 # regenerations of a failed candidate (new seed), per plan item
+COMPLETE_FRACTION = 0.8         # a class is complete at ≥ 80 % of its target
+SEVERITY_STRENGTH = {"low": 0.45, "medium": 0.7, "high": 0.95}   # attribute 'severity' → strength
+RETRY_SEED_STEP = 1_000_003     # retry k of an item uses seed + k · step
+
+
 @dataclass
 class Thresholds:
     max_outside_change: int = 0         # any change outside the feathered mask → reject
@@ -51,10 +77,20 @@ class CurationDB:
         self.db.conn.execute("PRAGMA journal_mode = WAL")
         with self._lock:
             self.db["plans"].create({"id": int, "product": str, "params": str, "summary": str,
-                                     "created_at": str}, pk="id", if_not_exists=True)
+                                     "created_at": str, "monitor": str}, pk="id", if_not_exists=True)
             self.db["plan_items"].create({"plan_id": int, "idx": int, "label": str, "source_image_id": int,
                                           "style": str, "seed": int, "backend": str, "status": str,
-                                          "sample_id": int}, pk=("plan_id", "idx"), if_not_exists=True)
+                                          "sample_id": int, "attributes": str, "attempts": int,
+                                          "verified": int, "score": float},
+                                         pk=("plan_id", "idx"), if_not_exists=True)
+            # workspaces made before the plan rules: add the new columns
+            for table, cols in (("plans", {"monitor": str}),
+                                ("plan_items", {"attributes": str, "attempts": int, "verified": int,
+                                                "score": float})):
+                have = self.db[table].columns_dict
+                for name, typ in cols.items():
+                    if name not in have:
+                        self.db[table].add_column(name, typ)
             self.db["prescreen"].create({"sample_id": int, "scores": str, "auto_rejected": int,
                                          "reason": str}, pk="sample_id", if_not_exists=True)
 
@@ -95,11 +131,79 @@ def balance(store, product: str, labels: list[str] | None = None) -> list[dict]:
     return out
 
 
+def parse_mix(text: str | dict | None) -> dict[str, dict[str, float]]:
+    """``"severity=low:0.5,high:0.5;lighting=dim:0.3,bright:0.7"`` (attributes separated by ``;``
+    or given as a list) → ``{attribute: {value: share}}``; each attribute's shares must be positive
+    and sum to 1 (± 0.01; they are normalised)."""
+    if not text:
+        return {}
+    parts = text if isinstance(text, (list, tuple)) else None
+    if isinstance(text, dict):
+        raw = {k: dict(v) for k, v in text.items()}
+    else:
+        raw = {}
+        for part in (parts if parts is not None else str(text).split(";")):
+            part = part.strip()
+            if not part:
+                continue
+            name, sep, values = part.partition("=")
+            if not sep or not name.strip() or not values.strip():
+                raise CurationError(f"attribute mix {part!r}: expected NAME=VALUE:SHARE,VALUE:SHARE "
+                                    "(e.g. severity=low:0.5,high:0.5)")
+            shares: dict[str, float] = {}
+            for pair in values.split(","):
+                v, sep, share = pair.strip().partition(":")
+                try:
+                    shares[v.strip()] = float(share)
+                except ValueError:
+                    raise CurationError(f"attribute mix {part!r}: {pair.strip()!r} is not VALUE:SHARE") from None
+                if not sep or not v.strip():
+                    raise CurationError(f"attribute mix {part!r}: {pair.strip()!r} is not VALUE:SHARE")
+            raw[name.strip()] = shares
+    out = {}
+    for name, shares in raw.items():
+        total = sum(shares.values())
+        if not shares or any(v <= 0 for v in shares.values()) or abs(total - 1) > 0.01:
+            raise CurationError(f"attribute {name!r}: shares must be positive and sum to 1, got "
+                                + ", ".join(f"{k}:{v:g}" for k, v in shares.items()))
+        out[name] = {k: v / total for k, v in shares.items()}
+    return out
+
+
+def assign_attributes(mix: dict[str, dict[str, float]], n: int, rng: np.random.Generator) -> list[dict]:
+    """``n`` attribute dicts whose value counts match the shares of ``mix`` exactly up to rounding
+    (largest remainder), in a seeded random order."""
+    out = [{} for _ in range(n)]
+    for name, shares in mix.items():
+        exact = {v: share * n for v, share in shares.items()}
+        counts = {v: int(np.floor(x)) for v, x in exact.items()}
+        for v in sorted(exact, key=lambda v: exact[v] - counts[v], reverse=True)[: n - sum(counts.values())]:
+            counts[v] += 1
+        values = [v for v, c in counts.items() for _ in range(c)]
+        rng.shuffle(values)
+        for d, v in zip(out, values):
+            d[name] = v
+    return out
+
+
 def make_plan(store, cdb: CurationDB, product: str, target: int | None = None,
               labels: list[str] | None = None, backends: tuple[str, ...] = ("perlin", "cutpaste"),
-              oversample: float = 1.0, seed: int = 0) -> dict:
-    """A generation plan prioritised by deficit, spread over sources, seeds and backends."""
+              oversample: float = 1.0, seed: int = 0, mode: str = "balance",
+              mix: str | dict | None = None, retries: int = MAX_RETRIES) -> dict:
+    """A generation plan prioritised by deficit, spread over sources, seeds and backends.
+
+    ``mode="balance"``: each class's target is the largest class (or ``target``, real + accepted
+    synthetic); ``mode="fixed"``: ``target`` new synthetic samples per class. ``mix``: an attribute
+    mix (:func:`parse_mix`); ``retries``: regenerations of a candidate that fails verification."""
     from pipelines.classical import style_for
+
+    if mode not in TARGET_MODES:
+        raise CurationError(f"target mode must be one of {', '.join(TARGET_MODES)}, not {mode!r}")
+    if mode == "fixed" and not (target and int(target) > 0):
+        raise CurationError("target mode 'fixed' needs a target: the number of new samples per class")
+    if not 0 <= int(retries) <= 10:
+        raise CurationError(f"retries must be 0..10, got {retries}")
+    mix = parse_mix(mix)
 
     full = balance(store, product)
     if labels:
@@ -113,7 +217,7 @@ def make_plan(store, cdb: CurationDB, product: str, target: int | None = None,
     largest = max(b["current"] for b in bal)
     goal = largest if not target else int(target)
     below = [b for b in bal if b["current"] > goal]
-    if target and below:
+    if target and below and mode == "balance":
         worst = max(below, key=lambda b: b["current"])
         raise CurationError(f"target {goal} is below the current count of {worst['label']!r} "
                             f"({worst['current']}); choose at least {worst['current']}")
@@ -133,7 +237,7 @@ def make_plan(store, cdb: CurationDB, product: str, target: int | None = None,
     items, summary = [], []
     queues = {}
     for b in sorted(bal, key=lambda b: goal - b["current"], reverse=True):
-        deficit = max(0, goal - b["current"])
+        deficit = goal if mode == "fixed" else max(0, goal - b["current"])
         n = int(np.ceil(deficit * max(oversample, 1.0)))
         allowed = [bk for bk in backends if not get_info(bk).needs_donors or b["reference"] > 0]
         if n and not allowed:
@@ -142,6 +246,7 @@ def make_plan(store, cdb: CurationDB, product: str, target: int | None = None,
                                 "copied); add a generator that needs none, e.g. 'perlin'")
         queues[b["label"]] = (n, allowed)
         summary.append({**b, "target": goal, "deficit": deficit, "planned": n,
+                        "complete_at": int(np.ceil(COMPLETE_FRACTION * deficit)),
                         "backends": ", ".join(allowed)})
     # interleave classes so a cancelled batch still improves the worst ones first
     counters = {lab: 0 for lab in queues}
@@ -154,25 +259,83 @@ def make_plan(store, cdb: CurationDB, product: str, target: int | None = None,
             items.append({"label": lab, "source_image_id": int(src["id"]), "style": style_for(lab),
                           "seed": seed * 100_003 + len(items), "backend": allowed[i % len(allowed)]})
             counters[lab] += 1
+    # the attribute mix: exact shares within each class, in a seeded order
+    for k, lab in enumerate(sorted(queues)):
+        mine = [it for it in items if it["label"] == lab]
+        for it, attrs in zip(mine, assign_attributes(mix, len(mine), np.random.default_rng([seed, k]))):
+            it["attributes"] = json.dumps(attrs, sort_keys=True)
+    for row in summary:
+        row["mix"] = "; ".join(f"{a}: " + ", ".join(
+            f"{v} {sum(json.loads(it['attributes']).get(a) == v for it in items if it['label'] == row['label'])}"
+            for v in shares) for a, shares in mix.items())
+    params = {"target": goal, "mode": mode, "labels": labels, "backends": list(backends),
+              "oversample": oversample, "seed": seed, "mix": mix, "retries": int(retries),
+              "verify_threshold": VERIFY_THRESHOLD, "complete_fraction": COMPLETE_FRACTION}
     with cdb._lock, cdb.db.conn:
-        plan_id = cdb.db["plans"].insert({"product": product, "params": json.dumps(
-            {"target": goal, "labels": labels, "backends": list(backends), "oversample": oversample,
-             "seed": seed}), "summary": json.dumps(summary), "created_at": _now()}).last_pk
+        plan_id = cdb.db["plans"].insert({"product": product, "params": json.dumps(params),
+                                          "summary": json.dumps(summary), "created_at": _now()}).last_pk
         cdb.db["plan_items"].insert_all(
-            [{"plan_id": plan_id, "idx": i, **it, "status": "pending", "sample_id": None}
-             for i, it in enumerate(items)])
-    return {"plan_id": plan_id, "product": product, "target": goal, "summary": summary, "items": len(items)}
+            [{"plan_id": plan_id, "idx": i, **it, "status": "pending", "sample_id": None, "attempts": 0,
+              "verified": 0, "score": None} for i, it in enumerate(items)])
+    return {"plan_id": plan_id, "product": product, "target": goal, "mode": mode, "summary": summary,
+            "items": len(items), "mix": mix, "retries": int(retries)}
+
+
+def _plan_row(cdb: CurationDB, plan_id: int) -> dict:
+    plan = cdb.q("SELECT * FROM plans WHERE id=?", (plan_id,))
+    if not plan:
+        raise CurationError(f"no plan #{plan_id}")
+    return plan[0]
+
+
+def plan_monitor(cdb: CurationDB, plan_id: int) -> dict:
+    """The success-rate monitor: per class, ``accepted`` (candidates that passed verification) /
+    ``attempted`` (candidates generated, retries included), the target (the class's deficit) and
+    whether it is ``complete`` (accepted ≥ 80 % of the target); ``overall`` sums the classes and is
+    complete when every class is."""
+    plan = _plan_row(cdb, plan_id)
+    summary = {r["label"]: r for r in json.loads(plan["summary"])}
+    rows = cdb.q("SELECT label, count(*) items, SUM(status != 'pending') done, "
+                 "COALESCE(SUM(attempts), 0) attempted, COALESCE(SUM(verified), 0) accepted "
+                 "FROM plan_items WHERE plan_id=? GROUP BY label", (plan_id,))
+    by = {r["label"]: r for r in rows}
+    classes = []
+    for lab, s in summary.items():
+        r = by.get(lab, {"items": 0, "done": 0, "attempted": 0, "accepted": 0})
+        target = int(s.get("deficit", 0))
+        need = int(np.ceil(COMPLETE_FRACTION * target))
+        classes.append({"label": lab, "target": target, "complete_at": need, "items": int(r["items"]),
+                        "done": int(r["done"] or 0), "attempted": int(r["attempted"]),
+                        "accepted": int(r["accepted"]),
+                        "success_rate": r["accepted"] / r["attempted"] if r["attempted"] else None,
+                        "complete": int(r["accepted"]) >= need})
+    att, acc = sum(c["attempted"] for c in classes), sum(c["accepted"] for c in classes)
+    return {"classes": classes, "overall": {"attempted": att, "accepted": acc,
+                                            "success_rate": acc / att if att else None,
+                                            "complete": all(c["complete"] for c in classes)}}
 
 
 def plan_status(cdb: CurationDB, plan_id: int) -> dict:
     rows = cdb.q("SELECT status, count(*) n FROM plan_items WHERE plan_id=? GROUP BY status", (plan_id,))
     counts = {r["status"]: r["n"] for r in rows}
-    plan = cdb.q("SELECT * FROM plans WHERE id=?", (plan_id,))
-    if not plan:
-        raise CurationError(f"no plan #{plan_id}")
-    return {"plan_id": plan_id, "product": plan[0]["product"], "done": counts.get("done", 0),
+    plan = _plan_row(cdb, plan_id)
+    return {"plan_id": plan_id, "product": plan["product"], "done": counts.get("done", 0),
             "pending": counts.get("pending", 0), "total": sum(counts.values()),
-            "summary": json.loads(plan[0]["summary"])}
+            "params": json.loads(plan["params"]), "summary": json.loads(plan["summary"]),
+            "monitor": plan_monitor(cdb, plan_id)}
+
+
+def monitor_lines(monitor: dict) -> list[str]:
+    """The monitor as text lines (the CLI prints them)."""
+    def rate(x):
+        return "–" if x is None else f"{100 * x:.0f} %"
+    lines = [f"{c['label']}: accepted {c['accepted']} / attempted {c['attempted']} ({rate(c['success_rate'])})"
+             f" · target {c['target']} · {'complete' if c['complete'] else 'incomplete'} "
+             f"(needs {c['complete_at']}, {int(COMPLETE_FRACTION * 100)} % of target)" for c in monitor["classes"]]
+    o = monitor["overall"]
+    lines.append(f"overall: accepted {o['accepted']} / attempted {o['attempted']} ({rate(o['success_rate'])}) · "
+                 f"{'complete' if o['complete'] else 'incomplete'}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,6 +375,25 @@ def prescreen_scores(source: np.ndarray, cand: np.ndarray, mask: np.ndarray, fea
     return scores
 
 
+def check_scores(scores: dict, th: Thresholds) -> dict[str, float]:
+    """Each pre-screen check as a score in [0, 1], scaled so that its threshold lands on
+    :data:`VERIFY_THRESHOLD` (0.6): ``outside`` (1 or 0: any change beyond the feathered mask),
+    ``visibility`` (PatchCore inside / around the mask, when a detector ran), ``novelty``
+    (perceptual-hash distance to the class's other candidates)."""
+    out = {"outside": 1.0 if scores["outside_change"] <= th.max_outside_change else 0.0}
+    if scores.get("visibility") is not None:
+        out["visibility"] = min(1.0, VERIFY_THRESHOLD * scores["visibility"] / max(th.min_visibility, 1e-9))
+    if th.min_duplicate_distance > 0:
+        out["novelty"] = min(1.0, VERIFY_THRESHOLD * scores["duplicate_distance"] / th.min_duplicate_distance)
+    return out
+
+
+def verification_score(scores: dict, th: Thresholds) -> float:
+    """A candidate's verification score in [0, 1]: its weakest check (:func:`check_scores`);
+    it passes at ≥ :data:`VERIFY_THRESHOLD`, exactly when every check meets its threshold."""
+    return min(check_scores(scores, th).values())
+
+
 def verdict(scores: dict, th: Thresholds) -> str | None:
     """The reason to auto-reject, or None."""
     if scores["outside_change"] > th.max_outside_change:
@@ -226,15 +408,27 @@ def verdict(scores: dict, th: Thresholds) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Batch generation (a background job)
 # ---------------------------------------------------------------------------------------------
+Verifier = Callable[[np.ndarray, np.ndarray, dict], float]
+
+
 def run_plan(store, cdb: CurationDB, plan_id: int, progress: Callable[[float, str], None] | None = None,
              cancelled: Callable[[], bool] | None = None, thresholds: Thresholds | None = None,
-             use_detector: bool = True, feather: int = 4) -> dict:
-    """Create the plan's pending candidates (never accepts anything). Resumable."""
+             use_detector: bool = True, feather: int = 4, verifier: Verifier | None = None,
+             retries: int | None = None) -> dict:
+    """Create the plan's pending candidates (never accepts anything). Resumable.
+
+    Each candidate is verified: ``verifier(image [H x W x 3], mask [H x W], prescreen scores) →
+    score in [0, 1]`` (default :func:`verification_score` with ``thresholds``). Below
+    :data:`VERIFY_THRESHOLD` it is auto-rejected and the item regenerated with a new seed (and
+    mask), up to ``retries`` times (default: the plan's, 3). The success-rate monitor is stored with
+    the plan after every item."""
     from studio.services import GenerateRequest, UserError, generate, sample_mask
 
     th = thresholds or Thresholds()
     st = plan_status(cdb, plan_id)
     product = st["product"]
+    retries = int(st["params"].get("retries", MAX_RETRIES) if retries is None else retries)
+    verify = verifier or (lambda image, mask, scores: verification_score(scores, th))
     pending = cdb.q("SELECT * FROM plan_items WHERE plan_id=? AND status='pending' ORDER BY idx", (plan_id,))
     say = progress or (lambda f, m="": None)
     detector = None
@@ -245,43 +439,76 @@ def run_plan(store, cdb: CurationDB, plan_id: int, progress: Callable[[float, st
     for row in cdb.q("SELECT p.scores, s.damage_type FROM prescreen p JOIN samples s ON s.id = p.sample_id "
                      "WHERE s.product = ?", (product,)):
         hashes.setdefault(row["damage_type"], []).append(int(json.loads(row["scores"])["phash"], 16))
-    made = skipped = rejected = 0
+    made = skipped = rejected = attempted = 0
     for k, item in enumerate(pending):
         if cancelled and cancelled():
             break
-        batch_id = f"plan{plan_id}:{item['idx']}"
-        existing = store.samples_in_batch(batch_id + "")
-        existing = [s for s in existing if s["batch_id"] == batch_id]
-        if existing:  # written before a crash/cancel, item not yet marked: do not duplicate
-            cdb.execute("UPDATE plan_items SET status='done', sample_id=? WHERE plan_id=? AND idx=?",
-                        (existing[0]["id"], plan_id, item["idx"]))
-            skipped += 1
-            continue
+        label, attrs = item["label"], json.loads(item.get("attributes") or "{}")
         src = store.load_image(item["source_image_id"])
-        rng = np.random.default_rng(item["seed"])
-        mask = sample_mask(store, product, item["label"], src.shape[:2], rng)  # shaped like the type
-        req = GenerateRequest(image=src, mask=mask, damage_type=item["label"], product=product,
-                              backend=item["backend"], n=1, seed=item["seed"], feather=feather,
-                              source_image_id=item["source_image_id"], batch_id=batch_id)
-        try:
-            cand = generate(req, store=store)[0]
-        except UserError as exc:
-            raise CurationError(f"plan item {item['idx']} ({item['label']}, {item['backend']}): {exc}") from exc
-        scores = prescreen_scores(src, cand.image, mask, feather, detector, hashes.get(item["label"]))
-        hashes.setdefault(item["label"], []).append(int(scores["phash"], 16))
-        reason = verdict(scores, th)
-        with cdb._lock, cdb.db.conn:
-            cdb.db.conn.execute("INSERT OR REPLACE INTO prescreen (sample_id, scores, auto_rejected, reason) "
-                                "VALUES (?, ?, ?, ?)", (cand.sample_id, json.dumps(scores), int(bool(reason)), reason))
-            cdb.db.conn.execute("UPDATE plan_items SET status='done', sample_id=? WHERE plan_id=? AND idx=?",
-                                (cand.sample_id, plan_id, item["idx"]))
-        if reason:
-            store.reject(cand.sample_id, note=f"auto: {reason}")
-            rejected += 1
-        made += 1
-        say((k + 1) / len(pending), f"{k + 1}/{len(pending)} {item['label']}")
-    return {"plan_id": plan_id, "created": made, "auto_rejected": rejected, "resumed_existing": skipped,
-            **{k: v for k, v in plan_status(cdb, plan_id).items() if k in ("done", "pending", "total")}}
+        attempt, verified = int(item.get("attempts") or 0), False
+        while attempt <= retries and not verified:
+            if attempt and cancelled and cancelled():
+                break                                  # the item stays pending, its attempts recorded
+            batch_id = f"plan{plan_id}:{item['idx']}" + (f"~r{attempt}" if attempt else "")
+            seed = int(item["seed"]) + attempt * RETRY_SEED_STEP
+            existing = [s for s in store.samples_in_batch(batch_id) if s["batch_id"] == batch_id]
+            if existing:  # written before a crash/cancel, item not yet marked: do not duplicate
+                sid = existing[0]["id"]
+                image, mask = store.load_sample_image(sid), store.load_sample_mask(sid)
+                skipped += 1
+            else:
+                rng = np.random.default_rng(seed)
+                mask = sample_mask(store, product, label, src.shape[:2], rng)  # shaped like the type
+                req = GenerateRequest(image=src, mask=mask, damage_type=label, product=product,
+                                      backend=item["backend"], n=1, seed=seed, feather=feather,
+                                      strength=SEVERITY_STRENGTH.get(attrs.get("severity"), 0.8),
+                                      source_image_id=item["source_image_id"], batch_id=batch_id)
+                try:
+                    cand = generate(req, store=store)[0]
+                except UserError as exc:
+                    raise CurationError(f"plan item {item['idx']} ({label}, {item['backend']}): {exc}") from exc
+                sid, image = cand.sample_id, cand.image
+                _record_provenance(cdb, sid, plan_id, item["idx"], attempt, attrs)
+                made += 1
+            attempted += 1
+            scores = prescreen_scores(src, image, mask, feather, detector, hashes.get(label))
+            hashes.setdefault(label, []).append(int(scores["phash"], 16))
+            score = float(verify(image, mask, scores))
+            scores["verification"] = score
+            verified = score >= VERIFY_THRESHOLD
+            reason = None if verified else (verdict(scores, th) or f"verification score {score:.2f} < "
+                                                                    f"{VERIFY_THRESHOLD}")
+            attempt += 1
+            if reason:
+                store.reject(sid, note=f"auto: {reason} (attempt {attempt} of {retries + 1})")
+                rejected += 1
+            status = "done" if verified or attempt > retries else "pending"
+            with cdb._lock, cdb.db.conn:
+                cdb.db.conn.execute("INSERT OR REPLACE INTO prescreen (sample_id, scores, auto_rejected, reason) "
+                                    "VALUES (?, ?, ?, ?)", (sid, json.dumps(scores), int(bool(reason)), reason))
+                cdb.db.conn.execute("UPDATE plan_items SET status=?, sample_id=?, attempts=?, verified=?, score=? "
+                                    "WHERE plan_id=? AND idx=?",
+                                    (status, sid, attempt, int(verified), score, plan_id, item["idx"]))
+        monitor = plan_monitor(cdb, plan_id)
+        cdb.execute("UPDATE plans SET monitor=? WHERE id=?", (json.dumps(monitor), plan_id))
+        rate = monitor["overall"]["success_rate"]
+        say((k + 1) / len(pending), f"{k + 1}/{len(pending)} {label} · success "
+                                    f"{'–' if rate is None else f'{100 * rate:.0f} %'}")
+    return {"plan_id": plan_id, "created": made, "attempted": attempted, "auto_rejected": rejected,
+            "resumed_existing": skipped, "retries": retries,
+            **{k: v for k, v in plan_status(cdb, plan_id).items() if k in ("done", "pending", "total", "monitor")}}
+
+
+def _record_provenance(cdb: CurationDB, sample_id: int, plan_id: int, idx: int, attempt: int,
+                       attrs: dict) -> None:
+    """Add the plan item, the attempt and the attribute mix's values to the sample's params (its
+    provenance: exported with it in ``provenance.jsonl``)."""
+    row = cdb.q("SELECT params FROM samples WHERE id=?", (sample_id,))
+    params = json.loads(row[0]["params"] or "{}") if row else {}
+    params["plan"] = {"plan_id": int(plan_id), "item": int(idx), "attempt": int(attempt)}
+    if attrs:
+        params["attributes"] = attrs
+    cdb.execute("UPDATE samples SET params=? WHERE id=?", (json.dumps(params, sort_keys=True), sample_id))
 
 
 def _product_region(image: np.ndarray) -> np.ndarray | None:
