@@ -4,6 +4,9 @@
   python benchmarks/ddpm_demo.py --data assets/demo/brushed_metal --no-rot90 --out /tmp/ddpm_ckpt_metal
   python benchmarks/ddpm_demo.py --data assets/demo/bottle --out /tmp/ddpm_ckpt_bottle --eval-only \
       --depths 100,200 --depths 150 --kind color
+  # ε- vs v-prediction on the same step budget (one thread each, so both arms get the same work):
+  OMP_NUM_THREADS=1 python benchmarks/ddpm_demo.py --data assets/demo/bottle --out /tmp/ddpm_eps \
+      --prediction epsilon --steps 1500 --minutes 0 --depths 50 --depths 100,200
 
 Training uses ``--train-data`` (default: ``--data``) train/good; evaluation always ``--data`` test.
 Prints metrics per evaluation setting and writes them to OUT/eval.json. Checkpoints stay outside
@@ -29,12 +32,14 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help="MVTec-layout category evaluated (test split)")
     ap.add_argument("--train-data", default=None, help="category whose train/good is used (default --data)")
     ap.add_argument("--out", required=True, help="checkpoint folder (outside the repo)")
-    ap.add_argument("--minutes", type=float, default=20.0)
+    ap.add_argument("--minutes", type=float, default=20.0, help="time budget (0: --steps only)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--crop", type=int, default=64)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--noise", default="gaussian", choices=["gaussian", "simplex"])
+    ap.add_argument("--prediction", default="v", choices=["v", "epsilon"],
+                    help="what the U-Net predicts (training target, scheduler, reconstruction)")
     ap.add_argument("--t-max", type=int, default=TrainConfig.t_max)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -54,8 +59,9 @@ def main(argv=None) -> int:
     if args.eval_only:
         insp = DDPMInspector.load(out)
     else:
-        cfg = ModelConfig(size=args.size, crop=args.crop, preset=args.preset, noise=args.noise)
-        tcfg = TrainConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
+        cfg = ModelConfig(size=args.size, crop=args.crop, preset=args.preset, noise=args.noise,
+                          prediction=args.prediction)
+        tcfg = TrainConfig(steps=args.steps, minutes=args.minutes or None, batch_size=args.batch_size, lr=args.lr,
                            t_max=args.t_max, rot90=not args.no_rot90)
         last = [0.0]
 
@@ -78,7 +84,8 @@ def main(argv=None) -> int:
         for kind in args.kind or ["color"]:
             r = insp.evaluate(args.data, depths=ds, seeds=list(range(args.seeds)), kind=kind, sigma=args.sigma)
             m = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.metrics.items()}
-            m.update(kind=kind, seeds=args.seeds, sigma=args.sigma, step=insp.step, data=str(args.data))
+            m.update(kind=kind, seeds=args.seeds, sigma=args.sigma, step=insp.step, data=str(args.data),
+                     prediction=insp.cfg.prediction)
             print(json.dumps(m), flush=True)
             results.append(m)
             eval_file.write_text(json.dumps(results, indent=1))

@@ -1,7 +1,9 @@
 """Pixel-space DDPM trained on defect-free images; residual maps for anomaly localisation.
 
-The model (``build_unet``) is a plain diffusers ``UNet2DModel`` trained with v-prediction on
-random ``crop``-px patches of good images resized to ``size`` px. Reconstruction (AnoDDPM-style):
+The model (``build_unet``) is a plain diffusers ``UNet2DModel`` trained on random ``crop``-px
+patches of good images resized to ``size`` px, predicting v (default) or the noise ε
+(``ModelConfig.prediction``; the same choice sets the training target, the schedulers'
+``prediction_type`` and so the reconstruction; checkpoints without the field load as v). Reconstruction (AnoDDPM-style):
 noise a test image to depth ``t`` (Gaussian or simplex noise), denoise it with DDIM from ``t`` to 0,
 and the residual |x - x̂| lights up where the part differs from what the model knows. Images larger
 than the crop are handled patch-wise: at every DDIM step the model runs on overlapping windows and
@@ -14,6 +16,8 @@ Layout:
   DDPMInspector.save / load                   checkpoint folder: model.safetensors (+ ema.safetensors,
                                               optimizer.safetensors) and config.json
   DDPMInspector.reconstruct / residual_map / score / evaluate
+  DDPMInspector.depth_grid / depth_grid_image  reconstructions and residuals at several depths
+                                              (depths x images) for failure analysis
 
 The training glue (budget and stop rule, optimizer state files, CheckpointError, TrainResult, the
 Cancelled exception, progress / cancel callback types) is :mod:`pipelines.training`; files are
@@ -63,6 +67,10 @@ PRESETS: dict[str, dict] = {
 DEFAULT_DEPTHS = (50,)
 RESIDUAL_KINDS = ("color", "ssim", "feature", "color+ssim", "color+feature")
 FEATURE_BACKBONE, FEATURE_LAYERS, FEATURE_INPUT = "efficientnet_lite0", (1, 2), 256
+# what the network predicts -> the diffusers schedulers' prediction_type
+PREDICTIONS = {"v": "v_prediction", "epsilon": "epsilon"}
+# the depth x image grid's default depths (of 1000 timesteps): from fine detail to heavy noise
+GRID_DEPTHS = (100, 250, 400, 600)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,8 +87,11 @@ class ModelConfig:
     simplex: dict = field(default_factory=lambda: dict(SIMPLEX_DEFAULTS, frequency=16.0))
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
+    prediction: str = "v"            # 'v' | 'epsilon' (older checkpoints without it: v)
 
     def validate(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r}; known: {', '.join(PREDICTIONS)}")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         if self.noise not in NOISE_KINDS:
@@ -92,7 +103,10 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        d = {k: v for k, v in d.items() if k in known}
+        if d.get("prediction") in ("v_prediction", "eps"):      # the schedulers' spellings
+            d["prediction"] = {"v_prediction": "v", "eps": "epsilon"}[d["prediction"]]
+        return cls(**d)
 
 
 def build_unet(size: int, channels: int = 3, preset: str = "small"):
@@ -106,11 +120,12 @@ def build_unet(size: int, channels: int = 3, preset: str = "small"):
 
 
 def make_scheduler(cfg: ModelConfig, kind: str = "ddpm"):
-    """DDPMScheduler (training) or DDIMScheduler (reconstruction), both v-prediction."""
+    """DDPMScheduler (training) or DDIMScheduler (reconstruction), both with the model's
+    ``prediction_type`` (``cfg.prediction``: v → 'v_prediction', epsilon → 'epsilon')."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
     common = dict(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                  prediction_type="v_prediction", clip_sample=False)
+                  prediction_type=PREDICTIONS[cfg.prediction], clip_sample=False)
     if kind == "ddpm":
         return DDPMScheduler(**common)
     return DDIMScheduler(**common, set_alpha_to_one=True, timestep_spacing="leading")
@@ -119,6 +134,17 @@ def make_scheduler(cfg: ModelConfig, kind: str = "ddpm"):
 def v_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The v-prediction training target, exactly the scheduler's own ``get_velocity``."""
     return scheduler.get_velocity(x0, noise, t)
+
+
+def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the network learns to output, read from the scheduler's ``prediction_type``:
+    the noise itself (epsilon) or the velocity (v_prediction)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return v_target(scheduler, x0, noise, t)
+    raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,6 +174,90 @@ class EvalResult:
     maps: np.ndarray                 # [N x H x W] smoothed residual maps
     masks: np.ndarray                # [N x H x W] bool
     images: list                     # [N] uint8 RGB at map size
+
+
+@dataclass
+class DepthGrid:
+    """Reconstructions at several depths: rows = ``depths`` [D], columns = images [N]."""
+    depths: list                     # [D] timesteps
+    inputs: np.ndarray               # [N x S x S x 3] uint8, the images at cfg.size
+    reconstructions: np.ndarray      # [D x N x S x S x 3] uint8
+    residuals: np.ndarray            # [D x N x S x S] float32, unsmoothed
+    kind: str = "color"
+    noise: str = "gaussian"
+    prediction: str = "v"
+
+    def stats(self, masks: Sequence[np.ndarray | None] | None = None) -> list[dict]:
+        """Per cell (depth-major): mean residual, and with a defect mask the mean inside / outside
+        it (texture loss shows as a rising outside mean; over-smoothing hides the defect: the
+        inside / outside ratio falls)."""
+        out = []
+        s = self.inputs.shape[1]
+        for di, d in enumerate(self.depths):
+            for ni in range(self.inputs.shape[0]):
+                r = self.residuals[di, ni]
+                cell = {"depth": int(d), "image": ni, "mean": float(r.mean())}
+                m = None if masks is None else masks[ni]
+                if m is not None and np.any(m):
+                    mm = cv2.resize((np.asarray(m) > 0).astype(np.uint8), (s, s),
+                                    interpolation=cv2.INTER_NEAREST) > 0
+                    if mm.any() and (~mm).any():
+                        cell["inside"], cell["outside"] = float(r[mm].mean()), float(r[~mm].mean())
+                out.append(cell)
+        return out
+
+
+def _label(img: np.ndarray, text: str, scale: float = 0.4) -> np.ndarray:
+    """Write ``text`` (black on the light background) into a uint8 RGB strip, in place."""
+    cv2.putText(img, text, (4, img.shape[0] - 6), cv2.FONT_HERSHEY_SIMPLEX, scale, (20, 20, 20), 1, cv2.LINE_AA)
+    return img
+
+
+def depth_grid_image(grid: DepthGrid, names: Sequence[str] | None = None,
+                     masks: Sequence[np.ndarray | None] | None = None, vmax: float | None = None) -> np.ndarray:
+    """The grid as one labelled picture, uint8 RGB.
+
+    Layout: a header row with each image's name, then a row "input" (the image | its defect mask
+    outline, when given), then one row per depth "t=D": for every image its reconstruction | the
+    residual heatmap. Heatmaps share one scale (``vmax``, default the 99.5th percentile of all
+    residuals) so the depths compare by colour.
+    """
+    from pipelines.visual import contour, heatmap
+
+    d_n, n = grid.reconstructions.shape[:2]
+    s = grid.inputs.shape[1]
+    names = list(names) if names is not None else [f"image {i}" for i in range(n)]
+    hi = float(np.percentile(grid.residuals, 99.5)) if vmax is None else float(vmax)
+    gap, head, lab = 4, 22, 70
+    W = lab + n * (2 * s + gap) + gap
+    foot = 18
+    H = head + (d_n + 1) * (s + gap) + gap + foot
+    out = np.full((H, W, 3), 245, np.uint8)
+    for j, name in enumerate(names):
+        x = lab + j * (2 * s + gap)
+        _label(out[0:head, x:x + 2 * s], str(name)[: max(6, 2 * s // 8)])
+    rows = [("input", None)] + [(f"t={d}", k) for k, d in enumerate(grid.depths)]
+    for r, (title, k) in enumerate(rows):
+        y = head + r * (s + gap)
+        _label(out[y:y + s // 2 + 8, 0:lab], title, 0.45)
+        for j in range(n):
+            x = lab + j * (2 * s + gap)
+            if k is None:
+                left = grid.inputs[j]
+                m = None if masks is None else masks[j]
+                if m is not None and np.any(m):
+                    mm = cv2.resize((np.asarray(m) > 0).astype(np.uint8), (s, s), interpolation=cv2.INTER_NEAREST)
+                    right = contour(grid.inputs[j], mm, (0, 255, 0), 1)
+                else:
+                    right = np.full_like(left, 245)
+            else:
+                left, right = grid.reconstructions[k, j], heatmap(grid.residuals[k, j], 0.0, hi)
+            out[y:y + s, x:x + s] = left
+            out[y:y + s, x + s:x + 2 * s] = right
+    if d_n:
+        _label(out[H - foot:H, 0:W], f"pairs: reconstruction | residual ({grid.kind}, 0..{hi:.3f}) · "
+                                   f"{grid.prediction}-prediction, {grid.noise} noise", 0.35)
+    return out
 
 
 def _to_tensor(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
@@ -187,7 +297,7 @@ def _gaussian_blur(m: np.ndarray, sigma: float) -> np.ndarray:
 # The inspector: model + training glue + reconstruction
 # ------------------------------------------------------------------------------------------------
 class DDPMInspector:
-    """A pixel-space v-prediction DDPM over ``cfg.crop``-px windows of ``cfg.size``-px images."""
+    """A pixel-space DDPM (v- or ε-prediction) over ``cfg.crop``-px windows of ``cfg.size``-px images."""
 
     def __init__(self, cfg: ModelConfig | None = None, device: str = "cpu"):
         self.cfg = cfg or ModelConfig()
@@ -241,9 +351,9 @@ class DDPMInspector:
         budget = Budget(None if tcfg.steps is None else int(tcfg.steps), tcfg.minutes, self.step)
         window: list[float] = []
         while not (stopped := budget.stop_reason(self.step, cancelled)):
-            # 1-2. random augmented crops, noised to t < t_max; v target from the scheduler
+            # 1-2. random augmented crops, noised to t < t_max; target (v or ε) from the scheduler
             x0, noise, t, x_t, target = self.training_batch(data, tcfg, gen)
-            # 3. MSE on v, AdamW step, EMA
+            # 3. MSE on the target, AdamW step, EMA
             pred = unet(x_t, t).sample
             loss = F.mse_loss(pred, target)
             self.optimizer.zero_grad(set_to_none=True)
@@ -280,7 +390,7 @@ class DDPMInspector:
         returns (x0, noise, t, x_t, target), each [B x C x crop x crop] except t [B]:
         random crops with mask-free geometric augmentation (flips, 90° rotations when
         ``tcfg.rot90``), noise of ``cfg.noise``, t uniform in [0, t_max), x_t = add_noise(x0, noise, t)
-        and target = scheduler.get_velocity(x0, noise, t).
+        and the target of ``cfg.prediction``: scheduler.get_velocity(x0, noise, t) (v) or noise (epsilon).
         """
         n, _, s, _ = data.shape
         crop, b = self.cfg.crop, tcfg.batch_size
@@ -302,7 +412,7 @@ class DDPMInspector:
         noise = make_noise(self.cfg.noise, x0.shape, gen, device=self.device, **self.cfg.simplex)
         t = torch.randint(0, tcfg.t_max, (b,), generator=gen).to(self.device)
         x_t = self.scheduler.add_noise(x0, noise, t)
-        return x0, noise, t, x_t, v_target(self.scheduler, x0, noise, t)
+        return x0, noise, t, x_t, training_target(self.scheduler, x0, noise, t)
 
     # -------------------------------------------------------------------------------- checkpoints
     def save(self, path: str | Path) -> Path:
@@ -320,7 +430,8 @@ class DDPMInspector:
             osd = self.optimizer.state_dict() if self.optimizer is not None else self._opt_state
             groups = save_optimizer(osd, path)["param_groups"]
         meta = {"format": CHECKPOINT_FORMAT, "model": asdict(self.cfg), "step": self.step,
-                "noise": self.cfg.noise, "size": self.cfg.size, "crop": self.cfg.crop,
+                "noise": self.cfg.noise, "prediction": self.cfg.prediction,
+                "size": self.cfg.size, "crop": self.cfg.crop,
                 "parameters": self.num_parameters, "has_ema": self.ema is not None,
                 "optimizer_param_groups": groups, "losses": self.losses, "train": self.train_meta}
         atomic_write_json(path / "config.json", meta, indent=1)
@@ -352,7 +463,8 @@ class DDPMInspector:
             raise CheckpointError(f"{cfg_file} is corrupt or not a DDPM checkpoint config: {exc}") from None
         if expect is not None:
             diffs = {k: (getattr(cfg, k), getattr(expect, k))
-                     for k in ("size", "crop", "channels", "preset", "noise") if getattr(cfg, k) != getattr(expect, k)}
+                     for k in ("size", "crop", "channels", "preset", "noise", "prediction")
+                     if getattr(cfg, k) != getattr(expect, k)}
             if diffs:
                 desc = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diffs.items())
                 raise CheckpointError(f"{path} holds another model configuration ({desc})")
@@ -465,8 +577,8 @@ class DDPMInspector:
         unet = self._inference_unet()
         wstride = window_stride or cfg.crop // 2
         for i, t in enumerate(steps):
-            v = self._predict(unet, x, t, wstride, batch)
-            res = ddim.step(v, t, x)
+            out = self._predict(unet, x, t, wstride, batch)      # v or ε, as ddim's prediction_type
+            res = ddim.step(out, t, x)
             x = res.prev_sample if t > 0 else res.pred_original_sample
             if progress is not None:
                 progress((i + 1) / len(steps), f"DDIM t={t}")
@@ -514,6 +626,37 @@ class DDPMInspector:
             maps.append(_gaussian_blur(m, sigma))
         recs = (np.clip(last, 0, 1) * 255 + 0.5).astype(np.uint8)
         return np.stack(maps), recs
+
+    @torch.no_grad()
+    def depth_grid(self, images: Sequence[np.ndarray], depths: Sequence[int] = GRID_DEPTHS,
+                   noise: str | None = None, seed: int = 0, stride: int = 25, kind: str = "color",
+                   batch: int = 16, progress: ProgressFn | None = None,
+                   cancelled: CancelFn | None = None) -> "DepthGrid":
+        """Reconstructions and raw residuals of every image at every depth (failure analysis:
+        over-smoothing and texture loss grow with the depth). One noise seed for all depths, so the
+        rows differ only by the depth. A cancel raises :class:`Cancelled` between depths.
+
+        images: uint8 RGB [H x W x 3] (resized to cfg.size). returns a :class:`DepthGrid` with
+        inputs [N x S x S x 3] uint8, reconstructions [D x N x S x S x 3] uint8 and residuals
+        [D x N x S x S] float32 (``kind``, unsmoothed).
+        """
+        if kind not in RESIDUAL_KINDS:
+            raise ValueError(f"unknown residual kind {kind!r}; known: {', '.join(RESIDUAL_KINDS)}")
+        depths = [int(d) for d in depths]
+        if not depths or not images:
+            raise ValueError("the grid needs at least one depth and one image")
+        x0 = _to_tensor(images, self.cfg.size).to(self.device)
+        x_in = ((x0 + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+        recs, res = [], []
+        for i, d in enumerate(depths):
+            check_cancelled(cancelled, "the depth grid")
+            xh = self._reconstruct_tensor(x0, d, noise, seed, stride, None, batch)
+            xh = ((xh.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+            res.append(self._residual(x_in, xh, kind))
+            recs.append((np.clip(xh, 0, 1) * 255 + 0.5).astype(np.uint8))
+            report(progress, (i + 1) / len(depths), f"depth {d} ({i + 1}/{len(depths)})")
+        return DepthGrid(depths, (np.clip(x_in, 0, 1) * 255 + 0.5).astype(np.uint8), np.stack(recs),
+                         np.stack(res), kind, noise or self.cfg.noise, self.cfg.prediction)
 
     def _feature_residual(self, x: np.ndarray, xh: np.ndarray) -> np.ndarray:
         """1 - cosine similarity of pretrained backbone features of x and x̂, averaged over the

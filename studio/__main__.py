@@ -300,8 +300,8 @@ def cmd_ddpm_train(args) -> int:
     from studio.inspection import DDPMTrainRequest, train_ddpm
     minutes = args.minutes if (args.minutes is not None or args.steps) else 20.0
     req = DDPMTrainRequest(data=args.data, out=args.out, minutes=minutes, steps=args.steps,
-                           noise=args.noise, size=args.size, crop=args.crop, preset=args.preset,
-                           t_max=args.t_max, batch_size=args.batch_size, rot90=not args.no_rot90,
+                           noise=args.noise, prediction=args.prediction, size=args.size, crop=args.crop,
+                           preset=args.preset, t_max=args.t_max, batch_size=args.batch_size, rot90=not args.no_rot90,
                            resume=args.resume, seed=args.seed)
     bar, progress = _tqdm_progress("ddpm train", args.quiet)
     try:
@@ -328,6 +328,21 @@ def cmd_ddpm_evaluate(args) -> int:
     keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "ms_per_image")
     print(json.dumps({k: round(m[k], 4) for k in keys if k in m}, indent=1))
     print(f"wrote {Path(args.out) / 'metrics.json'} and {len(summary['overlays'])} overlays")
+    return 0
+
+
+def cmd_ddpm_grid(args) -> int:
+    from studio.inspection import DDPMGridRequest, depth_grid, grid_items_from_folder
+    depths = [int(d) for part in args.depth for d in str(part).split(",") if d.strip()]
+    req = DDPMGridRequest(checkpoint=args.checkpoint, out=args.out, depths=depths or [100, 250, 400, 600],
+                          noise=args.noise, seed=args.seed, kind=args.residual)
+    bar, progress = _tqdm_progress("ddpm grid", args.quiet)
+    try:
+        summary = depth_grid(req, grid_items_from_folder(args.data, args.images), progress=progress)
+    finally:
+        bar.close()
+    print(f"wrote {summary['grid']} ({len(summary['depths'])} depths x {len(summary['images'])} images) "
+          f"and {Path(summary['grid']).with_suffix('.json')}")
     return 0
 
 
@@ -597,7 +612,7 @@ def _add_evaluation_commands(sub, ws) -> None:
     ws(sp)
     sp.set_defaults(fn=cmd_patchcore)
 
-    dp = sub.add_parser("ddpm", help="pixel-space DDPM residual maps: train | evaluate")
+    dp = sub.add_parser("ddpm", help="pixel-space DDPM residual maps: train | evaluate | grid")
     dsub = dp.add_subparsers(dest="ddpm_cmd", required=True)
     sp = dsub.add_parser("train", help="train on CATEGORY/train/good (time or step budget, resumable)")
     sp.add_argument("--data", required=True, help="MVTec-AD-layout category folder")
@@ -605,6 +620,8 @@ def _add_evaluation_commands(sub, ws) -> None:
     sp.add_argument("--minutes", type=float, default=None, help="time budget (default 20 unless --steps)")
     sp.add_argument("--steps", type=int, help="total step target")
     sp.add_argument("--noise", choices=["gaussian", "simplex"], default="gaussian")
+    sp.add_argument("--prediction", choices=["v", "epsilon"], default="v",
+                    help="what the U-Net predicts: v (velocity) or epsilon (the noise)")
     sp.add_argument("--size", type=int, default=128, help="working resolution")
     sp.add_argument("--crop", type=int, default=64, help="training window (U-Net sample size)")
     sp.add_argument("--preset", default="small", help="model size: tiny | small | default")
@@ -627,6 +644,20 @@ def _add_evaluation_commands(sub, ws) -> None:
     sp.add_argument("--quiet", action="store_true")
     sp.add_argument("--out", required=True)
     sp.set_defaults(fn=cmd_ddpm_evaluate)
+    sp = dsub.add_parser("grid", help="depth x image grid: reconstructions and residuals of a few test "
+                                      "images at several depths (failure analysis)")
+    sp.add_argument("--data", required=True, help="MVTec-AD-layout category (its test images)")
+    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--depth", action="append", default=[],
+                    help="noising depth t (repeat or comma list; default 100,250,400,600)")
+    sp.add_argument("--images", type=int, default=4, help="test images (defect types first, then good)")
+    sp.add_argument("--noise", choices=["gaussian", "simplex"], help="default: as trained")
+    sp.add_argument("--residual", choices=["color", "ssim", "feature", "color+ssim", "color+feature"],
+                    default="color")
+    sp.add_argument("--seed", type=int, default=0, help="noise seed (the same for every depth)")
+    sp.add_argument("--quiet", action="store_true")
+    sp.add_argument("--out", required=True, help="the grid picture (PNG); cell figures go beside it (.json)")
+    sp.set_defaults(fn=cmd_ddpm_grid)
 
     sp = sub.add_parser("experiment", help="did synthetic data help? PatchCore dual bank + a supervised "
                                            "segmenter, K repeats, bootstrap CIs, verdict")

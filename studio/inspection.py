@@ -1,6 +1,7 @@
-"""DDPM residual-map inspection as use cases: train on good images, evaluate, inspect one image.
+"""DDPM residual-map inspection as use cases: train on good images, evaluate, inspect one image,
+and the depth × image reconstruction grid (failure analysis).
 
-Shared by the DDPM tab (background jobs), the CLI (`python -m studio ddpm train|evaluate`) and
+Shared by the DDPM tab (background jobs), the CLI (`python -m studio ddpm train|evaluate|grid`) and
 tests. Model code lives in ``pipelines.ddpm``; this module handles data, files and records.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ class DDPMTrainRequest:
     minutes: float | None = 20.0      # time budget of this run
     steps: int | None = None          # total step target (with resume: including earlier steps)
     noise: str = "gaussian"           # gaussian | simplex
+    prediction: str = "v"             # v | epsilon: what the U-Net predicts
     size: int = 128                   # working resolution
     crop: int = 64                    # training window (U-Net sample size)
     preset: str = "small"
@@ -40,6 +42,8 @@ class DDPMTrainRequest:
             raise ValueError("minutes must be > 0")
         if self.noise not in ("gaussian", "simplex"):
             raise ValueError(f"noise must be gaussian or simplex, not {self.noise!r}")
+        if self.prediction not in ("v", "epsilon"):
+            raise ValueError(f"prediction must be v or epsilon, not {self.prediction!r}")
 
 
 @dataclass
@@ -57,7 +61,8 @@ class DDPMEvalRequest:
 
 def _configs(req: DDPMTrainRequest):
     from pipelines.ddpm import ModelConfig, TrainConfig
-    cfg = ModelConfig(size=req.size, crop=req.crop, preset=req.preset, noise=req.noise)
+    cfg = ModelConfig(size=req.size, crop=req.crop, preset=req.preset, noise=req.noise,
+                      prediction=req.prediction)
     cfg.validate()
     tcfg = TrainConfig(steps=req.steps, minutes=req.minutes, batch_size=req.batch_size,
                        t_max=req.t_max, rot90=req.rot90, seed=req.seed)
@@ -86,7 +91,8 @@ def train_ddpm(req: DDPMTrainRequest, progress: ProgressFn | None = None, cancel
     insp.save(out)
     summary = {"checkpoint": str(out), "step": result.step, "steps_this_run": result.steps_this_run,
                "seconds": result.seconds, "loss": result.loss, "stopped": result.stopped,
-               "losses": result.losses, "parameters": insp.num_parameters, "request": asdict(req)}
+               "losses": result.losses, "parameters": insp.num_parameters, "prediction": insp.cfg.prediction,
+               "request": asdict(req)}
     atomic_write_json(out / "training.json", summary, indent=1)
     return summary
 
@@ -123,6 +129,81 @@ def evaluate_ddpm(req: DDPMEvalRequest, progress: ProgressFn | None = None,
                "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}}
     atomic_write_json(out / "metrics.json", metrics, indent=1)
     atomic_write_json(out / "result.json", summary, indent=1)
+    return summary
+
+
+@dataclass
+class DDPMGridRequest:
+    checkpoint: str
+    out: str                          # the grid picture (PNG); the cell figures go beside it (.json)
+    depths: list[int] = field(default_factory=lambda: [100, 250, 400, 600])
+    noise: str | None = None          # default: as trained
+    seed: int = 0                     # one noise draw for every depth
+    kind: str = "color"
+    stride: int = 25                  # DDIM step (timesteps)
+
+
+@dataclass
+class GridItem:
+    name: str
+    image: np.ndarray                 # uint8 RGB
+    mask: np.ndarray | None = None    # defect mask (None: good)
+    label: str = ""
+
+
+def pick_grid_items(items: list[GridItem], n: int) -> list[GridItem]:
+    """``n`` items spread over the labels: one of each defect type in turn, a good one last."""
+    by: dict[str, list[GridItem]] = {}
+    for it in items:
+        by.setdefault(it.label or "good", []).append(it)
+    order = sorted(k for k in by if k != "good") + (["good"] if "good" in by else [])
+    out: list[GridItem] = []
+    while len(out) < n and any(by[k] for k in order):
+        for k in order:
+            if by[k] and len(out) < n:
+                out.append(by[k].pop(0))
+    return out
+
+
+def grid_items_from_folder(data: str, n: int = 4) -> list[GridItem]:
+    """A few test images of an MVTec-layout category (defects of each type, then a good one)."""
+    from pipelines.mvtec import load_category, load_image, load_mask
+    cat = load_category(data, require_masks=False)
+    # read only the chosen files
+    chosen = pick_grid_items([GridItem(s.path.name, None, None, s.label) for s in cat.test], n)
+    lookup = {(s.label, s.path.name): s for s in cat.test}
+    out = []
+    for it in chosen:
+        s = lookup[(it.label, it.name)]
+        m = load_mask(s, None) if s.is_anomaly else None
+        out.append(GridItem(f"{s.label}/{s.path.stem}", load_image(s.path, None), m, s.label))
+    return out
+
+
+def depth_grid(req: DDPMGridRequest, items: list[GridItem], progress: ProgressFn | None = None,
+               cancelled: CancelFn | None = None) -> dict:
+    """Reconstruct ``items`` at every depth of ``req``, write the labelled grid (PNG) and the cell
+    figures (JSON, same name); a cancel raises :class:`pipelines.training.Cancelled` (nothing written)."""
+    from pipelines.ddpm import depth_grid_image
+
+    if not req.depths:
+        raise ValueError("give at least one depth")
+    if not items:
+        raise ValueError("no images for the grid")
+    insp = load_inspector(req.checkpoint)
+    grid = insp.depth_grid([it.image for it in items], req.depths, req.noise, req.seed, req.stride, req.kind,
+                           progress=progress, cancelled=cancelled)
+    masks = [it.mask for it in items]
+    picture = depth_grid_image(grid, [it.name for it in items], masks)
+    out = Path(req.out)
+    if out.suffix.lower() != ".png":
+        out = out.with_suffix(".png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_png_atomic(out, picture)
+    summary = {"grid": str(out), "depths": grid.depths, "images": [it.name for it in items],
+               "prediction": grid.prediction, "noise": grid.noise, "kind": grid.kind,
+               "shape": list(picture.shape), "cells": grid.stats(masks), "request": asdict(req)}
+    atomic_write_json(out.with_suffix(".json"), summary, indent=1)
     return summary
 
 

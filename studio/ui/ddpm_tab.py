@@ -1,5 +1,6 @@
 """DDPM tab: train a pixel-space DDPM on a product's good images (background job, live loss,
-cancel keeps the checkpoint, resume), inspect one image at a chosen depth, evaluate and compare.
+cancel keeps the checkpoint, resume; v- or ε-prediction), inspect one image at a chosen depth, a
+depth × image grid of reconstructions (failure analysis), evaluate and compare.
 
 Handlers are module-level functions taking the context first (testable without a server); the
 tab's per-app state (run log, models being trained) is a :class:`DDPMState` made in ``build``.
@@ -15,7 +16,8 @@ import gradio as gr
 import numpy as np
 
 from studio.context import StudioContext
-from studio.inspection import DDPMEvalRequest, DDPMTrainRequest, evaluate_ddpm, inspect_image, train_ddpm
+from studio.inspection import (DDPMEvalRequest, DDPMGridRequest, DDPMTrainRequest, GridItem, depth_grid,
+                               evaluate_ddpm, grid_items_from_folder, inspect_image, pick_grid_items, train_ddpm)
 from pipelines.training import Cancelled
 from studio.jobs import JobCancelled
 from studio.runs import RunLog
@@ -32,7 +34,7 @@ def loss_figure(losses: list, title: str = "training loss"):
     if losses:
         steps, vals = zip(*losses)
         fig.add_scatter(x=list(steps), y=list(vals), mode="lines", name="loss (window mean)")
-    fig.update_layout(title=title, xaxis_title="step", yaxis_title="v-prediction MSE", yaxis_type="log",
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title="MSE on the target (v or ε)", yaxis_type="log",
                       height=300, margin=dict(l=40, r=10, t=40, b=40))
     return fig
 
@@ -75,17 +77,19 @@ def category_for(ctx: StudioContext, product: str, folder: str) -> tuple[Path, s
 
 # -- training --------------------------------------------------------------------------------------
 def start_train(ctx: StudioContext, state: DDPMState, p, fold, name, nz, mins, st, sz, cr, pre, tm, rot,
-                res) -> str:
-    """Train (or resume) a DDPM checkpoint on a product's good images as a background job."""
+                res, pred="v") -> str:
+    """Train (or resume) a DDPM checkpoint on a product's good images as a background job
+    (``pred``: what the U-Net predicts, v or epsilon)."""
     data, pname = category_for(ctx, p, fold)
     out = models_root(ctx) / (name.strip() or f"ddpm-{pname}")
     req = DDPMTrainRequest(data=str(data), out=str(out), minutes=float(mins) if not st else None,
                            steps=int(st) or None, noise=nz, size=int(sz), crop=int(cr), preset=pre,
-                           t_max=int(tm), rot90=bool(rot), resume=bool(res))
+                           t_max=int(tm), rot90=bool(rot), resume=bool(res), prediction=pred or "v")
     try:
         req.validate()
         from pipelines.ddpm import ModelConfig
-        ModelConfig(size=req.size, crop=req.crop, preset=req.preset, noise=req.noise).validate()
+        ModelConfig(size=req.size, crop=req.crop, preset=req.preset, noise=req.noise,
+                    prediction=req.prediction).validate()
     except ValueError as exc:
         raise gr.Error(str(exc)) from exc
     return ctx.jobs.submit("ddpm-train", train_job, req, state, pname, request=req.__dict__)
@@ -156,6 +160,67 @@ def do_inspect(ctx: StudioContext, ck, iid, d, nz, sd):
             f"depth {int(d)} · image score {res['score']:.4f}")
 
 
+# -- depth x image grid -----------------------------------------------------------------------------
+def parse_depths(ds) -> list[int]:
+    try:
+        dl = [int(x) for x in str(ds).replace(" ", "").split(",") if x]
+    except ValueError:
+        raise gr.Error(f"depths must be integers like 100,250 — got {ds!r}") from None
+    if not dl:
+        raise gr.Error("give at least one depth, e.g. 100,250,400,600")
+    return dl
+
+
+def grid_items(ctx: StudioContext, p, fold, n: int) -> tuple[list[GridItem], str]:
+    """A few test images (defect types first, then a good one) of a folder or a product."""
+    if fold:
+        if not Path(fold).expanduser().is_dir():
+            raise gr.Error(f"{fold} is not a folder on the server")
+        try:
+            return grid_items_from_folder(str(Path(fold).expanduser()), n), Path(fold).name
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from exc
+    if not p:
+        raise gr.Error("Pick a product or give a folder")
+    rows = ctx.store.list_images(product=p, split="test")
+    picked = pick_grid_items([GridItem(str(r["id"]), None, None, r["label"]) for r in rows], n)
+    if not picked:
+        raise gr.Error(f"{p} has no test images")
+    items = []
+    for it in picked:
+        iid = int(it.name)
+        m = ctx.store.load_mask(iid) if it.label != "good" else None
+        items.append(GridItem(f"#{iid} {it.label}", ctx.store.load_image(iid), m, it.label))
+    return items, p
+
+
+def start_grid(ctx: StudioContext, p, fold, ck, ds, n, nz) -> str:
+    """Reconstruct a few test images at several depths (depths x images grid) as a background job."""
+    if not ck:
+        raise gr.Error("Pick a checkpoint (train one first)")
+    depths = parse_depths(ds)
+    items, pname = grid_items(ctx, p, fold, int(n or 4))
+    out = ctx.settings.workspace / "runs" / f"ddpm-grid-{pname}-{time.strftime('%Y%m%d-%H%M%S')}.png"
+    req = DDPMGridRequest(checkpoint=ck, out=str(out), depths=depths, noise=None if nz == "as trained" else nz)
+    return ctx.jobs.submit("ddpm-grid", grid_job, req, items, request=req.__dict__)
+
+
+def grid_job(jctx, req: DDPMGridRequest, items: list[GridItem]) -> dict:
+    """The background job: the grid picture and its cell figures (a cancel writes nothing)."""
+    s = depth_grid(req, items, jctx.progress, lambda: jctx.cancelled)
+    return {"grid": s["grid"], "depths": s["depths"], "images": s["images"], "prediction": s["prediction"],
+            "cells": s["cells"]}
+
+
+def live_grid(job: dict) -> tuple:
+    """Each timer tick: (grid picture, cell figures) once done."""
+    if job["status"] != "done" or not job["result"]:
+        return gr.update(), gr.update()
+    r = job["result"]
+    return r["grid"], {"prediction": r["prediction"], "depths": r["depths"], "images": r["images"],
+                       "cells": r["cells"]}
+
+
 # -- evaluation ------------------------------------------------------------------------------------
 def compare_frame(state: DDPMState):
     import pandas as pd
@@ -217,6 +282,8 @@ def _train_tab(ctx: StudioContext) -> dict:
             w["ckpt_name"] = gr.Textbox("", label="Checkpoint name (default: ddpm-<product>)",
                                         elem_id="dd-ckpt-name")
             w["noise"] = gr.Radio(["gaussian", "simplex"], value="gaussian", label="Noise", elem_id="dd-noise")
+            w["prediction"] = gr.Radio(["v", "epsilon"], value="v", label="Prediction (what the U-Net predicts)",
+                                       elem_id="dd-prediction")
             w["minutes"] = gr.Slider(0.5, 120, 20, step=0.5, label="Time budget (minutes)", elem_id="dd-minutes")
             w["steps"] = gr.Number(0, label="…or total steps (0 = time budget only)", precision=0,
                                    elem_id="dd-steps")
@@ -250,6 +317,16 @@ def _inspect_tab(ctx: StudioContext) -> dict:
         w["images"] = [gr.Image(label=label, format="png", interactive=False)
                        for label in ("input", "reconstruction", "residual", "overlay", "ground truth")]
     w["status"] = gr.Markdown(elem_id="dd-inspect-status")
+    with gr.Accordion("Depth × image grid (failure analysis: over-smoothing, texture loss)", open=False):
+        with gr.Row():
+            with gr.Column(scale=1, min_width=260):
+                w["grid_depths"] = gr.Textbox("100,250,400,600", label="Depths (rows)", elem_id="dd-grid-depths")
+                w["grid_n"] = gr.Slider(1, 8, 4, step=1, label="Test images (columns)", elem_id="dd-grid-n")
+                w["grid_panel"] = JobPanel(ctx, "Make the grid", "ddpm_grid")
+            with gr.Column(scale=3):
+                w["grid"] = gr.Image(label="rows: depth t · each image: reconstruction | residual",
+                                     format="png", interactive=False, elem_id="dd-grid")
+                w["grid_cells"] = gr.JSON(label="Mean residual per cell (inside / outside the defect)")
     return w
 
 
@@ -291,13 +368,16 @@ def build(ctx: StudioContext) -> list:
         e = _evaluate_tab(ctx)
     t["panel"].wire(bind(start_train, ctx, state),
                     [product, folder, t["ckpt_name"], t["noise"], t["minutes"], t["steps"], t["size"],
-                     t["crop"], t["preset"], t["t_max"], t["rot90"], t["resume"]],
+                     t["crop"], t["preset"], t["t_max"], t["rot90"], t["resume"], t["prediction"]],
                     bind(live_train, state), [t["loss"], t["info"]])
     checkpoints, images = bind(refresh_checkpoints, ctx), bind(test_images, ctx)
     product.change(images, product, i["image_id"], api_name=False)
     i["refresh"].click(checkpoints, None, [i["ckpt"], e["ckpt"]], api_name="ddpm_checkpoints")
     i["btn"].click(bind(do_inspect, ctx), [i["ckpt"], i["image_id"], i["depth"], i["noise"], i["seed"]],
                    [*i["images"], i["status"]], api_name="ddpm_inspect")
+    i["grid_panel"].wire(bind(start_grid, ctx),
+                         [product, folder, i["ckpt"], i["grid_depths"], i["grid_n"], i["noise"]],
+                         live_grid, [i["grid"], i["grid_cells"]])
     compare = bind(compare_frame, state)
     e["panel"].wire(bind(start_eval, ctx, state),
                     [product, folder, e["ckpt"], e["depths"], e["noise"], e["residual"]],
