@@ -161,3 +161,24 @@ def test_cli_plan_make_run_status(ws, tmp_path, capsys):
     text = " ".join(plan_sub.choices["make"].format_help().split())
     for flag in ("--mode", "--target", "--mix", "--retries", "80 %", "0.6"):
         assert flag in text
+
+
+def test_curation_tab_plan_and_monitor_handlers(ws):
+    """The tab's handlers: a fixed-target plan with a mix and retries, then the monitor table."""
+    import gradio as gr
+    from types import SimpleNamespace
+
+    from studio.ui import curation_tab as C
+    store, cdb = ws
+    t = SimpleNamespace(store=store, cdb=cdb)
+    pid, df = C.do_plan(t, "brushed_metal", 2, 1.0, ["perlin"], "fixed", "severity=low:0.5,high:0.5", 1)
+    assert list(df["planned"]) == [2, 2, 2] and list(df["complete_at"]) == [2, 2, 2] and "mix" in df
+    assert plan_status(cdb, pid)["params"]["retries"] == 1
+    with pytest.raises(gr.Error, match="needs a target"):
+        C.do_plan(t, "brushed_metal", 0, 1.0, ["perlin"], "fixed", "", 3)
+    with pytest.raises(gr.Error, match="shares must be positive"):
+        C.do_plan(t, "brushed_metal", 2, 1.0, ["perlin"], "fixed", "severity=low:2", 3)
+    run_plan(store, cdb, pid, use_detector=False, verifier=lambda *a: 0.0)
+    result, table = C.live_batch(t, {"status": "running", "request": {"plan_id": pid}, "result": None})
+    assert list(table["attempted"]) == [4, 4, 4, 12] and list(table["success_rate"]) == ["0 %"] * 4
+    assert list(table["complete"]) == [False] * 4 and list(table["label"])[-1] == "overall"

@@ -13,7 +13,8 @@ import numpy as np
 from pipelines.registry import offline_names, picks_model, plan_defaults
 
 from studio.context import StudioContext
-from studio.curation import (CurationDB, CurationError, Thresholds, make_plan, next_candidate,
+from studio.curation import (MAX_RETRIES, TARGET_MODES, CurationDB, CurationError, Thresholds, make_plan,
+                             next_candidate, plan_monitor,
                              plan_status, quality, run_plan)
 from studio.experiment import (METRIC_KEYS, PRIMARY_METRIC, ExperimentRequest, experiment_figure,
                                run_experiment, source_blocks, table_rows)
@@ -94,18 +95,39 @@ class CurationState:
 
 
 # -- handlers: module level, each takes the tab's state first (testable without a server) --------
-def do_plan(t: CurationState, p, tgt, over, bks):
+def do_plan(t: CurationState, p, tgt, over, bks, mode="balance", mix="", retries=MAX_RETRIES):
+    """Plan candidates per defect class: ``mode`` balance (top up to the largest class or to the
+    target) or fixed (target new samples per class); ``mix`` an attribute mix such as
+    ``severity=low:0.5,high:0.5``; ``retries`` regenerations of a candidate that fails verification."""
     if not p:
         raise gr.Error("Pick a product")
     try:
-        plan = make_plan(t.store, t.cdb, p, target=int(tgt) or None, backends=tuple(bks or ()),
-                         oversample=float(over))
+        plan = make_plan(t.store, t.cdb, p, target=int(tgt or 0) or None, backends=tuple(bks or ()),
+                         oversample=float(over), mode=mode or "balance", mix=(mix or "").strip() or None,
+                         retries=int(retries if retries is not None else MAX_RETRIES))
     except CurationError as exc:
         raise gr.Error(str(exc)) from exc
     import pandas as pd
-    df = pd.DataFrame(plan["summary"])[["label", "real", "synthetic_accepted", "current", "target",
-                                        "deficit", "planned", "backends"]]
+    cols = ["label", "real", "synthetic_accepted", "current", "target", "deficit", "planned", "complete_at",
+            "backends"] + (["mix"] if plan["mix"] else [])
+    df = pd.DataFrame(plan["summary"])[cols]
     return plan["plan_id"], df
+
+
+def monitor_frame(monitor: dict | None):
+    """The success-rate monitor as a table: per class accepted / attempted and the 80 % gate."""
+    import pandas as pd
+    cols = ["label", "target", "complete_at", "attempted", "accepted", "success_rate", "complete"]
+    if not monitor:
+        return pd.DataFrame(columns=cols)
+    rows = [{k: c[k] for k in cols} for c in monitor["classes"]]
+    o = monitor["overall"]
+    rows.append({"label": "overall", "target": sum(c["target"] for c in monitor["classes"]),
+                 "complete_at": None, "attempted": o["attempted"], "accepted": o["accepted"],
+                 "success_rate": o["success_rate"], "complete": o["complete"]})
+    df = pd.DataFrame(rows, columns=cols)
+    df["success_rate"] = [None if v is None or v != v else f"{100 * v:.0f} %" for v in df["success_rate"]]
+    return df
 
 
 def _batch_job(jctx, t: CurationState, pid: int, th: Thresholds):
@@ -123,8 +145,15 @@ def start_batch(t: CurationState, pid, vis, dup):
                              request={"plan_id": int(pid)})
 
 
-def live_batch(job):
-    return (job["result"] if job["status"] == "done" else gr.update(),)
+def live_batch(t: CurationState, job):
+    """The batch's result once done, and the plan's success-rate monitor (live while it runs)."""
+    pid = (job.get("request") or {}).get("plan_id")
+    try:
+        monitor = plan_monitor(t.cdb, int(pid)) if pid else None
+    except CurationError:
+        monitor = None
+    return (job["result"] if job["status"] == "done" else gr.update(),
+            monitor_frame(monitor) if monitor else gr.update())
 
 
 def show_next(t: CurationState, p, after=0):
@@ -205,21 +234,33 @@ def _plan_tab(t: CurationState, product) -> None:
         backends = gr.CheckboxGroup(offline_names("damage"), value=plan_defaults(),
                                     label="Backends", elem_id="cu-backends")
         plan_btn = gr.Button("Preview plan", elem_id="cu-plan")
+    with gr.Row():
+        mode = gr.Radio(list(TARGET_MODES), value="balance", label="Target mode", elem_id="cu-mode",
+                        info="balance: up to the largest class (or the target); fixed: target new samples "
+                             "per class. A class is complete at ≥ 80 % of its target")
+        mix = gr.Textbox("", label="Attribute mix (optional)", placeholder="severity=low:0.5,high:0.5",
+                         info="each item gets values matching the shares (';' between attributes), kept in "
+                              "its provenance; severity low|medium|high sets the strength", elem_id="cu-mix")
+        retries = gr.Number(MAX_RETRIES, label="Retries per item", precision=0, minimum=0, maximum=10,
+                            info="a candidate scoring < 0.6 in verification is regenerated with a new seed",
+                            elem_id="cu-retries")
     plan_id = gr.State(0)
     gr.Markdown("Press **Preview plan** to see how many candidates each damage type needs to balance the "
                 "classes (instant); then run the batch below.", elem_id="cu-plan-hint")
     plan_table = gr.Dataframe(label="Plan (before it runs)", interactive=False, elem_id="cu-plan-table")
     batch = JobPanel(t.ctx, "Run / resume batch", "batch")
     batch_info = gr.JSON(label="Batch", elem_id="cu-batch-info")
+    monitor = gr.Dataframe(label="Success rate per class (accepted / attempted; complete at ≥ 80 % of target)",
+                           interactive=False, elem_id="cu-monitor")
     with gr.Accordion("Auto-reject thresholds (applied by the batch)", open=False):
         th_vis = gr.Slider(1.0, 3.0, Thresholds.min_visibility, step=0.05,
                            label="min visibility (PatchCore inside / around the mask)")
         th_dup = gr.Slider(0, 20, Thresholds.min_duplicate_distance, step=1,
                            label="min perceptual-hash distance between defect crops")
-    plan_btn.click(bind(do_plan, t), [product, target, oversample, backends], [plan_id, plan_table],
-                   api_name=False)
-    api_endpoint(bind(do_plan, t), [product, target, oversample, backends], [plan_id, plan_table], "plan")
-    batch.wire(bind(start_batch, t), [plan_id, th_vis, th_dup], live_batch, [batch_info])
+    plan_inputs = [product, target, oversample, backends, mode, mix, retries]
+    plan_btn.click(bind(do_plan, t), plan_inputs, [plan_id, plan_table], api_name=False)
+    api_endpoint(bind(do_plan, t), plan_inputs, [plan_id, plan_table], "plan")
+    batch.wire(bind(start_batch, t), [plan_id, th_vis, th_dup], bind(live_batch, t), [batch_info, monitor])
 
 
 def _review_tab(t: CurationState, product) -> None:
