@@ -360,3 +360,33 @@ def _help(argv) -> str:
     with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
         main(argv)
     return buf.getvalue()
+
+
+# -- Training tab (handlers, no server) -------------------------------------------------------------
+def test_training_tab_wall_handlers(tmp_path):
+    import gradio as gr
+    from studio.config import Settings
+    from studio.context import StudioContext
+    from studio.ui import training_tab, training_wall as TW
+    ctx = StudioContext(Settings.from_env(workspace=tmp_path / "ws"))
+    data = _photo_folder(tmp_path / "photos")
+    args = dict(folder=str(data), masks="", model="/m", name="", minutes=15, steps=3, rank=4, prob=0.3,
+                reference=list(TW.REFERENCES)[2], method="kmeans", color_loss=0.5, colors="#3366cc", resume=False)
+    run = TW.wall_command(ctx, *args.values())
+    cmd = " ".join(run.cmd)
+    for part in ("--kind wall", f"--data {data}", "--steps 3", "--reference none", "--color-method kmeans",
+                 "--random-color-prob 0.3", "--color-loss-weight 0.5", "--validation-colors #3366cc",
+                 "--model /m", "--no-resume"):
+        assert part in cmd
+    assert run.out == training_tab.adapters_root(ctx) / "wall-photos"
+    for bad, msg in ((dict(folder=""), "photos"), (dict(folder=str(tmp_path / "nope")), "does not exist"),
+                     (dict(colors="#12"), "Validation colours"), (dict(prob=2), "probability")):
+        with pytest.raises(gr.Error, match=msg):
+            TW.wall_command(ctx, *{**args, **bad}.values())
+    # the metrics table reads the run's file (step 0 flagged as the untrained baseline)
+    ref = col.solid_reference("#3366cc", 32, noise_sigma=0, gradient=(1, 1))
+    W.append_metrics(run.out, W.metrics_row(0, [(ref, np.full((32, 32), 255, np.uint8), "#3366cc")], baseline=True))
+    rows = TW.metric_rows(run.out)
+    assert rows[0][0] == 0 and rows[0][4] == "excellent (untrained)"
+    with gr.Blocks():                                          # the tab renders with the wall block
+        training_tab.build(ctx)

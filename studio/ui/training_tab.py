@@ -197,6 +197,8 @@ def build(ctx: StudioContext) -> list:
             s = _settings(ctx)
         with gr.Column(scale=2):
             r = _results(ctx)
+    from studio.ui import training_wall
+    training_wall.build(ctx, state)          # wall colour from a folder of photos + masks
     types_for = bind(on_product, ctx)
     s["product"].change(types_for, s["product"], s["types"], api_name=False)
     s["panel"].wire(bind(start, ctx, state),
