@@ -6,6 +6,8 @@ Steps for each candidate:
    dominant colour of the masked region (``color_method``: ``median`` | ``mean`` | ``kmeans``).
 2. SD 1.5 inpainting of the padded box around the mask with the **unconditional** embedding (the
    empty prompt's text encoding, or zeros ``[1, 77, D]`` without a text encoder) — no text prompt.
+   The wall LoRA trainer (:mod:`pipelines.wall_train`) conditions on exactly this (same function),
+   and feeds its solid reference through the same IP-Adapter path as step 3.
 3. When IP-Adapter weights are present (``$DEFECT_STUDIO_IP_ADAPTER``, see
    :mod:`pipelines.models`), a solid colour reference (512×512, Gaussian noise σ=8, lighting
    gradient 0.95–1.05, :func:`pipelines.color.solid_reference`) is the image prompt; otherwise the
