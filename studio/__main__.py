@@ -351,7 +351,7 @@ def cmd_experiment(args) -> int:
     req = ExperimentRequest(data=args.data, out=args.out, synthetic=args.synthetic, generate=args.generate,
                             per_type=args.per_type, repeats=args.repeats, seed=args.seed,
                             backbone=args.backbone, coreset=args.coreset, size=args.size,
-                            segmenter_steps=args.segmenter_steps, n_boot=args.bootstrap,
+                            positive_coreset=args.positive_coreset, segmenter_steps=args.segmenter_steps, n_boot=args.bootstrap,
                             strength=args.strength, model=args.model, threads=args.threads)
     bar, progress = _tqdm_progress("experiment", args.quiet)
     try:
@@ -671,7 +671,10 @@ def _add_evaluation_commands(sub, ws) -> None:
     sp.add_argument("--repeats", type=int, default=5, help="K repeats (seeds S..S+K-1)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--backbone", default="efficientnet_lite0")
-    sp.add_argument("--coreset", type=float, default=None, help="PatchCore coreset fraction (default: PatchCore's)")
+    sp.add_argument("--coreset", type=float, default=None,
+                    help="PatchCore normal-bank coreset fraction (default: PatchCore's, 0.05)")
+    sp.add_argument("--positive-coreset", type=float, default=None,
+                    help="PatchCore positive-bank coreset fraction (default: PatchCore's, 0.1)")
     sp.add_argument("--size", type=int, default=256)
     sp.add_argument("--segmenter-steps", type=int, default=150)
     sp.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws")

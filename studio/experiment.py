@@ -68,6 +68,7 @@ class ExperimentRequest:
     seed: int = 0
     backbone: str = "efficientnet_lite0"
     coreset: float | None = None            # None: PatchCore's default
+    positive_coreset: float | None = None   # positive bank's coreset; None: PatchCore's default (10 %)
     size: int = 256
     segmenter_steps: int = 150
     n_boot: int = 1000
@@ -88,6 +89,8 @@ class ExperimentRequest:
             raise ValueError(f"size must be 32..1024 px, got {self.size}")
         if self.coreset is not None and not 0 < float(self.coreset) <= 1:
             raise ValueError(f"coreset must be a fraction in (0, 1], got {self.coreset}")
+        if self.positive_coreset is not None and not 0 < float(self.positive_coreset) <= 1:
+            raise ValueError(f"positive coreset must be a fraction in (0, 1], got {self.positive_coreset}")
         if int(self.threads) < 0:
             raise ValueError(f"threads must be ≥ 0 (0: torch's default), got {self.threads}")
         if int(self.segmenter_steps) < 1 or int(self.n_boot) < 100:
@@ -538,6 +541,8 @@ class _Runs:
         self.check()
         self.unit(k, 0, "PatchCore normal bank")
         pc_kw = {} if req.coreset is None else {"coreset": float(req.coreset)}
+        if req.positive_coreset is not None:
+            pc_kw["positive_coreset"] = float(req.positive_coreset)
         self.pc = PatchCore(backbone=req.backbone, size=int(req.size), seed=seed_k, **pc_kw)
         t0 = time.perf_counter()
         self.pc.fit(d.train, cancelled=self.cancelled)
@@ -622,6 +627,7 @@ def _result(req: ExperimentRequest, d: _Protocol, run: _Runs, blocks: dict, t_st
             "scored": d.roles.rel(d.roles.scored), "train_good": len(d.train), "roles_source": d.roles.source,
             "repeats": int(req.repeats), "seed": int(req.seed), "n_boot": int(req.n_boot),
             "primary_metric": PRIMARY_METRIC, "backbone": req.backbone, "coreset": req.coreset,
+            "positive_coreset": req.positive_coreset,
             "size": int(req.size), "segmenter_steps": int(req.segmenter_steps),
             "per_type": int(req.per_type) if d.plans else None,
         },

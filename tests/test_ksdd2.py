@@ -144,3 +144,18 @@ def test_coreset_flags_in_help():
     assert "0.05" in text and "0.960 vs 0.971" in text and "KolektorSDD2" in text
     args = build_parser().parse_args(["patchcore", "--data", "x", "--out", "y"])
     assert args.coreset == 0.05 and args.positive_coreset == 0.1
+
+
+@pytest.mark.slow
+def test_experiment_on_a_ksdd2_folder(ksdd2, tmp_path):
+    """The experiment reads the folder as it is (~40 s on 2 cores): reference defects come from
+    test/, the positive bank's coreset rate is recorded in the protocol."""
+    out = tmp_path / "exp"
+    r = subprocess.run([sys.executable, "-m", "studio", "experiment", "--data", str(ksdd2), "--generate", "perlin",
+                        "--per-type", "3", "--repeats", "1", "--size", "64", "--segmenter-steps", "10",
+                        "--bootstrap", "100", "--positive-coreset", "0.1", "--quiet", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["protocol"]["positive_coreset"] == 0.1
+    assert all(p.startswith("test/") for p in m["protocol"]["reference"] + m["protocol"]["evaluation"])
