@@ -94,3 +94,45 @@ def test_random_mask_is_shaped_like_the_type(ctx):
     assert (m > 0).any() and not ((m > 0) & ~fg).any()                      # on the product
     np.testing.assert_array_equal(m, sample_mask(ctx.store, "bottle", "broken_small", img.shape[:2],
                                                  np.random.default_rng(0)))    # seeded
+
+
+def test_large_photo_shown_resized_kept_full_and_mask_upload(ctx, tmp_path):
+    """A 3000×2000 photo is stored at full resolution and shown at DISPLAY_MAX; a mask file of the
+    photo's size is taken as the painted mask; the candidate view gives a before / after pair, a
+    zoom on the defect region and what the generator learned from."""
+    rng = np.random.default_rng(1)
+    big = rng.integers(0, 255, (2000, 3000, 3), dtype=np.uint8)
+    Image.fromarray(big).save(tmp_path / "big.jpg", quality=90)
+    editor, new_id, _preview, status = A.on_upload(ctx, str(tmp_path / "big.jpg"), "bottle", 4)
+    assert ctx.store.load_image(new_id).shape == (2000, 3000, 3)
+    assert max(editor["background"].shape[:2]) == A.DISPLAY_MAX and "shown at" in status
+    mask = np.zeros((2000, 3000), np.uint8)
+    mask[900:1000, 1400:1600] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    editor, _ = A.on_mask_upload(ctx, str(tmp_path / "mask.png"), editor, new_id, 4)
+    image, painted = A.current_image(ctx, editor, new_id)          # display layer → full size
+    assert painted.shape == (2000, 3000) and abs(int((painted > 0).sum()) - 20000) < 2000
+    items, info, first, _ = A.on_generate(ctx, editor, "bottle", new_id, A.DAMAGE, "broken_small", "#000000",
+                                          "cutpaste", 1, 0, 4, 0.8, *A.option_values(),
+                                          progress=lambda *a, **k: None)
+    n_refs = len(ctx.store.reference_defects("bottle", "broken_small"))
+    assert info[0]["learned_from"] == f"cutpaste: copies from {n_refs} reference defect{'s' * (n_refs != 1)} of broken_small"
+    (before, after), (zb, za), caption = A.candidate_view(ctx, new_id, first, info)
+    assert before.shape == after.shape and max(after.shape[:2]) == A.DISPLAY_MAX
+    assert zb.shape == za.shape and max(za.shape[:2]) >= 300 and not np.array_equal(zb, za)
+    assert "Candidate 1 of 1" in caption and "copies from" in caption
+    wrong = tmp_path / "wrong.png"
+    Image.fromarray(np.full((10, 10), 255, np.uint8)).save(wrong)
+    with pytest.raises(gr.Error, match="mask is 10×10 px"):
+        A.on_mask_upload(ctx, str(wrong), editor, new_id, 4)
+    with pytest.raises(gr.Error, match="Pick a product"):
+        A.on_upload(ctx, str(tmp_path / "big.jpg"), "", 4)
+
+
+def test_next_candidate_prefers_undecided():
+    info = [{"sample_id": 5, "status": "accepted"}, {"sample_id": 6, "status": "candidate"},
+            {"sample_id": 7, "status": "rejected"}, {"sample_id": 8, "status": "candidate"}]
+    assert A.next_candidate(6, info) == 8 and A.next_candidate(8, info) == 6
+    assert A.next_candidate(0, info) == 6 and A.next_candidate(0, []) == 0
+    box = A.defect_box(np.pad(np.ones((4, 4), bool), 50))
+    assert box[1] - box[0] >= 48 and box[0] <= 50 <= box[1]

@@ -61,8 +61,6 @@ def test_own_photo_paint_generate_accept_with_keyboard(page, tmp_path):
     _status_has(pg, "Uploaded coffee.jpg as an image of **coffee_cup**".replace("**", ""))
     pg.wait_for_timeout(1000)
 
-    preview_src = "document.querySelector('#mask-preview img')?.src"
-    before = pg.evaluate(preview_src)
     box = pg.locator("#editor canvas").first.bounding_box()
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     pg.mouse.move(cx - 60, cy - 20)
@@ -70,7 +68,7 @@ def test_own_photo_paint_generate_accept_with_keyboard(page, tmp_path):
     for i in range(1, 16):
         pg.mouse.move(cx - 60 + 8 * i, cy - 20 + 2 * i, steps=2)
     pg.mouse.up()
-    pg.wait_for_function(f"{preview_src} && {preview_src} !== {before!r}".replace("None", "null"))
+    pg.wait_for_timeout(1000)     # an empty mask would make Generate fail with "mask is empty"
 
     pg.click("#damage input")
     pg.locator("ul[role=listbox] li").filter(has_text="scratch").first.click()
