@@ -45,8 +45,16 @@ Generation (:class:`PixelInpaintGenerator`, the classical calling convention
 Checkpoints: the layout of :mod:`pipelines.training` (``OUT/latest`` → ``OUT/checkpoints/step-N/``
 holding ``model.safetensors``, ``config.json``, ``optimizer.safetensors``, ``trainer_state.json``);
 the training glue (config loading, budget, checkpoints, optimizer state, history) is that toolkit's.
-The generator's ``model=`` is the output folder or one checkpoint folder; default
-``$DEFECT_STUDIO_PIXEL_INPAINT``.
+The generator's ``model=`` is the output folder, one checkpoint folder or an exported model
+folder (``model.safetensors`` + ``config.json``, :func:`export_model`).
+
+Which model, when a request names none (:func:`find_model`, used by the service for a product):
+``$DEFECT_STUDIO_PIXEL_INPAINT`` if set; else the newest model trained for the product in one of
+the given run roots (the studio passes ``<workspace>/adapters``, where the Training tab writes;
+a run belongs to the product whose name its ``training_data.json`` data folder carries); else the
+model shipped with the repository in ``assets/models/<product>/pixel-inpaint/``
+(``scripts/train_demo_models.py``). A model that was not trained for the requested damage type is
+passed over for the next one.
 """
 from __future__ import annotations
 
@@ -75,6 +83,8 @@ from pipelines.generator import GeneratorBase, GeneratorInfo, option
 from pipelines.models import ModelError
 
 ENV = "DEFECT_STUDIO_PIXEL_INPAINT"
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "models"   # <product>/pixel-inpaint/
+SHIPPED_NAME = "pixel-inpaint"
 FORMAT = "defect-studio-pixel-inpaint/1"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -90,6 +100,12 @@ PRESETS: dict[str, dict] = {
     # at the 8x8 level, ~0.7 s per step with batch 8 on one busy core)
     "tiny": DDPM_PRESETS["tiny"],
     "small": DDPM_PRESETS["small"],
+    # the models shipped with the demo products (scripts/train_demo_models.py): ~1.8 M parameters,
+    # 3.4 MiB as float16 safetensors, ~0.6 s per step with batch 8 at 64 px on one torch thread
+    "demo": dict(block_out_channels=(16, 32, 64, 96),
+                 down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                 up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+                 layers_per_block=1, norm_num_groups=8),
     # a GPU / long run
     "base": dict(block_out_channels=(64, 128, 192, 256),
                  down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
@@ -537,24 +553,176 @@ def _load_weights(unet, folder: Path) -> None:
         raise ModelError(f"{folder / MODEL_FILE} does not fit its config.json ({str(exc)[:300]})") from exc
 
 
+def _is_model_folder(folder: Path) -> bool:
+    return (folder / MODEL_FILE).is_file() and (folder / CONFIG_FILE).is_file()
+
+
 def resolve_model(model: str | os.PathLike | None) -> Path:
-    """The checkpoint folder for ``model`` (an output folder or a checkpoint; default the env
-    variable); missing → :class:`ModelError` that says how to train one."""
+    """The folder to load for ``model`` (an output folder → its latest checkpoint; a checkpoint or
+    an exported model folder as is; default the env variable); missing → :class:`ModelError` that
+    says how to train one."""
     src = model or os.environ.get(ENV)
     if not src:
         raise ModelError(f"no pixel-inpaint model: {TRAIN_HINT}")
-    folder = latest_checkpoint(Path(src).expanduser())
-    if folder is None or not (folder / MODEL_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
+    path = Path(src).expanduser()
+    folder = path if _is_model_folder(path) else latest_checkpoint(path)
+    if folder is None or not _is_model_folder(folder):
         raise ModelError(f"{src} holds no pixel-inpaint checkpoint ({MODEL_FILE} + {CONFIG_FILE}): {TRAIN_HINT}")
     return folder
+
+
+def read_meta(folder: Path) -> dict:
+    """A model folder's ``config.json``, checked (valid JSON, this format, a U-Net config)."""
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{folder / CONFIG_FILE} is not valid JSON ({exc}): {TRAIN_HINT}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("unet"), dict):
+        raise ModelError(f"{folder} is not a pixel-inpaint model ({CONFIG_FILE} format "
+                         f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
+    return meta
+
+
+def check_model(model: str | os.PathLike | None) -> tuple[Path, dict]:
+    """``(folder, meta)`` after checking, without loading weights, that the folder holds a readable
+    model: ``config.json`` of this format and a complete safetensors file (header and data size)."""
+    folder = resolve_model(model)
+    meta = read_meta(folder)
+    try:
+        from safetensors import safe_open
+        with safe_open(str(folder / MODEL_FILE), framework="pt") as f:
+            n = len(list(f.keys()))
+    except Exception as exc:   # noqa: BLE001 - safetensors raises several kinds on a bad file
+        raise ModelError(f"{folder / MODEL_FILE} is corrupt or truncated ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); replace the folder: "
+                         f"{TRAIN_HINT}") from exc
+    if n == 0:
+        raise ModelError(f"{folder / MODEL_FILE} holds no tensors: {TRAIN_HINT}")
+    return folder, meta
 
 
 def available(model: str | None = None) -> tuple[bool, str]:
     """``(ok, message)`` without loading weights."""
     try:
-        return True, f"ready ({resolve_model(model)})"
+        return True, f"ready ({check_model(model)[0]})"
     except ModelError as exc:
         return False, str(exc)
+
+
+# -- which model, when the request names none --------------------------------------------------
+def shipped_model(product: str) -> Path:
+    """Where the model shipped for ``product`` lives: ``assets/models/<product>/pixel-inpaint``."""
+    return SHIPPED_DIR / product / SHIPPED_NAME
+
+
+def _run_product(run: Path) -> str | None:
+    """The product a training run belongs to: the name of its data folder (``training_data.json``)."""
+    from pipelines.training_data import read_manifest
+    data = read_manifest(run).get("data")
+    return Path(data).name if data else None
+
+
+def trained_models(product: str, roots: Sequence[str | os.PathLike] = ()) -> list[Path]:
+    """Pixel-inpaint runs trained for ``product`` under ``roots`` (each root holds one folder per
+    run, as ``<workspace>/adapters``), newest checkpoint first."""
+    found = []
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        for run in root.iterdir():
+            if not run.is_dir() or _run_product(run) != product:
+                continue
+            ckpt = latest_checkpoint(run)
+            if ckpt is None or not _is_model_folder(ckpt):
+                continue
+            try:
+                if read_meta(ckpt).get("format") == FORMAT:
+                    found.append(((ckpt / MODEL_FILE).stat().st_mtime_ns, run))
+            except ModelError:
+                continue
+    return [run for _, run in sorted(found, key=lambda x: (-x[0], str(x[1])))]
+
+
+def model_candidates(product: str | None, roots: Sequence[str | os.PathLike] = ()) -> list[Path]:
+    """Where a model for ``product`` is looked for, in order: ``$DEFECT_STUDIO_PIXEL_INPAINT``, the
+    product's trained runs under ``roots`` (newest first), the shipped model."""
+    out = [Path(os.environ[ENV]).expanduser()] if os.environ.get(ENV) else []
+    if product:
+        out += trained_models(product, roots)
+        out.append(shipped_model(product))
+    return out
+
+
+def find_model(product: str | None, roots: Sequence[str | os.PathLike] = (),
+               damage_type: str | None = None) -> Path | None:
+    """The first usable model of :func:`model_candidates` (trained for ``damage_type`` when one is
+    given); None when there is none."""
+    for cand in model_candidates(product, roots):
+        try:
+            _, meta = check_model(cand)
+        except ModelError:
+            continue
+        if damage_type is None or damage_type == NORMAL or damage_type in meta.get("damage_types", ()):
+            return cand
+    return None
+
+
+def product_status(product: str | None, roots: Sequence[str | os.PathLike] = ()) -> tuple[bool, str]:
+    """``(ok, message)`` for generating on ``product`` with no model named (loads no weights).
+    Without a product: ready when the env variable or any shipped model is usable."""
+    if product:
+        found = find_model(product, roots)
+        if found is not None:
+            return True, f"ready ({found})"
+        where = shipped_model(product)
+        shipped = "missing" if not where.exists() else available(str(where))[1]
+        return False, (f"no pixel-inpaint model for product {product!r}: put one in {where} "
+                       f"({MODEL_FILE} + {CONFIG_FILE} + training_data.json; shipped model: {shipped}), "
+                       f"or {TRAIN_HINT}")
+    if os.environ.get(ENV):
+        return available(None)
+    ready = sorted(p.parent.name for p in SHIPPED_DIR.glob(f"*/{SHIPPED_NAME}") if available(str(p))[0]) \
+        if SHIPPED_DIR.is_dir() else []
+    if ready:
+        return True, (f"ready for {', '.join(ready)} (shipped models in {SHIPPED_DIR}); other products "
+                      f"need a trained model: {TRAIN_HINT}")
+    return False, (f"no pixel-inpaint model: none shipped in {SHIPPED_DIR}/<product>/{SHIPPED_NAME} "
+                   f"(rebuild them with `python scripts/train_demo_models.py`) and {ENV} is not set; "
+                   f"{TRAIN_HINT}")
+
+
+def export_model(checkpoint: str | os.PathLike, dest: str | os.PathLike, dtype: str = "float16",
+                 extra_meta: dict | None = None) -> Path:
+    """Copy a checkpoint's weights (cast to ``dtype``: 'float16' halves the file; the model loads
+    them into float32) and its ``config.json`` into ``dest`` — no optimizer, no trainer state, no
+    timings: what a generator needs and nothing else, the same bytes for the same weights. Written
+    atomically, file by file."""
+    from safetensors.torch import save as save_bytes
+
+    from pipelines.fileio import atomic_write_bytes, atomic_write_json
+    folder = resolve_model(checkpoint)
+    meta = read_meta(folder)
+    tdt = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    weights = check_safetensors_file(folder / MODEL_FILE)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(dest / MODEL_FILE, save_bytes(
+        {k: v.to(tdt).contiguous() for k, v in sorted(weights.items())}, metadata={"format": FORMAT}))
+    unet_cfg = dict(meta["unet"])                 # diffusers keeps a *set* here: a stable order
+    if isinstance(unet_cfg.get("_use_default_values"), list):
+        unet_cfg["_use_default_values"] = sorted(unet_cfg["_use_default_values"])
+    meta["unet"] = unet_cfg
+    if isinstance(meta.get("schedule"), dict):   # wall-clock timing: not part of what the model is
+        meta["schedule"] = {k: v for k, v in meta["schedule"].items() if k != "pretrain_seconds"}
+    atomic_write_json(dest / CONFIG_FILE, {**meta, "weights_dtype": dtype, **(extra_meta or {})},
+                      indent=1, default=list)
+    return dest
+
+
+def check_safetensors_file(path: Path) -> dict:
+    from pipelines.models import check_safetensors
+    return check_safetensors(path, "pixel-inpaint model")
 
 
 class PixelInpaintModel:
@@ -570,12 +738,7 @@ class PixelInpaintModel:
     @classmethod
     def load(cls, model: str | os.PathLike | None = None) -> "PixelInpaintModel":
         folder = resolve_model(model)
-        try:
-            meta = json.loads((folder / CONFIG_FILE).read_text())
-        except ValueError as exc:
-            raise ModelError(f"{folder / CONFIG_FILE} is not valid JSON: {exc}") from exc
-        if meta.get("format") != FORMAT:
-            raise ModelError(f"{folder} is not a pixel-inpaint checkpoint (format {meta.get('format')!r})")
+        meta = read_meta(folder)
         from diffusers import UNet2DModel
         unet = UNet2DModel.from_config(meta["unet"])
         _load_weights(unet, folder)
@@ -656,8 +819,9 @@ def load_model(model: str | os.PathLike | None = None) -> PixelInpaintModel:
 
 @dataclass(frozen=True)
 class PixelInpaintOptions:
-    model: str | None = option(None, "pixel-inpaint output folder or checkpoint (default "
-                                     "$DEFECT_STUDIO_PIXEL_INPAINT)")
+    model: str | None = option(None, "model folder, output folder or checkpoint (pixel-inpaint default: "
+                                     "$DEFECT_STUDIO_PIXEL_INPAINT, else the product's newest trained "
+                                     "model, else the one shipped in assets/models/<product>/pixel-inpaint)")
     steps: int = option(25, "sampling steps", min=1, max=200, step=1)
     guidance: float = option(1.0, "guidance on the damage-type embedding (1 = none)", min=1.0, max=10.0, step=0.5)
 
@@ -669,7 +833,7 @@ class PixelInpaintGenerator(GeneratorBase):
     info = GeneratorInfo(
         "pixel-inpaint", "1", "damage",
         "Pixel-space inpainting diffusion trained on this product's own reference defects (offline; "
-        "needs a model trained with `python -m studio train --kind pixel-inpaint`)",
+        "the demo products ship with one, other products need `python -m studio train --kind pixel-inpaint`)",
         options=PixelInpaintOptions, takes_strength=False, default_strength=1.0, learns_from_data=True)
 
     def __init__(self, model: str | None = None):
@@ -680,8 +844,21 @@ class PixelInpaintGenerator(GeneratorBase):
         return {"strength": self.info.default_strength, **self.info.defaults}
 
     @classmethod
-    def available(cls) -> tuple[bool, str]:
+    def available(cls, product: str | None = None, roots: Sequence[str | os.PathLike] = (),
+                  any_product: bool = False) -> tuple[bool, str]:
+        """Whether a model is found for ``product`` (:func:`product_status`; loads no weights).
+        Without a product: whether a call that names no model runs (``$DEFECT_STUDIO_PIXEL_INPAINT``),
+        or with ``any_product`` (what a backend list shows) whether some product has a model."""
+        if product or any_product:
+            return product_status(product, roots)
         return available(None)
+
+    @classmethod
+    def default_model(cls, product: str | None, roots: Sequence[str | os.PathLike] = (),
+                      damage_type: str | None = None) -> str | None:
+        """The model a request for ``product`` that names none runs with (:func:`find_model`)."""
+        found = find_model(product, roots, damage_type)
+        return None if found is None else str(found)
 
     def ancestors(self, params: dict) -> list[str]:
         """The reference defects its training run used (``training_data.json``)."""

@@ -7,14 +7,22 @@ written twice. Importing a generator's module never loads a model (models load o
 An unknown name raises ``KeyError`` whose message lists the known names.
 
 Adding a generator: write its module (a class with ``info`` and ``__call__``), then add one line
-to :data:`GENERATORS` — or call :func:`register` (plugins, tests). The service, the CLI flags, the
-Annotate widgets and the Curation plan all read the registry.
+to :data:`GENERATORS` — or call :func:`register` (plugins, tests). The service, the CLI flags and
+help, the Annotate widgets and the Curation plan all read the registry (names, what "auto" picks,
+availability); no other module keeps a list of backends.
+
+A generator whose model depends on the product (pixel-inpaint) declares
+``default_model(product, roots, damage_type)`` and ``available(product=, roots=, any_product=)``
+on its class:
+:func:`default_model` and :func:`backend_status` pass the product (and ``roots``, the folders of
+trained runs, e.g. ``<workspace>/adapters``) through.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import threading
-from typing import Any
+from typing import Any, Sequence
 
 from pipelines.generator import GeneratorInfo, OptionSpec
 
@@ -95,15 +103,62 @@ def generator_names(mode: str | None = None) -> list[str]:
     return [n for n in GENERATORS if mode is None or get_info(n).mode == mode]
 
 
-def backend_status(name: str) -> tuple[bool, str]:
-    """``(ok, message)``: whether generator ``name`` can run here (its model files are present).
+def picks_model(name: str) -> bool:
+    """Whether generator ``name`` picks its model per product when a request names none: its class
+    declares ``default_model(product, roots, damage_type)`` and ``available(product, roots)``
+    (pixel-inpaint: the workspace's trained model, else the one shipped for the product)."""
+    return callable(getattr(generator_class(name), "default_model", None))
+
+
+def default_model(name: str, product: str | None, roots: Sequence[str | os.PathLike] = (),
+                  damage_type: str | None = None) -> str | None:
+    """The model generator ``name`` runs with for ``product`` when the request names none (None:
+    the generator has no per-product default, or none is found). ``roots``: folders of trained runs."""
+    if not picks_model(name):
+        return None
+    return generator_class(name).default_model(product, tuple(roots), damage_type)
+
+
+def backend_status(name: str, product: str | None = None,
+                   roots: Sequence[str | os.PathLike] = ()) -> tuple[bool, str]:
+    """``(ok, message)``: whether generator ``name`` can run here (its model files are present; for
+    a generator that picks its model per product, for ``product`` — without one, for any product).
     Loads no weights; the message is the exact instruction when something is missing."""
-    return generator_class(name).available()
+    cls = generator_class(name)
+    if picks_model(name):
+        return cls.available(product=product, roots=tuple(roots), any_product=not product)
+    return cls.available()
 
 
-def offline_names(mode: str = "damage") -> list[str]:
-    """Generators of ``mode`` that can run now, on this machine (no missing weights)."""
-    return [n for n in generator_names(mode) if backend_status(n)[0]]
+def offline_names(mode: str = "damage", product: str | None = None,
+                  roots: Sequence[str | os.PathLike] = ()) -> list[str]:
+    """Generators of ``mode`` that can run now, on this machine (no missing weights), in the
+    registry's order (for ``product`` when given)."""
+    return [n for n in generator_names(mode) if backend_status(n, product, roots)[0]]
+
+
+def auto_choice(mode: str = "damage", have_donors: bool = False) -> str | None:
+    """What "auto" runs for ``mode``: the first of :data:`AUTO` whose needs are met (None: none)."""
+    for name in AUTO.get(mode, ()):
+        if name in GENERATORS and (not get_info(name).needs_donors or have_donors):
+            return name
+    return None
+
+
+def auto_description(mode: str = "damage") -> str:
+    """One line saying what "auto" picks, read from :data:`AUTO` (for help texts and the UI)."""
+    names = [n for n in AUTO.get(mode, ()) if n in GENERATORS]
+    parts = [f"{n} when reference defects of the type exist" if get_info(n).needs_donors else n
+             for n in names]
+    return "auto: " + (", else ".join(parts) if parts else "(nothing registered)")
+
+
+def plan_defaults(product: str | None = None, roots: Sequence[str | os.PathLike] = ()) -> list[str]:
+    """The backends a generation plan preselects: :data:`AUTO`'s damage generators that run here
+    (the others that run here — a shipped or trained pixel-inpaint model included — are offered
+    beside them: :func:`offline_names`)."""
+    ok = offline_names("damage", product, roots)
+    return [n for n in AUTO.get("damage", ()) if n in ok]
 
 
 def get_generator(name: str) -> Any:
@@ -135,4 +190,5 @@ def all_option_specs(names: list[str] | None = None) -> dict[str, tuple[OptionSp
 register_plugins()
 
 __all__ = ["register_plugins", "GENERATORS", "AUTO", "register", "unregister", "generator_class", "get_info", "get_spec",
-           "generator_names", "backend_status", "offline_names", "get_generator", "all_option_specs"]
+           "generator_names", "backend_status", "offline_names", "get_generator", "all_option_specs",
+           "picks_model", "default_model", "auto_choice", "auto_description", "plan_defaults"]

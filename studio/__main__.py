@@ -55,13 +55,14 @@ def _generate_request(args, image, mask):
 def add_generation_flags(sp) -> None:
     """The flags of ``generate`` and ``generate-batch``: the request's, then one per generator
     option, generated from each generator's options dataclass (``pipelines.registry``)."""
-    from pipelines.registry import GENERATORS, all_option_specs, get_info
+    from pipelines.registry import GENERATORS, all_option_specs, auto_description, backend_status, get_info
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument("--damage", help="damage type, e.g. scratch, contamination, broken_large, good")
     g.add_argument("--color", help="wall colour '#RRGGBB' (wall-colour mode)")
-    lines = [f"{n} ({get_info(n).mode}): {get_info(n).description}" for n in GENERATORS]
+    lines = [f"{n} ({get_info(n).mode}{'' if backend_status(n)[0] else ', not set up here'}): "
+             f"{get_info(n).description}" for n in GENERATORS]
     sp.add_argument("--backend", default="auto", choices=["auto", *GENERATORS], metavar="BACKEND",
-                    help="auto (cut-paste when reference defects of the type exist, else perlin) | "
+                    help=f"{auto_description('damage')} (with --color: {auto_description('color')[6:]}). "
                          + " | ".join(lines))
     sp.add_argument("--product", help="product (checks the damage type; cut-paste donors come from it)")
     sp.add_argument("--n", type=int, default=4)
@@ -95,6 +96,7 @@ def cmd_generate(args) -> int:
         raise SystemExit(f"error: {exc}")
     store = _store(args) if args.record else None
     from studio.catalog import Catalog
+    from studio.config import Settings
     catalog = Catalog()
     if store is not None:
         catalog = catalog.with_labels({p: store.labels(p) for p in store.products()})
@@ -108,7 +110,8 @@ def cmd_generate(args) -> int:
         last[0] = done
 
     try:
-        cands = generate(req, store=store, catalog=catalog, progress=progress)
+        cands = generate(req, store=store, catalog=catalog, progress=progress,
+                         workspace=Settings.from_env(workspace=getattr(args, "workspace", None)).workspace)
     except (UserError, KeyError) as exc:
         bar.close()
         raise SystemExit(f"error: {exc.args[0] if exc.args else exc}")
@@ -151,6 +154,7 @@ def cmd_generate_batch(args) -> int:
     from accelerate import PartialState
 
     from pipelines.imageio import ImageInputError, read_mask, read_rgb, write_png_atomic
+    from studio.config import Settings
     from studio.services import UserError, generate
 
     import torch
@@ -164,7 +168,7 @@ def cmd_generate_batch(args) -> int:
             try:
                 req = _generate_request(args, read_rgb(img_path, args.max_pixels),
                                         read_mask(mask_path, args.max_pixels))
-                cands = generate(req)
+                cands = generate(req, workspace=Settings.from_env().workspace)   # its trained models
             except (ImageInputError, UserError, KeyError) as exc:
                 failures.append(f"{img_path.name}: {exc}")
                 continue
@@ -665,8 +669,11 @@ def _add_evaluation_commands(sub, ws) -> None:
                                                   "learned from (reference) and what is scored (evaluation)")
     sp.add_argument("--synthetic", help="an export with synthetic/<type>/*.png + synthetic_ground_truth/ "
                                         "(+ provenance.jsonl, checked for descent from evaluation images)")
-    sp.add_argument("--generate", help="generate inside the protocol: NAME[,NAME…] or 'all' "
-                                       "(perlin, cutpaste, pixel-inpaint with a trained model)")
+    from pipelines.registry import generator_names, get_info, picks_model
+    in_mask = [n for n in generator_names("damage") if not get_info(n).full_image and not get_info(n).needs_model]
+    sp.add_argument("--generate", help="generate inside the protocol: NAME[,NAME…] or 'all' (those that run "
+                                       f"here) of: {', '.join(in_mask)}; "
+                                       f"{', '.join(n for n in in_mask if picks_model(n)) or '-'} with --model")
     sp.add_argument("--per-type", type=int, default=10, help="generated defects per damage type and repeat")
     sp.add_argument("--repeats", type=int, default=5, help="K repeats (seeds S..S+K-1)")
     sp.add_argument("--seed", type=int, default=0)
@@ -678,7 +685,8 @@ def _add_evaluation_commands(sub, ws) -> None:
     sp.add_argument("--size", type=int, default=256)
     sp.add_argument("--segmenter-steps", type=int, default=150)
     sp.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws")
-    sp.add_argument("--strength", type=float, default=0.8, help="generator strength (perlin, cutpaste)")
+    sp.add_argument("--strength", type=float, default=0.8, help="generator strength ("
+                    + ", ".join(n for n in in_mask if get_info(n).takes_strength) + ")")
     sp.add_argument("--model", help="pixel-inpaint model folder (default: its environment variable)")
     sp.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: fastest and reproducible on a shared 2-core machine; 0 = torch's)")

@@ -15,6 +15,7 @@ import numpy as np
 from pipelines import masks as M
 from pipelines.imageio import ImageInputError, check_array
 from pipelines.training import Cancelled, ProgressFn
+from pipelines import registry
 from pipelines.registry import AUTO, GENERATORS, get_generator, get_info
 from studio.catalog import GOOD, Catalog
 
@@ -32,7 +33,7 @@ class GenerateRequest:
     damage_type: str | None = None
     color: str | None = None               # '#RRGGBB' → wall-colour mode
     product: str = ""
-    backend: str = "auto"                  # auto | perlin | cutpaste | wall-lab
+    backend: str = "auto"                  # "auto" or a name of pipelines.registry.GENERATORS
     n: int = 4
     seed: int = 0
     feather: int = 4
@@ -72,6 +73,38 @@ def resolve_backend(req: GenerateRequest, have_donors: bool) -> str:
         raise UserError(f"backend {req.backend!r} is for {'wall colours' if info.mode == 'color' else 'defects'}; "
                         f"{'pick a damage type' if info.mode == 'damage' else 'pick a colour'} or another backend")
     return req.backend
+
+
+# -- which model, when the request names none ------------------------------------------------
+TRAINED_DIR = "adapters"     # <workspace>/adapters/<run>: where the Training tab writes its runs
+
+
+def model_roots(workspace: str | Path | None) -> tuple[Path, ...]:
+    """Folders of the workspace's own trained runs (searched before the shipped models)."""
+    return (Path(workspace) / TRAINED_DIR,) if workspace else ()
+
+
+def backend_status(name: str, product: str | None = None, workspace: str | Path | None = None
+                   ) -> tuple[bool, str]:
+    """``(ok, message)`` for backend ``name`` on ``product`` in this workspace (loads no weights):
+    :func:`pipelines.registry.backend_status` with the workspace's trained runs."""
+    return registry.backend_status(name, product or None, model_roots(workspace))
+
+
+def available_backends(mode: str = "damage", product: str | None = None,
+                       workspace: str | Path | None = None) -> list[str]:
+    """Backends of ``mode`` that can run now for ``product`` (any product when None)."""
+    return registry.offline_names(mode, product or None, model_roots(workspace))
+
+
+def default_model(name: str, product: str | None, workspace: str | Path | None = None,
+                  damage_type: str | None = None) -> str | None:
+    """The model ``name`` runs with for ``product`` when none is named: the workspace's newest run
+    trained for the product, else the model shipped for it (``assets/models/<product>/…``); a
+    model trained for ``damage_type`` first. None: the backend picks no model per product."""
+    roots = model_roots(workspace)
+    return (registry.default_model(name, product or None, roots, damage_type)
+            or registry.default_model(name, product or None, roots))
 
 
 def _donors(store, product: str, damage_type: str, limit: int = 16) -> list[dict]:
@@ -159,10 +192,12 @@ def _params(req: GenerateRequest, info, donors: list[dict]) -> dict:
 
 def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
              progress: ProgressFn | None = None, cancelled: Callable[[], bool] | None = None,
-             ) -> list[Candidate]:
+             workspace: str | Path | None = None) -> list[Candidate]:
     """Make ``req.n`` candidates. With a store they are saved as samples of status 'candidate'.
 
-    Pixels outside ``dilate(mask, feather)`` of every candidate equal the input exactly.
+    Pixels outside ``dilate(mask, feather)`` of every candidate equal the input exactly. A backend
+    that picks its model per product (pixel-inpaint) and is given none runs with
+    :func:`default_model` for ``req.product`` (trained runs of ``workspace``, default the store's).
     """
     try:
         image = check_array(req.image, req.max_pixels)
@@ -200,8 +235,16 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
     backend = resolve_backend(req, bool(donors))
     info, gen = get_info(backend), get_generator(backend)
     params = _params(req, info, donors)
+    root = workspace if workspace is not None else getattr(store, "root", None)
+    if not params.get("model") and registry.picks_model(backend):
+        found = default_model(backend, req.product, root, req.damage_type)
+        if found:
+            params["model"] = found
+        elif not req.product:
+            raise UserError(f"{backend} picks its model by product: choose a product "
+                            f"({registry.backend_status(backend)[1]}) or name a model (the 'model' option)")
     if not params.get("model"):
-        ok, message = gen.available()
+        ok, message = backend_status(backend, req.product, root)
         if not ok:
             raise UserError(message)
     ancestors = sorted({d["sha256"] for d in donors} if info.needs_donors else set())
