@@ -63,6 +63,16 @@ class EvalSummary:
     def n(self) -> int:
         return len(self.labels)
 
+    def subset(self, idx) -> "EvalSummary":
+        """The statistics of images ``idx`` only (in that order), e.g. one damage type's defects
+        plus the good images. The score bins stay those of the full set."""
+        idx = np.asarray(idx, int)
+        new_of = np.full(self.n, -1)
+        new_of[idx] = np.arange(len(idx))
+        keep = np.isin(self.comp_image, idx)
+        return EvalSummary(self.labels[idx], self.scores[idx], self.pos_hist[idx], self.neg_hist[idx],
+                           new_of[self.comp_image[keep]], self.comp_hist[keep], self.comp_size[keep])
+
 
 def default_bins(n_pixels: int) -> int:
     """Bins for ``n_pixels`` scored pixels: ~256 pixels per bin, 256..:data:`DEFAULT_BINS`."""

@@ -611,7 +611,33 @@ def _blocks(req: ExperimentRequest, sources: list[str], run: _Runs) -> dict:
                        "segmenter": {**seg_cmp["arms"], **seg_cmp["deltas"]},
                        "n_synthetic": run.counts[src]}
         blocks[src]["verdict"] = _verdicts(src, blocks[src])
+        blocks[src]["by_type"] = _by_type(req, src, run)
     return blocks
+
+
+def _by_type(req: ExperimentRequest, src: str, run: _Runs) -> dict:
+    """Per damage type: the same comparisons on that type's evaluation defects + every good
+    image (the per-image statistics restricted, the bootstrap redrawn on the subset). Few
+    images per type: read the intervals, they are wide."""
+    labels = [s.label for s in run.d.roles.scored]
+    good = [i for i, s in enumerate(run.d.roles.scored) if not s.is_anomaly]
+    out = {}
+    for t in sorted({lab for lab, s in zip(labels, run.d.roles.scored) if s.is_anomaly}):
+        idx = [i for i, s in enumerate(run.d.roles.scored) if s.is_anomaly and s.label == t] + good
+        sub = lambda reps: [r.subset(idx) for r in reps]
+        pc = compare({"reference_only": sub(run.pc_arms["reference_only"]),
+                      "reference_plus_synthetic": sub(run.pc_arms[f"{src}:reference_plus_synthetic"])},
+                     {"delta": ("reference_plus_synthetic", "reference_only")},
+                     n_boot=req.n_boot, seed=req.seed)
+        seg = compare({"synthetic_only": sub(run.seg_arms[f"{src}:synthetic_only"]),
+                       "reference_only": sub(run.seg_arms["reference_only"]),
+                       "reference_plus_synthetic": sub(run.seg_arms[f"{src}:reference_plus_synthetic"])},
+                      {"delta": ("reference_plus_synthetic", "reference_only"),
+                       "delta_synthetic_only": ("synthetic_only", "reference_only")},
+                      n_boot=req.n_boot, seed=req.seed)
+        out[t] = {"n_evaluation": len(idx) - len(good), "patchcore": {**pc["arms"], **pc["deltas"]},
+                  "segmenter": {**seg["arms"], **seg["deltas"]}}
+    return out
 
 
 def _result(req: ExperimentRequest, d: _Protocol, run: _Runs, blocks: dict, t_start: float) -> dict:
@@ -635,6 +661,7 @@ def _result(req: ExperimentRequest, d: _Protocol, run: _Runs, blocks: dict, t_st
         "patchcore": blocks[top]["patchcore"],
         "segmenter": blocks[top]["segmenter"],
         "verdict": blocks[top]["verdict"],
+        "by_type": blocks[top]["by_type"],
         "n_synthetic": run.counts[top],
     }
     if d.plans:
@@ -732,7 +759,8 @@ def source_blocks(r: dict) -> dict[str, dict]:
     """``{source: {"patchcore", "segmenter", "verdict"}}`` of a result, in run order."""
     out = {}
     if r.get("synthetic") or not r.get("backends"):
-        out[r.get("source", "synthetic")] = {k: r[k] for k in ("patchcore", "segmenter", "verdict")}
+        out[r.get("source", "synthetic")] = {k: r[k] for k in ("patchcore", "segmenter", "verdict", "by_type")
+                                             if k in r}
     out.update(r.get("backends") or {})
     return out
 
@@ -787,6 +815,19 @@ def report_markdown(r: dict) -> str:
                   "|---|---|" + "---|" * len(METRIC_KEYS)]
         for row in (row for row in table_rows(r) if row["source"] == src):
             lines.append(f"| {row['model']} | {row['arm']} | " + " | ".join(row[k] for k in METRIC_KEYS) + " |")
+    typed = {src: b["by_type"] for src, b in source_blocks(r).items() if b.get("by_type")}
+    if typed:
+        lines += ["", f"## Per damage type ({PRIMARY_METRIC}; each type's evaluation defects + every good image)", "",
+                  "| source | type | n | segmenter synthetic only | segmenter reference only | "
+                  "segmenter reference + synthetic | PatchCore reference only | PatchCore Δ (+ synthetic) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for src, per in typed.items():
+            for t, b in per.items():
+                seg, pc = b["segmenter"], b["patchcore"]
+                lines.append(f"| {src} | {t} | {b['n_evaluation']} | {_fmt(seg['synthetic_only'][PRIMARY_METRIC])} | "
+                             f"{_fmt(seg['reference_only'][PRIMARY_METRIC])} | "
+                             f"{_fmt(seg['reference_plus_synthetic'][PRIMARY_METRIC])} | "
+                             f"{_fmt(pc['reference_only'][PRIMARY_METRIC])} | {_fmt_delta(pc['delta'][PRIMARY_METRIC])} |")
     if r.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
     t = r.get("timing", {})

@@ -62,6 +62,15 @@ def test_blocks_verdicts_and_protocol(runs):
     assert (out / "a" / "figure.html").stat().st_size > 10_000
     assert {p.name for p in (out / "a" / "samples").iterdir()} == {"perlin.png", "cutpaste.png"}
     assert json.loads((out / "a" / "metrics.json").read_text())["verdict"] == r["verdict"]
+    # per damage type: every evaluated type, its own evaluation defects + the good images
+    types = sorted({s.label for s in roles.evaluation})
+    for block in (r, *r["backends"].values()):
+        assert sorted(block["by_type"]) == types
+        for t, b in block["by_type"].items():
+            assert b["n_evaluation"] == sum(s.label == t for s in roles.evaluation)
+            assert _is_interval(b["segmenter"]["synthetic_only"]["pixel_ap"])
+            assert b["patchcore"]["delta"]["pixel_ap"]["verdict"] in ("helped", "no detectable effect", "hurt")
+    assert "## Per damage type" in (out / "a" / "report.md").read_text()
 
 
 def test_no_training_set_holds_an_evaluation_image(runs):

@@ -102,3 +102,18 @@ def test_verdict_and_input_checks():
         compare({"a": [s], "b": [other]})
     with pytest.raises(KeyError, match="unknown arm"):
         compare({"a": [s]}, {"d": ("b", "a")})
+
+
+def test_subset_gives_the_metrics_of_those_images_alone():
+    """Per-damage-type results restrict the per-image statistics: the subset's metrics equal
+    the exact metrics computed on those images only (the bins of the full set are fine enough)."""
+    labels, masks = _masks()
+    scores, maps = _run(masks, 1.0, 0)
+    s = summarize(labels, scores, masks, maps)
+    idx = [i for i in range(len(labels)) if labels[i] == 0] + [i for i in range(len(labels)) if labels[i]][:3]
+    got = summary_metrics(s.subset(idx))
+    assert got["pixel_auroc"] == pytest.approx(MET.pixel_auroc(masks[idx], maps[idx]), abs=2e-3)
+    assert got["pixel_ap"] == pytest.approx(MET.pixel_ap(masks[idx], maps[idx]), abs=3e-3)
+    assert got["aupro"] == pytest.approx(MET.aupro(masks[idx], maps[idx]), abs=6e-3)
+    assert got["image_auroc"] == pytest.approx(MET.image_auroc(labels[idx], scores[idx]), abs=1e-9)
+    assert summary_metrics(s.subset(range(len(labels)))) == summary_metrics(s)
