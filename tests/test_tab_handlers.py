@@ -3,6 +3,7 @@ temporary workspace (no server): happy paths and the refusals a user sees as ``g
 from __future__ import annotations
 
 import shutil
+import time
 import sys
 from pathlib import Path
 
@@ -253,3 +254,31 @@ def test_training_job_runs_the_trainer_process(ctx):
     job = ctx.jobs.wait(ctx.jobs.submit("train", T.train_job, bad, state), timeout=60)
     assert job["status"] == "failed" and "trainer says no" in job["error"]
     assert state.runlog.list("train-lora")[0]["status"] == "failed"
+
+
+# -- first-start examples ---------------------------------------------------------------------------
+def test_examples_fill_the_patchcore_and_ddpm_panels_once(ctx):
+    """A fresh workspace queues example PatchCore / DDPM runs; each tab's job panel shows them on
+    page load (tiny budgets here); a second start finds them cached and queues nothing."""
+    from studio.examples import ExamplePlan, pending, start_examples
+    idle = J.on_attach(ctx, ("patchcore",), lambda job: (), 0, "press Run")
+    assert idle[0] is None and idle[1] == "press Run"
+    plan = ExamplePlan(patchcore_size=128, ddpm_minutes=None, ddpm_steps=2, ddpm_eval_size=64)
+    ids = start_examples(ctx, ["bottle"], plan)
+    assert len(ids) == 2                                  # PatchCore + DDPM training (evaluation chained)
+    for jid in ids:
+        assert ctx.jobs.wait(jid, timeout=300)["status"] == "done"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not [j for j in ctx.jobs.list("ddpm-eval") if j["status"] == "done"]:
+        time.sleep(0.5)
+    assert pending(ctx, ["bottle"]) == [] and start_examples(ctx, ["bottle"], plan) == []
+
+    runlog = RunLog(ctx.settings.workspace)
+    jid, status, _timer, table, fig, items, runs = J.on_attach(ctx, ("patchcore",), lambda j: P.live(runlog, j),
+                                                                4, "idle")
+    assert "patchcore** — done" in status and dict(table)["image_auroc"] > 0.5 and len(fig.data) and items
+    assert len(runs) == 1
+    state = DD.DDPMState.of(ctx)
+    _, status, _timer, table, fig, items, compare = J.on_attach(ctx, ("ddpm-eval",),
+                                                                lambda j: DD.live_eval(state, j), 4, "idle")
+    assert "ddpm-eval** — done" in status and "image_auroc" in dict(table) and len(compare) == 1
