@@ -21,7 +21,9 @@ holds the product's geometry, with its own ControlNet (MultiControlNet):
   :class:`~pipelines.models.ModelMissingError` says what to download.
 
 Extra params (besides those of :mod:`pipelines.inpaint`): ``controlnet`` (folder / hub id of the
-segmentation ControlNet, default ``$DEFECT_STUDIO_CONTROLNET``), ``control_scale`` (1.0),
+segmentation ControlNet, default ``$DEFECT_STUDIO_CONTROLNET``; a ControlNet fine-tuned here by
+:mod:`pipelines.controlnet_train` is given as its checkpoint folder or its run folder, which means
+the run's latest checkpoint, and its samples inherit the run's ``training_data.json`` ancestors), ``control_scale`` (1.0),
 ``structure`` (None | canny | hed | depth), ``structure_controlnet`` (folder / hub id),
 ``structure_scale`` (0.5), ``canny_low``/``canny_high`` (100/200).
 """
@@ -52,6 +54,21 @@ _annotator_lock = threading.Lock()
 def mask_control_image(mask: np.ndarray) -> np.ndarray:
     """Binary mask ``H×W`` → control image ``H×W×3 uint8`` (defect white, background black)."""
     return np.repeat(np.where(mask > 0, 255, 0).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def controlnet_folder(source):
+    """``source`` unchanged, except a training run folder (``OUT`` with ``checkpoints/``, written by
+    :mod:`pipelines.controlnet_train`), which becomes its latest complete checkpoint."""
+    if source in (None, "") or not isinstance(source, (str, os.PathLike)):
+        return source
+    p = Path(source).expanduser()
+    if (p / "checkpoints").is_dir() and not (p / "config.json").is_file():
+        from pipelines.training import latest_checkpoint
+        ck = latest_checkpoint(p)
+        if ck is None:
+            raise ModelMissingError(f"{p} is a ControlNet training run without a complete checkpoint yet")
+        return str(ck)
+    return source
 
 
 def structure_image(kind: str, image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
@@ -115,8 +132,8 @@ class _ControlNetMixin:
 
     def _controlnets(self, base, opts):
         cross = int(base.unet.config.cross_attention_dim)
-        nets = [models.load_controlnet("controlnet-seg", opts.get("controlnet"), str(base.device),
-                                       base.unet.dtype, cross)]
+        nets = [models.load_controlnet("controlnet-seg", controlnet_folder(opts.get("controlnet")),
+                                       str(base.device), base.unet.dtype, cross)]
         structure = opts.get("structure")
         if structure:
             if structure not in STRUCTURES:
@@ -127,9 +144,20 @@ class _ControlNetMixin:
                 if not ok:
                     raise ModelMissingError(msg)
             nets.append(models.load_controlnet(f"controlnet-{structure}",
-                                               opts.get("structure_controlnet"), str(base.device),
+                                               controlnet_folder(opts.get("structure_controlnet")), str(base.device),
                                                base.unet.dtype, cross))
         return nets
+
+    def ancestors(self, params: dict) -> list[str]:
+        """The LoRA / embedding ancestors plus those of a ControlNet trained here (its run's
+        ``training_data.json``)."""
+        from pipelines.training_data import read_manifest
+        out = set(super().ancestors(params))
+        for key in ("controlnet", "structure_controlnet"):
+            src = controlnet_folder(params.get(key)) if params.get(key) else None
+            if src and Path(src).expanduser().is_dir():
+                out.update(read_manifest(src).get("ancestors", []))
+        return sorted(out)
 
     def _wrap(self, base, opts):
         import diffusers

@@ -382,7 +382,7 @@ def cmd_experiment(args) -> int:
 
 TRAIN_FLAGS = ("data", "output_dir", "model", "damage_types", "extra_data", "max_steps", "minutes",
                "rank", "learning_rate", "resolution", "batch_size", "checkpoint_every", "mixed_precision",
-               "image_size", "seed")
+               "image_size", "seed", "controlnet")
 
 
 def cmd_train(args) -> int:
@@ -390,6 +390,9 @@ def cmd_train(args) -> int:
     if args.kind == "lora":
         from pipelines.lora import LoraTrainConfig as Config
         from pipelines.lora import run_from_config
+    elif args.kind == "controlnet":
+        from pipelines.controlnet_train import ControlNetTrainConfig as Config
+        from pipelines.controlnet_train import run_from_config
     elif args.kind == "wall":
         from pipelines.wall_train import WallTrainConfig as Config
         from pipelines.wall_train import run_from_config
@@ -700,12 +703,16 @@ def _add_training_commands(sub, ws) -> None:
     """train (LoRA + damage embeddings, or pixel-inpaint)."""
     sp = sub.add_parser("train", help="train LoRA + damage embeddings (SD 1.5 inpainting) or the "
                                       "offline pixel-inpaint model")
-    sp.add_argument("--kind", choices=["lora", "pixel-inpaint", "wall"], default="pixel-inpaint",
-                    help="wall: wall-colour LoRA from a folder of photos + masks")
+    sp.add_argument("--kind", choices=["lora", "pixel-inpaint", "wall", "controlnet"], default="pixel-inpaint",
+                    help="wall: wall-colour LoRA from a folder of photos + masks; controlnet: fine-tune a "
+                         "ControlNet on the reference defects with their masks as the control image")
     sp.add_argument("--config", help="YAML file with the trainer's fields (unknown keys are an error)")
     sp.add_argument("--data", help="MVTec-layout category folder (real defects with masks)")
     sp.add_argument("--out", dest="output_dir", help="checkpoint folder")
-    sp.add_argument("--model", help="lora: SD 1.5 inpainting folder or hub id (local files only)")
+    sp.add_argument("--model", help="lora: SD 1.5 inpainting folder or hub id (local files only); "
+                                    "controlnet: SD 1.5 inpainting or base folder")
+    sp.add_argument("--controlnet", help="controlnet: start from these ControlNet weights (a diffusers folder "
+                                         "or a run folder; default: ControlNetModel.from_unet)")
     sp.add_argument("--damage-types", help="comma-separated (default: every type with samples)")
     sp.add_argument("--extra-data", help="accepted synthetic defects (an export: synthetic/<type>)")
     sp.add_argument("--steps", dest="max_steps", type=int)
