@@ -6,7 +6,7 @@ candidate in Annotate so the before / after view shows, then visits each tab.
     python scripts/screenshots.py [--out docs/screenshots] [--examples]
 
 ``--examples`` lets the first-start example PatchCore / DDPM jobs run (and waits for the PatchCore
-ones) so those tabs show results; without it they show their empty-state guidance.
+and DDPM ones) so those tabs show results; without it they show their empty-state guidance.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "docs" / "screenshots"), help="folder for the PNGs")
     ap.add_argument("--examples", action="store_true",
-                    help="let the example PatchCore / DDPM jobs run and wait for PatchCore's")
+                    help="let the example PatchCore / DDPM jobs run and wait for them (a few minutes)")
     args = ap.parse_args(argv)
     if not Path(CHROMIUM).exists():
         print(f"error: {CHROMIUM} is missing (apt-get install -y chromium)", file=sys.stderr)
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from playwright.sync_api import sync_playwright
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="screenshots-") as tmp:
         ws = Path(tmp) / "workspace"
         ws.mkdir()
         env = {"DEFECT_STUDIO_EXAMPLES": "on"} if args.examples else {}
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                 pg.screenshot(path=str(out / "annotate.png"))
                 if args.examples:
                     t0 = time.monotonic()
-                    while time.monotonic() - t0 < 600 and len(list((ws / "examples").glob("patchcore-*"))) < 2:
-                        time.sleep(2)
+                    while time.monotonic() - t0 < 900 and not (ws / "examples" / "ddpm-eval-bottle.done").exists():
+                        time.sleep(2)          # PatchCore per product, then DDPM train → evaluate
                     pg.reload()
                     pg.wait_for_selector("#generate")
                     pg.wait_for_timeout(1500)

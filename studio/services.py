@@ -343,7 +343,9 @@ def learned_from(store, product: str, generator: str, damage_type: str | None,
         refs = manifest.get("reference") or []
         if refs:
             own = [r for r in refs if damage_type in Path(r).parts]
+            where = Path(model)
+            shown = f"{where.parent.name}/{where.name}" if where.name == "pixel-inpaint" else where.name
             return (f"{generator}: trained on {len(own)} reference defect{'s' * (len(own) != 1)} of "
-                    f"{damage_type} ({len(refs)} of all types) — model {Path(model).name}")
+                    f"{damage_type} ({len(refs)} of all types) — model {shown}")
         return f"{generator}: a trained model{f' ({Path(model).name})' if model else ''}; no training_data.json beside it"
     return f"{generator}: procedural, styled as {damage_type}; learns from no real defect"

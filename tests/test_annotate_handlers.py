@@ -136,3 +136,21 @@ def test_next_candidate_prefers_undecided():
     assert A.next_candidate(0, info) == 6 and A.next_candidate(0, []) == 0
     box = A.defect_box(np.pad(np.ones((4, 4), bool), 50))
     assert box[1] - box[0] >= 48 and box[0] <= 50 <= box[1]
+
+
+def test_own_photo_as_a_new_product(ctx, tmp_path):
+    """A photo uploaded under a new product name makes that product; any known damage type can be
+    painted on it (the product has none of its own yet)."""
+    from skimage import data
+    Image.fromarray(data.coffee()).save(tmp_path / "coffee.jpg", quality=90)
+    editor, new_id, _, status = A.on_upload(ctx, str(tmp_path / "coffee.jpg"), "coffee_cup", 4)
+    assert ctx.store.get_image(new_id)["product"] == "coffee_cup" and "coffee_cup" in ctx.store.products()
+    assert "scratch" in A.damage_choices(ctx, "coffee_cup")
+    layer = np.zeros((*editor["background"].shape[:2], 4), np.uint8)
+    layer[150:200, 250:350] = (255, 45, 45, 200)
+    value = {"background": editor["background"], "layers": [layer], "composite": editor["background"]}
+    items, info, first, _ = A.on_generate(ctx, value, "coffee_cup", new_id, A.DAMAGE, "scratch", "#000000",
+                                          "perlin", 1, 0, 4, 0.8, *A.option_values(),
+                                          progress=lambda *a, **k: None)
+    assert ctx.store.get_sample(first)["product"] == "coffee_cup"
+    assert info[0]["learned_from"].startswith("perlin: procedural")

@@ -39,12 +39,12 @@ document.addEventListener('keydown', (e) => {
   const id = ids[e.key.toLowerCase()];
   if (id) { const b = document.getElementById(id); if (b) { b.click(); e.preventDefault(); } return; }
   if (e.key === '[' || e.key === ']') {
-    const box = document.querySelector('#brush-size input[type=number]');
-    if (!box) return;
-    const v = Math.max(2, Math.min(120, Number(box.value) + (e.key === ']' ? 4 : -4)));
-    box.value = v; box.dispatchEvent(new Event('input', {bubbles: true}));
-    box.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', bubbles: true}));
-    box.dispatchEvent(new Event('blur', {bubbles: true}));
+    const range = document.querySelector('#brush-size input[type=range]');
+    if (!range) return;
+    const v = Math.max(2, Math.min(120, Number(range.value) + (e.key === ']' ? 4 : -4)));
+    range.value = v;
+    range.dispatchEvent(new Event('input', {bubbles: true}));
+    range.dispatchEvent(new Event('change', {bubbles: true}));
     e.preventDefault();
   }
 });
