@@ -28,6 +28,7 @@ GUIDANCE = [
     ("Training", None, [r"No model trained here yet", r"min"]),
     ("PatchCore", None, [r"No PatchCore run yet", r"\d+–\d+ s"]),
     ("DDPM", "Train", [r"No DDPM trained yet", r"minutes"]),
+    ("DDPM", "Inspect", [r"Pick a checkpoint", r"seconds"]),
     ("DDPM", "Evaluate", [r"No DDPM evaluation yet", r"minute"]),
 ]
 

@@ -316,7 +316,9 @@ def _inspect_tab(ctx: StudioContext) -> dict:
     with gr.Row():
         w["images"] = [gr.Image(label=label, format="png", interactive=False)
                        for label in ("input", "reconstruction", "residual", "overlay", "ground truth")]
-    w["status"] = gr.Markdown(elem_id="dd-inspect-status")
+    w["status"] = gr.Markdown("Pick a checkpoint (train one in **Train**, or use the example a fresh studio "
+                              "makes) and a test image, then press **Inspect**: a few seconds per image.",
+                              elem_id="dd-inspect-status")
     with gr.Accordion("Depth × image grid (failure analysis: over-smoothing, texture loss)", open=False):
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
