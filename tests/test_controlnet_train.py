@@ -184,3 +184,35 @@ def test_cli_train_kind_controlnet(tmp_path, models, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["step"] == 2 and Path(summary["checkpoint"]).name == "step-0000002"
     assert (out / "training_data.json").is_file()
+
+
+def test_training_tab_controlnet_command_and_job(tmp_path, monkeypatch):
+    """The Training tab's ControlNet section: the trainer's command line from the widget values
+    (an export of the product, only its reference defects), refusals as gr.Error, the job runs it."""
+    import shutil
+    import gradio as gr
+    from studio.config import Settings
+    from studio.context import StudioContext
+    from studio.dataset import Store
+    from studio.formats import import_any
+    from studio.ui import training_controlnet as TC
+    from studio.ui import training_tab as TT
+    ws = tmp_path / "ws"
+    import_any(Store(ws), BOTTLE, "auto", "bottle")
+    ctx = StudioContext(Settings.from_env(workspace=ws))
+    run = TC.controlnet_command(ctx, "bottle", ["contamination"], "/models/sd", "", "", 5, 3, 0, False)
+    cmd = run.cmd
+    assert cmd[cmd.index("--kind") + 1] == "controlnet" and cmd[cmd.index("--steps") + 1] == "3"
+    assert cmd[cmd.index("--damage-types") + 1] == "contamination" and "--no-resume" in cmd
+    assert cmd[cmd.index("--model") + 1] == "/models/sd" and "--controlnet" not in cmd
+    assert run.out == TT.adapters_root(ctx) / "controlnet-bottle" and (run.data / "test").is_dir()
+    with pytest.raises(gr.Error, match="Pick a product"):
+        TC.controlnet_command(ctx, "", [], "", "", "", 5, 0, 0, True)
+    with pytest.raises(gr.Error, match="not a folder"):
+        TC.controlnet_command(ctx, "bottle", [], "", str(tmp_path / "missing"), "", 5, 0, 0, True)
+    # the listing tells a ControlNet run from a LoRA one
+    ck = TT.adapters_root(ctx) / "controlnet-bottle" / "checkpoints" / "step-0000002"
+    ck.mkdir(parents=True)
+    (ck / "trainer_state.json").write_text(json.dumps({"kind": "controlnet", "step": 2}))
+    assert TT.trained_adapters(TT.adapters_root(ctx))[0][:3] == ["controlnet-bottle", "controlnet", "step-0000002"]
+    shutil.rmtree(ck.parent.parent)

@@ -36,7 +36,9 @@ def trained_adapters(root: Path) -> list[list]:
         if not ckpts:
             continue
         latest = ckpts[-1]
-        rows.append([out.name, "lora" if any(latest.glob("pytorch_lora_weights*.safetensors")) else "pixel-inpaint",
+        st = latest / "trainer_state.json"
+        kind = "controlnet" if st.is_file() and '"kind": "controlnet"' in st.read_text() else None
+        rows.append([out.name, kind or ("lora" if any(latest.glob("pytorch_lora_weights*.safetensors")) else "pixel-inpaint"),
                      latest.name, str(latest)])
     return rows
 
@@ -199,6 +201,8 @@ def build(ctx: StudioContext) -> list:
             r = _results(ctx)
     from studio.ui import training_wall
     training_wall.build(ctx, state)          # wall colour from a folder of photos + masks
+    from studio.ui import training_controlnet
+    training_controlnet.build(ctx, state)    # ControlNet on the product's defect masks
     types_for = bind(on_product, ctx)
     s["product"].change(types_for, s["product"], s["types"], api_name=False)
     s["panel"].wire(bind(start, ctx, state),
