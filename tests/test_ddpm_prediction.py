@@ -184,3 +184,32 @@ def test_cli_train_flag_in_help_and_epsilon_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["ddpm", "train", "--data", str(data), "--out", str(tmp_path / "x"), "--prediction", "sample"])
+
+
+def test_ddpm_tab_grid_job_from_the_store(tmp_path):
+    """The DDPM tab's grid: a product's test images from the store (defect types first, then good),
+    a background job that writes the picture, refusals as gr.Error."""
+    import gradio as gr
+    from studio.config import Settings
+    from studio.context import StudioContext
+    from studio.dataset import Store
+    from studio.formats import import_any
+    from studio.ui import ddpm_tab as DD
+    ws = tmp_path / "ws"
+    import_any(Store(ws), DEMO, "auto", "bottle")
+    ctx = StudioContext(Settings.from_env(workspace=ws))
+    ck = DD.models_root(ctx) / "eps"
+    DDPMInspector(ModelConfig(size=64, crop=32, preset="tiny", prediction="epsilon")).save(ck)
+    with pytest.raises(gr.Error, match="Pick a checkpoint"):
+        DD.start_grid(ctx, "bottle", "", "", "100", 2, "as trained")
+    with pytest.raises(gr.Error, match="integers"):
+        DD.start_grid(ctx, "bottle", "", str(ck), "deep", 2, "as trained")
+    with pytest.raises(gr.Error, match="Pick a product"):
+        DD.start_grid(ctx, "", "", str(ck), "100", 2, "as trained")
+    items, _ = DD.grid_items(ctx, "bottle", "", 4)
+    assert [it.label for it in items][-1] == "good" and len({it.label for it in items}) == 4
+    jid = DD.start_grid(ctx, "bottle", "", str(ck), "100,200", 2, "as trained")
+    job = ctx.jobs.wait(jid, timeout=300)
+    assert job["status"] == "done", job["error"]
+    pic, cells = DD.live_grid(job)
+    assert Path(pic).is_file() and len(cells["cells"]) == 4 and cells["prediction"] == "epsilon"
