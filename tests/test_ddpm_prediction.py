@@ -91,9 +91,10 @@ def test_epsilon_model_trained_briefly_reconstructs_close_at_small_depth(tmp_pat
                                        ema_decay=0.0, log_every=5))
     assert np.isfinite(res.loss) and res.losses[-1][1] < res.losses[0][1]
     err = lambda m, d: float(np.abs(m.reconstruct(imgs[0], depth=d, stride=10) - imgs[0] / 255.0).mean())
-    small = err(insp, 20)
-    assert small < 0.05                       # at t small the reconstruction is close to the input
-    assert small < float(np.abs(insp.reconstruct(imgs[0], depth=600, stride=60) - imgs[0] / 255.0).mean())
+    assert err(insp, 20) < 0.05               # at t small the reconstruction is close to the input
+    # and it is the training that reconstructs (measured 0.033 vs 0.139 at t = 100)
+    untrained = DDPMInspector(ModelConfig(**TINY, prediction="epsilon"))
+    assert err(insp, 100) < 0.5 * err(untrained, 100)
     # saved with the field, reloaded as epsilon; resuming with v is refused
     insp.save(tmp_path / "ck")
     meta = json.loads((tmp_path / "ck" / "config.json").read_text())
