@@ -191,7 +191,8 @@ class _ControlNetMixin:
 
 @dataclass(frozen=True)
 class ControlNetOptions(DiffusionOptions):
-    controlnet: str | None = option(None, "ControlNet-seg folder or hub id (default $DEFECT_STUDIO_CONTROLNET)")
+    controlnet: str | None = option(None, "ControlNet-seg folder or hub id, or a run of `train --kind controlnet` "
+                                              "(its latest checkpoint; default $DEFECT_STUDIO_CONTROLNET)")
     control_scale: float = option(1.0, "ControlNet conditioning scale", min=0.0, max=2.0, step=0.05)
     structure: str | None = option(None, "a second condition that holds the product's geometry",
                                    choices=("canny", "hed", "depth"))
