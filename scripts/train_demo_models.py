@@ -20,9 +20,15 @@ the second half the damage types (the reference defects + 25 % good examples). P
 
 Reproducible: fixed seeds, a step budget (never a wall-clock one), deterministic torch
 algorithms, a fixed number of CPU threads (``--threads``; results can differ between thread
-counts and torch builds, not between runs). CPU budget: about 8 minutes per product at the
-default 800 steps on one thread of a quiet 2-core machine (~0.6 s per step; 2–3× longer when the
-machine is shared). Ctrl-C stops cleanly and writes nothing.
+counts and torch builds, not between runs: two runs give byte-identical ``model.safetensors``,
+``config.json`` and ``training_data.json``). CPU budget: the
+default 240 steps take about 3.3 CPU-minutes per product (measured 186 s and 202 s on one thread;
+~0.8 s per step with data loading and the mask-shape fits, so about 3.5 minutes on a quiet 2-core
+machine); on a machine shared with other jobs the wall clock is longer (21–23 minutes measured;
+figures in ``training_log.json``). More steps (``--steps 800``,
+about 8 minutes) fill masks more like the product; neither budget makes convincing defects (see
+:class:`pipelines.pixel_inpaint.PixelInpaintConfig`). Ctrl-C stops and leaves the shipped
+folder as it was.
 
 Written per product into ``OUT/<product>/pixel-inpaint/``: ``model.safetensors``,
 ``config.json`` (format, damage types, U-Net config, schedule), ``training_data.json`` (the

@@ -213,3 +213,33 @@ def test_backend_lists_come_from_the_registry():
     for path in [ROOT / "studio" / "__main__.py", *sorted((ROOT / "studio" / "ui").glob("*.py"))]:
         text = path.read_text()
         assert not re.search(r"""["']perlin["']\s*,\s*["']cutpaste["']|["']cutpaste["']\s*,\s*["']perlin["']""", text), path
+
+
+# ------------------------------------------------------------------------------------ the script
+def test_train_script_is_reproducible_and_writes_the_shipped_layout(tmp_path, monkeypatch):
+    """The script's own code path at a toy size (tiny U-Net, 32 px, 2 steps): two runs, same bytes."""
+    import importlib.util
+    import torch
+    spec = importlib.util.spec_from_file_location("train_demo_models", ROOT / "scripts" / "train_demo_models.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    real = script.config_for
+
+    def tiny(data, out, steps, seed=0):
+        cfg = real(data, out, steps, seed)
+        cfg.preset, cfg.resolution, cfg.min_crop, cfg.batch_size, cfg.image_size = "tiny", 32, 32, 2, 128
+        return cfg
+    monkeypatch.setattr(script, "config_for", tiny)
+    torch.set_num_threads(1)
+    files = ("model.safetensors", "config.json", "training_data.json")
+    runs = []
+    for i in range(2):
+        log = script.train_product("brushed_metal", DEMO, tmp_path / f"out{i}", 2, 1, quiet=True, with_preview=False)
+        folder = tmp_path / f"out{i}" / "brushed_metal" / "pixel-inpaint"
+        runs.append({f: (folder / f).read_bytes() for f in files})
+        assert log["steps"] == 2 and (folder / "training_log.json").is_file()
+    assert runs[0] == runs[1]
+    assert P.available(str(folder))[0]
+    manifest = json.loads(runs[0]["training_data.json"])
+    roles = category_roles(load_category(DEMO / "brushed_metal"))
+    assert set(manifest["ancestors"]) == {pixel_hash(load_image(s.path, None)) for s in roles.reference}
