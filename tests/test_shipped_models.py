@@ -243,3 +243,18 @@ def test_train_script_is_reproducible_and_writes_the_shipped_layout(tmp_path, mo
     manifest = json.loads(runs[0]["training_data.json"])
     roles = category_roles(load_category(DEMO / "brushed_metal"))
     assert set(manifest["ancestors"]) == {pixel_hash(load_image(s.path, None)) for s in roles.reference}
+
+
+def test_curation_plan_runs_with_the_shipped_model(tmp_path):
+    from studio.curation import CurationDB, make_plan, run_plan
+    from studio.dataset import Store
+    store = Store(tmp_path / "ws")
+    store.import_mvtec(DEMO / "bottle")
+    cdb = CurationDB(tmp_path / "ws")
+    plan = make_plan(store, cdb, "bottle", target=1, mode="fixed", labels=["contamination"],
+                     backends=("pixel-inpaint",), retries=0)
+    assert plan["items"] == 1
+    run_plan(store, cdb, plan["plan_id"], use_detector=False, retries=0)
+    rows = store.list_samples(product="bottle")
+    assert rows and {r["generator"] for r in rows} == {"pixel-inpaint"}
+    assert rows[0]["params"]["model"] == str(MODELS / "bottle" / "pixel-inpaint")
