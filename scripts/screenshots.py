@@ -27,18 +27,19 @@ TABS = ["Dataset", "Curation", "Training", "PatchCore", "DDPM"]
 
 
 def _annotate(pg) -> None:
-    """Paint a stroke on the first demo image and generate 4 candidates (classical, ~1 s)."""
-    pg.wait_for_timeout(1500)
-    box = pg.locator("#editor canvas").first.bounding_box()
-    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    pg.mouse.move(cx - 40, cy - 80)
-    pg.mouse.down()
-    for i in range(1, 14):
-        pg.mouse.move(cx - 40 + 6 * i, cy - 80 + 3 * i, steps=2)
-    pg.mouse.up()
-    pg.wait_for_timeout(800)
-    pg.click("#generate")
-    pg.wait_for_function("document.querySelectorAll('#gallery .thumbnail-item').length >= 1", timeout=120_000)
+    """Draw a mask shaped like the damage type (Random mask) on the first demo image and generate
+    4 candidates (classical, about a second); tried again if the mask had not arrived yet."""
+    for attempt in range(3):
+        pg.wait_for_timeout(2000)
+        pg.click("#random-mask")
+        pg.wait_for_timeout(5000 * (attempt + 1))
+        pg.click("#generate")
+        try:
+            pg.wait_for_function("document.querySelectorAll('#gallery .thumbnail-item').length >= 1",
+                                 timeout=60_000)
+            break
+        except Exception:  # noqa: BLE001 - playwright's TimeoutError: try again
+            continue
     pg.wait_for_selector("#before-after img")
     pg.wait_for_timeout(800)
 
@@ -68,7 +69,13 @@ def main(argv: list[str] | None = None) -> int:
                 pg.goto(url)
                 pg.wait_for_selector("#generate")
                 _annotate(pg)
+                pg.evaluate("window.scrollTo(0, 0)")
+                pg.wait_for_timeout(500)
                 pg.screenshot(path=str(out / "annotate.png"))
+                pg.locator("#gallery").scroll_into_view_if_needed()
+                pg.evaluate("document.querySelector('#gallery').scrollIntoView({block: 'start'})")
+                pg.wait_for_timeout(800)
+                pg.screenshot(path=str(out / "annotate-review.png"))
                 if args.examples:
                     t0 = time.monotonic()
                     while time.monotonic() - t0 < 900 and not (ws / "examples" / "ddpm-eval-bottle.done").exists():
@@ -81,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                     pg.wait_for_timeout(1200)
                     pg.screenshot(path=str(out / f"{tab.lower()}.png"))
                 browser.close()
+        except Exception:
+            log = next(Path(tmp).glob("app-*.log"), None)
+            print(f"--- the studio's log ---\n{log.read_text()[-4000:] if log else '(none)'}", file=sys.stderr)
+            raise
         finally:
             stop_app(proc)
     for f in sorted(out.glob("*.png")):

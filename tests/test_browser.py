@@ -58,11 +58,6 @@ def test_own_photo_paint_generate_accept_with_keyboard(page, tmp_path):
     pg.locator("#upload input[type=file]").set_input_files(str(photo))
     _status_has(pg, "Uploaded coffee.jpg as an image of bottle")
     pg.wait_for_timeout(1000)
-    brush = pg.locator("#brush-size input[type=number]")
-    size = float(brush.input_value())
-    pg.locator("body").click(position={"x": 5, "y": 5})
-    pg.keyboard.press("]")                                     # brush size on the keyboard
-    pg.wait_for_function(f"Number(document.querySelector('#brush-size input[type=number]').value) > {size}")
 
     box = pg.locator("#editor canvas").first.bounding_box()
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
@@ -72,18 +67,24 @@ def test_own_photo_paint_generate_accept_with_keyboard(page, tmp_path):
         pg.mouse.move(cx - 60 + 8 * i, cy - 20 + 2 * i, steps=2)
     pg.mouse.up()
     pg.wait_for_timeout(1000)     # an empty mask would make Generate fail with "mask is empty"
+    size = float(pg.locator("#brush-size input[type=number]").input_value())
+    pg.locator("body").click(position={"x": 5, "y": 5})
+    pg.keyboard.press("]")        # brush size on the keyboard; the painted stroke is kept
+    pg.wait_for_function(f"Number(document.querySelector('#brush-size input[type=number]').value) > {size}")
+    pg.wait_for_timeout(1000)
 
     pg.click("#damage input")
     pg.locator("ul[role=listbox] li").filter(has_text="contamination").first.click()
     pg.click("#backend input")
     pg.locator("ul[role=listbox] li").filter(has_text="pixel-inpaint").first.click()
+    pg.get_by_text("Generator options", exact=True).click()
     for elem, value in (("#n", "2"), ("#opt-steps", "8")):    # two candidates, 8 sampling steps (CPU)
         box = pg.locator(f"{elem} input[type=number]")
         box.fill(value)
         box.press("Enter")
     pg.click("#generate")
-    _status_has(pg, "2 candidate", timeout=240_000)
-    assert pg.locator("#gallery .thumbnail-item").count() == 2
+    _status_has(pg, "2 candidate", timeout=480_000)   # minutes on a loaded 2-core CPU
+    pg.wait_for_function("document.querySelectorAll('#gallery .thumbnail-item').length == 2")
     # before / after slider and the zoom on the defect region, with what the generator learned from
     pg.wait_for_selector("#before-after img")
     assert pg.locator("#defect-zoom img").count() >= 1

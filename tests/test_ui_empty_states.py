@@ -90,3 +90,33 @@ def test_every_tab_guides_and_shows_no_internal_id(fresh):
         assert found["emptyPlots"] == 0, f"{tab}/{sub}: an empty plot is shown"
         assert not found["placeholderHeaders"], f"{tab}/{sub}: a table with placeholder headers"
         assert "Traceback" not in text
+
+
+def test_upload_photo_formats_and_a_mask_in_the_browser(fresh, tmp_path):
+    """Drop-in uploads through the page: 16-bit greyscale PNG, RGBA PNG, TIFF; then a mask file."""
+    import numpy as np
+    from PIL import Image
+    pg = fresh
+    pg.get_by_role("tab", name="Annotate", exact=True).click()
+    rng = np.random.default_rng(0)
+    grey16 = (rng.integers(0, 65535, (300, 420))).astype(np.uint16)
+    rgba = np.dstack([rng.integers(0, 255, (300, 420, 3)), np.full((300, 420), 180)]).astype(np.uint8)
+    files = {"grey16.png": Image.fromarray(grey16), "rgba.png": Image.fromarray(rgba),
+             "photo.tiff": Image.fromarray(rgba[..., :3])}
+    for name, im in files.items():
+        im.save(tmp_path / name)
+        pg.locator("#upload input[type=file]").set_input_files(str(tmp_path / name))
+        pg.wait_for_function("document.querySelector('#annotate-status').innerText.includes("
+                             f"'Uploaded {name} as an image of')")
+        assert "420×300" in pg.inner_text("#annotate-status")
+    mask = np.zeros((300, 420), np.uint8)
+    mask[100:160, 150:260] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    pg.get_by_text("Mask from a file · feathered preview").click()
+    pg.locator("#mask-upload input[type=file]").set_input_files(str(tmp_path / "mask.png"))
+    pg.wait_for_selector("#mask-preview img")
+    pg.click("#backend input")
+    pg.locator("ul[role=listbox] li").filter(has_text="perlin").first.click()
+    pg.click("#generate")                      # the uploaded mask is the painted region
+    pg.wait_for_function("document.querySelector('#annotate-status').innerText.includes('4 candidate')",
+                         timeout=120_000)

@@ -496,7 +496,8 @@ def _canvas(ctx: StudioContext, first_id) -> dict:
 
 def _review(ctx: StudioContext) -> dict:
     w: dict = {}
-    w["gallery"] = gr.Gallery(format="png", columns=4, height=220, label="Candidates", allow_preview=False,
+    w["gallery"] = gr.Gallery(format="png", columns=8, rows=1, height=170, object_fit="contain",
+                              label="Candidates (click one, or press N)", allow_preview=False,
                               elem_id="gallery", visible=False)
     w["empty"] = gr.Markdown("### No candidates yet\nPaint the defect region on the image, pick the damage "
                              "type, then press **Generate candidates** — 4 classical candidates take about a "
