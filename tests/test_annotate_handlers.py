@@ -154,3 +154,22 @@ def test_own_photo_as_a_new_product(ctx, tmp_path):
                                           progress=lambda *a, **k: None)
     assert ctx.store.get_sample(first)["product"] == "coffee_cup"
     assert info[0]["learned_from"].startswith("perlin: procedural")
+
+
+def test_generate_uses_the_mask_the_server_set_when_the_editor_lags(ctx):
+    """A mask put in the editor by the server (mask file, mask operation) is used when Generate
+    arrives with the editor's layer still empty; a hand-painted layer always wins."""
+    img_id = ctx.store.list_images(product="bottle", split="train")[0]["id"]
+    img = ctx.store.load_image(img_id)
+    stale = {"background": img, "layers": [np.zeros((*img.shape[:2], 4), np.uint8)], "composite": img}
+    editor, _preview, layer = A.with_mask_state(lambda *a: A.on_mask_op(ctx, *a))(
+        "random", stale, img_id, 3, 4, "broken_small", "bottle")
+    assert layer[..., 3].any()
+    args = [stale, "bottle", img_id, A.DAMAGE, "broken_small", "#000000", "perlin", 1, 0, 4, 0.8,
+            *A.option_values()]
+    out = A.ui_generate(ctx, layer, *args, progress=lambda *a, **k: None)
+    info = out[1]
+    mask = ctx.store.load_sample_mask(info[0]["sample_id"]) > 0
+    assert mask.any() and np.array_equal(mask, A.M.mask_from_editor(editor, shape=img.shape[:2]) > 0)
+    with pytest.raises(gr.Error, match="empty"):
+        A.ui_generate(ctx, None, *args, progress=lambda *a, **k: None)

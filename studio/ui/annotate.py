@@ -525,9 +525,35 @@ MASK_OPS = ("dilate", "erode", "invert", "clear", "random")
 
 
 # -- UI glue: ids live in gr.State; these wrap the handlers above for the page's events ----------
-def ui_generate(ctx: StudioContext, *args, progress=gr.Progress()):
+def _layer_of(editor_value):
+    """The mask layer of an editor value the server just set (kept in session state)."""
+    if isinstance(editor_value, dict) and editor_value.get("layers"):
+        return editor_value["layers"][0]
+    return gr.update()
+
+
+def with_mask_state(fn):
+    """``fn``'s outputs (the editor value first) and the editor's mask layer for the session state:
+    a mask set by the server (mask file, mask operation, a defect image's ground truth) is used
+    when Generate is pressed before the editor has sent it back."""
+    def wrapped(*args):
+        out = fn(*args)
+        return (*out, _layer_of(out[0]))
+    wrapped.__doc__ = fn.__doc__
+    return wrapped
+
+
+def ui_generate(ctx: StudioContext, set_layer, *args, progress=gr.Progress()):
+    args = list(args)
+    editor_value, src_id = args[0], args[2]
+    if set_layer is not None and editor_value:
+        try:
+            image, painted = current_image(ctx, editor_value, src_id)
+        except gr.Error:
+            painted = None
+        if painted is not None and not painted.any():
+            args[0] = dict(editor_value, layers=[set_layer])
     items, info, first_id, status = on_generate(ctx, *args, progress=progress)
-    src_id = args[2]
     before_after, zoomed, caption = candidate_view(ctx, src_id, first_id, info)
     return (gr.update(value=items, visible=True, selected_index=0 if items else None), info, first_id,
             status, gr.update(visible=False), gr.update(visible=bool(items)), before_after, zoomed, caption)
@@ -581,6 +607,7 @@ def build(ctx: StudioContext) -> dict:
             v = _canvas(ctx, c["first_id"])
     r = _review(ctx)
     r["gen_btn"] = gen_btn
+    set_layer = gr.State(None)        # the mask layer the server last put in the editor
     with gr.Group(visible=False):   # API-only values: the named endpoints take ids as plain values
         api_src = gr.Number(0, precision=0, label="api source image")
         api_sel = gr.Number(0, precision=0, label="api sample")
@@ -592,16 +619,19 @@ def build(ctx: StudioContext) -> dict:
         return list_images(ctx, product_name)
     gr.api(list_images_api, api_name="list_images")   # gr.api needs type hints (no partial)
     c["product"].change(bind(on_product), c["product"], [c["image_pick"], c["damage"]], api_name="select_product")
-    c["image_pick"].change(bind(on_pick), [c["image_pick"], feather], [editor, src, v["preview"], r["status"]],
-                           api_name=False)
+    c["image_pick"].change(with_mask_state(bind(on_pick)), [c["image_pick"], feather],
+                           [editor, src, v["preview"], r["status"], set_layer], api_name=False)
     api_endpoint(bind(on_pick), [c["image_pick"], feather], [editor, api_src, v["preview"], r["status"]],
                  "load_image")
-    c["upload"].upload(bind(on_upload), [c["upload"], c["product"], feather],
-                       [editor, src, v["preview"], r["status"]], api_name=False)
+    def upload_and_clear(path, p, feather_px):   # the drop zone is emptied for the next photo
+        out = on_upload(ctx, path, p, feather_px)
+        return (*out, None, _layer_of(out[0]))
+    c["upload"].upload(upload_and_clear, [c["upload"], c["product"], feather],
+                       [editor, src, v["preview"], r["status"], c["upload"], set_layer], api_name=False)
     api_endpoint(bind(on_upload), [c["upload"], c["product"], feather], [editor, api_src, v["preview"],
                                                                           r["status"]], "upload_image")
-    v["mask_upload"].upload(bind(on_mask_upload), [v["mask_upload"], editor, src, feather],
-                            [editor, v["preview"]], api_name=False)
+    v["mask_upload"].upload(with_mask_state(bind(on_mask_upload)), [v["mask_upload"], editor, src, feather],
+                            [editor, v["preview"], set_layer], api_name=False)
     api_endpoint(bind(on_mask_upload), [v["mask_upload"], editor, api_src, feather], [editor, v["preview"]],
                  "upload_mask")
     c["mode"].change(on_mode, c["mode"], [c["damage"], c["color"]], api_name=False)
@@ -612,10 +642,12 @@ def build(ctx: StudioContext) -> dict:
         w.change(on_brush, [v["brush"], v["opacity"]], editor, api_name=False, show_progress="hidden")
     op_inputs = [editor, src, v["px"], feather, c["damage"], c["product"]]
     for op in MASK_OPS:
-        v[f"{op}_btn"].click(bind(on_mask_op, op), op_inputs, [editor, v["preview"]], api_name=f"mask_{op}")
+        v[f"{op}_btn"].click(with_mask_state(bind(on_mask_op, op)), op_inputs, [editor, v["preview"], set_layer],
+                             api_name=False)
+        api_endpoint(bind(on_mask_op, op), op_inputs, [editor, v["preview"]], f"mask_{op}")
     gen_inputs = [c["product"], c["mode"], c["damage"], c["color"], c["backend"], c["n"], c["seed"], feather,
                   c["strength"], *c["options"]]
-    r["gen_btn"].click(bind(ui_generate), [editor, c["product"], src, *gen_inputs[1:]],
+    r["gen_btn"].click(bind(ui_generate), [set_layer, editor, c["product"], src, *gen_inputs[1:]],
                        [r["gallery"], r["cands"], r["selected"], r["status"], r["empty"], r["view_row"],
                         r["compare"], r["zoom"], r["caption"]], api_name=False)
     api_endpoint(bind(on_generate), [editor, c["product"], api_src, *gen_inputs[1:]],
