@@ -440,7 +440,8 @@ def _add_dataset_commands(sub, ws) -> None:
 
     sp = sub.add_parser("import", help="import an MVTec AD / VisA category, a KolektorSDD2 folder or plain images")
     sp.add_argument("path")
-    sp.add_argument("--kind", choices=["auto", "mvtec", "visa", "ksdd2", "folder"], default="auto")
+    sp.add_argument("--kind", "--layout", dest="kind", choices=["auto", "mvtec", "visa", "ksdd2", "folder"],
+                    default="auto", help="the folder's layout (default: detected)")
     sp.add_argument("--product", help="product name (default: the folder name)")
     sp.add_argument("--split", default="train", choices=["train", "test"], help="for --kind folder")
     sp.add_argument("--label", default="good", help="for --kind folder")

@@ -91,6 +91,9 @@ def test_import_is_auto_detected_and_exports(ksdd2, tmp_path, capsys):
     assert count == {("train", "good"): 10, ("train", "defect"): 2, ("test", "good"): 6, ("test", "defect"): 6}
     bad = next(r for r in rows if r["label"] == "defect" and r["split"] == "test")
     assert set(np.unique(store.load_mask(bad["id"]))) == {0, 255}      # 0/1 GT binarised to 0/255
+    # the layout named explicitly (the specification's `import --layout ksdd2`) imports the same
+    assert main(["import", str(ksdd2), "--layout", "ksdd2", "--workspace", str(tmp_path / "ws2")]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 24
     assert main(["export", "--product", "KolektorSDD2", "--out", str(tmp_path / "exp"),
                  "--workspace", str(ws)]) == 0
     cat = load_category(tmp_path / "exp" / "KolektorSDD2")            # the MVTec layout
