@@ -50,13 +50,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipelines import masks as mk
-from pipelines.augment import AugmentConfig, augment_pair
+from pipelines.augment import AugmentConfig
+from pipelines.lora import mask_crop
 from pipelines.training import (CancelFn, CheckpointedTrainer, CheckpointError, Checkpoints, ConfigError,
                                 ConfigMixin, ProgressFn, Sample, TrainResult, augment_config, check,
                                 check_samples, load_training_samples, read_trainer_state, report,
@@ -216,17 +216,8 @@ class ControlNetTrainer(CheckpointedTrainer):
     def example(self, i: int, rng: np.random.Generator | None):
         """Sample ``i`` → ``(image [3 x r x r] in [-1, 1], mask [1 x r x r] {0, 1})``: the box
         around the mask resized to ``resolution``; augmented when ``rng`` is given."""
-        from pipelines.inpaint import work_box
-        s, r = self.samples[i], self.cfg.resolution
-        img, m = s.image, s.mask
-        if rng is not None:
-            img, m = augment_pair(img, m, rng, self.cfg.augment)
-        x0, y0, x1, y1 = work_box(m, 4.0, self.cfg.padding)
-        crop = img[y0:y1, x0:x1]
-        crop = cv2.resize(crop, (r, r), interpolation=cv2.INTER_AREA if crop.shape[0] > r else cv2.INTER_CUBIC)
-        cm = cv2.resize(m[y0:y1, x0:x1], (r, r), interpolation=cv2.INTER_NEAREST)
-        x = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 127.5 - 1.0
-        return x, torch.from_numpy((cm > 0).astype(np.float32))[None]
+        s = self.samples[i]
+        return mask_crop(s.image, s.mask, self.cfg.resolution, self.cfg.padding, self.cfg.augment, rng)
 
     def batch(self, rng: np.random.Generator):
         idx = rng.integers(len(self.samples), size=self.cfg.batch_size)

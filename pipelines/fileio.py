@@ -2,7 +2,7 @@
 
 One recipe for every file the project writes (checkpoints, configs, pointers, PNGs, JSON):
 
-    1. write to a temp file in the *same* folder (``.NAME.XXXXXXXX.tmp``, created exclusively with
+    1. write to a temp file in the *same* folder (``.NAME.<random>.tmp``, created exclusively with
        the usual umask permissions, like a plain ``open``; same file system, so the rename below
        is atomic), flush and ``fsync`` it;
     2. ``os.replace`` it onto the target;

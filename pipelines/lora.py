@@ -190,6 +190,24 @@ class _Parts:
     alphas: Any = None                 # alphas_cumprod on the device (colour loss)
 
 
+
+def mask_crop(image: np.ndarray, mask: np.ndarray, resolution: int, padding: float,
+              augment: AugmentConfig | None, rng: np.random.Generator | None):
+    """One training example of the SD trainers (LoRA, wall colour, ControlNet): the work box around
+    ``mask`` (as generation crops it, :func:`pipelines.inpaint.work_box`) resized to ``resolution``
+    → ``(image [3 x r x r] in [-1, 1], mask [1 x r x r] {0, 1})``; augmented when ``rng`` is given
+    (validation uses the un-augmented crop)."""
+    from pipelines.inpaint import work_box
+    r = int(resolution)
+    if rng is not None:
+        image, mask = augment_pair(image, mask, rng, augment)
+    x0, y0, x1, y1 = work_box(mask, 4.0, padding)
+    crop = image[y0:y1, x0:x1]
+    crop = cv2.resize(crop, (r, r), interpolation=cv2.INTER_AREA if crop.shape[0] > r else cv2.INTER_CUBIC)
+    cm = cv2.resize(mask[y0:y1, x0:x1], (r, r), interpolation=cv2.INTER_NEAREST)
+    x = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return x, torch.from_numpy((cm > 0).astype(np.float32))[None]
+
 class LoraTrainer(CheckpointedTrainer):
     """LoRA + damage-embedding training (see the module docstring).
 
@@ -212,17 +230,8 @@ class LoraTrainer(CheckpointedTrainer):
     def example(self, i: int, rng: np.random.Generator | None):
         """Sample ``i`` → ``(image [3 x r x r] in [-1, 1], mask [1 x r x r] {0, 1})``; augmented
         when ``rng`` is given (validation uses the un-augmented crop)."""
-        from pipelines.inpaint import work_box
-        s, r = self.samples[i], self.cfg.resolution
-        img, m = s.image, s.mask
-        if rng is not None:
-            img, m = augment_pair(img, m, rng, self.cfg.augment)
-        x0, y0, x1, y1 = work_box(m, 4.0, self.cfg.padding)
-        crop = img[y0:y1, x0:x1]
-        crop = cv2.resize(crop, (r, r), interpolation=cv2.INTER_AREA if crop.shape[0] > r else cv2.INTER_CUBIC)
-        cm = cv2.resize(m[y0:y1, x0:x1], (r, r), interpolation=cv2.INTER_NEAREST)
-        x = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 127.5 - 1.0
-        return x, torch.from_numpy((cm > 0).astype(np.float32))[None]
+        s = self.samples[i]
+        return mask_crop(s.image, s.mask, self.cfg.resolution, self.cfg.padding, self.cfg.augment, rng)
 
     def batch(self, rng: np.random.Generator):
         idx = rng.integers(len(self.samples), size=self.cfg.batch_size)

@@ -53,7 +53,7 @@ from pipelines import masks as mk
 from pipelines.color import (GRADES, as_rgb, color_metrics, dominant_color, grade, rgb_to_lab,
                              solid_reference, to_hex)
 from pipelines.fileio import atomic_write_text
-from pipelines.lora import LoraTrainConfig, LoraTrainer, _Parts
+from pipelines.lora import LoraTrainConfig, LoraTrainer, _Parts, mask_crop
 from pipelines.training import (CancelFn, ConfigError, ProgressFn, Sample, TrainDataError, TrainResult,
                                 check, check_cancelled, report, save_validation_grid)
 
@@ -306,18 +306,8 @@ class WallTrainer(LoraTrainer):
         return solid_reference(color, c.reference_size, sigma, grad, seed=seed)
 
     def crop(self, img: np.ndarray, m: np.ndarray, rng: np.random.Generator | None):
-        """``(image [3 x r x r] in [-1, 1], mask [1 x r x r])`` as :meth:`LoraTrainer.example`."""
-        from pipelines.augment import augment_pair
-        from pipelines.inpaint import work_box
-        r = self.cfg.resolution
-        if rng is not None:
-            img, m = augment_pair(img, m, rng, self.cfg.augment)
-        x0, y0, x1, y1 = work_box(m, 4.0, self.cfg.padding)
-        cr = img[y0:y1, x0:x1]
-        cr = cv2.resize(cr, (r, r), interpolation=cv2.INTER_AREA if cr.shape[0] > r else cv2.INTER_CUBIC)
-        cm = cv2.resize(m[y0:y1, x0:x1], (r, r), interpolation=cv2.INTER_NEAREST)
-        x = torch.from_numpy(np.ascontiguousarray(cr)).permute(2, 0, 1).float() / 127.5 - 1.0
-        return x, torch.from_numpy((cm > 0).astype(np.float32))[None]
+        """``(image [3 x r x r] in [-1, 1], mask [1 x r x r])``: :func:`pipelines.lora.mask_crop`."""
+        return mask_crop(img, m, self.cfg.resolution, self.cfg.padding, self.cfg.augment, rng)
 
     def example(self, i: int, rng: np.random.Generator | None):
         return self.crop(self.samples[i].image, self.samples[i].mask, rng)
