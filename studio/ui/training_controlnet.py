@@ -60,15 +60,11 @@ def start_controlnet(ctx: StudioContext, state, *values) -> str:
 
 def live_controlnet(state, job: dict) -> tuple:
     """Each timer tick: (loss figure, latest validation grid)."""
-    from pipelines.training import read_history
-    info = state.procs.get(job["id"])
-    out = Path(info["out"]) if info else (Path(job["result"]["out"]) if job.get("result") else None)
-    if out is None:
+    from studio.ui.training_tab import run_views
+    v = run_views(state, job)
+    if v is None:
         return gr.update(), gr.update()
-    hist = read_history(out)
-    grids = sorted(out.glob("validation/*.png"))
-    return (loss_figure(hist, f"{out.name} — step {hist[-1][0] if hist else 0}"),
-            str(grids[-1]) if grids else gr.update())
+    return v[0], v[1]
 
 
 def build(ctx: StudioContext, state) -> None:

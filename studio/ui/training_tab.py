@@ -141,17 +141,26 @@ def train_job(jctx, run: TrainCommand, state: TrainingState) -> dict:
     return {**summary, "out": str(out)}
 
 
-def live(ctx: StudioContext, state: TrainingState, job: dict) -> tuple:
-    """Each timer tick: (loss figure, latest validation grid, trained models table)."""
-    from pipelines.lora import read_history
+def run_views(state: TrainingState, job: dict) -> tuple | None:
+    """A training job's live views, shared by every trainer panel of the tab: (loss figure, latest
+    validation grid or no update, run folder); None while the job has no run folder yet."""
+    from pipelines.training import read_history
     info = state.procs.get(job["id"])
     out = Path(info["out"]) if info else (Path(job["result"]["out"]) if job.get("result") else None)
     if out is None:
-        return gr.update(), gr.update(), gr.update()
+        return None
     hist = read_history(out)
     grids = sorted(out.glob("validation/*.png"))
     return (loss_figure(hist, f"{out.name} — step {hist[-1][0] if hist else 0}"),
-            str(grids[-1]) if grids else gr.update(), trained_adapters(adapters_root(ctx)))
+            str(grids[-1]) if grids else gr.update(), out)
+
+
+def live(ctx: StudioContext, state: TrainingState, job: dict) -> tuple:
+    """Each timer tick: (loss figure, latest validation grid, trained models table)."""
+    v = run_views(state, job)
+    if v is None:
+        return gr.update(), gr.update(), gr.update()
+    return v[0], v[1], trained_adapters(adapters_root(ctx))
 
 
 def list_adapters(ctx: StudioContext) -> list[list]:
