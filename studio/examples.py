@@ -54,41 +54,43 @@ def _export(ctx: StudioContext, product: str) -> Path:
     return root / product
 
 
-def patchcore_example(jctx, ctx: StudioContext, product: str, plan: ExamplePlan) -> dict:
-    """PatchCore, single bank, on the product's export; recorded as a run like the tab's own."""
-    from studio.evaluation import PatchCoreRequest, run_patchcore
+
+def _recorded(ctx: StudioContext, jctx, kind: str, product: str, req, work, metrics_of) -> tuple[int, dict]:
+    """Run ``work()`` recorded in the run log like the tab's own runs (params marked as an
+    example): a failure or cancel is recorded as failed and re-raised. → ``(run id, summary)``."""
     from studio.runs import RunLog
-    data = _export(ctx, product)
-    req = PatchCoreRequest(data=str(data), out=str(ctx.settings.workspace / "runs" / f"patchcore-example-{product}"),
-                           bank="single", coreset=plan.patchcore_coreset, size=plan.patchcore_size)
     runlog = RunLog(ctx.settings.workspace)
-    run_id = runlog.start("patchcore", product, req.data, {**req.__dict__, "example": True}, req.out, jctx.job_id)
+    run_id = runlog.start(kind, product, req.data, {**req.__dict__, "example": True}, req.out, jctx.job_id)
     try:
-        summary = run_patchcore(req, progress=jctx.progress, cancelled=lambda: jctx.cancelled)
+        summary = work()
     except BaseException as exc:
         runlog.finish(run_id, status="failed", error=str(exc))
         raise
-    runlog.finish(run_id, summary["metrics"])
+    runlog.finish(run_id, metrics_of(summary))
+    return run_id, summary
+
+def patchcore_example(jctx, ctx: StudioContext, product: str, plan: ExamplePlan) -> dict:
+    """PatchCore, single bank, on the product's export; recorded as a run like the tab's own."""
+    from studio.evaluation import PatchCoreRequest, run_patchcore
+    data = _export(ctx, product)
+    req = PatchCoreRequest(data=str(data), out=str(ctx.settings.workspace / "runs" / f"patchcore-example-{product}"),
+                           bank="single", coreset=plan.patchcore_coreset, size=plan.patchcore_size)
+    run_id, summary = _recorded(ctx, jctx, "patchcore", product, req, lambda: run_patchcore(
+        req, progress=jctx.progress, cancelled=lambda: jctx.cancelled), lambda s: s["metrics"])
     return _done(jctx, _marker(ctx, "patchcore", product),
                  {"run_id": run_id, "out": req.out, "metrics": summary["metrics"], "example": True})
 
 
 def ddpm_train_example(jctx, ctx: StudioContext, product: str, plan: ExamplePlan) -> dict:
     from studio.inspection import DDPMTrainRequest, train_ddpm
-    from studio.runs import RunLog
     data = _export(ctx, product)
     out = ctx.settings.workspace / "models" / f"ddpm-example-{product}"
     req = DDPMTrainRequest(data=str(data), out=str(out), minutes=plan.ddpm_minutes, steps=plan.ddpm_steps,
                            size=plan.ddpm_size, crop=plan.ddpm_crop, preset=plan.ddpm_preset)
     req.validate()
-    runlog = RunLog(ctx.settings.workspace)
-    run_id = runlog.start("ddpm-train", product, req.data, {**req.__dict__, "example": True}, req.out, jctx.job_id)
-    try:
-        summary = train_ddpm(req, jctx.progress, lambda: jctx.cancelled)
-    except BaseException as exc:
-        runlog.finish(run_id, status="failed", error=str(exc))
-        raise
-    runlog.finish(run_id, {"step": summary["step"], "loss": summary["loss"]})
+    _, summary = _recorded(ctx, jctx, "ddpm-train", product, req,
+                           lambda: train_ddpm(req, jctx.progress, lambda: jctx.cancelled),
+                           lambda s: {"step": s["step"], "loss": s["loss"]})
     if summary.get("stopped") == "cancelled":
         return {**summary, "example": True}       # no marker: a later start trains it again
     result = _done(jctx, _marker(ctx, "ddpm-train", product), {**summary, "example": True})
@@ -100,20 +102,14 @@ def ddpm_train_example(jctx, ctx: StudioContext, product: str, plan: ExamplePlan
 
 def ddpm_eval_example(jctx, ctx: StudioContext, product: str, plan: ExamplePlan) -> dict:
     from studio.inspection import DDPMEvalRequest, evaluate_ddpm
-    from studio.runs import RunLog
     data = _export(ctx, product)
     ckpt = ctx.settings.workspace / "models" / f"ddpm-example-{product}"
     out = ctx.settings.workspace / "runs" / f"ddpm-example-{product}"
     req = DDPMEvalRequest(data=str(data), checkpoint=str(ckpt), out=str(out), depths=list(plan.ddpm_depths),
                           eval_size=plan.ddpm_eval_size)
-    runlog = RunLog(ctx.settings.workspace)
-    run_id = runlog.start("ddpm-eval", product, req.data, {**req.__dict__, "example": True}, req.out, jctx.job_id)
-    try:
-        summary = evaluate_ddpm(req, jctx.progress, lambda: jctx.cancelled)
-    except BaseException as exc:
-        runlog.finish(run_id, status="failed", error=str(exc))
-        raise
-    runlog.finish(run_id, summary["metrics"])
+    _, summary = _recorded(ctx, jctx, "ddpm-eval", product, req,
+                           lambda: evaluate_ddpm(req, jctx.progress, lambda: jctx.cancelled),
+                           lambda s: s["metrics"])
     return _done(jctx, _marker(ctx, "ddpm-eval", product), {"out": req.out, "metrics": summary["metrics"],
                                                             "example": True})
 
