@@ -12,10 +12,11 @@ import numpy as np
 
 from pipelines import masks as M
 from pipelines.imageio import ImageInputError, check_array, read_mask, read_rgb
-from pipelines.registry import auto_description, generator_names
+from pipelines.registry import auto_description, generator_names, get_info, picks_model
 from studio.catalog import GOOD
 from studio.context import StudioContext
-from studio.services import GenerateRequest, UserError, generate, learned_from, review
+from studio.services import (TRAINED_DIR, GenerateRequest, UserError, available_backends, backend_status,
+                             generate, learned_from, review)
 from studio.ui.jobs_panel import api_endpoint
 from studio.ui.jobs_panel import bind as keep_doc
 
@@ -173,17 +174,61 @@ def options_from_widgets(backend: str | None, values) -> dict:
     return out
 
 
-def backend_help(bk: str | None) -> str:
-    """The backend's description and whether it can run here (with the exact fix when not)."""
+def current_product(ctx: StudioContext, p, src_id=None) -> str | None:
+    """The product the tab generates for: the Product box, else the source image's product."""
+    if p and str(p).strip():
+        return str(p).strip()
+    try:
+        return ctx.store.get_image(int(src_id))["product"] if src_id else None
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def no_model_fix(ctx: StudioContext, bk: str, product: str) -> str:
+    """Plain words (backend info and Generate toast): ``product`` has no ``bk`` model, and how to
+    get one — the Training tab or the CLI, with the folder the studio finds it in."""
+    adapters = ctx.settings.workspace / TRAINED_DIR
+    others = [n for n in available_backends("damage", product, ctx.settings.workspace)
+              if n != bk and not get_info(n).full_image][:3]
+    return (f"No {bk} model for product '{product}' yet, so {bk} cannot generate on it. To get one, "
+            f"train it: Training tab → kind {bk}, product {product} (it learns from the product's "
+            f"images and their defect masks; about 15 min on a CPU), or `python -m studio train "
+            f"--kind {bk} --data <MVTec folder of {product}, named {product}> --out "
+            f"{adapters}/{bk}-{product}`. The studio then picks it up for {product} by itself."
+            + (f" Meanwhile {', '.join(others)} run on {product} without a model." if others else ""))
+
+
+def backend_help(bk: str | None, product: str | None = None, ctx: StudioContext | None = None) -> str:
+    """The backend's description and whether it can run here for ``product`` (with the workspace's
+    trained runs when ``ctx`` is given), with the exact fix when not."""
     if not bk or bk == "auto":
         return auto_description("damage")
-    from pipelines.registry import backend_status, get_info
-    ok, message = backend_status(bk)
+    workspace = ctx.settings.workspace if ctx is not None else None
+    ok, message = backend_status(bk, product or None, workspace)
     info = get_info(bk)
     head = f"**{bk}** — {info.description}"
     if info.full_image:
         head += " *(makes a whole new image: pixels outside the mask are not kept)*"
+    if picks_model(bk) and product:
+        if ok:
+            return f"{head}  \n✅ {message.replace('ready', f'ready for **{product}**', 1)}"
+        if ctx is not None:
+            return f"{head}  \n⚠️ {no_model_fix(ctx, bk, product)}"
     return f"{head}  \n{'✅ ' + message if ok else '⚠️ unavailable: ' + message}"
+
+
+def backend_choices(ctx: StudioContext, product: str | None) -> list[tuple[str, str]]:
+    """The Backend dropdown's choices (label, name): a backend that cannot run for ``product`` is
+    marked (no model for the product / unavailable) but stays selectable, its info says the fix."""
+    out = [("auto", "auto")]
+    for n in generator_names():
+        if backend_status(n, product or None, ctx.settings.workspace)[0]:
+            out.append((n, n))
+        elif picks_model(n) and product:
+            out.append((f"{n} — no model for {product}", n))
+        else:
+            out.append((f"{n} — unavailable", n))
+    return out
 
 
 # -- handlers: module level, each takes the context first (testable without a server) ----------
@@ -314,19 +359,30 @@ def on_mode(m):
     return gr.update(visible=m == DAMAGE), gr.update(visible=m == COLOUR)
 
 
-def on_backend(bk):
-    return (backend_help(bk), *option_visibility(bk))
+def on_backend(ctx: StudioContext, bk, p=None, src_id=None):
+    """A new backend: its info for the current product, and the options it takes."""
+    return (backend_help(bk, current_product(ctx, p, src_id), ctx), *option_visibility(bk))
+
+
+def on_context(ctx: StudioContext, bk, p, src_id):
+    """A new product or source image: the backend info and the dropdown's marks follow it."""
+    product = current_product(ctx, p, src_id)
+    return backend_help(bk, product, ctx), gr.update(choices=backend_choices(ctx, product))
 
 
 def on_generate(ctx: StudioContext, editor_value, p, src_id, m, dmg, col, bk, num, sd, fth, stg,
                 *option_values, progress=gr.Progress()):
     image, mask = current_image(ctx, editor_value, src_id)
+    options = options_from_widgets(bk, option_values)
+    if bk and bk != "auto" and bk in generator_names() and picks_model(bk) and not options.get("model") \
+            and p and not backend_status(bk, p, ctx.settings.workspace)[0]:
+        raise gr.Error(no_model_fix(ctx, bk, p))
     req = GenerateRequest(
         image=image, mask=mask, product=p or "", source_image_id=int(src_id) or None,
         damage_type=dmg if m == DAMAGE else None, color=col if m == COLOUR else None,
         backend=bk or "auto", n=int(num), seed=int(sd or 0), feather=int(fth),
         strength=float(stg), max_pixels=ctx.settings.max_pixels,
-        options=options_from_widgets(bk, option_values))
+        options=options)
     try:
         out = generate(req, store=ctx.store, catalog=ctx.catalog(),
                        progress=lambda f, msg: progress(f, desc=msg))
@@ -349,32 +405,43 @@ def on_select(info, evt: gr.SelectData):
         return 0
 
 
-def defect_box(mask: np.ndarray, pad: float = 0.6, min_side: int = 48) -> tuple[int, int, int, int]:
-    """``(y0, y1, x0, x1)``: the mask's bounding box grown by ``pad`` of its size on every side
-    (at least ``min_side`` px), clipped to the image; the whole image for an empty mask."""
+ZOOM_CONTEXT = 1.6     # the zoom box: this many times the defect's bounding box on each axis …
+ZOOM_MIN_SIDE = 48     # … at least this many px, and no more than 2:1 (square-ish)
+
+
+def defect_box(mask: np.ndarray, context: float = ZOOM_CONTEXT, min_side: int = ZOOM_MIN_SIDE
+               ) -> tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)``: the zoom box of a defect — its bounding box grown to ``context`` × its
+    size on each axis (at least ``min_side`` px, the short axis at least half the long one, so the
+    box stays square-ish), centred on the defect, moved inside the image and always holding the
+    whole mask. A small defect on a 256-px image gets a small box (shown magnified); a mask over
+    most of the image gets (nearly) the whole image; an empty mask gets the whole image."""
     h, w = mask.shape[:2]
     ys, xs = np.nonzero(mask)
     if not len(ys):
         return 0, h, 0, w
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    side = max(int((max(y1 - y0, x1 - x0)) * (1 + 2 * pad)), min_side)
-    cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
-    half = side // 2
-    y0, x0 = max(0, min(cy - half, h - side)), max(0, min(cx - half, w - side))
-    return y0, min(h, y0 + side), x0, min(w, x0 + side)
+    bb = ((int(ys.min()), int(ys.max()) + 1, h), (int(xs.min()), int(xs.max()) + 1, w))
+    sides = [max(round((b1 - b0) * context), min_side, b1 - b0 + 2) for b0, b1, _ in bb]
+    sides = [max(s, max(sides) // 2) for s in sides]
+    out = []
+    for (b0, b1, n), side in zip(bb, sides):
+        side = min(side, n)
+        start = round((b0 + b1 - side) / 2)
+        start = max(min(start, b0), b1 - side)        # the whole mask stays inside
+        start = max(0, min(start, n - side))          # the box stays inside the image
+        out += [start, start + side]
+    return out[0], out[1], out[2], out[3]
 
 
 def zoom(image: np.ndarray, box: tuple[int, int, int, int], size: int = ZOOM_SIZE) -> np.ndarray:
-    """The crop ``box`` of ``image`` upscaled (pixel-exact, nearest) to ``size`` on its longest side."""
+    """The crop ``box`` of ``image`` resized to ``size`` px on its longest side: upscaled with
+    nearest neighbour (the pixels as they are, magnified), downscaled with area averaging."""
     import cv2
     y0, y1, x0, x1 = box
-    crop = image[y0:y1, x0:x1]
+    crop = np.ascontiguousarray(image[y0:y1, x0:x1])
     s = size / max(crop.shape[:2])
-    if s <= 1:
-        return cv2.resize(crop, (max(1, round(crop.shape[1] * s)), max(1, round(crop.shape[0] * s))),
-                          interpolation=cv2.INTER_AREA)
-    k = max(1, int(s))
-    return np.repeat(np.repeat(crop, k, axis=0), k, axis=1)
+    out_wh = (max(1, round(crop.shape[1] * s)), max(1, round(crop.shape[0] * s)))
+    return cv2.resize(crop, out_wh, interpolation=cv2.INTER_NEAREST if s > 1 else cv2.INTER_AREA)
 
 
 def candidate_view(ctx: StudioContext, src_id, sample_id, info) -> tuple:
@@ -399,7 +466,8 @@ def candidate_view(ctx: StudioContext, src_id, sample_id, info) -> tuple:
     status = entry.get("status") or row["status"]
     caption = (f"**Candidate {pos + 1} of {len(info or []) or 1}** · {status} · seed {row['seed']}  \n"
                f"{what}  \n<small>drag the slider: left = before, right = after · the zoom shows the "
-               f"defect region ({box[3] - box[2]}×{box[1] - box[0]} px)</small>")
+               f"defect region ({box[3] - box[2]}×{box[1] - box[0]} px, "
+               f"×{ZOOM_SIZE / max(box[1] - box[0], box[3] - box[2]):.1f})</small>")
     return ((display(before), display(after)), (zoom(before, box), zoom(after, box)), caption)
 
 
@@ -451,7 +519,7 @@ def _controls(ctx: StudioContext, first: str | None, products: list[str]) -> dic
     w["damage"] = gr.Dropdown(damage_choices(ctx, first), value=default_damage(ctx, first),
                               label="Damage type", allow_custom_value=True, elem_id="damage")
     w["color"] = gr.ColorPicker("#3366cc", label="Wall colour", visible=False, elem_id="color")
-    w["backend"] = gr.Dropdown(["auto", *generator_names()], value="auto", label="Backend",
+    w["backend"] = gr.Dropdown(backend_choices(ctx, first), value="auto", label="Backend",
                                info=auto_description("damage"),
                                elem_id="backend")
     with gr.Row():
@@ -652,7 +720,11 @@ def build(ctx: StudioContext) -> dict:
                         r["compare"], r["zoom"], r["caption"]], api_name=False)
     api_endpoint(bind(on_generate), [editor, c["product"], api_src, *gen_inputs[1:]],
                  [r["gallery"], api_cands, api_sel, r["status"]], "generate")
-    c["backend"].change(on_backend, c["backend"], [c["backend_info"], *c["options"]], api_name="backend_status")
+    c["backend"].change(bind(on_backend), [c["backend"], c["product"], src], [c["backend_info"], *c["options"]],
+                        api_name="backend_status")
+    for changed in (c["product"], src):     # the info and the dropdown's marks follow the product
+        changed.change(bind(on_context), [c["backend"], c["product"], src], [c["backend_info"], c["backend"]],
+                       api_name=False, show_progress="hidden")
     view = [r["compare"], r["zoom"], r["caption"]]
     def select(src_id, info, evt: gr.SelectData):   # event data needs a type hint (no partial)
         return ui_select(ctx, src_id, info, evt)
