@@ -12,7 +12,13 @@ Protocol (``python -m studio experiment``, the Curation tab's Experiment step):
   with masks from the studio's shape model fitted on that type's reference masks only
   (:class:`MaskSampler`: :mod:`pipelines.shapes`, kept on the product foreground estimated from
   ``train/good``); cut-paste donors are that type's reference defects only. Every generator gets
-  the same base images, masks and seeds, so they are compared on equal terms.
+  the same base images, masks and seeds, so they are compared on equal terms. A generator that
+  picks its model per product (pixel-inpaint) runs, unless ``--model`` names one, with the model
+  the registry finds for the product (the data folder's name) *and each damage type*: the
+  workspace's newest trained run (``<workspace>/adapters``), else the shipped one
+  (``assets/models/<product>/…``); a type no model was trained for is skipped, with a note. Each
+  model's training data (``training_data.json``) is checked against the evaluation images, and
+  ``metrics.json`` → ``generators`` records which model folder made which type.
 * **Arm A — PatchCore, dual bank.** The normal bank is fitted on ``train/good`` once per repeat
   and reused; only the positive bank changes (``fit_positive`` replaces it): reference real
   defect crops only vs reference + synthetic.
@@ -74,7 +80,9 @@ class ExperimentRequest:
     n_boot: int = 1000
     strength: float = 0.8                   # generator strength (perlin, cutpaste)
     feather: int = 4
-    model: str | None = None                # pixel-inpaint model folder (else its env variable)
+    model: str | None = None                # pixel-inpaint model folder for every type (else picked per type)
+    workspace: str | None = None            # its adapters/ runs come before the shipped models
+                                            # (None: the studio's, $DEFECT_STUDIO_WORKSPACE or ./workspace)
     threads: int = 1                        # torch threads while it runs (0: leave torch's setting)
 
     def validate(self) -> None:
@@ -95,6 +103,19 @@ class ExperimentRequest:
             raise ValueError(f"threads must be ≥ 0 (0: torch's default), got {self.threads}")
         if int(self.segmenter_steps) < 1 or int(self.n_boot) < 100:
             raise ValueError("segmenter steps must be ≥ 1 and bootstrap draws ≥ 100")
+
+    @property
+    def product(self) -> str:
+        """The product the data is of: the data folder's name (as a trained run's product is the
+        name of the folder it was trained on)."""
+        return Path(self.data).expanduser().resolve().name
+
+    def model_roots(self) -> tuple[Path, ...]:
+        """Folders of the workspace's trained runs (:func:`studio.services.model_roots`; the
+        workspace as every CLI command finds it, :meth:`studio.config.Settings.from_env`)."""
+        from studio.config import Settings
+        from studio.services import model_roots
+        return model_roots(Settings.from_env(workspace=self.workspace).workspace)
 
     def generator_names(self) -> list[str]:
         g = self.generate
@@ -217,35 +238,97 @@ class GeneratorPlan:
     name: str
     generator: object
     info: object                                          # pipelines.generator.GeneratorInfo
-    params: dict = field(default_factory=dict)            # options passed on every call (model)
+    params: dict = field(default_factory=dict)            # options passed on every call
     ancestors: list[str] = field(default_factory=list)    # what the generator itself learned from
+    models: dict[str, str] = field(default_factory=dict)  # damage type -> model folder it runs with
+    model_ancestors: dict[str, list[str]] = field(default_factory=dict)   # model folder -> its training data
+    skipped_types: dict[str, str] = field(default_factory=dict)           # damage type -> why none is made
+    model_sources: dict[str, str] = field(default_factory=dict)           # model folder -> where it was found
+
+    def provenance(self) -> dict:
+        """What metrics.json records of the generator: version, the model folder per damage type
+        (and where it was found: ``--model``, the env variable, a workspace run, shipped), how many
+        real images each model learned from, and the types it made nothing for, with the reason."""
+        return {"version": self.info.version,
+                "models": dict(sorted(self.models.items())) or None,
+                "model_sources": dict(sorted(self.model_sources.items())) or None,
+                "model_training_images": {m: len(a) for m, a in sorted(self.model_ancestors.items())} or None,
+                "skipped_types": dict(sorted(self.skipped_types.items()))}
 
 
-def experiment_generators() -> list[str]:
+def experiment_generators(product: str | None = None, roots: Sequence[str | Path] = ()) -> list[str]:
     """What ``--generate all`` means: every damage generator of the registry that runs here
     offline — no hub weights (``info.needs_model``), in-mask (not ``full_image``), available now
-    (a data-trained one such as pixel-inpaint only when a trained model is found)."""
+    (for ``product`` when given: a data-trained one such as pixel-inpaint only when a model for the
+    product is found, in ``roots`` — the workspace's trained runs — or shipped)."""
     from pipelines.registry import get_info, offline_names
-    return [n for n in offline_names("damage") if not get_info(n).needs_model and not get_info(n).full_image]
+    return [n for n in offline_names("damage", product, roots)
+            if not get_info(n).needs_model and not get_info(n).full_image]
+
+
+SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "assets" / "models"   # <product>/<generator>/
+
+
+def _model_source(folder: str, roots: Sequence[str | Path], given: str | None) -> str:
+    """Where a model folder came from, for the report: ``--model``, a workspace run (under
+    ``roots``), shipped (``assets/models``), else the environment variable (the registry's lookup
+    order has no other source)."""
+    if given and folder == str(given):
+        return "--model"
+    f = Path(folder).expanduser().resolve()
+    if any(f.is_relative_to(Path(r).expanduser().resolve()) for r in roots):
+        return "workspace run"
+    return "shipped" if f.is_relative_to(SHIPPED_MODELS) else "environment variable"
+
+
+def pick_models(name: str, product: str | None, roots: Sequence[str | Path], types: Sequence[str]
+                ) -> tuple[dict[str, str], dict[str, str]]:
+    """For a generator that picks its model per product (:func:`pipelines.registry.picks_model`):
+    ``({type: model folder}, {type: why none})`` — per damage type, the model
+    :func:`pipelines.registry.default_model` picks *for that type* (the environment variable, then
+    the product's newest trained run in ``roots``, then the shipped model; one that was not
+    trained for the type is never used for it)."""
+    from pipelines.registry import backend_status, default_model
+    models, missing = {}, {}
+    any_model = default_model(name, product, roots) if product else None
+    for t in types:
+        found = default_model(name, product, roots, t) if product else None
+        if found:
+            models[t] = found
+        elif any_model is None:
+            missing[t] = backend_status(name, product, roots)[1] if product else \
+                f"{name} picks its model by product and the data folder names none"
+        else:
+            missing[t] = (f"no {name} model found for product {product!r} was trained for type {t!r} "
+                          f"(newest: {any_model}); train one that is: `python -m studio train --kind {name} "
+                          f"--data <{product} category folder> --damage-types {t} --out <workspace>/adapters/<run>`")
+    return models, missing
 
 
 def resolve_generators(names: Sequence[str], model: str | None, roles: R.CategoryRoles,
-                       notes: list[str]) -> list[GeneratorPlan]:
+                       notes: list[str], product: str | None = None,
+                       roots: Sequence[str | Path] = ()) -> list[GeneratorPlan]:
     """Generator names (``all`` = :func:`experiment_generators`) → ready generators. A generator
     that learned from data (``info.learns_from_data``) must say what it learned from
     (``ancestors``: its model's ``training_data.json``), and none of it may be an evaluation
-    image. A name given explicitly that cannot run is an error; under ``all`` it is a note."""
-    from pipelines.registry import GENERATORS, get_generator, get_info
+    image (:class:`pipelines.roles.LeakageError` otherwise, naming the model folder). A generator
+    that picks its model per product (pixel-inpaint) and is given no ``model`` runs, per damage
+    type with reference defects, with the model :func:`pick_models` finds for ``product`` in
+    ``roots`` (the workspace's runs) or shipped; a type no model was trained for is skipped, with a
+    note. A name given explicitly that cannot run at all is an error; under ``all`` it is a note."""
+    from pipelines.registry import GENERATORS, backend_status, get_generator, get_info, picks_model
     explicit = [n for n in names if n != "all"]
+    types = sorted({s.label for s in roles.reference})
     wanted = []
     if "all" in names:
-        wanted = experiment_generators()
+        wanted = experiment_generators(product, roots)
         if model and "pixel-inpaint" in GENERATORS and "pixel-inpaint" not in wanted:
             wanted.append("pixel-inpaint")          # a model given on the command line
         skipped = [n for n in GENERATORS if get_info(n).mode == "damage" and n not in wanted
                    and not get_info(n).needs_model and not get_info(n).full_image]
         for n in skipped:
-            notes.append(f"skipped {n}: {get_generator(n).available()[1]}")
+            notes.append(f"skipped {n}: {backend_status(n, product, roots)[1]}"
+                         + (_run_hint(n, product, roots) if picks_model(n) else ""))
     wanted += [n for n in explicit if n not in wanted]
     plans = []
     for name in wanted:
@@ -254,24 +337,61 @@ def resolve_generators(names: Sequence[str], model: str | None, roles: R.Categor
             raise ValueError(f"generator {name!r} does not make a defect inside a mask; the experiment "
                              f"can generate with: {', '.join(experiment_generators())}")
         gen = get_generator(name)
-        params = {"model": model} if model and any(s.name == "model" for s in info.option_specs) else {}
+        takes_model = any(s.name == "model" for s in info.option_specs)
+        plan = GeneratorPlan(name, gen, info)
         problem = None
-        if not params:
+        if model and takes_model:
+            plan.models = {t: str(model) for t in types}
+        elif takes_model and picks_model(name):
+            plan.models, plan.skipped_types = pick_models(name, product, roots, types)
+            if not plan.models:
+                problem = "; ".join(dict.fromkeys(plan.skipped_types.values())) or "no damage type to generate"
+        else:
             ok, msg = gen.available()
             problem = None if ok else msg
-        ancestors = list(gen.ancestors(dict(params))) if hasattr(gen, "ancestors") else []
-        if problem is None and info.learns_from_data and not ancestors:
-            problem = (f"its model lists no training data (training_data.json), so what it learned from "
-                       "cannot be checked against the evaluation images; retrain it with "
-                       "`python -m studio train`")
+        if problem is None and not plan.models:
+            plan.ancestors = list(gen.ancestors({})) if hasattr(gen, "ancestors") else []
+            if info.learns_from_data and not plan.ancestors:
+                problem = _NO_MANIFEST
+        for folder in list(dict.fromkeys(plan.models.values())) if problem is None else []:
+            anc = list(gen.ancestors({"model": folder})) if hasattr(gen, "ancestors") else []
+            if info.learns_from_data and not anc:      # its types are not made with another model
+                for t in [t for t, f in plan.models.items() if f == folder]:
+                    plan.skipped_types[t] = f"its model {folder}: {_NO_MANIFEST}"
+                    del plan.models[t]
+                continue
+            R.check_descent([(f"generator {name} (the training data of its model {folder})", anc)],
+                            roles.evaluation_hashes)
+            plan.model_ancestors[folder] = sorted(set(anc))
+            plan.model_sources[folder] = _model_source(folder, roots, model)
+        if problem is None and plan.skipped_types and not plan.models:
+            problem = "; ".join(dict.fromkeys(plan.skipped_types.values()))
         if problem:
             if name in explicit:
                 raise ValueError(f"generator {name}: {problem}")
             notes.append(f"skipped {name}: {problem}")
             continue
-        R.check_descent([(f"generator {name} (its training data)", ancestors)], roles.evaluation_hashes)
-        plans.append(GeneratorPlan(name, gen, info, params, ancestors))
+        if not plan.models:
+            R.check_descent([(f"generator {name} (its training data)", plan.ancestors)], roles.evaluation_hashes)
+        else:
+            by_folder: dict[str, list[str]] = {}
+            for t, f in sorted(plan.models.items()):
+                by_folder.setdefault(f, []).append(t)
+            notes.append(f"{name}: " + "; ".join(f"{', '.join(ts)} with the model {f} ({plan.model_sources[f]})"
+                                                for f, ts in by_folder.items())
+                         + "".join(f"; type {t} skipped: {why}" for t, why in sorted(plan.skipped_types.items())))
+        plans.append(plan)
     return plans
+
+
+def _run_hint(name: str, product: str | None, roots: Sequence[str | Path]) -> str:
+    where = f"{Path(roots[0]) / '<run>'}" if roots else "<workspace>/adapters/<run> (with --workspace)"
+    return (f"; for the experiment: --model <folder>, or train into {where} from a category folder named "
+            f"{product or '<product>'!r} and it is picked up")
+
+
+_NO_MANIFEST = ("its model lists no training data (training_data.json), so what it learned from cannot be "
+                "checked against the evaluation images; retrain it with `python -m studio train`")
 
 
 def synthesize(plan: GeneratorPlan, train: Sequence[np.ndarray], train_hashes: Sequence[str],
@@ -285,11 +405,15 @@ def synthesize(plan: GeneratorPlan, train: Sequence[np.ndarray], train_hashes: S
     generator takes it, donors (that type's reference defects only) when it needs them."""
     out: list[Synthetic] = []
     for t in sorted(reference):
+        if t in plan.skipped_types or (plan.models and t not in plan.models):
+            continue                            # no model trained for the type: nothing is made
         refs = reference[t]
         type_key = int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)
-        params: dict = {"feather": int(feather), "damage_type": t, **plan.params}
+        model = plan.models.get(t)
+        params: dict = {"feather": int(feather), "damage_type": t, **plan.params,
+                        **({"model": model} if model else {})}
         # the mask shapes come from every reference mask of the type: all are ancestors
-        ancestors = [*plan.ancestors, *(h for _, _, h in refs)]
+        ancestors = [*plan.ancestors, *plan.model_ancestors.get(model, []), *(h for _, _, h in refs)]
         if plan.info.takes_strength:
             params["strength"] = float(strength)
         if plan.info.needs_donors:
@@ -463,7 +587,8 @@ def _load_protocol(req: ExperimentRequest, say) -> _Protocol:
     if req.synthetic:
         export = load_export(req.synthetic, S, roles)
         sources.append("synthetic")
-    plans = resolve_generators(req.generator_names(), req.model, roles, notes) if req.generate else []
+    plans = resolve_generators(req.generator_names(), req.model, roles, notes, req.product,
+                               req.model_roots()) if req.generate else []
     if req.generate and not plans:
         raise ValueError("no generator can run here: " + "; ".join(notes))
     sources += [p.name for p in plans]
@@ -656,6 +781,7 @@ def _result(req: ExperimentRequest, d: _Protocol, run: _Runs, blocks: dict, t_st
             "positive_coreset": req.positive_coreset,
             "size": int(req.size), "segmenter_steps": int(req.segmenter_steps),
             "per_type": int(req.per_type) if d.plans else None,
+            "product": req.product, "model_roots": [str(r) for r in req.model_roots()],
         },
         "source": top,
         "patchcore": blocks[top]["patchcore"],
@@ -666,6 +792,7 @@ def _result(req: ExperimentRequest, d: _Protocol, run: _Runs, blocks: dict, t_st
     }
     if d.plans:
         result["backends"] = {p.name: blocks[p.name] for p in d.plans}
+        result["generators"] = {p.name: p.provenance() for p in d.plans}
     if req.synthetic:
         result["synthetic"] = {"folder": str(Path(req.synthetic).resolve()), "samples": len(d.export),
                                "per_type": _per_type(d.export)}
@@ -806,6 +933,16 @@ def report_markdown(r: dict) -> str:
         lines.append(f"- Generated: {p['per_type']} per damage type and repeat on train/good images, masks "
                      "from the shape model fitted on the type's reference masks (pipelines.shapes, on the "
                      "product foreground); donors (cut-paste, defect transfer) are reference defects only.")
+    for name, g in (r.get("generators") or {}).items():
+        if g.get("models"):
+            by_folder: dict[str, list[str]] = {}
+            for t, f in g["models"].items():
+                by_folder.setdefault(f, []).append(t)
+            lines.append(f"- {name} models: " + "; ".join(
+                f"{', '.join(ts)} → `{f}` ({(g.get('model_sources') or {}).get(f, '?')}, learned from "
+                f"{(g.get('model_training_images') or {}).get(f, '?')} reference images)" for f, ts in by_folder.items()))
+        for t, why in g.get("skipped_types", {}).items():
+            lines.append(f"- {name}: nothing generated for {t} — {why}")
     if r.get("synthetic"):
         lines.append(f"- Export: `{r['synthetic']['folder']}`, {r['synthetic']['samples']} samples "
                      f"({', '.join(f'{k} {v}' for k, v in r['synthetic']['per_type'].items())}); checked "
