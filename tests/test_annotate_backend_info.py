@@ -177,3 +177,18 @@ def test_candidate_view_zooms_on_a_small_painted_defect(ctx):
     assert before.shape == img.shape and zb.shape == za.shape and max(za.shape[:2]) == A.ZOOM_SIZE
     assert "48×48 px, ×8.0" in caption
     assert not np.array_equal(zb, za)                              # the defect shows in the zoom
+
+
+def test_backend_status_endpoint_takes_the_product(ctx):
+    """What an API client (and the page) gets from /backend_status for a product."""
+    from gradio_client import Client
+    with gr.Blocks() as demo:
+        A.build(ctx)
+    demo.queue().launch(prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        info = client.predict("pixel-inpaint", "coffee_cup", api_name="/backend_status")[0]
+        assert "No pixel-inpaint model for product 'coffee_cup'" in info and "Training tab" in info
+        assert "ready for **bottle**" in client.predict("pixel-inpaint", "bottle", api_name="/backend_status")[0]
+    finally:
+        demo.close()

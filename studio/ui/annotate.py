@@ -192,9 +192,9 @@ def no_model_fix(ctx: StudioContext, bk: str, product: str) -> str:
               if n != bk and not get_info(n).full_image][:3]
     return (f"No {bk} model for product '{product}' yet, so {bk} cannot generate on it. To get one, "
             f"train it: Training tab → kind {bk}, product {product} (it learns from the product's "
-            f"images and their defect masks; about 15 min on a CPU), or `python -m studio train "
-            f"--kind {bk} --data <MVTec folder of {product}, named {product}> --out "
-            f"{adapters}/{bk}-{product}`. The studio then picks it up for {product} by itself."
+            f"reference defects, real defect photos with their masks; about 15 min on a CPU), or "
+            f"`python -m studio train --kind {bk} --data <an MVTec-layout folder named {product}> "
+            f"--out {adapters}/{bk}-{product}`. The studio then uses it for {product} by itself."
             + (f" Meanwhile {', '.join(others)} run on {product} without a model." if others else ""))
 
 
