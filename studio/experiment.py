@@ -385,7 +385,7 @@ def resolve_generators(names: Sequence[str], model: str | None, roles: R.Categor
 
 
 def _run_hint(name: str, product: str | None, roots: Sequence[str | Path]) -> str:
-    where = f"{Path(roots[0]) / '<run>'}" if roots else "<workspace>/adapters/<run> (with --workspace)"
+    where = f"{Path(roots[0]) / '<run>'}" if roots else "<workspace>/adapters/<run>"
     return (f"; for the experiment: --model <folder>, or train into {where} from a category folder named "
             f"{product or '<product>'!r} and it is picked up")
 
@@ -939,8 +939,9 @@ def report_markdown(r: dict) -> str:
             for t, f in g["models"].items():
                 by_folder.setdefault(f, []).append(t)
             lines.append(f"- {name} models: " + "; ".join(
-                f"{', '.join(ts)} → `{f}` ({(g.get('model_sources') or {}).get(f, '?')}, learned from "
-                f"{(g.get('model_training_images') or {}).get(f, '?')} reference images)" for f, ts in by_folder.items()))
+                f"{', '.join(ts)} → `{f}` ({(g.get('model_sources') or {}).get(f, '?')}; its training data: "
+                f"{(g.get('model_training_images') or {}).get(f, '?')} real images, none evaluated)"
+                for f, ts in by_folder.items()))
         for t, why in g.get("skipped_types", {}).items():
             lines.append(f"- {name}: nothing generated for {t} — {why}")
     if r.get("synthetic"):

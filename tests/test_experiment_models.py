@@ -78,7 +78,8 @@ def test_cli_all_runs_pixel_inpaint_with_the_shipped_model_and_records_it(tmp_pa
     assert not set(r["training_hashes"]["segmenter"]) & evaluation
     assert not any(n.startswith("skipped pixel-inpaint") for n in r["notes"])
     report = (out / "report.md").read_text()
-    assert f"pixel-inpaint models: {', '.join(TYPES)} → `{SHIPPED}` (shipped" in report
+    assert (f"pixel-inpaint models: {', '.join(TYPES)} → `{SHIPPED}` (shipped; its training data: "
+            f"{len(_shipped_ancestors())} real images, none evaluated)") in report
     assert "## pixel-inpaint" in report and (out / "samples" / "pixel-inpaint.png").is_file()
 
 
