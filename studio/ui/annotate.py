@@ -721,7 +721,7 @@ def build(ctx: StudioContext) -> dict:
     api_endpoint(bind(on_generate), [editor, c["product"], api_src, *gen_inputs[1:]],
                  [r["gallery"], api_cands, api_sel, r["status"]], "generate")
     c["backend"].change(bind(on_backend), [c["backend"], c["product"], src], [c["backend_info"], *c["options"]],
-                        api_name="backend_status")
+                        api_name="backend_status", show_progress="hidden")
     for changed in (c["product"], src):     # the info and the dropdown's marks follow the product
         changed.change(bind(on_context), [c["backend"], c["product"], src], [c["backend_info"], c["backend"]],
                        api_name=False, show_progress="hidden")
