@@ -156,6 +156,12 @@ def test_a_picked_model_that_learned_from_an_evaluation_image_is_refused(tmp_pat
     with pytest.raises(LeakageError):
         run_experiment(req)
     assert not (tmp_path / "o" / "metrics.json").exists()
+    # the same model named with --model: refused too; a clean one is used for every type, as given
+    with pytest.raises(LeakageError, match="evaluat"):
+        resolve_generators(["pixel-inpaint"], str(run), roles, [], "bottle", ())
+    [plan] = resolve_generators(["pixel-inpaint"], str(SHIPPED), roles, [], "bottle", req.model_roots())
+    assert plan.models == {t: str(SHIPPED) for t in TYPES}
+    assert plan.provenance()["model_sources"] == {str(SHIPPED): "--model"}
     # a picked model that does not say what it learned from is not used either (nor replaced)
     (run / "training_data.json").write_text(json.dumps({"data": str(ws / "exports" / "bottle-1" / "bottle")}))
     notes: list[str] = []
