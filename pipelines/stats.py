@@ -33,10 +33,9 @@ repeats, so the mean and its interval come from one estimator.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 METRICS = ("pixel_auroc", "pixel_ap", "aupro", "image_auroc")
 VERDICTS = ("helped", "no detectable effect", "hurt")
@@ -104,6 +103,7 @@ def summarize(labels, scores, masks, maps, bins: int | None = None) -> EvalSumma
     pos = np.zeros((len(flat), nb))
     neg = np.zeros((len(flat), nb))
     comp_image, comp_hist, comp_size = [], [], []
+    from scipy import ndimage   # here, not at import: the studio's first page loads this module
     structure = np.ones((3, 3), int)
     for i in range(len(flat)):
         pos[i] = np.bincount(idx[i][m[i]], minlength=nb)

@@ -79,8 +79,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-from scipy import sparse
-from scipy.sparse.linalg import splu
 from skimage import color as skcolor
 
 from pipelines import masks as mk
@@ -484,6 +482,8 @@ def _harmonic(boundary: np.ndarray, omega: np.ndarray) -> np.ndarray:
         rhs[outer] += boundary[nyc[outer], nxc[outer]]
     rows_a, cols_a = np.concatenate(rows), np.concatenate(cols)
     diag = np.maximum(diag, 1) + 1e-4      # a part of omega with no border is pinned to c = 0
+    from scipy import sparse    # here, not at import: the registry imports this module for every backend list
+    from scipy.sparse.linalg import splu
     a = sparse.csc_matrix((np.concatenate([diag, -np.ones(rows_a.size)]),
                            (np.concatenate([np.arange(n), rows_a]), np.concatenate([np.arange(n), cols_a]))),
                           shape=(n, n))

@@ -37,6 +37,18 @@ from pipelines.generator import GeneratorInfo, option
 from pipelines.inpaint import DiffusionGenerator, DiffusionOptions, condition_embeddings
 
 
+# The wall-colour training ablations (:func:`pipelines.wall_train.run_ablation`): variant → the
+# WallTrainConfig fields it changes. Declared here, beside the generator, so that the CLI's help can
+# list them without importing the trainer (torch).
+ABLATIONS: dict[str, dict] = {
+    "baseline": {},
+    "kmeans": {"wall_color_method": "kmeans"},           # k-means dominant colour (not the median)
+    "color-loss": {"color_loss_weight": 0.5},            # + LAB colour-consistency loss
+    "no-texture": {"reference_texture": False},          # flat reference: no noise, no lighting gradient
+    "unconditional": {"reference": "none", "random_color_prob": 0.0},  # zero prompt only
+}
+
+
 @dataclass(frozen=True)
 class WallOptions(DiffusionOptions):
     guidance: float | None = option(None, "classifier-free guidance (default: none, zero prompt)",

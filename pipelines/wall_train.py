@@ -56,6 +56,7 @@ from pipelines.fileio import atomic_write_text
 from pipelines.lora import LoraTrainConfig, LoraTrainer, _Parts, mask_crop
 from pipelines.training import (CancelFn, ConfigError, ProgressFn, Sample, TrainDataError, TrainResult,
                                 check, check_cancelled, report, save_validation_grid)
+from pipelines.wall import ABLATIONS
 
 METRICS_FILE = "color_metrics.jsonl"
 REFERENCE_MODES = ("auto", "ip-adapter", "none")
@@ -468,13 +469,7 @@ def run_from_config(cfg, progress: ProgressFn | None = None, cancelled: CancelFn
 # ------------------------------------------------------------------------------------------------
 # Ablations
 # ------------------------------------------------------------------------------------------------
-ABLATIONS: dict[str, dict] = {
-    "baseline": {},
-    "kmeans": {"wall_color_method": "kmeans"},           # k-means dominant colour (not the median)
-    "color-loss": {"color_loss_weight": 0.5},            # + LAB colour-consistency loss
-    "no-texture": {"reference_texture": False},          # flat reference: no noise, no lighting gradient
-    "unconditional": {"reference": "none", "random_color_prob": 0.0},  # zero prompt only
-}
+# The variants are :data:`pipelines.wall.ABLATIONS` (declared beside the generator so the CLI lists them without torch).
 
 
 def run_ablation(cfg, samples: Sequence, out: str | Path, variants: Sequence[str] | None = None,

@@ -63,7 +63,7 @@ def deterministic(threads: int) -> None:
 
 
 def config_for(data: Path, out: Path, steps: int, seed: int = 0):
-    from pipelines.pixel_inpaint import PixelInpaintConfig
+    from pipelines.pixel_inpaint_model import PixelInpaintConfig
     return PixelInpaintConfig(
         output_dir=str(out), data=str(data), preset="demo", resolution=64, batch_size=8,
         max_steps=int(steps), minutes=None, pretrain_steps=max(1, int(steps) // 2),
@@ -94,7 +94,7 @@ def preview(model_dir: Path, data: Path, dest: Path, seeds=(0, 1, 2)) -> Path:
     from pipelines import masks as mk
     from pipelines.fileio import atomic_write_bytes
     from pipelines.mvtec import load_category, load_image, load_mask
-    from pipelines.pixel_inpaint import PixelInpaintModel, crop_box
+    from pipelines.pixel_inpaint_model import PixelInpaintModel, crop_box
     from pipelines.roles import category_roles
     from pipelines.shapes import estimate_foreground, shape_model_for
     model = PixelInpaintModel.load(model_dir)
@@ -125,7 +125,8 @@ def train_product(product: str, data_root: Path, out_root: Path, steps: int, thr
     """Train one product's model and write ``out_root/<product>/pixel-inpaint``; returns its log."""
     import torch
 
-    from pipelines.pixel_inpaint import SHIPPED_NAME, export_model, run_from_config
+    from pipelines.pixel_inpaint import SHIPPED_NAME
+    from pipelines.pixel_inpaint_model import export_model, run_from_config
     from pipelines.training_data import MANIFEST
     from pipelines.fileio import atomic_write_json
     data = data_root / product

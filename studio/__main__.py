@@ -397,8 +397,8 @@ def cmd_train(args) -> int:
         from pipelines.wall_train import WallTrainConfig as Config
         from pipelines.wall_train import run_from_config
     else:
-        from pipelines.pixel_inpaint import PixelInpaintConfig as Config
-        from pipelines.pixel_inpaint import run_from_config
+        from pipelines.pixel_inpaint_model import PixelInpaintConfig as Config
+        from pipelines.pixel_inpaint_model import run_from_config
     from studio.wall_cli import WALL_FLAGS
     overrides = {k: getattr(args, k) for k in TRAIN_FLAGS + WALL_FLAGS if getattr(args, k, None) is not None}
     if args.no_resume:

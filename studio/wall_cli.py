@@ -62,7 +62,7 @@ def cmd_wall_ablation(args) -> int:
 
 
 def add_wall_ablation_command(sub) -> None:
-    from pipelines.wall_train import ABLATIONS
+    from pipelines.wall import ABLATIONS
     sp = sub.add_parser("wall-ablation", help="wall colour: train the baseline and the four ablations "
                                               "(k-means colour, colour loss, texture, unconditional) → a table")
     sp.add_argument("--data", required=True, help="folder of wall photos + masks (images/ + masks/)")

@@ -112,9 +112,10 @@ def test_cut_paste_donors_are_reference_only(tmp_path, bottle_roles, monkeypatch
 def test_trainers_see_reference_defects_only(tmp_path, bottle_roles, monkeypatch):
     from pipelines import lora as L
     from pipelines import pixel_inpaint as P
+    from pipelines import pixel_inpaint_model
     from pipelines.training_data import read_manifest
     captured = {}
-    monkeypatch.setattr(P, "train_pixel_inpaint", lambda cfg, samples, good, *a: captured.setdefault("pix", samples))
+    monkeypatch.setattr(pixel_inpaint_model, "train_pixel_inpaint", lambda cfg, samples, good, *a: captured.setdefault("pix", samples))
     monkeypatch.setattr(L, "train_lora", lambda cfg, samples, *a: captured.setdefault("lora", samples))
     P.run_from_config(P.PixelInpaintConfig(output_dir=str(tmp_path / "pix"), data=str(BOTTLE)))
     L.run_from_config(L.LoraTrainConfig(output_dir=str(tmp_path / "lora"), data=str(BOTTLE), model="unused"))

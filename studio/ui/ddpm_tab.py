@@ -297,7 +297,7 @@ def _train_tab(ctx: StudioContext) -> dict:
             w["resume"] = gr.Checkbox(False, label="Resume the checkpoint", elem_id="dd-resume")
             w["panel"] = JobPanel(ctx, "Train DDPM", "ddpm_train")
         with gr.Column(scale=2):
-            w["loss"] = gr.Plot(loss_figure([]), label="Loss", elem_id="dd-loss")
+            w["loss"] = gr.Plot(None, label="Loss", elem_id="dd-loss")
             w["info"] = gr.JSON(label="Last run", elem_id="dd-train-info")
     return w
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import gradio as gr
 
 from studio.context import StudioContext
-from studio.ui.ddpm_tab import loss_figure
 from studio.ui.jobs_panel import JobPanel, bind
 
 
@@ -93,7 +92,7 @@ def build(ctx: StudioContext, state) -> None:
                 panel = JobPanel(ctx, "Train ControlNet", "train_controlnet",
                                  idle="No ControlNet run yet — pick a product and press **Train ControlNet**.")
             with gr.Column(scale=2):
-                loss = gr.Plot(loss_figure([]), label="Loss")
+                loss = gr.Plot(None, label="Loss")
                 grid = gr.Image(label="Latest validation grid (crop, control image, generations)", format="png",
                                 interactive=False)
         from studio.ui.training_tab import on_product

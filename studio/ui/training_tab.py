@@ -192,7 +192,7 @@ def _settings(ctx: StudioContext) -> dict:
 
 def _results(ctx: StudioContext) -> dict:
     w: dict = {}
-    w["loss"] = gr.Plot(loss_figure([]), label="Loss", elem_id="tr-loss")
+    w["loss"] = gr.Plot(None, label="Loss", elem_id="tr-loss")
     w["grid"] = gr.Image(label="Latest validation grid", format="png", interactive=False)
     w["adapters"] = gr.Dataframe(list_adapters(ctx), headers=["run", "kind", "latest", "folder"],
                                  label="Trained models (use the folder as 'model' / 'lora' in Annotate)",

@@ -13,7 +13,6 @@ from pathlib import Path
 import gradio as gr
 
 from studio.context import StudioContext
-from studio.ui.ddpm_tab import loss_figure
 from studio.ui.jobs_panel import JobPanel, bind
 
 REFERENCES = {"auto (IP-Adapter when its weights are found)": "auto",
@@ -116,7 +115,7 @@ def build(ctx: StudioContext, state) -> None:
                                  idle="No wall run yet — give a photos folder and press **Train wall colour** "
                                       "(about 15 min by default).")
             with gr.Column(scale=2):
-                loss = gr.Plot(loss_figure([]), label="Loss")
+                loss = gr.Plot(None, label="Loss")
                 grid = gr.Image(label="Latest validation grid (crop, mask, reference, depth proxy, outputs)",
                                 format="png", interactive=False)
                 metrics = gr.Dataframe([], headers=METRIC_HEADERS, label="Colour metrics per validation step",
