@@ -356,7 +356,8 @@ def cmd_experiment(args) -> int:
                             per_type=args.per_type, repeats=args.repeats, seed=args.seed,
                             backbone=args.backbone, coreset=args.coreset, size=args.size,
                             positive_coreset=args.positive_coreset, segmenter_steps=args.segmenter_steps, n_boot=args.bootstrap,
-                            strength=args.strength, model=args.model, threads=args.threads)
+                            strength=args.strength, model=args.model, threads=args.threads,
+                            workspace=args.workspace)
     bar, progress = _tqdm_progress("experiment", args.quiet)
     try:
         r = run_experiment(req, progress=progress)
@@ -675,9 +676,11 @@ def _add_evaluation_commands(sub, ws) -> None:
                                         "(+ provenance.jsonl, checked for descent from evaluation images)")
     from pipelines.registry import generator_names, get_info, picks_model
     in_mask = [n for n in generator_names("damage") if not get_info(n).full_image and not get_info(n).needs_model]
+    per_product = ', '.join(n for n in in_mask if picks_model(n)) or '-'
     sp.add_argument("--generate", help="generate inside the protocol: NAME[,NAME…] or 'all' (those that run "
-                                       f"here) of: {', '.join(in_mask)}; "
-                                       f"{', '.join(n for n in in_mask if picks_model(n)) or '-'} with --model")
+                                       f"here) of: {', '.join(in_mask)}; {per_product}: with the model "
+                                       "picked per product and damage type (the workspace's trained runs, "
+                                       "else the shipped one) unless --model names one")
     sp.add_argument("--per-type", type=int, default=10, help="generated defects per damage type and repeat")
     sp.add_argument("--repeats", type=int, default=5, help="K repeats (seeds S..S+K-1)")
     sp.add_argument("--seed", type=int, default=0)
@@ -691,7 +694,10 @@ def _add_evaluation_commands(sub, ws) -> None:
     sp.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws")
     sp.add_argument("--strength", type=float, default=0.8, help="generator strength ("
                     + ", ".join(n for n in in_mask if get_info(n).takes_strength) + ")")
-    sp.add_argument("--model", help="pixel-inpaint model folder (default: its environment variable)")
+    sp.add_argument("--model", help="pixel-inpaint model folder for every damage type (default: picked per "
+                                    "product and damage type: its environment variable, the workspace's "
+                                    "newest trained run, the shipped model)")
+    ws(sp)
     sp.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: fastest and reproducible on a shared 2-core machine; 0 = torch's)")
     sp.add_argument("--quiet", action="store_true")

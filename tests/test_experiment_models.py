@@ -54,12 +54,12 @@ def test_cli_all_runs_pixel_inpaint_with_the_shipped_model_and_records_it(tmp_pa
     """`--generate all` without --model on the demo bottle: pixel-inpaint is one of the compared
     generators, with the shipped bottle model for every type, recorded in metrics.json and report.md."""
     env = {k: v for k, v in os.environ.items() if k != ENV}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DEFECT_STUDIO_WORKSPACE=str(tmp_path / "fresh-ws"))
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DEFECT_STUDIO_WORKSPACE=str(tmp_path / "env-ws"))
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "studio", "experiment", "--data", str(DEMO / "bottle"),
                            "--generate", "all", "--per-type", "1", "--repeats", "1", "--backbone", "random",
                            "--size", "64", "--coreset", "0.05", "--segmenter-steps", "10", "--bootstrap", "100",
-                           "--quiet", "--out", str(out)],
+                           "--quiet", "--out", str(out), "--workspace", str(tmp_path / "fresh-ws")],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     r = json.loads((out / "metrics.json").read_text())

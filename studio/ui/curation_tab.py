@@ -209,7 +209,8 @@ def start_experiment(t: CurationState, p, repeats, gens, per_type):
     t.store.export_mvtec(export, p)
     req = ExperimentRequest(data=str(export / p), synthetic=str(export / p) if has_samples else None,
                             generate=list(gens) or None, per_type=int(per_type or 10), repeats=int(repeats),
-                            out=str(t.ctx.settings.workspace / "runs" / f"experiment-{p}-{stamp}"))
+                            out=str(t.ctx.settings.workspace / "runs" / f"experiment-{p}-{stamp}"),
+                            workspace=str(t.ctx.settings.workspace))   # its trained pixel-inpaint runs
     req.validate()
     return t.ctx.jobs.submit("experiment", lambda jctx, req: _experiment_job(jctx, t, p, req), req,
                              request=asdict(req))
