@@ -263,7 +263,7 @@ def test_examples_fill_the_patchcore_and_ddpm_panels_once(ctx):
     from studio.examples import ExamplePlan, pending, start_examples
     idle = J.on_attach(ctx, ("patchcore",), lambda job: (), 0, "press Run")
     assert idle[0] is None and idle[1] == "press Run"
-    plan = ExamplePlan(patchcore_size=128, ddpm_minutes=None, ddpm_steps=2, ddpm_eval_size=64)
+    plan = ExamplePlan(patchcore_size=128, ddpm_minutes=None, ddpm_steps=2, ddpm_preset="tiny", ddpm_eval_size=64)
     ids = start_examples(ctx, ["bottle"], plan)
     assert len(ids) == 2                                  # PatchCore + DDPM training (evaluation chained)
     for jid in ids:
