@@ -585,7 +585,10 @@ class CheckpointedTrainer:
                 append_history(self.out, self.step, self.last_loss)
 
     def _report_step(self) -> None:
-        report(self._progress, self.budget.fraction(self.step), f"step {self.step} loss {self.last_loss:.4f}")
+        # before the first logged window the loss is the running mean of this window (never "nan")
+        loss = self.last_loss if math.isfinite(self.last_loss) or not self._window else float(np.mean(self._window))
+        report(self._progress, self.budget.fraction(self.step),
+               f"step {self.step} loss {loss:.4f}" if math.isfinite(loss) else f"step {self.step}")
 
     def _save(self, acc, write: Callable[[Path], None]) -> None:
         """Checkpoint ``self.step`` (the main process writes, every process waits)."""

@@ -285,3 +285,16 @@ def test_trainers_stop_on_cancel_with_a_loadable_checkpoint(tmp_path):
 def test_progress_type_is_shared():
     import studio.inspection as I
     assert I.ProgressFn is T.ProgressFn and I.CancelFn is T.CancelFn
+
+
+def test_progress_shows_a_loss_from_the_first_step_never_nan(tmp_path):
+    """Before the first logged window (``log_every``) the progress line shows the running mean."""
+    from pipelines import pixel_inpaint as P
+    torch.set_num_threads(1)
+    messages: list[str] = []
+    P.run_from_config(P.PixelInpaintConfig(
+        output_dir=str(tmp_path / "pix"), data=str(BOTTLE), image_size=64, preset="tiny", resolution=32,
+        min_crop=32, batch_size=2, max_steps=3, minutes=None, validate_every=0, log_every=50),
+        progress=lambda f, m: messages.append(m))
+    steps = [m for m in messages if m.startswith("step ")]
+    assert len(steps) >= 3 and all("loss" in m and "nan" not in m for m in steps), steps
