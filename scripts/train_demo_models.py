@@ -1,6 +1,6 @@
 """Train the small pixel-inpaint models shipped with the demo products (``assets/models``).
 
-    python scripts/train_demo_models.py [--products bottle,brushed_metal] [--steps 800]
+    python scripts/train_demo_models.py [--products bottle,brushed_metal] [--steps 1600]
                                         [--threads 1] [--data assets/demo] [--out assets/models]
 
 One model per demo product (``assets/demo/<product>``, made by :mod:`pipelines.demo_data`), so a
@@ -21,13 +21,13 @@ the second half the damage types (the reference defects + 25 % good examples). P
 Reproducible: fixed seeds, a step budget (never a wall-clock one), deterministic torch
 algorithms, a fixed number of CPU threads (``--threads``; results can differ between thread
 counts and torch builds, not between runs: two runs give byte-identical ``model.safetensors``,
-``config.json`` and ``training_data.json``). CPU budget: the
-default 240 steps take about 3.3 CPU-minutes per product (measured 186 s and 202 s on one thread;
-~0.8 s per step with data loading and the mask-shape fits, so about 3.5 minutes on a quiet 2-core
-machine); on a machine shared with other jobs the wall clock is longer (21–23 minutes measured;
-figures in ``training_log.json``). More steps (``--steps 800``,
-about 8 minutes) fill masks more like the product; neither budget makes convincing defects (see
-:class:`pipelines.pixel_inpaint.PixelInpaintConfig`). Ctrl-C stops and leaves the shipped
+``config.json`` and ``training_data.json``). CPU budget: the default 1600 steps take about 9–10
+CPU-minutes per product (measured 573 s and 537 s on one thread, ~0.35 s per step with data
+loading and the mask-shape fits); on a machine shared with other jobs the wall clock is longer
+(figures in ``training_log.json``). The earlier 240-step models filled masks with coloured noise;
+at 1600 steps cracks and scratches come out as thin dark marks and stains as brownish blots
+(``preview.png``), and on the demo bottle a segmenter trained on their samples alone reaches a
+pixel AP of 0.546 (240 steps: 0.396; reference defects: 0.774). Ctrl-C stops and leaves the shipped
 folder as it was.
 
 Written per product into ``OUT/<product>/pixel-inpaint/``: ``model.safetensors``,
@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 MAX_BYTES = 5_000_000
 DEFAULT_PRODUCTS = ("bottle", "brushed_metal")
-DEFAULT_STEPS = 240
+DEFAULT_STEPS = 1600
 
 
 def deterministic(threads: int) -> None:
