@@ -26,9 +26,13 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 TABS = ["Dataset", "Curation", "Training", "PatchCore", "DDPM"]
 
 
-def _annotate(pg) -> None:
+def _annotate(pg, backend: str) -> None:
     """Draw a mask shaped like the damage type (Random mask) on the first demo image and generate
-    4 candidates (classical, about a second); tried again if the mask had not arrived yet."""
+    4 candidates with ``backend`` (the shipped pixel-inpaint model: ~10–20 s on a CPU; a classical
+    one: about a second); tried again if the mask had not arrived yet."""
+    if backend:
+        pg.click("#backend input")
+        pg.locator("ul[role=listbox] li").filter(has_text=backend).first.click()
     for attempt in range(3):
         pg.wait_for_timeout(2000)
         pg.click("#random-mask")
@@ -36,7 +40,7 @@ def _annotate(pg) -> None:
         pg.click("#generate")
         try:
             pg.wait_for_function("document.querySelectorAll('#gallery .thumbnail-item').length >= 1",
-                                 timeout=60_000)
+                                 timeout=240_000)
             break
         except Exception:  # noqa: BLE001 - playwright's TimeoutError: try again
             continue
@@ -49,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "docs" / "screenshots"), help="folder for the PNGs")
     ap.add_argument("--examples", action="store_true",
                     help="let the example PatchCore / DDPM jobs run and wait for them (a few minutes)")
+    ap.add_argument("--backend", default="pixel-inpaint",
+                    help="generator of the Annotate candidates (default: the shipped pixel-inpaint model; "
+                         "'' keeps the tab's default)")
     args = ap.parse_args(argv)
     if not Path(CHROMIUM).exists():
         print(f"error: {CHROMIUM} is missing (apt-get install -y chromium)", file=sys.stderr)
@@ -68,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                 pg.set_default_timeout(60_000)
                 pg.goto(url)
                 pg.wait_for_selector("#generate")
-                _annotate(pg)
+                _annotate(pg, args.backend)
                 pg.evaluate("window.scrollTo(0, 0)")
                 pg.wait_for_timeout(500)
                 pg.screenshot(path=str(out / "annotate.png"))
