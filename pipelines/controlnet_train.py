@@ -267,24 +267,11 @@ class ControlNetTrainer(CheckpointedTrainer):
         gen = torch.Generator(device="cpu").manual_seed(c.seed * 100003 + self.step)
         self._begin(progress, cancelled)
 
-        def save():
-            self._save(acc, lambda f: self._write(f, acc.unwrap_model(parts.net), parts.opt))
-
-        parts.net.train()
         report(progress, 0.0, f"training the ControlNet from step {self.step} on {len(self.samples)} samples")
-        while not (stopped := self._stop_reason()):
-            losses = [self._micro_step(acc, parts, rng, gen) for _ in range(c.gradient_accumulation_steps)]
-            self._end_step(losses, acc.is_main_process)
-            if c.validate_every and self.step % c.validate_every == 0 and acc.is_main_process:
-                self.last_validation = str(self.validation_grid(parts, acc.unwrap_model(parts.net)))
-                parts.net.train()
-            if self.step % c.checkpoint_every == 0:
-                save()
-            self._report_step()
-        latest = self.ckpt.latest()
-        if (self.step > self.budget.start_step or latest is None) and \
-                (latest is None or latest.name != Checkpoints.name(self.step)):
-            save()
+        stopped = self._loop(
+            acc, parts.net, lambda: self._micro_step(acc, parts, rng, gen),
+            save=lambda: self._save(acc, lambda f: self._write(f, acc.unwrap_model(parts.net), parts.opt)),
+            validate=lambda net: self.validation_grid(parts, net))
         return self._result(stopped)
 
     def _build(self, acc) -> _Parts:

@@ -393,25 +393,13 @@ class PixelInpaintTrainer(CheckpointedTrainer):
         def save():
             self._save(acc, lambda f: self._write(f, acc.unwrap_model(unet), opt, {"seed": c.seed}))
 
-        unet.train()
         report(progress, 0.0, f"training pixel-inpaint from step {self.step} on {len(self.samples)} "
                               f"defects of {len(self.types)} type(s)"
                               + (f", stage {self.stage}" if c.two_stage else ""))
         self._stage_t0 = time.monotonic() if self.stage == PRODUCT else None
-        while not (stopped := self._stop_reason()):
-            self._next_stage(progress, save)
-            losses = [self._micro_step(acc, unet, opt, sched, rng) for _ in range(c.gradient_accumulation_steps)]
-            self._end_step(losses, acc.is_main_process)
-            lr_sched.step()
-            if self.step % c.checkpoint_every == 0:
-                save()
-            if c.validate_every and self.step % c.validate_every == 0 and acc.is_main_process:
-                self.last_validation = str(self._validation_grid(acc.unwrap_model(unet)))
-                unet.train()
-            self._report_step()
-        latest = self.ckpt.latest()
-        if latest is None or latest.name != Checkpoints.name(self.step):
-            save()
+        stopped = self._loop(acc, unet, lambda: self._micro_step(acc, unet, opt, sched, rng), save,
+                             validate=self._validation_grid, before_step=lambda: self._next_stage(progress, save),
+                             after_step=lr_sched.step)
         self.pretrain_seconds, self._stage_t0 = self._pretrain_clock(), None
         return self._result(stopped)
 

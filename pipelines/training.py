@@ -533,12 +533,7 @@ class CheckpointedTrainer:
         acc = self._open()
         ...build, resume (self._restore)...
         self._begin(progress, cancelled)
-        while not (stopped := self._stop_reason()):
-            losses = [one micro-step's loss for each gradient-accumulation step]
-            self._end_step(losses, acc.is_main_process)       # step + 1, log window
-            ...validation / self._save(acc, write) every N steps...
-            self._report_step()
-        ...final self._save...
+        stopped = self._loop(acc, model, micro_step, save, validate)   # steps, checkpoints, grids
         return self._result(stopped)
     """
 
@@ -595,6 +590,37 @@ class CheckpointedTrainer:
         if acc.is_main_process:
             self.ckpt.save(self.step, write)
         acc.wait_for_everyone()
+
+    def _loop(self, acc, model, micro_step: Callable[[], float], save: Callable[[], None],
+              validate: Callable[[Any], Any] | None = None, before_step: Callable[[], None] | None = None,
+              after_step: Callable[[], None] | None = None) -> str:
+        """The loop every trainer runs once built, resumed and started (:meth:`_begin`): per step
+        ``before_step()`` (a stage change), ``micro_step()`` → loss for each gradient-accumulation
+        step, ``after_step()`` (a learning-rate schedule), (main process) ``validate(unwrapped model)`` →
+        the grid's path every ``validate_every`` steps, a checkpoint every ``checkpoint_every``
+        steps, and the progress line; until the budget ends or the run is
+        cancelled (a cancel stops after the current step). Then a last checkpoint unless the latest
+        one is of this very step. Returns the stop reason (for :meth:`_result`)."""
+        c = self.cfg
+        model.train()
+        while not (stopped := self._stop_reason()):
+            if before_step is not None:
+                before_step()
+            losses = [micro_step() for _ in range(c.gradient_accumulation_steps)]
+            self._end_step(losses, acc.is_main_process)
+            if after_step is not None:
+                after_step()
+            if validate is not None and c.validate_every and self.step % c.validate_every == 0 \
+                    and acc.is_main_process:
+                self.last_validation = str(validate(acc.unwrap_model(model)))
+                model.train()
+            if self.step % c.checkpoint_every == 0:
+                save()                # after the grid: a checkpoint of this step keeps it
+            self._report_step()
+        latest = self.ckpt.latest()
+        if latest is None or latest.name != Checkpoints.name(self.step):
+            save()
+        return stopped
 
     def _result(self, stopped: str) -> TrainResult:
         if self._window and not math.isfinite(self.last_loss):
