@@ -18,11 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import free_port, start_app, stop_app  # noqa: E402
+from conftest import CHROMIUM, CHROMIUM_ARGS as ARGS, free_port, start_app, stop_app  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", "--disable-sync"]
 TABS = ["Dataset", "Curation", "Training", "PatchCore", "DDPM"]
 
 

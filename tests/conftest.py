@@ -61,3 +61,44 @@ def studio_server(tmp_path_factory):
     proc, url, _ = start_app(ws, free_port())
     yield url, ws
     stop_app(proc)
+
+
+@pytest.fixture()
+def curation_ws(tmp_path):
+    """A workspace holding the demo brushed_metal category: ``(Store, CurationDB)`` (the plan tests)."""
+    from studio.curation import CurationDB
+    from studio.dataset import Store
+    store = Store(tmp_path / "ws")
+    store.import_mvtec(DEMO / "brushed_metal")
+    return store, CurationDB(tmp_path / "ws")
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """torch on one thread for the test (two threads on a shared 2-core machine are far slower)."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def gradient_images(n: int = 4, size: int = 32, seed: int = 0) -> list:
+    """``n`` smooth RGB gradients with a little noise (size x size x 3 uint8): "good" images a tiny
+    DDPM learns in a few steps."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    base = np.linspace(40, 200, size, dtype=np.float32)
+    out = []
+    for _ in range(n):
+        im = np.stack([base[None, :].repeat(size, 0), base[:, None].repeat(size, 1),
+                       np.full((size, size), 120.0)], -1) + rng.normal(0, 3, (size, size, 3))
+        out.append(np.clip(im, 0, 255).astype(np.uint8))
+    return out
+
+
+# Debian's Chromium for the browser tests and scripts/screenshots.py (no browser download)
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+

@@ -17,15 +17,8 @@ from studio.dataset import Store
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture()
-def ws(tmp_path):
-    store = Store(tmp_path / "ws")
-    store.import_mvtec(ROOT / "assets" / "demo" / "brushed_metal")
-    return store, CurationDB(tmp_path / "ws")
-
-
-def test_plan_errors(ws, tmp_path):
-    store, cdb = ws
+def test_plan_errors(curation_ws, tmp_path):
+    store, cdb = curation_ws
     with pytest.raises(CurationError, match="below the current count of"):
         make_plan(store, cdb, "brushed_metal", target=2)
     empty = Store(tmp_path / "empty")
@@ -38,8 +31,8 @@ def test_plan_errors(ws, tmp_path):
         make_plan(store, cdb, "brushed_metal", target=8, labels=["melted"])
 
 
-def test_plan_prioritises_deficit_and_resume_creates_no_duplicates(ws):
-    store, cdb = ws
+def test_plan_prioritises_deficit_and_resume_creates_no_duplicates(curation_ws):
+    store, cdb = curation_ws
     # one class ahead: accept a synthetic scratch so 'scratch' has the smallest deficit
     img = store.load_image(store.list_images(product="brushed_metal", split="train")[0]["id"])
     m = np.zeros(img.shape[:2], np.uint8)
@@ -83,8 +76,8 @@ def test_plan_prioritises_deficit_and_resume_creates_no_duplicates(ws):
     assert nxt["sample"]["id"] > first_item["sample"]["id"]
 
 
-def test_coco_rle_round_trip_and_export(ws, tmp_path):
-    store, _ = ws
+def test_coco_rle_round_trip_and_export(curation_ws, tmp_path):
+    store, _ = curation_ws
     rng = np.random.default_rng(0)
     for _ in range(20):
         m = rng.random((13, 17)) > 0.7
@@ -106,8 +99,8 @@ def _experiment(args, out):
 
 
 @pytest.mark.slow
-def test_experiment_is_reproducible_and_needs_synthetics(ws, tmp_path):
-    store, cdb = ws
+def test_experiment_is_reproducible_and_needs_synthetics(curation_ws, tmp_path):
+    store, cdb = curation_ws
     data = ROOT / "assets" / "demo" / "brushed_metal"
     r = _experiment(["--data", data, "--synthetic", data], tmp_path / "none")
     assert r.returncode != 0 and "no accepted synthetic samples" in r.stderr

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import gradient_images
 
 from pipelines.ddpm import (CheckpointError, DDPMInspector, ModelConfig, TrainConfig, depth_grid_image,
                             make_scheduler)
@@ -18,23 +19,8 @@ DEMO = ROOT / "assets" / "demo" / "bottle"
 TINY = dict(size=32, crop=32, preset="tiny")
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def _images(n=4, size=32, seed=0):
-    rng = np.random.default_rng(seed)
-    base = np.linspace(40, 200, size, dtype=np.float32)
-    out = []
-    for _ in range(n):
-        im = np.stack([base[None, :].repeat(size, 0), base[:, None].repeat(size, 1),
-                       np.full((size, size), 120.0)], -1) + rng.normal(0, 3, (size, size, 3))
-        out.append(np.clip(im, 0, 255).astype(np.uint8))
-    return out
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+_images = gradient_images
 
 
 # ------------------------------------------------------------------------------------------ target

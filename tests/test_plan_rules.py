@@ -7,25 +7,14 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from studio.__main__ import build_parser, main
-from studio.curation import (MAX_RETRIES, RETRY_SEED_STEP, VERIFY_THRESHOLD, CurationDB, CurationError,
+from studio.curation import (MAX_RETRIES, RETRY_SEED_STEP, VERIFY_THRESHOLD, CurationError,
                              Thresholds, assign_attributes, make_plan, parse_mix, plan_monitor, plan_status,
                              run_plan, verification_score)
-from studio.dataset import Store
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture()
-def ws(tmp_path):
-    store = Store(tmp_path / "ws")
-    store.import_mvtec(ROOT / "assets" / "demo" / "brushed_metal")
-    return store, CurationDB(tmp_path / "ws")
 
 
 def _fixed(store, cdb, target, labels=("scratch",), **kw):
@@ -33,8 +22,8 @@ def _fixed(store, cdb, target, labels=("scratch",), **kw):
                      mode="fixed", **kw)
 
 
-def test_always_failing_verifier_retries_three_times_per_item(ws):
-    store, cdb = ws
+def test_always_failing_verifier_retries_three_times_per_item(curation_ws):
+    store, cdb = curation_ws
     plan = _fixed(store, cdb, 2)
     assert plan["retries"] == MAX_RETRIES == 3 and plan["items"] == 2
     calls = []
@@ -59,8 +48,8 @@ def test_always_failing_verifier_retries_three_times_per_item(ws):
     assert stored == m                                                # stored with the plan
 
 
-def test_verifier_failing_twice_passes_on_the_third_attempt(ws):
-    store, cdb = ws
+def test_verifier_failing_twice_passes_on_the_third_attempt(curation_ws):
+    store, cdb = curation_ws
     plan = _fixed(store, cdb, 3, labels=("scratch", "crack"))
     tries: Counter = Counter()
 
@@ -82,9 +71,9 @@ def test_verifier_failing_twice_passes_on_the_third_attempt(ws):
 
 
 @pytest.mark.parametrize("failing,complete", [({0}, True), ({0, 1}, False)])
-def test_complete_at_eighty_percent_of_target(ws, failing, complete):
+def test_complete_at_eighty_percent_of_target(curation_ws, failing, complete):
     """Target 5: 4 verified (80 %) completes the class, 3 (60 %) does not."""
-    store, cdb = ws
+    store, cdb = curation_ws
     plan = _fixed(store, cdb, 5, retries=0)
     assert plan["summary"][0]["complete_at"] == 4
     seen = iter(range(100))
@@ -104,7 +93,7 @@ def test_default_verification_maps_thresholds_to_point_six():
     assert verification_score({"outside_change": 0, "duplicate_distance": 64, "visibility": 9.0}, th) == 1.0
 
 
-def test_attribute_mix_matches_shares_and_lands_in_provenance(ws, tmp_path):
+def test_attribute_mix_matches_shares_and_lands_in_provenance(curation_ws, tmp_path):
     assert parse_mix("severity=low:0.5,high:0.5;lighting=dim:1") == \
         {"severity": {"low": 0.5, "high": 0.5}, "lighting": {"dim": 1.0}}
     for bad in ("severity=low:0.5,high:0.6", "severity", "severity=low", "severity=low:-1,high:2"):
@@ -112,7 +101,7 @@ def test_attribute_mix_matches_shares_and_lands_in_provenance(ws, tmp_path):
             parse_mix(bad)
     got = assign_attributes({"s": {"a": 0.25, "b": 0.75}}, 7, np.random.default_rng(0))
     assert Counter(d["s"] for d in got) == {"a": 2, "b": 5}          # largest remainder: 1.75 → 2, 5.25 → 5
-    store, cdb = ws
+    store, cdb = curation_ws
     plan = _fixed(store, cdb, 4, labels=("scratch", "stain"), mix="severity=low:0.5,high:0.5", retries=0)
     items = cdb.q("SELECT label, attributes FROM plan_items WHERE plan_id=?", (plan["plan_id"],))
     for lab in ("scratch", "stain"):
@@ -131,8 +120,8 @@ def test_attribute_mix_matches_shares_and_lands_in_provenance(ws, tmp_path):
     assert any(p.get("params", {}).get("attributes") for p in prov)     # travels with the export
 
 
-def test_plan_errors(ws):
-    store, cdb = ws
+def test_plan_errors(curation_ws):
+    store, cdb = curation_ws
     with pytest.raises(CurationError, match="needs a target"):
         make_plan(store, cdb, "brushed_metal", mode="fixed")
     with pytest.raises(CurationError, match="target mode"):
@@ -141,8 +130,8 @@ def test_plan_errors(ws):
     assert _fixed(store, cdb, 1, labels=("scratch", "crack", "stain"))["items"] == 3
 
 
-def test_cli_plan_make_run_status(ws, tmp_path, capsys):
-    store, _ = ws
+def test_cli_plan_make_run_status(curation_ws, tmp_path, capsys):
+    store, _ = curation_ws
     base = ["--workspace", str(store.root)]
     assert main(["plan", "make", "--product", "brushed_metal", "--mode", "fixed", "--target", "2",
                  "--labels", "scratch", "--backends", "perlin", "--mix", "severity=low:0.5,high:0.5", *base]) == 0
@@ -163,13 +152,13 @@ def test_cli_plan_make_run_status(ws, tmp_path, capsys):
         assert flag in text
 
 
-def test_curation_tab_plan_and_monitor_handlers(ws):
+def test_curation_tab_plan_and_monitor_handlers(curation_ws):
     """The tab's handlers: a fixed-target plan with a mix and retries, then the monitor table."""
     import gradio as gr
     from types import SimpleNamespace
 
     from studio.ui import curation_tab as C
-    store, cdb = ws
+    store, cdb = curation_ws
     t = SimpleNamespace(store=store, cdb=cdb)
     pid, df = C.do_plan(t, "brushed_metal", 2, 1.0, ["perlin"], "fixed", "severity=low:0.5,high:0.5", 1)
     assert list(df["planned"]) == [2, 2, 2] and list(df["complete_at"]) == [2, 2, 2] and "mix" in df

@@ -7,15 +7,12 @@ import os
 import re
 
 import pytest
+from conftest import CHROMIUM, CHROMIUM_ARGS as ARGS
 
 pytestmark = pytest.mark.browser
-CHROMIUM = "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
     pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
-
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", "--disable-sync"]
 
 # (tab, sub-tab or None, guidance the user must see: what to do next, and how long it takes)
 GUIDANCE = [
