@@ -308,6 +308,12 @@ class PixelInpaintGenerator(GeneratorBase):
         found = find_model(product, roots, damage_type)
         return None if found is None else str(found)
 
+    @classmethod
+    def model_types(cls, model: str | os.PathLike) -> list[str]:
+        """The damage types ``model`` (a folder, as ``model=``) was trained for: its ``config.json``
+        (no weights are read; a missing or broken folder raises :class:`ModelError` with the fix)."""
+        return [str(t) for t in check_model(model)[1].get("damage_types", [])]
+
     def ancestors(self, params: dict) -> list[str]:
         """The reference defects its training run used (``training_data.json``)."""
         from pipelines.training_data import read_manifest

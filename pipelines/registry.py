@@ -12,8 +12,8 @@ help, the Annotate widgets and the Curation plan all read the registry (names, w
 availability); no other module keeps a list of backends.
 
 A generator whose model depends on the product (pixel-inpaint) declares
-``default_model(product, roots, damage_type)`` and ``available(product=, roots=, any_product=)``
-on its class:
+``default_model(product, roots, damage_type)``, ``available(product=, roots=, any_product=)``
+and ``model_types(model)`` (the damage types a model was trained for) on its class:
 :func:`default_model` and :func:`backend_status` pass the product (and ``roots``, the folders of
 trained runs, e.g. ``<workspace>/adapters``) through.
 """
@@ -119,6 +119,13 @@ def default_model(name: str, product: str | None, roots: Sequence[str | os.PathL
     return generator_class(name).default_model(product, tuple(roots), damage_type)
 
 
+def model_types(name: str, model: str | os.PathLike) -> list[str] | None:
+    """The damage types generator ``name``'s model ``model`` was trained for, when its class
+    declares ``model_types(model)`` (pixel-inpaint); None: the generator does not say (any type)."""
+    fn = getattr(generator_class(name), "model_types", None)
+    return None if fn is None else list(fn(model))
+
+
 def backend_status(name: str, product: str | None = None,
                    roots: Sequence[str | os.PathLike] = ()) -> tuple[bool, str]:
     """``(ok, message)``: whether generator ``name`` can run here (its model files are present; for
@@ -191,4 +198,4 @@ register_plugins()
 
 __all__ = ["register_plugins", "GENERATORS", "AUTO", "register", "unregister", "generator_class", "get_info", "get_spec",
            "generator_names", "backend_status", "offline_names", "get_generator", "all_option_specs",
-           "picks_model", "default_model", "auto_choice", "auto_description", "plan_defaults"]
+           "picks_model", "default_model", "model_types", "auto_choice", "auto_description", "plan_defaults"]

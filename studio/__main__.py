@@ -694,9 +694,9 @@ def _add_evaluation_commands(sub, ws) -> None:
     sp.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws")
     sp.add_argument("--strength", type=float, default=0.8, help="generator strength ("
                     + ", ".join(n for n in in_mask if get_info(n).takes_strength) + ")")
-    sp.add_argument("--model", help="pixel-inpaint model folder for every damage type (default: picked per "
-                                    "product and damage type: its environment variable, the workspace's "
-                                    "newest trained run, the shipped model)")
+    sp.add_argument("--model", help="pixel-inpaint model folder, used for the damage types it was trained for "
+                                    "(default: picked per product and damage type: its environment variable, "
+                                    "the workspace's newest trained run, the shipped model)")
     ws(sp)
     sp.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: fastest and reproducible on a shared 2-core machine; 0 = torch's)")

@@ -315,8 +315,12 @@ def resolve_generators(names: Sequence[str], model: str | None, roles: R.Categor
     that picks its model per product (pixel-inpaint) and is given no ``model`` runs, per damage
     type with reference defects, with the model :func:`pick_models` finds for ``product`` in
     ``roots`` (the workspace's runs) or shipped; a type no model was trained for is skipped, with a
-    note. A name given explicitly that cannot run at all is an error; under ``all`` it is a note."""
-    from pipelines.registry import GENERATORS, backend_status, get_generator, get_info, picks_model
+    note. A ``model`` given (``--model``) runs for the types it was trained for
+    (:func:`pipelines.registry.model_types`); the others are skipped with a note, never run with a
+    model that does not know them. A name given explicitly that cannot run at all is an error;
+    under ``all`` it is a note."""
+    from pipelines.registry import (GENERATORS, backend_status, get_generator, get_info, model_types,
+                                    picks_model)
     explicit = [n for n in names if n != "all"]
     types = sorted({s.label for s in roles.reference})
     wanted = []
@@ -341,7 +345,14 @@ def resolve_generators(names: Sequence[str], model: str | None, roles: R.Categor
         plan = GeneratorPlan(name, gen, info)
         problem = None
         if model and takes_model:
-            plan.models = {t: str(model) for t in types}
+            known = model_types(name, model) if picks_model(name) else None
+            plan.models = {t: str(model) for t in types if known is None or t in known}
+            plan.skipped_types = {
+                t: (f"the model {model} was not trained for type {t!r} (it knows {', '.join(known) or 'none'}); "
+                    f"train one that is: `python -m studio train --kind {name} --data <category folder> "
+                    f"--damage-types {t} --out <run>`") for t in types if known is not None and t not in known}
+            if not plan.models:
+                problem = "; ".join(dict.fromkeys(plan.skipped_types.values())) or "no damage type to generate"
         elif takes_model and picks_model(name):
             plan.models, plan.skipped_types = pick_models(name, product, roots, types)
             if not plan.models:

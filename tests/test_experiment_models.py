@@ -143,6 +143,24 @@ def test_a_type_no_model_learned_is_skipped_not_run_with_another_types_model(tmp
     assert [s.label for s in syn] == ["contamination"]
 
 
+def test_a_model_given_runs_only_for_the_types_it_was_trained_for(tmp_path):
+    """--model names one folder for every type: the types it does not know are skipped with a note
+    (never run with a model that lacks them, which would fail mid-run); a model knowing none of
+    them, named explicitly, is an error that says how to train one."""
+    run = _workspace_run(tmp_path / "ws", "bottle", ["contamination"], _shipped_ancestors())
+    roles = folder_roles(DEMO / "bottle")
+    notes: list[str] = []
+    plan = {p.name: p for p in resolve_generators(["all"], str(run), roles, notes, "bottle", ())}["pixel-inpaint"]
+    assert plan.models == {"contamination": str(run)}
+    assert set(plan.skipped_types) == {"broken_large", "broken_small"}
+    assert all("not trained for type" in why and "--damage-types" in why for why in plan.skipped_types.values())
+    assert plan.model_sources == {str(run): "--model"}
+    # a model for another product's types only: nothing to generate, an error when named explicitly
+    other = _workspace_run(tmp_path / "ws2", "bottle", ["scratch"], _shipped_ancestors())
+    with pytest.raises(ValueError, match="not trained for type"):
+        resolve_generators(["pixel-inpaint"], str(other), roles, [], "bottle", ())
+
+
 def test_a_picked_model_that_learned_from_an_evaluation_image_is_refused(tmp_path):
     roles = folder_roles(DEMO / "bottle")
     ev = roles.evaluation[0]
