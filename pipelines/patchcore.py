@@ -637,8 +637,8 @@ class PatchCore:
         nonzero = defect; resized to the feature grid by area averaging). A feature cell joins
         the bank when ≥ ``positive_min_fraction`` of it is defect; an image with a non-empty
         mask but no such cell contributes its most-defect cell. Of these ``E`` eligible cells a
-        greedy coreset of ``ceil(positive_coreset · E)`` rows is kept (``positive_bank:
-        [P x D]``). Empty lists → empty bank."""
+        greedy coreset of ``ceil(positive_coreset · E)`` rows, at least one per defect image, is kept
+        (``positive_bank: [P x D]``). Empty lists → empty bank."""
         images, masks = list(images), list(masks)
         if len(images) != len(masks):
             raise ValueError(f"{len(images)} positive images but {len(masks)} masks")
@@ -663,7 +663,8 @@ class PatchCore:
                 sel = frac == frac.max()
             rows.append(e[torch.from_numpy(sel)])
         bank = torch.cat(rows) if rows else torch.empty(0, D)                 # [E x D] eligible cells
-        n = max(1, math.ceil(self.config["positive_coreset"] * len(bank))) if rows else 0
+        # at least one cell per defect image: a 10 % coreset of a few small defects must not keep one
+        n = min(len(bank), max(len(rows), math.ceil(self.config["positive_coreset"] * len(bank)))) if rows else 0
         if rows and n < len(bank):
             _say(progress, 1.0, f"positive coreset: {n} of {len(bank)} defect cells")
             bank = bank[greedy_coreset(bank, n, self.config["projection_dim"], self.config["seed"],

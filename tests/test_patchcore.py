@@ -287,3 +287,22 @@ def test_channel_pooling_matrix_equals_adaptive_avg_pool():
     x = torch.randn(20, 112)
     for d in (76, 64, 200):
         torch.testing.assert_close(x @ adaptive_pool_matrix(112, d), F.adaptive_avg_pool1d(x[:, None], d)[:, 0])
+
+
+def test_positive_coreset_keeps_a_cell_of_every_defect_image(fitted, bottle):
+    """Three small defects (one feature cell each) at the default 10 % coreset: the bank keeps one
+    cell per defect image, not ceil(10 % of 3) = 1 for all of them."""
+    _, _, test, _, _ = bottle
+    imgs = test[:3]
+    masks = []
+    for i in range(3):
+        m = np.zeros((SIZE, SIZE), bool)
+        m[10 + 20 * i:14 + 20 * i, 10:14] = True       # one small spot each, apart
+        masks.append(m)
+    try:
+        fitted.fit_positive(imgs, masks)
+        assert fitted.positive_bank_size >= 3
+        fitted.fit_positive(imgs[:1], masks[:1])
+        assert fitted.positive_bank_size >= 1
+    finally:
+        fitted.fit_positive([], [])
