@@ -117,3 +117,27 @@ def test_upload_photo_formats_and_a_mask_in_the_browser(fresh, tmp_path):
     pg.click("#generate")                      # the uploaded mask is the painted region
     pg.wait_for_function("document.querySelector('#annotate-status').innerText.includes('4 candidate')",
                          timeout=120_000)
+
+
+def test_drag_and_drop_a_photo_onto_the_upload_area(fresh):
+    """A file dragged from the desktop and dropped on the upload area (the drop events a browser
+    fires, carrying a DataTransfer with the file) becomes an image of the current product."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+    pg = fresh
+    pg.get_by_role("tab", name="Annotate", exact=True).click()
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (200, 260, 3)).astype(np.uint8)).save(buf, "PNG")
+    dt = pg.evaluate_handle("""([b64, name]) => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], name, {type: 'image/png'}));
+        return dt; }""", [base64.b64encode(buf.getvalue()).decode(), "dropped.png"])
+    zone = pg.locator("#upload button[aria-dropeffect]").first
+    for event in ("dragenter", "dragover", "drop"):
+        zone.dispatch_event(event, {"dataTransfer": dt})
+    pg.wait_for_function("document.querySelector('#annotate-status').innerText.includes('Uploaded dropped.png')")
+    assert "260×200" in pg.inner_text("#annotate-status")
