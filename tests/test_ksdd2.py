@@ -113,7 +113,7 @@ def test_patchcore_cli_on_a_ksdd2_folder(ksdd2, tmp_path):
     assert cfg["coreset"] == 0.05 and cfg["positive_coreset"] == 0.1
 
 
-def test_positive_coreset_keeps_ceil_ten_percent_of_eligible_cells(ksdd2, tmp_path):
+def test_positive_coreset_keeps_ceil_of_its_rate_and_a_cell_per_defect(ksdd2, tmp_path):
     from pipelines.patchcore import PatchCore
     cat = load_category(ksdd2)
     bad = [s for s in cat.test if s.is_anomaly]
@@ -126,7 +126,13 @@ def test_positive_coreset_keeps_ceil_ten_percent_of_eligible_cells(ksdd2, tmp_pa
     pc = PatchCore(backbone="random", size=64).fit(imgs[:2])              # default: 10 %
     pc.fit_positive(imgs, masks)
     assert pc.config["positive_coreset"] == 0.1
-    assert pc.positive_bank_size == math.ceil(0.1 * eligible)
+    n_defects = sum(bool(np.asarray(m).any()) for m in masks)
+    # ceil(rate · eligible cells), but at least one cell per defect image (6 small defects here)
+    assert pc.positive_bank_size == max(n_defects, math.ceil(0.1 * eligible)) == n_defects
+    half = PatchCore(backbone="random", size=64, positive_coreset=0.5).fit(imgs[:2])
+    half.fit_positive(imgs, masks)
+    assert math.ceil(0.5 * eligible) > n_defects                      # the rate decides here
+    assert half.positive_bank_size == math.ceil(0.5 * eligible)
     # the kept rows are eligible defect cells, and the rate survives save → load
     assert all(any(torch_equal(row, e) for e in full.positive_bank) for row in pc.positive_bank)
     loaded = PatchCore.load(pc.save(tmp_path / "m"))
