@@ -1,6 +1,7 @@
 """Shared fixtures: a running studio (subprocess, temp workspace, demo data), demo paths."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -101,4 +102,20 @@ def gradient_images(n: int = 4, size: int = 32, seed: int = 0) -> list:
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync"]
+
+
+@contextlib.contextmanager
+def studio_page(url: str, height: int = 1000):
+    """A headless Chromium page (1600 px wide) on the studio at ``url``, once the Annotate tab is up."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            pg = browser.new_page(viewport={"width": 1600, "height": height})
+            pg.set_default_timeout(60_000)
+            pg.goto(url)
+            pg.wait_for_selector("#generate")
+            yield pg
+        finally:
+            browser.close()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import CHROMIUM, CHROMIUM_ARGS as ARGS
+from conftest import CHROMIUM, studio_page
 
 pytestmark = pytest.mark.browser
 if not os.path.exists(CHROMIUM):
@@ -20,14 +20,8 @@ sync_api = pytest.importorskip("playwright.sync_api")
 @pytest.fixture(scope="module")
 def page(studio_server):
     url, _ = studio_server
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        pg = browser.new_page(viewport={"width": 1600, "height": 1200})
-        pg.set_default_timeout(60_000)
-        pg.goto(url)
-        pg.wait_for_selector("#generate")
+    with studio_page(url, height=1200) as pg:
         yield pg
-        browser.close()
 
 
 def _table_ids(pg) -> set[int]:

@@ -7,7 +7,7 @@ import os
 import re
 
 import pytest
-from conftest import CHROMIUM, CHROMIUM_ARGS as ARGS
+from conftest import CHROMIUM, studio_page
 
 pytestmark = pytest.mark.browser
 if not os.path.exists(CHROMIUM):
@@ -52,23 +52,12 @@ VISIBLE_PROBLEMS_JS = """
 
 
 @pytest.fixture(scope="module")
-def fresh(tmp_path_factory):
-    from conftest import free_port, start_app, stop_app
-    ws = tmp_path_factory.mktemp("fresh") / "workspace"
-    ws.mkdir()
-    proc, url, _ = start_app(ws, free_port())
-    try:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            pg = browser.new_page(viewport={"width": 1600, "height": 1000})
-            pg.set_default_timeout(60_000)
-            pg.goto(url)
-            pg.wait_for_selector("#generate")
-            pg.wait_for_timeout(1500)          # page-load refreshes
-            yield pg
-            browser.close()
-    finally:
-        stop_app(proc)
+def fresh(studio_server):
+    """A browser page on a studio served from a fresh workspace."""
+    url, _ = studio_server
+    with studio_page(url) as pg:
+        pg.wait_for_timeout(1500)          # page-load refreshes
+        yield pg
 
 
 def test_every_tab_guides_and_shows_no_internal_id(fresh):
