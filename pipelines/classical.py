@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from abc import ABC, abstractmethod
 from typing import Any
 
 import cv2
@@ -39,9 +38,8 @@ from dataclasses import dataclass
 
 from pipelines import masks as mk
 from pipelines.color import as_rgb, fit_to_srgb, lab_to_rgb, rgb_to_lab
-from pipelines.generator import GeneratorBase, GeneratorInfo, option
-
-DEFAULT_FEATHER = 4
+from pipelines.generator import GeneratorInfo, option
+from pipelines.generators.base import DEFAULT_FEATHER, WindowedGenerator, check_image, composite  # noqa: F401
 
 # --------------------------------------------------------------------------------------------
 # Damage type → defect style
@@ -110,76 +108,6 @@ def fractal_noise(shape: tuple[int, int], rng: np.random.Generator, cell: float,
 
 
 # --------------------------------------------------------------------------------------------
-# Shared plumbing
-# --------------------------------------------------------------------------------------------
-def _check_image(image: Any) -> np.ndarray:
-    arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
-        raise ValueError(f"expected an H×W×3 RGB image, got an array of shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr[..., :3])
-
-
-def _window(mask: np.ndarray, margin: int) -> tuple[slice, slice]:
-    x0, y0, x1, y1 = mk.bbox(mask)  # type: ignore[misc]
-    h, w = mask.shape
-    return (slice(max(0, y0 - margin), min(h, y1 + margin)),
-            slice(max(0, x0 - margin), min(w, x1 + margin)))
-
-
-def composite(image: np.ndarray, generated: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """``alpha·generated + (1 − alpha)·image`` as uint8, with ``image`` copied where alpha == 0."""
-    a = alpha.astype(np.float32)[..., None]
-    out = a * generated.astype(np.float32) + (1.0 - a) * image.astype(np.float32)
-    out = np.clip(np.round(out), 0, 255).astype(np.uint8)
-    keep = alpha <= 0
-    out[keep] = image[keep]
-    return out
-
-
-class ClassicalGenerator(GeneratorBase, ABC):
-    """Base class: input checks, the working window, seeding and the feathered composite.
-    Subclasses declare ``info`` (:class:`pipelines.generator.GeneratorInfo`) and implement
-    ``_generate(crop, crop_mask, rng, feather, **params)`` returning the generated crop (float
-    0..255 or uint8, same shape as ``crop``)."""
-
-    _context = 2               # extra pixels of context around dilate(mask, feather)
-    _request_params = ("damage_type", "strength")   # besides the options: from the request
-
-    @property
-    def params(self) -> tuple[str, ...]:
-        """Accepted parameter names besides ``damage_type`` and ``strength``."""
-        extra = ("donors",) if self.info.needs_donors else ()
-        return (*extra, *self.info.defaults)
-
-    def __call__(self, image: np.ndarray, mask: np.ndarray, *, seed: int,
-                 feather: int = DEFAULT_FEATHER, **params: Any) -> np.ndarray:
-        image = _check_image(image)
-        m = mk.validate_mask(mask, image.shape)
-        unknown = sorted(set(params) - set(self.params) - set(self._request_params))
-        if unknown:
-            raise TypeError(f"{self.name} got unknown parameter(s) {', '.join(unknown)}; "
-                            f"accepted: {', '.join((*self._request_params, *self.params))}")
-        params = {k: v for k, v in params.items() if v is not None or k not in self.info.defaults}
-        fe = max(0.0, float(feather))
-        rng = np.random.default_rng(int(seed))
-        ys, xs = _window(m, int(math.ceil(fe)) + 1 + self._context)
-        crop, cmask = image[ys, xs], m[ys, xs]
-        strength = float(np.clip(params.pop("strength", self.info.default_strength), 0.0, 1.0))
-        generated = self._generate(crop, cmask, rng, fe, strength=strength, **params)
-        out = image.copy()
-        out[ys, xs] = composite(crop, generated, mk.feather(cmask, fe))
-        return out
-
-    @abstractmethod
-    def _generate(self, crop, cmask, rng, feather, *, strength, **params):
-        """The generated crop for ``crop`` / ``cmask`` (each subclass's own method)."""
-
-
-# --------------------------------------------------------------------------------------------
 # Perlin anomaly
 # --------------------------------------------------------------------------------------------
 _STAIN_TINTS = (  # RGB 0..1, weights: brown / dark oil / rust / yellowish / whitish glue
@@ -197,7 +125,7 @@ class PerlinOptions:
                                choices=mk.STYLES)
 
 
-class PerlinDefectGenerator(ClassicalGenerator):
+class PerlinDefectGenerator(WindowedGenerator):
     """Procedural anomaly inside the mask (DRAEM-style), shaped by a defect ``style``.
 
     Params: ``style`` (one of ``masks.STYLES``; default ``style_for(damage_type)``),
@@ -313,7 +241,7 @@ def donor_pair(pair: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
         img, msk = pair
     except (TypeError, ValueError):
         raise ValueError(f"donor {i} must be an (image, mask) pair") from None
-    img = _check_image(img)
+    img = check_image(img)
     try:
         m = mk.validate_mask(msk, img.shape)
     except mk.MaskError as exc:
@@ -328,7 +256,7 @@ class CutPasteOptions:
                         choices=tuple(_CLONE_MODES))
 
 
-class CutPasteGenerator(ClassicalGenerator):
+class CutPasteGenerator(WindowedGenerator):
     """A real defect of the same type, warped onto the target mask and Poisson-blended.
 
     Params: ``donors`` — list of ``(image, mask)`` pairs (real defect images with their masks);
@@ -348,7 +276,7 @@ class CutPasteGenerator(ClassicalGenerator):
     _pad = 8                   # masks narrower than ~7 px, so the clone mask is dilated
     _context = _clone_extra + 2
 
-    def __call__(self, image, mask, *, seed, feather=DEFAULT_FEATHER, **params):
+    def check_params(self, params: dict) -> None:
         donors = params.get("donors")
         if not donors:
             kind = params.get("damage_type")
@@ -356,7 +284,6 @@ class CutPasteGenerator(ClassicalGenerator):
                 "cut-paste needs at least one real defect of this type in the dataset "
                 f"{'(' + repr(kind) + ') ' if kind else ''}— import or accept a real defect image "
                 "with its mask, or pick the perlin generator")
-        return super().__call__(image, mask, seed=seed, feather=feather, **params)
 
     @staticmethod
     def _donor(pair: Any, i: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
@@ -427,7 +354,7 @@ class WallLabOptions:
                            min=0.0, max=5.0, step=0.1)
 
 
-class LabRecolorGenerator(ClassicalGenerator):
+class LabRecolorGenerator(WindowedGenerator):
     """Recolour the masked region to ``color`` in CIE LAB, keeping its shading.
 
     ``L_out = L_target + g·(L_in − mean(L_in over mask))`` with one gain ``g ≤ 1`` that
@@ -454,11 +381,10 @@ class LabRecolorGenerator(ClassicalGenerator):
     _L_LO, _L_HI = 0.5, 99.5
     _SAMPLE = 8_000            # masked pixels used by the correction passes
 
-    def __call__(self, image, mask, *, seed, feather=DEFAULT_FEATHER, **params):
+    def check_params(self, params: dict) -> None:
         if params.get("color") is None:
             raise ValueError("wall-lab needs a target colour: pass color='#RRGGBB'")
         as_rgb(params["color"])   # fail fast on a bad colour
-        return super().__call__(image, mask, seed=seed, feather=feather, **params)
 
     def _generate(self, crop, cmask, rng, feather, *, strength, color, keep_chroma=0.15,
                   mottle=0.8, damage_type=None):

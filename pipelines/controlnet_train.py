@@ -205,10 +205,10 @@ class ControlNetTrainer(CheckpointedTrainer):
     (:func:`run_from_config` reads them through :mod:`pipelines.roles`)."""
 
     def __init__(self, cfg: ControlNetTrainConfig, samples: Sequence):
-        from pipelines.classical import _check_image
+        from pipelines.generators.base import check_image
         super().__init__(cfg)
         self.types = check_samples(samples, cfg.damage_types, where="the training samples")
-        self.samples = [Sample(_check_image(s[0]), mk.to_binary(s[1]), s[2]) for s in samples
+        self.samples = [Sample(check_image(s[0]), mk.to_binary(s[1]), s[2]) for s in samples
                         if s[2] in self.types]
         self.conditioning = "unconditional"
 

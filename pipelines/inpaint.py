@@ -44,7 +44,7 @@ from pipelines import masks as mk
 from pipelines import models
 from pipelines.generator import GeneratorBase, GeneratorInfo, option
 from pipelines.training import Cancelled
-from pipelines.classical import DEFAULT_FEATHER, _check_image, composite
+from pipelines.generators.base import DEFAULT_FEATHER, check_image, composite
 from pipelines.models import ModelError
 
 EMBEDDING_FILE = "damage_embedding.safetensors"
@@ -333,7 +333,7 @@ class DiffusionGenerator(GeneratorBase, ABC):
                  progress: Callable[[float, str], None] | None = None,
                  cancelled: Callable[[], bool] | None = None, **params) -> GenerationResult:
         """``n`` candidates (seeds ``seed … seed+n-1``) in one batch, plus an ``info`` dict."""
-        image = _check_image(image)
+        image = check_image(image)
         m = mk.validate_mask(mask, image.shape)
         unknown = sorted(set(params) - set(self.defaults) - {"damage_type", "model", "color"})
         if unknown:

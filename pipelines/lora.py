@@ -215,13 +215,13 @@ class LoraTrainer(CheckpointedTrainer):
     live ``[(step, loss)]`` history (also appended to ``OUT/history.jsonl``)."""
 
     def __init__(self, cfg: LoraTrainConfig, samples: Sequence):
-        from pipelines.classical import _check_image
+        from pipelines.generators.base import check_image
         super().__init__(cfg)
         if cfg.mode == "wall" and type(self) is LoraTrainer:
             raise ConfigError("mode 'wall' trains with pipelines.wall_train.WallTrainer (train_lora picks it)")
         if cfg.mode == "damage":
             self.types = check_samples(samples, cfg.damage_types, where="the training samples")
-            self.samples = [Sample(_check_image(s[0]), mk.to_binary(s[1]), s[2]) for s in samples
+            self.samples = [Sample(check_image(s[0]), mk.to_binary(s[1]), s[2]) for s in samples
                             if s[2] in self.types]
             self.colors = [None] * len(self.samples)
         self.embedding = None

@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from pipelines import masks as mk
-from pipelines.classical import DEFAULT_FEATHER, _check_image
+from pipelines.generators.base import DEFAULT_FEATHER, check_image
 from pipelines.generator import GeneratorBase, GeneratorInfo, option
 from pipelines.models import ModelError
 from pipelines.training import latest_checkpoint
@@ -321,7 +321,7 @@ class PixelInpaintGenerator(GeneratorBase):
         return list(read_manifest(model).get("ancestors", [])) if model else []
 
     def __call__(self, image, mask, *, seed: int, feather: int = DEFAULT_FEATHER, **params) -> np.ndarray:
-        image = _check_image(image)
+        image = check_image(image)
         m = mk.validate_mask(mask, image.shape)
         unknown = sorted(set(params) - set(self.defaults) - {"damage_type"})
         if unknown:

@@ -23,7 +23,8 @@ import torch
 
 from pipelines import masks as mk
 from pipelines.augment import AugmentConfig, augment_pair
-from pipelines.classical import DEFAULT_FEATHER, _check_image, composite, style_for
+from pipelines.classical import style_for
+from pipelines.generators.base import DEFAULT_FEATHER, check_image, composite
 from pipelines.ddpm import PRESETS as DDPM_PRESETS
 from pipelines.models import ModelError
 from pipelines.pixel_inpaint import (CONFIG_FILE, DAMAGE, FORMAT, MODEL_FILE, NORMAL,  # noqa: F401 (re-export)
@@ -198,9 +199,9 @@ class PixelInpaintTrainer(CheckpointedTrainer):
     def __init__(self, cfg: PixelInpaintConfig, samples: Sequence, good: Sequence[np.ndarray] = ()):
         super().__init__(cfg)
         self.types = check_samples(samples, cfg.damage_types, where="the training samples")
-        self.samples = [Sample(_check_image(s[0]), mk.to_binary(s[1]), s[2]) for s in samples
+        self.samples = [Sample(check_image(s[0]), mk.to_binary(s[1]), s[2]) for s in samples
                         if s[2] in self.types]
-        self.good = [_check_image(g) for g in good]
+        self.good = [check_image(g) for g in good]
         if cfg.good_fraction > 0 and not self.good:
             raise TrainDataError("good_fraction > 0 needs defect-free images (train/good); "
                                  "pass good images or set good_fraction: 0")

@@ -82,10 +82,11 @@ import numpy as np
 from skimage import color as skcolor
 
 from pipelines import masks as mk
-from pipelines.classical import (DEFAULT_FEATHER, _DIHEDRAL, ClassicalGenerator, donor_pair,
+from pipelines.classical import (DEFAULT_FEATHER, _DIHEDRAL, donor_pair,
                                  fractal_noise, style_for)
 from pipelines.color import rgb_to_lab
 from pipelines.generator import GeneratorInfo, option
+from pipelines.generators.base import WindowedGenerator
 
 BLENDS = ("laplacian", "poisson")
 WARPS = ("field", "affine")
@@ -516,7 +517,7 @@ def poisson(dev: np.ndarray, omega: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # The generator
 # --------------------------------------------------------------------------------------------
-class DefectTransferGenerator(ClassicalGenerator):
+class DefectTransferGenerator(WindowedGenerator):
     """A defect whose appearance is learned from reference real defects of its type and re-lit
     on the target (relative deviation in LAB, warped onto the painted mask, multi-band or Poisson
     blended). See the module docstring for the algorithm and the seed → output mapping."""
@@ -528,7 +529,7 @@ class DefectTransferGenerator(ClassicalGenerator):
         options=DefectTransferOptions, needs_donors=True)
     _context = 12
 
-    def __call__(self, image, mask, *, seed, feather=DEFAULT_FEATHER, **params):
+    def check_params(self, params: dict) -> None:
         if not params.get("donors"):
             kind = params.get("damage_type")
             raise ValueError(
@@ -536,7 +537,6 @@ class DefectTransferGenerator(ClassicalGenerator):
                 f"reference real defect of this type {'(' + repr(kind) + ') ' if kind else ''}with its "
                 "mask — import or accept a real defect image (role 'reference'), or pick the perlin "
                 "generator")
-        return super().__call__(image, mask, seed=seed, feather=feather, **params)
 
     def _generate(self, crop, cmask, rng, feather, *, strength, donors, blend="laplacian",
                   warp="field", relight="auto", jitter=0.5, damage_type=None):

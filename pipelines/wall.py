@@ -81,8 +81,8 @@ class WallColorGenerator(DiffusionGenerator):
         params.pop("damage_type", None)          # wall mode has no damage type
         color = params.get("color")
         if color is None:
-            from pipelines.classical import _check_image
-            img = _check_image(image)
+            from pipelines.generators.base import check_image
+            img = check_image(image)
             from pipelines import masks as mk
             m = mk.validate_mask(mask, img.shape)
             color = dominant_color(img, m, params.get("color_method") or "median")

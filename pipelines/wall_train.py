@@ -284,13 +284,14 @@ class WallTrainer(LoraTrainer):
     ``self.notes`` says what the run could not do (e.g. no IP-Adapter weights)."""
 
     def __init__(self, cfg, samples: Sequence):
-        from pipelines.classical import LabRecolorGenerator, _check_image
+        from pipelines.classical import LabRecolorGenerator
+        from pipelines.generators.base import check_image
         cfg = wall_config(cfg)
         super().__init__(cfg, samples)
         self.wall = prepare_wall_samples(samples, cfg.wall_color_method, cfg.wall_erode_px,
                                          cfg.wall_min_quality, cfg.min_mask_px)
         self.types = []
-        self.samples = [Sample(_check_image(w.image), w.mask, "wall") for w in self.wall]
+        self.samples = [Sample(check_image(w.image), w.mask, "wall") for w in self.wall]
         self.colors = [w.color for w in self.wall]
         self.recolor = LabRecolorGenerator()
         self.notes: list[str] = []
