@@ -5,7 +5,9 @@ A generator is a class with a class attribute ``info: GeneratorInfo`` and::
     gen(image: H×W×3 uint8, mask: H×W uint8, *, seed: int, feather: int = 4, **params) -> H×W×3 uint8
 
 ``params`` are the request-level ones (``damage_type``, ``color``, ``strength`` when
-``info.takes_strength``, ``donors`` when ``info.needs_donors``) plus the generator's own options,
+``info.takes_strength``, ``donors`` — ``[(image, mask)]`` of the type's *reference* real
+defects — when ``info.needs_donors``, ``goods`` — the product's defect-free train images — when
+``info.needs_goods``) plus the generator's own options,
 declared once as a dataclass (``info.options``) whose fields carry their type, default, range,
 choices and help. That dataclass is the single source of truth: the service keeps only the
 options a generator declares, the CLI's ``generate`` / ``generate-batch`` flags and the Annotate
@@ -113,6 +115,8 @@ class GeneratorInfo:
     options: type = NoOptions               # dataclass of its own options (see :func:`option`)
     full_image: bool = False                # a new image: the outside-mask contract is off
     needs_donors: bool = False              # copies real *reference* defects of the type
+    needs_goods: bool = False               # reads the product's defect-free images (``goods``:
+                                            # [(image H×W×3 uint8)], train/good) to register to
     takes_strength: bool = True             # uses the request's strength (0..1)
     default_strength: float = 1.0
     needs_model: tuple[str, ...] = ()       # model kinds of pipelines.models it loads

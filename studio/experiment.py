@@ -429,6 +429,8 @@ def synthesize(plan: GeneratorPlan, train: Sequence[np.ndarray], train_hashes: S
             params["strength"] = float(strength)
         if plan.info.needs_donors:
             params["donors"] = [(img, m.astype(np.uint8) * 255) for img, m, _ in refs]
+        if getattr(plan.info, "needs_goods", False):
+            params["goods"] = list(train)
         for i in range(per_type):
             check_cancelled(cancelled, "experiment")
             rng = np.random.default_rng([int(seed), int(repeat), type_key, i])

@@ -117,6 +117,15 @@ def _donors(store, product: str, damage_type: str, limit: int = 16) -> list[dict
             for r in rows]
 
 
+def _goods(store, product: str, limit: int = 16) -> list[np.ndarray]:
+    """The product's defect-free train images (for generators that register the target to a good
+    image: ``info.needs_goods``); nothing that is scored (test images are never read here)."""
+    if store is None or not product:
+        return []
+    rows = store.list_images(product=product, label=GOOD, split="train")[:limit]
+    return [store.load_image(r["id"]) for r in rows]
+
+
 _shape_cache: dict[tuple, tuple] = {}
 _shape_lock = __import__("threading").Lock()
 
@@ -235,6 +244,8 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
     backend = resolve_backend(req, bool(donors))
     info, gen = get_info(backend), get_generator(backend)
     params = _params(req, info, donors)
+    if info.needs_goods:
+        params["goods"] = _goods(store, req.product)
     root = workspace if workspace is not None else getattr(store, "root", None)
     if not params.get("model") and registry.picks_model(backend):
         found = default_model(backend, req.product, root, req.damage_type)
@@ -265,12 +276,14 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
             outside = M.dilate(mask, int(req.feather)) == 0
             if not np.array_equal(out[outside], image[outside]):
                 raise RuntimeError(f"backend {backend} changed pixels outside the mask")
-        recorded = {k: v for k, v in params.items() if k != "donors"}
+        recorded = {k: v for k, v in params.items() if k not in ("donors", "goods")}
         if "color" in recorded:
             recorded["color"] = req.color
         if info.needs_donors:
             recorded["n_donors"] = len(donors)
             recorded["donor_ids"] = [d["id"] for d in donors]
+        if info.needs_goods:
+            recorded["n_goods"] = len(params["goods"])
         cands.append(Candidate(out, mask, seed, backend, info.version, recorded,
                                ancestors=ancestors))
         if progress:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -66,17 +67,28 @@ def composite(image: np.ndarray, generated: np.ndarray, alpha: np.ndarray) -> np
     return out
 
 
+@dataclass(frozen=True)
+class Frame:
+    """The whole input around a window: ``image [H x W x 3]`` uint8, ``mask [H x W]`` bool and
+    the window's ``rows`` / ``cols`` slices (``image[rows, cols]`` is the crop)."""
+    image: np.ndarray
+    mask: np.ndarray
+    rows: slice
+    cols: slice
+
+
 class WindowedGenerator(GeneratorBase, ABC):
     """Base class of every windowed generator: the module docstring's steps 1–5. Subclasses
     declare ``info`` (:class:`pipelines.generator.GeneratorInfo`) and implement ``_generate``."""
 
     _context = 2               # extra pixels of context around dilate(mask, feather)
     _request_params = ("damage_type", "strength")   # besides the options: from the request
+    _needs_frame = False       # True: _generate also gets ``frame=Frame(image, rows, cols)``
 
     @property
     def params(self) -> tuple[str, ...]:
         """Accepted parameter names besides ``damage_type`` and ``strength``."""
-        extra = ("donors",) if self.info.needs_donors else ()
+        extra = (("donors",) if self.info.needs_donors else ()) + (("goods",) if self.info.needs_goods else ())
         return (*extra, *self.info.defaults)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, *, seed: int,
@@ -97,7 +109,10 @@ class WindowedGenerator(GeneratorBase, ABC):
         ys, xs = window(m, int(math.ceil(fe)) + 1 + self._context)
         crop, cmask = image[ys, xs], m[ys, xs]
         strength = float(np.clip(params.pop("strength", self.info.default_strength), 0.0, 1.0))
-        # 4. the backend's own work
+        # 4. the backend's own work (a backend that registers the whole image, e.g. to a good
+        #    image, reads it from ``frame``; it still returns only the window)
+        if self._needs_frame:
+            params["frame"] = Frame(image, m, ys, xs)
         generated = self._generate(crop, cmask, rng, fe, strength=strength, **params)
         # 5. feathered paste-back; outside dilate(mask, feather) the input's bytes
         out = image.copy()
@@ -112,4 +127,4 @@ class WindowedGenerator(GeneratorBase, ABC):
         """The generated crop for ``crop`` / ``cmask`` (each subclass's own method)."""
 
 
-__all__ = ["DEFAULT_FEATHER", "check_image", "window", "composite", "WindowedGenerator"]
+__all__ = ["DEFAULT_FEATHER", "check_image", "window", "composite", "Frame", "WindowedGenerator"]
