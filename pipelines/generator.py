@@ -115,12 +115,19 @@ class GeneratorInfo:
     options: type = NoOptions               # dataclass of its own options (see :func:`option`)
     full_image: bool = False                # a new image: the outside-mask contract is off
     needs_donors: bool = False              # copies real *reference* defects of the type
+    learns_from_donors: bool = False        # reads the reference defects when there are some
+                                            # (``donors``), works without (e.g. stroke profiles)
     needs_goods: bool = False               # reads the product's defect-free images (``goods``:
                                             # [(image H×W×3 uint8)], train/good) to register to
     takes_strength: bool = True             # uses the request's strength (0..1)
     default_strength: float = 1.0
     needs_model: tuple[str, ...] = ()       # model kinds of pipelines.models it loads
     learns_from_data: bool = False          # a model trained here (its training data = ancestors)
+
+    @property
+    def takes_donors(self) -> bool:
+        """Whether the caller passes ``donors`` (required or optional)."""
+        return self.needs_donors or self.learns_from_donors
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -427,7 +427,7 @@ def synthesize(plan: GeneratorPlan, train: Sequence[np.ndarray], train_hashes: S
         ancestors = [*plan.ancestors, *plan.model_ancestors.get(model, []), *(h for _, _, h in refs)]
         if plan.info.takes_strength:
             params["strength"] = float(strength)
-        if plan.info.needs_donors:
+        if plan.info.takes_donors:
             params["donors"] = [(img, m.astype(np.uint8) * 255) for img, m, _ in refs]
         if getattr(plan.info, "needs_goods", False):
             params["goods"] = list(train)

@@ -189,6 +189,8 @@ def _params(req: GenerateRequest, info, donors: list[dict]) -> dict:
                     "images are never copied); use the 'perlin' backend, or give an image the reference "
                     "role in the Dataset tab")
             params["donors"] = [d["pair"] for d in donors]
+        elif info.learns_from_donors and donors:
+            params["donors"] = [d["pair"] for d in donors]
     for spec in info.option_specs:
         try:
             value = spec.parse(req.options.get(spec.name))
@@ -258,7 +260,7 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
         ok, message = backend_status(backend, req.product, root)
         if not ok:
             raise UserError(message)
-    ancestors = sorted({d["sha256"] for d in donors} if info.needs_donors else set())
+    ancestors = sorted({d["sha256"] for d in donors} if "donors" in params else set())
     ancestors = sorted(set(ancestors) | set(gen.ancestors(params)))
 
     cands: list[Candidate] = []
@@ -279,7 +281,7 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
         recorded = {k: v for k, v in params.items() if k not in ("donors", "goods")}
         if "color" in recorded:
             recorded["color"] = req.color
-        if info.needs_donors:
+        if "donors" in params:
             recorded["n_donors"] = len(donors)
             recorded["donor_ids"] = [d["id"] for d in donors]
         if info.needs_goods:

@@ -88,7 +88,7 @@ class WindowedGenerator(GeneratorBase, ABC):
     @property
     def params(self) -> tuple[str, ...]:
         """Accepted parameter names besides ``damage_type`` and ``strength``."""
-        extra = (("donors",) if self.info.needs_donors else ()) + (("goods",) if self.info.needs_goods else ())
+        extra = (("donors",) if self.info.takes_donors else ()) + (("goods",) if self.info.needs_goods else ())
         return (*extra, *self.info.defaults)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, *, seed: int,
