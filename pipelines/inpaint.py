@@ -52,7 +52,6 @@ EMBEDDING_META = "damage_embedding.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-GenerationCancelled = Cancelled   # the one cancel exception (pipelines.training)
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,7 +404,7 @@ class DiffusionGenerator(GeneratorBase, ABC):
                 with torch.inference_mode():
                     out.append(pipe(**kwargs, generator=gen_i).images[0])
                 if cancelled and cancelled():
-                    raise GenerationCancelled("generation cancelled")
+                    raise Cancelled("generation cancelled")
         # 5. Back to the crop's size and pasted with the feathered mask (outside stays exact).
         results = []
         alpha = mk.feather(cmask, fe)

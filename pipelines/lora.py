@@ -62,7 +62,7 @@ from pipelines.training import (CancelFn, CheckpointedTrainer, CheckpointError, 
                                 save_optimizer, save_validation_grid, write_trainer_state)
 # re-exported: callers import these toolkit names from here (tests, studio.ui.training_tab, benchmarks)
 from pipelines.training import (CHECKPOINTS, HISTORY_FILE, LATEST, STATE_FILE, Cancelled,  # noqa: F401
-                                TrainingCancelled, append_history, latest_checkpoint, load_optimizer,
+                                append_history, latest_checkpoint, load_optimizer,
                                 make_accelerator, read_history, samples_from_category, stop_reason)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"

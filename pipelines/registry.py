@@ -96,7 +96,6 @@ def get_info(name: str) -> GeneratorInfo:
     return info
 
 
-get_spec = get_info   # the name older callers use
 
 
 def generator_names(mode: str | None = None) -> list[str]:
@@ -196,6 +195,6 @@ def all_option_specs(names: list[str] | None = None) -> dict[str, tuple[OptionSp
 
 register_plugins()
 
-__all__ = ["register_plugins", "GENERATORS", "AUTO", "register", "unregister", "generator_class", "get_info", "get_spec",
+__all__ = ["register_plugins", "GENERATORS", "AUTO", "register", "unregister", "generator_class", "get_info",
            "generator_names", "backend_status", "offline_names", "get_generator", "all_option_specs",
            "picks_model", "default_model", "model_types", "auto_choice", "auto_description", "plan_defaults"]

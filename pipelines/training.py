@@ -6,7 +6,7 @@ Contents, in the order of this file:
 
 * ``ProgressFn`` / ``CancelFn`` — the callback types every long job takes (``progress(fraction,
   message)``, ``cancelled() -> bool``); :func:`report` and :func:`check_cancelled` call them.
-* :class:`Cancelled` — the one "the user cancelled" exception (``TrainingCancelled`` is an alias);
+* :class:`Cancelled` — the one "the user cancelled" exception;
   :class:`ConfigError`, :class:`TrainDataError`, :class:`CheckpointError`.
 * :class:`ConfigMixin` — ``from_dict`` / ``from_yaml`` (unknown keys refused, keyword overrides),
   ``to_dict``; :func:`check` and :meth:`ConfigMixin.check_run` for ``validate()``.
@@ -64,7 +64,6 @@ class Cancelled(RuntimeError):
     e.g. half-way through an evaluation; trainers stop instead and report ``stopped='cancelled'``)."""
 
 
-TrainingCancelled = Cancelled     # the name pipelines.lora used
 
 
 class ConfigError(ValueError):

@@ -84,6 +84,7 @@ class ExperimentRequest:
     workspace: str | None = None            # its adapters/ runs come before the shipped models
                                             # (None: the studio's, $DEFECT_STUDIO_WORKSPACE or ./workspace)
     threads: int = 1                        # torch threads while it runs (0: leave torch's setting)
+    folds: int | None = None                # (the package version cross-fits; this module ignores it)
 
     def validate(self) -> None:
         if not self.synthetic and not self.generate:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from studio.coco import export_coco, rle_decode, rle_encode
+from studio.formats.coco import export_coco, rle_decode, rle_encode
 from studio.curation import CurationDB, CurationError, make_plan, next_candidate, plan_status, run_plan
 from studio.dataset import Store
 

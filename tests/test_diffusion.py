@@ -83,7 +83,7 @@ def test_registry_import_is_light():
 
 
 def test_missing_weights_give_exact_instruction(monkeypatch, tmp_path):
-    from pipelines.registry import backend_status, get_spec
+    from pipelines.registry import backend_status, get_info
     for var in ("DEFECT_STUDIO_SD_INPAINT", "DEFECT_STUDIO_MODELS", "DEFECT_STUDIO_IP_ADAPTER"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
@@ -93,7 +93,7 @@ def test_missing_weights_give_exact_instruction(monkeypatch, tmp_path):
                  "vae/", "text_encoder/", "tokenizer/", "scheduler/", "DEFECT_STUDIO_SD_INPAINT"):
         assert part in msg
     assert not backend_status("sd-inpaint")[0] and backend_status("perlin")[0]
-    assert get_spec("controlnet-full").full_image and not get_spec("controlnet").full_image
+    assert get_info("controlnet-full").full_image and not get_info("controlnet").full_image
     monkeypatch.setenv("DEFECT_STUDIO_SD_INPAINT", str(tmp_path / "nowhere"))
     with pytest.raises(ModelMissingError, match="does not exist.*DEFECT_STUDIO_SD_INPAINT"):
         models.resolve("sd-inpaint")
@@ -148,13 +148,13 @@ def test_sd_inpaint_candidates_contract_and_seed(env):
 
 
 def test_progress_and_cancel(env):
-    from pipelines.inpaint import GenerationCancelled
+    from pipelines.training import Cancelled
     gen = _gen("sd-inpaint")
     seen = []
     gen.generate(_image(), _mask(), seed=0, n=2, damage_type="scratch",
                  progress=lambda f, t: seen.append(f), **FAST)
     assert seen and seen[-1] == 1.0 and seen == sorted(seen)
-    with pytest.raises(GenerationCancelled):
+    with pytest.raises(Cancelled):
         gen.generate(_image(), _mask(), seed=0, n=2, damage_type="scratch",
                      cancelled=lambda: True, **FAST)
 

@@ -80,8 +80,8 @@ def test_generator_contract(trained):
     g = gen(img, mask, seed=3, feather=0, damage_type="broken_small", model=str(out), steps=2,
             strength=0.5, guidance=2.0)
     assert np.array_equal(g[mask == 0], img[mask == 0])
-    from pipelines.registry import get_spec
-    assert get_spec("pixel-inpaint").mode == "damage"
+    from pipelines.registry import get_info
+    assert get_info("pixel-inpaint").mode == "damage"
 
 
 def test_clear_errors(tmp_path, trained, monkeypatch):
