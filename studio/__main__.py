@@ -357,7 +357,7 @@ def cmd_experiment(args) -> int:
                             backbone=args.backbone, coreset=args.coreset, size=args.size,
                             positive_coreset=args.positive_coreset, segmenter_steps=args.segmenter_steps, n_boot=args.bootstrap,
                             strength=args.strength, model=args.model, threads=args.threads,
-                            workspace=args.workspace)
+                            workspace=args.workspace, folds=args.folds)
     bar, progress = _tqdm_progress("experiment", args.quiet)
     try:
         r = run_experiment(req, progress=progress)
@@ -371,10 +371,13 @@ def cmd_experiment(args) -> int:
             for arm in arms:
                 v = b[model][arm]
                 fmt = "{:+.4f}" if arm.startswith("delta") else "{:.4f}"
+                ci = {k: v[k].get("ci_adjusted", v[k]["ci95"]) for k in METRIC_KEYS}
                 print(f"  {model:9s} {arm:25s} " + "  ".join(
-                    f"{k}={fmt.format(v[k]['mean'])} [{fmt.format(v[k]['ci95'][0])}, {fmt.format(v[k]['ci95'][1])}]"
+                    f"{k}={fmt.format(v[k]['mean'])} [{fmt.format(ci[k][0])}, {fmt.format(ci[k][1])}]"
+                    + (f" {v[k]['verdict']}" if arm.startswith("delta") and v[k].get("verdict") else "")
                     for k in METRIC_KEYS))
-        print(f"  verdict: {b['verdict']['text']}")
+        print(f"  verdict (Holm-adjusted over the run's {r['protocol'].get('multiple_comparisons', {}).get('family_size', '?')} "
+              f"verdicts): {b['verdict']['text']}")
     for note in r.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {Path(args.out) / 'metrics.json'}, report.md and figure.html ({r['seconds']:.0f} s)")
@@ -419,7 +422,7 @@ def cmd_train(args) -> int:
 
     try:
         res = run_from_config(cfg, progress, (lambda: cancel_file.exists()) if cancel_file else None)
-    except RuntimeError as exc:  # CheckpointError, TrainingCancelled: a message, not a traceback
+    except RuntimeError as exc:  # CheckpointError, Cancelled: a message, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 3
     finally:
@@ -683,6 +686,10 @@ def _add_evaluation_commands(sub, ws) -> None:
                                        "else the shipped one) unless --model names one")
     sp.add_argument("--per-type", type=int, default=10, help="generated defects per damage type and repeat")
     sp.add_argument("--repeats", type=int, default=5, help="K repeats (seeds S..S+K-1)")
+    sp.add_argument("--folds", type=int, default=None,
+                    help="cross-fitting folds: every real defect is scored in one fold by models that did not "
+                         "learn from it (default 3 when every type has ≥ 3 real defects, else 1 = the "
+                         "product's roles)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--backbone", default="efficientnet_lite0")
     sp.add_argument("--coreset", type=float, default=None,
