@@ -239,36 +239,32 @@ def load_mask(sample: TestSample, size: int | None, shape: tuple[int, int] | Non
     return m > 0
 
 
-def load_positives(folder: str | Path, size: int | None, layout: str = "synthetic",
-                   exclude: str | Path | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Defect images with masks for a positive bank.
+def load_positives(folder: str | Path, size: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Defect images with masks for a positive bank: ``(image, mask)`` of :func:`load_named_positives`."""
+    return [(img, m) for _, img, m in load_named_positives(folder, size)]
 
-    layout "synthetic": an exported category's synthetic/<type> + synthetic_ground_truth/<type>;
-    "test": a category's test/<type> + ground_truth/<type> (a *different* folder from the one being
-    evaluated — ``exclude`` names the evaluation folder and is refused, to prevent leakage);
-    "auto": synthetic if present, else test.
-    """
+
+def load_named_positives(folder: str | Path, size: int | None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Accepted synthetic defects of an export for a positive bank: ``(file, image, mask)`` from
+    ``synthetic/<type>/*`` (every supported image extension) + ``synthetic_ground_truth/<type>/``.
+    Only ``synthetic/`` is read — never the export's ``test/`` (the product's real images, scored
+    ones included); a folder without ``synthetic/`` is refused with what to pass instead."""
     folder = Path(folder)
-    if layout == "auto":
-        layout = "synthetic" if (folder / "synthetic").is_dir() else "test"
-    if layout == "test" and exclude is not None and folder.resolve() == Path(exclude).resolve():
-        raise LayoutError("the positive bank cannot use the real defects of the folder being "
-                          "evaluated (that would leak test images into the model)")
-    pairs = []
-    layouts = {"synthetic": [("synthetic", "synthetic_ground_truth")],
-               "test": [("test", "ground_truth")]}[layout]
-    for img_root, gt_root in layouts:
-        if not (folder / img_root).is_dir():
+    if not (folder / "synthetic").is_dir():
+        raise LayoutError(
+            f"{folder} holds no synthetic/ folder: pass an export of accepted samples (python -m studio "
+            "export …: synthetic/<type>/ + synthetic_ground_truth/<type>/); real reference defects of "
+            "--data are already in the dual bank")
+    out = []
+    for label_dir in sorted(p for p in (folder / "synthetic").iterdir() if p.is_dir()):
+        if label_dir.name == "good":
             continue
-        for label_dir in sorted(p for p in (folder / img_root).iterdir() if p.is_dir()):
-            if label_dir.name == "good":
-                continue
-            for img in _images(label_dir):
-                cand = find_mask(folder / gt_root / label_dir.name, img)
-                if cand is not None:
-                    s = TestSample(img, label_dir.name, cand)
-                    pairs.append((load_image(img, size), load_mask(s, size)))
-    if not pairs:
+        for img in _images(label_dir):
+            cand = find_mask(folder / "synthetic_ground_truth" / label_dir.name, img)
+            if cand is not None:
+                s = TestSample(img, label_dir.name, cand)
+                out.append((str(img), load_image(img, size), load_mask(s, size)))
+    if not out:
         raise LayoutError(f"{folder} holds no defect images with masks (expected synthetic/<type>/NNN.png "
                           "+ synthetic_ground_truth/<type>/NNN_mask.png, as written by export)")
-    return pairs
+    return out

@@ -446,10 +446,15 @@ def train_pixel_inpaint(cfg: PixelInpaintConfig, samples: Sequence, good: Sequen
 def run_from_config(cfg: PixelInpaintConfig, progress: ProgressFn | None = None,
                     cancelled: CancelFn | None = None) -> TrainResult:
     """Load ``cfg.data`` (MVTec category: real defects of the chosen types + train/good) and train."""
-    from pipelines.mvtec import load_category, load_image
     samples = load_training_samples(cfg)
-    good = [load_image(p, cfg.image_size) for p in load_category(cfg.data, require_test=False).train] \
-        if cfg.good_fraction > 0 or cfg.two_stage else []
+    good: list = []
+    if cfg.good_fraction > 0 or cfg.two_stage:
+        from pipelines.training import good_images
+        from pipelines.training_data import read_manifest, write_manifest
+        good, good_hashes = good_images(cfg.data, cfg.image_size, "pixel-inpaint good images")
+        manifest = read_manifest(cfg.output_dir)
+        if manifest:
+            write_manifest(cfg.output_dir, {**manifest, "fit_good_hashes": good_hashes})
     return train_pixel_inpaint(cfg, samples, good, progress, cancelled)
 
 

@@ -20,9 +20,14 @@ CLI command gets the same split as the store after importing that folder. A fold
 ``evaluation.txt`` (written by every export: one path per line, relative to the folder); when it
 does, it decides, so roles edited in the Dataset tab survive an export.
 
+The reference share is fixed (:data:`DEFAULT_REFERENCE_FRACTION`, 0.4): no command, tab or request
+changes the split; roles change only through ``python -m studio roles --set`` / the Dataset tab
+(which mark runs that scored a now-reference image stale, see :mod:`studio.runs`).
+
 Every consumer reads roles through :func:`category_roles` (folders) or the store's
-``images.role`` column, and :func:`check_descent` refuses synthetic samples that descend from an
-evaluation image.
+``images.role`` column, :func:`check_descent` refuses synthetic samples that descend from an
+evaluation image, and :func:`pipelines.guard.guard` refuses any array about to be learned from
+that equals (or nearly equals) a scored image.
 """
 from __future__ import annotations
 
@@ -96,7 +101,7 @@ class CategoryRoles:
     evaluation: list         # TestSample: defects that are only scored (+ nothing else)
     good: list               # TestSample: test/good (always scored)
     hashes: dict = field(default_factory=dict)   # Path -> pixel hash, every test image
-    source: str = "rule"     # "rule" (fraction) or "evaluation.txt"
+    source: str = "rule"     # "rule" (the fixed fraction) or "evaluation.txt"
     fraction: float = DEFAULT_REFERENCE_FRACTION
 
     @property
@@ -127,9 +132,13 @@ def read_evaluation_file(root: Path) -> set[str] | None:
     return {ln for ln in lines if ln and not ln.startswith("#")}
 
 
-def category_roles(category, fraction: float = DEFAULT_REFERENCE_FRACTION) -> CategoryRoles:
+def category_roles(category) -> CategoryRoles:
     """Roles of a loaded :class:`pipelines.mvtec.Category` — the one function every consumer of a
-    folder uses (PatchCore's positive bank, trainers, cut-paste donors, the experiment)."""
+    folder uses (PatchCore's positive bank, trainers, cut-paste donors, the experiment). There is no
+    knob: the split is the folder's ``evaluation.txt`` or the fixed rule
+    (:data:`DEFAULT_REFERENCE_FRACTION`); roles change only through ``roles --set`` / the Dataset
+    tab, and the images a consumer then learns from pass :func:`pipelines.guard.guard`."""
+    fraction = DEFAULT_REFERENCE_FRACTION
     root = Path(category.root)
     hashes = {s.path: file_pixel_hash(s.path) for s in category.test if s.is_anomaly}
     listed = read_evaluation_file(root)
@@ -150,9 +159,9 @@ def category_roles(category, fraction: float = DEFAULT_REFERENCE_FRACTION) -> Ca
     return CategoryRoles(root, reference, evaluation, good, hashes, source, fraction, list(category.test))
 
 
-def folder_roles(root: str | Path, fraction: float = DEFAULT_REFERENCE_FRACTION) -> CategoryRoles:
+def folder_roles(root: str | Path) -> CategoryRoles:
     from pipelines.mvtec import load_category
-    return category_roles(load_category(root, require_masks=True, require_test=False), fraction)
+    return category_roles(load_category(root, require_masks=True, require_test=False))
 
 
 def check_descent(samples: Iterable[tuple[str, Iterable[str]]], evaluation_hashes: set[str]) -> None:

@@ -180,55 +180,108 @@ def _binary(m: np.ndarray) -> np.ndarray:
     return np.where(m, 255, 0).astype(np.uint8)
 
 
-def samples_from_category(root: str | Path, damage_types: Sequence[str] | None = None,
-                          extra: str | Path | None = None, size: int | None = None) -> list[Sample]:
+class TrainingData(NamedTuple):
+    """What a trainer fits, as built: the samples, their names, the pixel hashes of their images
+    (:func:`pipelines.guard.guard`, computed from exactly these arrays) and how many of each kind."""
+    samples: list            # Sample
+    names: list              # str: "test/<type>/NNN.png" (reference) or "<extra>/synthetic/<type>/…"
+    fit_hashes: list         # str: pixel hash of each sample's image, in order
+    counts: dict             # {"reference": n, "synthetic": m, "evaluation": 0}
+
+
+def training_data(root: str | Path, damage_types: Sequence[str] | None = None,
+                  extra: str | Path | None = None, size: int | None = None,
+                  purpose: str = "training data") -> TrainingData:
     """Reference real defects (data role ``reference``, see :mod:`pipelines.roles`) of an
-    MVTec-layout category (``test/<type>`` + ``ground_truth/<type>``), plus
-    optionally accepted synthetic ones from ``extra`` (``synthetic/<type>`` +
-    ``synthetic_ground_truth/<type>``, as written by export, or the same test layout).
-    ``damage_types=None`` takes every type found. A chosen type with no sample → TrainDataError."""
+    MVTec-layout category (``test/<type>`` + ``ground_truth/<type>``), plus optionally the accepted
+    synthetic ones of an export ``extra`` (only its ``synthetic/<type>`` +
+    ``synthetic_ground_truth/<type>``; its ``test/`` is never read). Every image, as built (after
+    resizing to ``size``), goes through :func:`pipelines.guard.guard` against the category's scored
+    images (evaluation defects + ``test/good``): a copy — exact, re-encoded, resized or locally
+    edited — raises :class:`pipelines.roles.LeakageError` naming it. ``damage_types=None`` takes
+    every type found. A chosen type with no sample → TrainDataError."""
+    from pipelines.guard import ScoredSet, guard
     from pipelines.mvtec import load_category, load_image, load_mask
     from pipelines.roles import category_roles
     cat = load_category(root, require_masks=True, require_test=False)
-    out: list[Sample] = []
-    for s in category_roles(cat).reference:    # evaluation defects are never trained on
+    roles = category_roles(cat)
+    named: list[tuple[str, Sample]] = []
+    for s in roles.reference:    # evaluation defects are never trained on
         if damage_types is None or s.label in damage_types:
-            out.append(Sample(load_image(s.path, size), _binary(load_mask(s, size)), s.label))
+            named.append((str(Path(s.path).relative_to(roles.root)),
+                          Sample(load_image(s.path, size), _binary(load_mask(s, size)), s.label)))
+    n_ref = len(named)
     if extra is not None:
-        out += _extra_samples(Path(extra), damage_types, size)
-    check_samples(out, damage_types, where=str(root))
-    return out
+        named += _extra_samples(Path(extra), damage_types, size)
+    samples = [s for _, s in named]
+    check_samples(samples, damage_types, where=str(root))
+    hashes = guard(((n, s.image) for n, s in named), ScoredSet.from_roles(roles), purpose)
+    return TrainingData(samples, [n for n, _ in named], hashes,
+                        {"reference": n_ref, "synthetic": len(named) - n_ref, "evaluation": 0})
+
+
+def samples_from_category(root: str | Path, damage_types: Sequence[str] | None = None,
+                          extra: str | Path | None = None, size: int | None = None) -> list[Sample]:
+    """The samples of :func:`training_data` (reference defects + ``extra``'s accepted synthetic
+    ones, guarded against the category's scored images)."""
+    return training_data(root, damage_types, extra, size).samples
 
 
 def load_training_samples(cfg) -> list[Sample]:
     """``run_from_config``'s data: the samples of ``cfg.data`` (+ ``cfg.extra_data``) for
     ``cfg.damage_types`` at ``cfg.image_size``, after writing their provenance
-    (``OUT/training_data.json``, :mod:`pipelines.training_data`; a leak of evaluation data raises)."""
+    (``OUT/training_data.json``, :mod:`pipelines.training_data`: the hashes of exactly the arrays
+    returned, ``fit_hashes``, and the counts; a leak of evaluation data raises)."""
     if not cfg.data:
         raise ConfigError("data (an MVTec-layout category folder) is required")
     from pipelines.training_data import training_manifest, write_manifest
     manifest = training_manifest(cfg.data, cfg.damage_types, cfg.extra_data)
-    samples = samples_from_category(cfg.data, cfg.damage_types, cfg.extra_data, cfg.image_size)
+    kind = {"LoraTrainConfig": "LoRA", "WallTrainConfig": "wall LoRA", "ControlNetTrainConfig": "ControlNet",
+            "PixelInpaintConfig": "pixel-inpaint"}.get(type(cfg).__name__, type(cfg).__name__)
+    data = training_data(cfg.data, cfg.damage_types, cfg.extra_data, cfg.image_size,
+                         purpose=f"{kind} training data")
+    manifest.update(fit_hashes=data.fit_hashes, fit_files=data.names, counts=data.counts)
     write_manifest(cfg.output_dir, manifest)
-    return samples
+    return data.samples
 
 
-def _extra_samples(extra: Path, damage_types: Sequence[str] | None, size: int | None) -> list[Sample]:
-    from pipelines.mvtec import TestSample, _images, load_image, load_mask
+def good_images(root: str | Path, size: int | None, purpose: str = "good training images"
+                ) -> tuple[list[np.ndarray], list[str]]:
+    """The category's ``train/good`` images at ``size`` (for trainers that also learn defect-free
+    texture), guarded like the defects (a copy of a scored image — ``test/good`` or an evaluation
+    defect — placed in ``train/good`` is refused). Returns ``(images, their pixel hashes)``."""
+    from pipelines.guard import ScoredSet, guard
+    from pipelines.mvtec import load_category, load_image
+    from pipelines.roles import category_roles
+    cat = load_category(root, require_masks=True, require_test=False)
+    images = [load_image(p, size) for p in cat.train]
+    names = [str(Path(p).relative_to(cat.root)) for p in cat.train]
+    return images, guard(zip(names, images), ScoredSet.from_roles(category_roles(cat)), purpose)
+
+
+def _extra_samples(extra: Path, damage_types: Sequence[str] | None, size: int | None
+                   ) -> list[tuple[str, Sample]]:
+    """Accepted synthetic samples of an export: ``synthetic/<type>/*`` (every supported image
+    extension) with ``synthetic_ground_truth/<type>/<stem>_mask.png``. Nothing else of the folder
+    is read (its ``test/`` holds the product's real images, evaluation ones included)."""
+    from pipelines.guard import list_images
+    from pipelines.mvtec import TestSample, find_mask, load_image, load_mask
     if not extra.is_dir():
         raise TrainDataError(f"the extra sample folder {extra} does not exist")
-    out: list[Sample] = []
-    for img_root, gt_root in (("synthetic", "synthetic_ground_truth"), ("test", "ground_truth")):
-        if not (extra / img_root).is_dir():
+    if not (extra / "synthetic").is_dir():
+        raise TrainDataError(
+            f"{extra} holds no synthetic/ folder: extra data takes an export of accepted synthetic samples "
+            "(python -m studio export …: synthetic/<type>/ + synthetic_ground_truth/<type>/); the real "
+            "reference defects of --data are already trained on")
+    out: list[tuple[str, Sample]] = []
+    for d in sorted(p for p in (extra / "synthetic").iterdir() if p.is_dir()):
+        if d.name == "good" or (damage_types is not None and d.name not in damage_types):
             continue
-        for d in sorted(p for p in (extra / img_root).iterdir() if p.is_dir()):
-            if d.name == "good" or (damage_types is not None and d.name not in damage_types):
-                continue
-            for img in _images(d):
-                mp = extra / gt_root / d.name / f"{img.stem}_mask.png"
-                if mp.is_file():
-                    m = load_mask(TestSample(img, d.name, mp), size)
-                    out.append(Sample(load_image(img, size), _binary(m), d.name))
+        for img in list_images(d):
+            mp = find_mask(extra / "synthetic_ground_truth" / d.name, img)
+            if mp is not None:
+                m = load_mask(TestSample(img, d.name, mp), size)
+                out.append((str(img), Sample(load_image(img, size), _binary(m), d.name)))
     return out
 
 

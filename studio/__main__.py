@@ -253,7 +253,7 @@ def cmd_patchcore(args) -> int:
     bank = args.bank or ("dual-real-synthetic" if args.positives else "single")
     req = PatchCoreRequest(data=args.data, out=args.out, bank=bank, positives=args.positives,
                            backbone=args.backbone, coreset=args.coreset, size=args.size,
-                           real_fraction=args.real_fraction, seed=args.seed,
+                           seed=args.seed,
                            positive_coreset=args.positive_coreset)
     bar = tqdm(total=100, desc="patchcore", unit="%", disable=args.quiet,
                bar_format="{l_bar}{bar}| {n:.0f}% {postfix}")
@@ -601,8 +601,9 @@ def _add_evaluation_commands(sub, ws) -> None:
                                           "KolektorSDD2 layout)")
     sp.add_argument("--data", required=True, help="MVTec-AD-layout category folder, or a KolektorSDD2 folder "
                                                   "(train/NNNNN.png + NNNNN_GT.png, test/ likewise)")
-    sp.add_argument("--positives", help="folder of defect images + masks for a dual bank "
-                                        "(an export's synthetic/ + synthetic_ground_truth/)")
+    sp.add_argument("--positives", help="an export of accepted synthetic defects for a dual bank: only its "
+                                        "synthetic/ + synthetic_ground_truth/ are read (never test/); the "
+                                        "real reference defects of --data are in the dual bank already")
     sp.add_argument("--bank", choices=["single", "dual-real", "dual-real-synthetic"],
                     help="default: single, or dual-real-synthetic with --positives")
     sp.add_argument("--backbone", default="efficientnet_lite0")
@@ -613,10 +614,6 @@ def _add_evaluation_commands(sub, ws) -> None:
                     help="positive (defect) bank of a dual bank: fraction of the eligible defect cells "
                          "kept, (0, 1] (default 0.1, the specification's)")
     sp.add_argument("--size", type=int, default=256)
-    sp.add_argument("--real-fraction", "--reference-fraction", dest="real_fraction", type=float, default=0.4,
-                    help="dual banks: share of each real defect type with the role 'reference' (copied "
-                         "into the positive bank, never scored); the folder's evaluation.txt, when "
-                         "present, decides instead")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--record", action="store_true", help="record the run in the workspace database")
     sp.add_argument("--quiet", action="store_true")
@@ -728,7 +725,8 @@ def _add_training_commands(sub, ws) -> None:
     sp.add_argument("--controlnet", help="controlnet: start from these ControlNet weights (a diffusers folder "
                                          "or a run folder; default: ControlNetModel.from_unet)")
     sp.add_argument("--damage-types", help="comma-separated (default: every type with samples)")
-    sp.add_argument("--extra-data", help="accepted synthetic defects (an export: synthetic/<type>)")
+    sp.add_argument("--extra-data", help="accepted synthetic defects: an export, of which only synthetic/<type> "
+                                         "+ synthetic_ground_truth/<type> (+ provenance.jsonl) are read")
     sp.add_argument("--steps", dest="max_steps", type=int)
     sp.add_argument("--minutes", type=float)
     sp.add_argument("--rank", type=int, help="lora rank")

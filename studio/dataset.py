@@ -463,7 +463,7 @@ class Store:
         return self.query(f"SELECT * FROM images{where} ORDER BY id", params)
 
     # ---- data roles (see pipelines.roles) ------------------------------------------------------
-    def assign_missing_roles(self, product, fraction: float = R.DEFAULT_REFERENCE_FRACTION) -> int:
+    def assign_missing_roles(self, product) -> int:
         """Give every real defect image of ``product`` that has no role the deterministic rule's
         role (:func:`pipelines.roles.assign_roles` over all real defect images of its type).
         Roles already set (by an earlier import or by the user) are kept. Returns how many were set."""
@@ -472,7 +472,7 @@ class Store:
         todo = [r for r in rows if r["role"] not in R.ROLES]
         if not todo:
             return 0
-        rule = R.assign_roles(((r["label"], r["sha256"]) for r in rows), fraction)
+        rule = R.assign_roles(((r["label"], r["sha256"]) for r in rows), R.DEFAULT_REFERENCE_FRACTION)
         with self._write() as db:
             for r in todo:
                 db["images"].update(r["id"], {"role": rule[r["sha256"]]})

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from pipelines.imageio import write_png_atomic
-from pipelines.mvtec import LayoutError, check_sizes, load_category, load_image, load_mask, load_positives
+from pipelines.mvtec import LayoutError, check_sizes, load_category, load_image, load_mask, load_named_positives
 
 BANK_MODES = ("single", "dual-real", "dual-real-synthetic")
 from pipelines.training import ProgressFn  # noqa: E402  (the one progress type)
@@ -26,13 +26,11 @@ class PatchCoreRequest:
     data: str                         # MVTec-AD-layout or KolektorSDD2-layout category folder
     out: str                          # output folder (metrics.json, overlays/)
     bank: str = "single"              # single | dual-real | dual-real-synthetic
-    positives: str | None = None      # folder of extra (synthetic) defects with masks
+    positives: str | None = None      # an export of accepted synthetic defects (its synthetic/ only)
     backbone: str = "efficientnet_lite0"
     coreset: float = 0.05             # normal bank: PatchCore's measured default (not the spec's 1 %)
     positive_coreset: float = 0.1     # positive (defect) bank: the specification's 10 %
     size: int = 256
-    real_fraction: float = 0.4        # reference share of each defect type (pipelines.roles; a folder's
-                                      # evaluation.txt decides instead when it has one)
     seed: int = 0
     max_overlays: int = 48
 
@@ -47,8 +45,6 @@ class PatchCoreRequest:
             raise ValueError(f"size must be 32..1024 px, got {self.size}")
         if self.bank == "dual-real-synthetic" and not self.positives:
             raise ValueError("bank 'dual-real-synthetic' needs a folder of accepted synthetic defects")
-        if self.bank != "single" and not 0 < self.real_fraction < 1 and self.bank == "dual-real":
-            raise ValueError("real_fraction must be in (0, 1) for a dual bank of real defects")
 
 
 def _scaled(progress: ProgressFn | None, lo: float, hi: float) -> ProgressFn | None:
@@ -73,22 +69,33 @@ def run_patchcore(req: PatchCoreRequest, progress: ProgressFn | None = None,
     say = progress or (lambda f, m="": None)
 
     eval_samples = list(cat.test)
-    positives: list[tuple[np.ndarray, np.ndarray]] = []
+    named: list[tuple[str, np.ndarray, np.ndarray]] = []    # (file, image, mask) of the positive bank
     held_out: list[str] = []
+    roles = None
     if req.bank != "single":
-        # data roles: the positive bank copies reference defects only; evaluation defects are scored
-        roles = category_roles(cat, fraction=req.real_fraction)
+        # data roles (pipelines.roles): the positive bank copies reference defects only; evaluation
+        # defects and test/good are scored. The split is the folder's (evaluation.txt) or the rule's.
+        roles = category_roles(cat)
         bank_samples, eval_samples = roles.reference, roles.scored
         held_out = roles.rel(bank_samples)
-        positives += [(load_image(s.path, req.size), load_mask(s, req.size)) for s in bank_samples]
+        named += [(rel, load_image(s.path, req.size), load_mask(s, req.size))
+                  for rel, s in zip(held_out, bank_samples)]
     if req.positives and req.bank == "dual-real-synthetic":
-        from pipelines.training_data import extra_ancestors
         from pipelines.roles import check_descent
+        from pipelines.training_data import extra_ancestors
         anc, own = extra_ancestors(req.positives)
         check_descent([(str(req.positives), anc + own)], roles.evaluation_hashes)
-        positives += load_positives(req.positives, req.size, layout="auto", exclude=req.data)
+        named += load_named_positives(req.positives, req.size)      # synthetic/ only, never test/
     elif req.positives and req.bank == "single":
         raise ValueError("--positives needs a dual bank (bank dual-real-synthetic)")
+    positive_hashes: list[str] = []
+    if named:
+        # the one guard, on exactly the arrays the positive bank is fit on (after resizing)
+        from pipelines.guard import ScoredSet, guard
+        positive_hashes = guard(((n, img) for n, img, _ in named), ScoredSet.from_roles(roles),
+                                "PatchCore positive bank")
+    positives = [(img, m) for _, img, m in named]
+    scored_hashes = _scored_hashes(roles, eval_samples)
 
     for note in notes:
         say(0.0, f"note: {note}")
@@ -121,6 +128,9 @@ def run_patchcore(req: PatchCoreRequest, progress: ProgressFn | None = None,
         "n_train": len(train), "n_test": len(images), "n_positive_images": len(positives),
         "bank_patches": int(getattr(model, "bank_size", 0) or 0),
         "positive_patches": int(getattr(model, "positive_bank_size", 0) or 0),
+        # the positive bank as fit: how many arrays passed the guard, and how many of them are
+        # evaluation images (0: the guard refuses otherwise)
+        "positive_fit_hashes": len(positive_hashes), "positive_evaluation": 0,
     }
     say(0.92, "writing overlays")
     vmin, vmax = float(np.percentile(maps, 1)), float(np.percentile(maps, 99.9))
@@ -136,6 +146,8 @@ def run_patchcore(req: PatchCoreRequest, progress: ProgressFn | None = None,
                          "image": str(s.path.relative_to(cat.root))})
     summary = {
         "metrics": metrics, "notes": notes, "request": asdict(req), "held_out_for_positive_bank": held_out,
+        "positive_fit_hashes": positive_hashes,
+        "scored_hashes": scored_hashes,     # pixel hashes of the scored images (runs go stale by them)
         "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}, "overlays": overlays,
         "scores": [{"image": str(s.path.relative_to(cat.root)), "label": s.label, "score": float(sc)}
                    for s, sc in zip(eval_samples, scores)],
@@ -145,6 +157,14 @@ def run_patchcore(req: PatchCoreRequest, progress: ProgressFn | None = None,
     model.save(out / "model")
     say(1.0, "done")
     return summary
+
+
+def _scored_hashes(roles, eval_samples) -> list[str]:
+    """Pixel hashes of the images a run scores (the store's ``images.sha256`` of the same pixels):
+    a later role change that makes one of them ``reference`` marks the run stale (studio.runs)."""
+    from pipelines.roles import file_pixel_hash
+    known = dict(roles.hashes) if roles is not None else {}
+    return [known.get(s.path) or file_pixel_hash(s.path) for s in eval_samples]
 
 
 __all__ = ["PatchCoreRequest", "run_patchcore", "BANK_MODES", "LayoutError"]

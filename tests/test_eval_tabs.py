@@ -26,7 +26,7 @@ def _wait(client, prefix, jid, timeout=600):
 def test_patchcore_tab_single_bank(studio_server):
     url, _ = studio_server
     c = Client(url, verbose=False)
-    jid, status, _ = c.predict("bottle", "", "single (normal patches only)", "efficientnet_lite0", 5, 256, 0.3,
+    jid, status, _ = c.predict("bottle", "", "single (normal patches only)", "efficientnet_lite0", 5, 256,
                                api_name="/patchcore_start")
     job = _wait(c, "patchcore", jid)
     assert job["status"] == "done", job.get("error")
@@ -36,7 +36,7 @@ def test_patchcore_tab_single_bank(studio_server):
     assert any(r[0] == job["result"]["run_id"] and r[-2] == "done" for r in runs["data"])
     with pytest.raises(Exception, match="accepted synthetic"):
         c.predict("brushed_metal", "", "dual: + real + accepted synthetic", "efficientnet_lite0", 5, 256,
-                  0.3, api_name="/patchcore_start")
+                  api_name="/patchcore_start")
 
 
 def test_ddpm_tab_train_cancel_resume_inspect_evaluate(studio_server):

@@ -115,17 +115,17 @@ SINGLE = "single (normal patches only)"
 def test_patchcore_start_refuses_then_runs_a_job(ctx, tmp_path):
     runlog = RunLog(ctx.settings.workspace)
     with pytest.raises(gr.Error, match="is not a folder"):
-        P.start(ctx, runlog, "bottle", str(tmp_path / "missing"), SINGLE, "random", 10, 64, 0.4)
+        P.start(ctx, runlog, "bottle", str(tmp_path / "missing"), SINGLE, "random", 10, 64)
     with pytest.raises(gr.Error, match="--positives"):
-        P.start(ctx, runlog, "", str(DEMO / "bottle"), "dual: + real + accepted synthetic", "random", 10, 64, 0.4)
+        P.start(ctx, runlog, "", str(DEMO / "bottle"), "dual: + real + accepted synthetic", "random", 10, 64)
     with pytest.raises(gr.Error, match="accepted synthetic"):
-        P.start(ctx, runlog, "bottle", "", "dual: + real + accepted synthetic", "random", 10, 64, 0.4)
+        P.start(ctx, runlog, "bottle", "", "dual: + real + accepted synthetic", "random", 10, 64)
     with pytest.raises(gr.Error, match="Pick a product"):
-        P.start(ctx, runlog, "", "", SINGLE, "random", 10, 64, 0.4)
+        P.start(ctx, runlog, "", "", SINGLE, "random", 10, 64)
     with pytest.raises(gr.Error, match="size"):
-        P.start(ctx, runlog, "bottle", "", SINGLE, "random", 10, 8, 0.4)
+        P.start(ctx, runlog, "bottle", "", SINGLE, "random", 10, 8)
 
-    jid = P.start(ctx, runlog, "", str(DEMO / "bottle"), SINGLE, "random", 10, 64, 0.4)
+    jid = P.start(ctx, runlog, "", str(DEMO / "bottle"), SINGLE, "random", 10, 64)
     job = ctx.jobs.wait(jid, timeout=120)
     assert job["status"] == "done", job["error"]
     assert {"image_auroc", "pixel_auroc"} <= set(job["result"]["metrics"])
@@ -219,12 +219,15 @@ def test_training_refusals_and_command(ctx):
     with pytest.raises(gr.Error, match="No accepted synthetic samples for 'bottle'; choose 'real only'"):
         T.start(ctx, T.TrainingState.of(ctx), PIXEL, "bottle", [], "real + accepted synthetic", "", "x", 15, 2,
                 4, 0, True)
-    run = T.train_command(ctx, PIXEL, "bottle", ["scratch", "contamination"], "real only", "", "", 15, 3, 4,
+    with pytest.raises(gr.Error, match="no defect samples of type 'scratch'"):   # checked before it starts
+        T.train_command(ctx, PIXEL, "bottle", ["scratch"], "real only", "", "", 15, 3, 4, 1e-4, False)
+    run = T.train_command(ctx, PIXEL, "bottle", ["broken_small", "contamination"], "real only", "", "", 15, 3, 4,
                           1e-4, False)
+    assert run.plan.startswith("Training on ") and "(0 evaluation images)" in run.plan
     assert run.kind == "pixel-inpaint" and run.out == T.adapters_root(ctx) / "pixel-inpaint-bottle"
     assert (run.data / "train" / "good").is_dir()                      # the product was exported
     cmd = " ".join(run.cmd)
-    assert "--damage-types scratch,contamination" in cmd and "--steps 3" in cmd and "--no-resume" in cmd
+    assert "--damage-types broken_small,contamination" in cmd and "--steps 3" in cmd and "--no-resume" in cmd
     assert "--lr 0.0001" in cmd and "--rank" not in cmd and "--minutes" not in cmd
     lora = T.train_command(ctx, "LoRA + damage embedding (SD 1.5 inpainting folder)", "bottle", [], "real only",
                            "/models/sd", "mine", 2.5, 0, 8, 0, True)

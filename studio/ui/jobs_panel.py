@@ -47,6 +47,9 @@ def describe(job: dict) -> str:
         line += f": {job['error']}"
     elif job["status"] == "cancelled":
         line += " (partial results kept where the job saved them)"
+    plan = (job.get("request") or {}).get("plan") if isinstance(job.get("request"), dict) else None
+    if plan:               # what the job works on, said before it starts (e.g. a trainer's data)
+        line += f"  \n{plan}"
     return line
 
 

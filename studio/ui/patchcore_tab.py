@@ -83,7 +83,7 @@ def _category(ctx: StudioContext, p, fold, mode: str, stamp: str) -> tuple[Path,
 
 
 # -- handlers: module level, each takes the context first ---------------------------------------
-def start(ctx: StudioContext, runlog: RunLog, p, fold, bank_label, bb, cs, sz, rf, pcs=10) -> str:
+def start(ctx: StudioContext, runlog: RunLog, p, fold, bank_label, bb, cs, sz, pcs=10) -> str:
     """Fit PatchCore on a product of the dataset (exported first) or a category folder on the server,
     as a background job; returns the job id."""
     mode = BANKS[bank_label]
@@ -91,7 +91,7 @@ def start(ctx: StudioContext, runlog: RunLog, p, fold, bank_label, bb, cs, sz, r
     data, name, positives = _category(ctx, p, fold, mode, stamp)
     req = PatchCoreRequest(data=str(data), out=str(ctx.settings.workspace / "runs" / f"patchcore-{name}-{stamp}"),
                            bank=mode, positives=positives, backbone=bb, coreset=float(cs) / 100,
-                           size=int(sz), real_fraction=float(rf), positive_coreset=float(pcs) / 100)
+                           size=int(sz), positive_coreset=float(pcs) / 100)
     try:
         req.validate()
     except ValueError as exc:
@@ -134,10 +134,9 @@ def _settings(ctx: StudioContext) -> dict:
                                       info="dual banks only; 10 % is the specification's rate",
                                       elem_id="pc-positive-coreset")
     w["size"] = gr.Dropdown([224, 256, 320], value=256, label="Image size (px)", elem_id="pc-size")
-    w["real_fraction"] = gr.Slider(0.1, 0.6, 0.4, step=0.05,
-                                   label="Reference share of real defects (dual bank; never scored)",
-                                   info="A folder's evaluation.txt (every export writes one) decides instead",
-                                   elem_id="pc-real-fraction")
+    w["roles_note"] = gr.Markdown("Dual banks copy the product's **reference** defects and score the "
+                                  "evaluation ones; roles change only in the Dataset tab (or `roles --set`).",
+                                  elem_id="pc-roles-note")
     w["panel"] = JobPanel(ctx, "Run PatchCore", "patchcore")
     return w
 
@@ -164,7 +163,7 @@ def build(ctx: StudioContext) -> list:
     refresh = gr.Button("Refresh runs", size="sm")
     s["panel"].wire(bind(start, ctx, runlog),
                     [s["product"], s["folder"], s["bank"], s["backbone"], s["coreset"], s["size"],
-                     s["real_fraction"], s["positive_coreset"]],
+                     s["positive_coreset"]],
                     bind(live, runlog), [r["metrics"], r["roc"], r["gallery"], runs])
     refresh.click(bind(runs_frame, runlog), None, runs, api_name="patchcore_runs")
     return [(bind(runs_frame, runlog), [], [runs])]

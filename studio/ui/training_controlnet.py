@@ -19,7 +19,7 @@ from studio.ui.jobs_panel import JobPanel, bind
 def controlnet_command(ctx: StudioContext, product, types, model, init, name, minutes, steps, rate, resume):
     """The trainer's command line from the widget values (the product is exported first, so only its
     reference defects are trained on); bad input → ``gr.Error`` with the fix."""
-    from studio.ui.training_tab import TrainCommand, adapters_root
+    from studio.ui.training_tab import TrainCommand, adapters_root, data_plan
     if not product:
         raise gr.Error("Pick a product")
     init = (init or "").strip()
@@ -45,7 +45,8 @@ def controlnet_command(ctx: StudioContext, product, types, model, init, name, mi
         cmd += ["--lr", str(float(rate))]
     if not resume:
         cmd += ["--no-resume"]
-    return TrainCommand(cmd, "controlnet", product, cat, out)
+    plan = data_plan(cat, list(types or []) or None, None, "ControlNet training data")
+    return TrainCommand(cmd, "controlnet", product, cat, out, plan)
 
 
 def start_controlnet(ctx: StudioContext, state, *values) -> str:
@@ -54,7 +55,7 @@ def start_controlnet(ctx: StudioContext, state, *values) -> str:
     run = controlnet_command(ctx, *values)
     run.out.mkdir(parents=True, exist_ok=True)
     (run.out / "CANCEL").unlink(missing_ok=True)
-    return ctx.jobs.submit("train-controlnet", train_job, run, state, request={"cmd": run.cmd})
+    return ctx.jobs.submit("train-controlnet", train_job, run, state, request={"cmd": run.cmd, "plan": run.plan})
 
 
 def live_controlnet(state, job: dict) -> tuple:

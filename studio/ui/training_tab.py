@@ -67,6 +67,7 @@ class TrainCommand:
     product: str
     data: Path         # the exported category folder
     out: Path          # the run folder (checkpoints, history, CANCEL file)
+    plan: str = ""     # what it trains on ("Training on 4 reference defect(s) + 2 accepted …")
 
 
 # -- handlers: module level, each takes the context first ---------------------------------------
@@ -90,10 +91,13 @@ def train_command(ctx: StudioContext, k, p, tps, dat, mdl, nm, mins, st, rk, rat
            "--progress-lines", "--quiet", "--cancel-file", str(out / "CANCEL")]
     if tps:
         cmd += ["--damage-types", ",".join(tps)]
+    extra = None
     if dat.startswith("real +"):
         if not (cat / "synthetic").is_dir():
             raise gr.Error(f"No accepted synthetic samples for {p!r}; choose 'real only'")
-        cmd += ["--extra-data", str(cat)]
+        extra = cat
+        cmd += ["--extra-data", str(cat)]       # the trainer reads only its synthetic/ (+ provenance)
+    plan = data_plan(cat, list(tps or []) or None, extra, f"{kind_id} training data")
     cmd += ["--steps", str(int(st))] if st else ["--minutes", str(float(mins or 15))]
     if kind_id == "lora":
         cmd += ["--rank", str(int(rk))] + (["--model", mdl] if mdl else [])
@@ -101,7 +105,25 @@ def train_command(ctx: StudioContext, k, p, tps, dat, mdl, nm, mins, st, rk, rat
         cmd += ["--lr", str(float(rate))]
     if not res:
         cmd += ["--no-resume"]
-    return TrainCommand(cmd, kind_id, p, cat, out)
+    return TrainCommand(cmd, kind_id, p, cat, out, plan)
+
+
+def data_plan(cat: Path, types: list | None, extra: Path | None, purpose: str) -> str:
+    """What the run will train on, checked before it starts: the export's reference defects (+ the
+    accepted synthetic samples of ``extra``) through the one guard (:func:`pipelines.training.training_data`);
+    a copy of a scored image or missing samples → ``gr.Error`` naming the file."""
+    from pipelines.roles import LeakageError
+    from pipelines.training import TrainDataError, training_data
+    from pipelines.training_data import training_manifest
+    try:
+        training_manifest(cat, types, extra)               # provenance: descends from a scored image?
+        data = training_data(cat, types, extra, None, purpose)
+    except (LeakageError, TrainDataError) as exc:
+        raise gr.Error(str(exc)) from exc
+    c = data.counts
+    return (f"Training on {c['reference']} reference defect(s)"
+            + (f" + {c['synthetic']} accepted synthetic sample(s)" if extra is not None else "")
+            + f" ({c['evaluation']} evaluation images).")
 
 
 def start(ctx: StudioContext, state: TrainingState, k, p, tps, dat, mdl, nm, mins, st, rk, rate, res) -> str:
@@ -109,15 +131,17 @@ def start(ctx: StudioContext, state: TrainingState, k, p, tps, dat, mdl, nm, min
     run = train_command(ctx, k, p, tps, dat, mdl, nm, mins, st, rk, rate, res)
     run.out.mkdir(parents=True, exist_ok=True)
     (run.out / "CANCEL").unlink(missing_ok=True)
-    return ctx.jobs.submit("train", train_job, run, state, request={"cmd": run.cmd})
+    return ctx.jobs.submit("train", train_job, run, state, request={"cmd": run.cmd, "plan": run.plan})
 
 
 def train_job(jctx, run: TrainCommand, state: TrainingState) -> dict:
     """The background job: run the trainer process, forward its PROGRESS lines (a cancel touches
     the CANCEL file: it stops cleanly and saves), record the run, return its JSON summary."""
     cmd, out = run.cmd, run.out
-    run_id = state.runlog.start(f"train-{run.kind}", run.product, str(run.data), {"cmd": cmd}, str(out),
-                                jctx.job_id)
+    run_id = state.runlog.start(f"train-{run.kind}", run.product, str(run.data), {"cmd": cmd, "plan": run.plan},
+                                str(out), jctx.job_id)
+    if run.plan:
+        jctx.progress(0.0, run.plan)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state.procs[jctx.job_id] = {"out": out}
     tail = []
