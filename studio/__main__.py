@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from studio.cli.progress import tqdm_progress
+
 
 def _store(args):
     from studio.config import Settings
@@ -247,21 +249,13 @@ def cmd_roles(args) -> int:
 
 
 def cmd_patchcore(args) -> int:
-    from tqdm import tqdm
-
     from studio.evaluation import PatchCoreRequest, run_patchcore
     bank = args.bank or ("dual-real-synthetic" if args.positives else "single")
     req = PatchCoreRequest(data=args.data, out=args.out, bank=bank, positives=args.positives,
                            backbone=args.backbone, coreset=args.coreset, size=args.size,
                            seed=args.seed,
                            positive_coreset=args.positive_coreset)
-    bar = tqdm(total=100, desc="patchcore", unit="%", disable=args.quiet,
-               bar_format="{l_bar}{bar}| {n:.0f}% {postfix}")
-
-    def progress(frac, msg=""):
-        bar.n = 100 * frac
-        bar.set_postfix_str(msg[:40])
-        bar.refresh()
+    bar, progress = tqdm_progress("patchcore", args.quiet)
 
     run_id = None
     if args.record:
@@ -289,17 +283,6 @@ def cmd_patchcore(args) -> int:
     return 0
 
 
-def _tqdm_progress(desc: str, quiet: bool):
-    from tqdm import tqdm
-    bar = tqdm(total=100, desc=desc, unit="%", disable=quiet, bar_format="{l_bar}{bar}| {n:.0f}% {postfix}")
-
-    def progress(frac, msg=""):
-        bar.n = 100 * frac
-        bar.set_postfix_str(msg[:40])
-        bar.refresh()
-    return bar, progress
-
-
 def cmd_ddpm_train(args) -> int:
     from studio.inspection import DDPMTrainRequest, train_ddpm
     minutes = args.minutes if (args.minutes is not None or args.steps) else 20.0
@@ -307,7 +290,7 @@ def cmd_ddpm_train(args) -> int:
                            noise=args.noise, prediction=args.prediction, size=args.size, crop=args.crop,
                            preset=args.preset, t_max=args.t_max, batch_size=args.batch_size, rot90=not args.no_rot90,
                            resume=args.resume, seed=args.seed)
-    bar, progress = _tqdm_progress("ddpm train", args.quiet)
+    bar, progress = tqdm_progress("ddpm train", args.quiet)
     try:
         summary = train_ddpm(req, progress=progress)
     finally:
@@ -323,7 +306,7 @@ def cmd_ddpm_evaluate(args) -> int:
     req = DDPMEvalRequest(data=args.data, checkpoint=args.checkpoint, out=args.out,
                           depths=depths or [50], noise=args.noise, kind=args.residual,
                           seeds=list(range(args.seeds)), eval_size=args.size)
-    bar, progress = _tqdm_progress("ddpm evaluate", args.quiet)
+    bar, progress = tqdm_progress("ddpm evaluate", args.quiet)
     try:
         summary = evaluate_ddpm(req, progress=progress)
     finally:
@@ -340,7 +323,7 @@ def cmd_ddpm_grid(args) -> int:
     depths = [int(d) for part in args.depth for d in str(part).split(",") if d.strip()]
     req = DDPMGridRequest(checkpoint=args.checkpoint, out=args.out, depths=depths or [100, 250, 400, 600],
                           noise=args.noise, seed=args.seed, kind=args.residual)
-    bar, progress = _tqdm_progress("ddpm grid", args.quiet)
+    bar, progress = tqdm_progress("ddpm grid", args.quiet)
     try:
         summary = depth_grid(req, grid_items_from_folder(args.data, args.images), progress=progress)
     finally:
@@ -358,7 +341,7 @@ def cmd_experiment(args) -> int:
                             positive_coreset=args.positive_coreset, segmenter_steps=args.segmenter_steps, n_boot=args.bootstrap,
                             strength=args.strength, model=args.model, threads=args.threads,
                             workspace=args.workspace, folds=args.folds)
-    bar, progress = _tqdm_progress("experiment", args.quiet)
+    bar, progress = tqdm_progress("experiment", args.quiet)
     try:
         r = run_experiment(req, progress=progress)
     finally:
@@ -413,7 +396,7 @@ def cmd_train(args) -> int:
     overrides = {k: v for k, v in overrides.items() if k in known}  # e.g. no 'rank' for pixel-inpaint
     cfg = Config.from_yaml(args.config, **overrides) if args.config else Config.from_dict({}, **overrides)
     cancel_file = Path(args.cancel_file) if args.cancel_file else None
-    bar, tq = _tqdm_progress(f"train {args.kind}", args.quiet)
+    bar, tq = tqdm_progress(f"train {args.kind}", args.quiet)
 
     def progress(frac, msg=""):
         tq(frac, msg)
@@ -511,7 +494,7 @@ def cmd_plan_run(args) -> int:
     from studio.curation import CurationDB, Thresholds, run_plan
     store = _store(args)
     th = Thresholds(min_visibility=args.min_visibility, min_duplicate_distance=args.min_distance)
-    bar, progress = _tqdm_progress("plan", args.quiet)
+    bar, progress = tqdm_progress("plan", args.quiet)
     try:
         r = run_plan(store, CurationDB(store.root), args.id,
                      progress=progress, thresholds=th, use_detector=not args.no_detector, retries=args.retries)

@@ -37,7 +37,7 @@ def add_wall_train_flags(sp: argparse.ArgumentParser) -> None:
 def cmd_wall_ablation(args) -> int:
     from pipelines.wall_train import (ABLATIONS, WallTrainConfig, ablation_table, run_ablation,
                                       wall_samples_from_folder)
-    from studio.__main__ import _tqdm_progress
+    from studio.cli.progress import tqdm_progress
     overrides = {k: getattr(args, k) for k in ("model", "resolution", "batch_size", "validation_colors",
                                                "seed", "masks") if getattr(args, k, None) is not None}
     cfg = WallTrainConfig.from_dict({}, output_dir=str(Path(args.out) / "_base"), max_steps=args.steps,
@@ -45,7 +45,7 @@ def cmd_wall_ablation(args) -> int:
                                     checkpoint_every=args.steps, log_every=1, **overrides)
     samples = wall_samples_from_folder(args.data, args.masks, args.image_size)
     variants = [v for v in (args.variants or "").split(",") if v] or list(ABLATIONS)
-    bar, progress = _tqdm_progress("wall ablation", args.quiet)
+    bar, progress = tqdm_progress("wall ablation", args.quiet)
     try:
         table = run_ablation(cfg, samples, args.out, variants, progress)
     except RuntimeError as exc:    # cancelled, checkpoint errors: a message, not a traceback

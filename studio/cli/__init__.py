@@ -1,0 +1,1 @@
+"""Pieces the command-line front end shares (``python -m studio``): progress bars."""
