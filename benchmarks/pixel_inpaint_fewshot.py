@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines import masks as mk  # noqa: E402
 from pipelines import pixel_inpaint as P  # noqa: E402
+from pipelines import pixel_inpaint_model as PM  # noqa: E402
 from pipelines import shapes  # noqa: E402
 from pipelines.mvtec import load_category, load_image, load_mask  # noqa: E402
 from pipelines.quality import crop_features, defect_crop, kid  # noqa: E402
@@ -130,8 +131,8 @@ def probe_loss(model_dir: Path, pairs: list, seed: int = 0, n_t: int = 8) -> flo
     xs, ms = [], []
     for img, mask, _ in pairs:
         x0, y0, x1, y1 = P.crop_box(mask, m.context, m.min_crop)
-        xs.append(P._to_tensor(P._resize_img(img[y0:y1, x0:x1], r)))
-        ms.append(torch.from_numpy(P._resize_mask(mask[y0:y1, x0:x1], r))[None])
+        xs.append(PM.to_tensor(PM.resize_img(img[y0:y1, x0:x1], r)))
+        ms.append(torch.from_numpy(PM.resize_mask(mask[y0:y1, x0:x1], r))[None])
     x0, mt = torch.stack(xs), torch.stack(ms)
     cls = torch.tensor([m.types.index(t) for _, _, t in pairs])
     total = 0.0

@@ -27,7 +27,7 @@ from pipelines.classical import style_for
 from pipelines.generators.base import DEFAULT_FEATHER, check_image, composite
 from pipelines.ddpm import PRESETS as DDPM_PRESETS
 from pipelines.models import ModelError
-from pipelines.pixel_inpaint import (CONFIG_FILE, DAMAGE, FORMAT, MODEL_FILE, NORMAL,  # noqa: F401 (re-export)
+from pipelines.pixel_inpaint_files import (CONFIG_FILE, DAMAGE, FORMAT, MODEL_FILE, NORMAL,  # noqa: F401 (re-export)
                                      PRETRAIN_MASKS, PRODUCT, crop_box, read_meta, resolve_model)
 from pipelines.training import (CancelFn, Cancelled, CheckpointedTrainer, CheckpointError,  # noqa: F401 (Cancelled)
                                 Checkpoints, ConfigMixin, ProgressFn, Sample, TrainDataError,
@@ -162,17 +162,17 @@ def make_scheduler(meta: dict, kind: str = "ddpm"):
 
 
 
-def _resize_img(img: np.ndarray, r: int) -> np.ndarray:
+def resize_img(img: np.ndarray, r: int) -> np.ndarray:
     return cv2.resize(img, (r, r), interpolation=cv2.INTER_AREA if img.shape[0] > r else cv2.INTER_CUBIC)
 
 
-def _resize_mask(m: np.ndarray, r: int) -> np.ndarray:
+def resize_mask(m: np.ndarray, r: int) -> np.ndarray:
     """Area-resize then threshold low, so thin scratches survive downscaling; stays binary."""
     f = cv2.resize((m > 0).astype(np.float32), (r, r), interpolation=cv2.INTER_AREA)
     return (f > 0.25).astype(np.float32)
 
 
-def _to_tensor(img: np.ndarray) -> torch.Tensor:
+def to_tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
@@ -284,10 +284,10 @@ class PixelInpaintTrainer(CheckpointedTrainer):
         if rng.random() < 0.5:                      # the generator repaints dilate(mask, feather)
             m = mk.dilate(m, float(rng.uniform(0, DEFAULT_FEATHER)))
         x0, y0, x1, y1 = crop_box(m, c.context, c.min_crop, rng)
-        crop, cm = _resize_img(img[y0:y1, x0:x1], r), _resize_mask(m[y0:y1, x0:x1], r)
+        crop, cm = resize_img(img[y0:y1, x0:x1], r), resize_mask(m[y0:y1, x0:x1], r)
         if not cm.any():                            # degenerate: keep at least the centre pixel
             cm[r // 2, r // 2] = 1.0
-        return _to_tensor(crop), torch.from_numpy(cm)[None], cls
+        return to_tensor(crop), torch.from_numpy(cm)[None], cls
 
     def batch(self, rng: np.random.Generator, n: int):
         ex = [self.example(rng) for _ in range(n)]
@@ -434,7 +434,7 @@ class PixelInpaintTrainer(CheckpointedTrainer):
             gen = model.inpaint(s.image, s.mask, t, seed=i, steps=self.cfg.validation_steps)
             x0, y0, x1, y1 = crop_box(mk.dilate(s.mask, DEFAULT_FEATHER), model.context, model.min_crop)
             cells = [s.image[y0:y1, x0:x1], np.repeat(s.mask[y0:y1, x0:x1, None], 3, 2), gen[y0:y1, x0:x1]]
-            rows.append(np.concatenate([_resize_img(x, 96) for x in cells], 1))
+            rows.append(np.concatenate([resize_img(x, 96) for x in cells], 1))
         return save_validation_grid(self.out, self.step, np.concatenate(rows, 0))
 
 
@@ -543,7 +543,7 @@ class PixelInpaintModel:
         sched = make_scheduler(self.meta, "ddim")
         sched.set_timesteps(int(steps))
         g = torch.Generator("cpu").manual_seed(int(seed))
-        x0 = _to_tensor(crop)[None]
+        x0 = to_tensor(crop)[None]
         mt = torch.from_numpy(m.astype(np.float32))[None, None]
         timesteps = sched.timesteps
         n_keep = max(1, int(round(len(timesteps) * float(strength))))
@@ -578,7 +578,7 @@ class PixelInpaintModel:
         crop, cmask = image[y0:y1, x0:x1], mask[y0:y1, x0:x1]
         r = self.resolution
         with self.lock:
-            gen = self.sample(_resize_img(crop, r), _resize_mask(grown[y0:y1, x0:x1], r),
+            gen = self.sample(resize_img(crop, r), resize_mask(grown[y0:y1, x0:x1], r),
                               self.class_id(damage_type), seed, steps, strength, guidance)
         side = x1 - x0
         gen = cv2.resize(gen, (side, y1 - y0), interpolation=cv2.INTER_CUBIC if side > r else cv2.INTER_AREA)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from pipelines import masks as mk
 from pipelines import pixel_inpaint as P
+from pipelines import pixel_inpaint_files as PF
 from pipelines import registry
 from pipelines.roles import category_roles, check_descent, pixel_hash
 from pipelines.mvtec import load_category, load_image
@@ -37,7 +38,7 @@ def _shipped_copy(tmp_path, monkeypatch) -> Path:
     """A copy of assets/models that the test may break, used as the shipped folder."""
     root = tmp_path / "models"
     shutil.copytree(MODELS, root)
-    monkeypatch.setattr(P, "SHIPPED_DIR", root)
+    monkeypatch.setattr(PF, "SHIPPED_DIR", root)     # where shipped models are looked up
     return root
 
 
