@@ -255,6 +255,8 @@ def load_named_positives(folder: str | Path, size: int | None) -> list[tuple[str
             f"{folder} holds no synthetic/ folder: pass an export of accepted samples (python -m studio "
             "export …: synthetic/<type>/ + synthetic_ground_truth/<type>/); real reference defects of "
             "--data are already in the dual bank")
+    from pipelines.training_data import provenance_names
+    known = provenance_names(folder)
     out = []
     for label_dir in sorted(p for p in (folder / "synthetic").iterdir() if p.is_dir()):
         if label_dir.name == "good":
@@ -263,7 +265,9 @@ def load_named_positives(folder: str | Path, size: int | None) -> list[tuple[str
             cand = find_mask(folder / "synthetic_ground_truth" / label_dir.name, img)
             if cand is not None:
                 s = TestSample(img, label_dir.name, cand)
-                out.append((str(img), load_image(img, size), load_mask(s, size)))
+                rel = img.relative_to(folder).as_posix()
+                name = f"{img} ({known[rel]})" if known.get(rel) else str(img)
+                out.append((name, load_image(img, size), load_mask(s, size)))
     if not out:
         raise LayoutError(f"{folder} holds no defect images with masks (expected synthetic/<type>/NNN.png "
                           "+ synthetic_ground_truth/<type>/NNN_mask.png, as written by export)")

@@ -235,11 +235,11 @@ def load_training_samples(cfg) -> list[Sample]:
     if not cfg.data:
         raise ConfigError("data (an MVTec-layout category folder) is required")
     from pipelines.training_data import training_manifest, write_manifest
-    manifest = training_manifest(cfg.data, cfg.damage_types, cfg.extra_data)
     kind = {"LoraTrainConfig": "LoRA", "WallTrainConfig": "wall LoRA", "ControlNetTrainConfig": "ControlNet",
             "PixelInpaintConfig": "pixel-inpaint"}.get(type(cfg).__name__, type(cfg).__name__)
     data = training_data(cfg.data, cfg.damage_types, cfg.extra_data, cfg.image_size,
-                         purpose=f"{kind} training data")
+                         purpose=f"{kind} training data")          # the guard: names each copied file
+    manifest = training_manifest(cfg.data, cfg.damage_types, cfg.extra_data)   # + provenance descent
     manifest.update(fit_hashes=data.fit_hashes, fit_files=data.names, counts=data.counts)
     write_manifest(cfg.output_dir, manifest)
     return data.samples
@@ -273,6 +273,8 @@ def _extra_samples(extra: Path, damage_types: Sequence[str] | None, size: int | 
             f"{extra} holds no synthetic/ folder: extra data takes an export of accepted synthetic samples "
             "(python -m studio export …: synthetic/<type>/ + synthetic_ground_truth/<type>/); the real "
             "reference defects of --data are already trained on")
+    from pipelines.training_data import provenance_names
+    known = provenance_names(extra)
     out: list[tuple[str, Sample]] = []
     for d in sorted(p for p in (extra / "synthetic").iterdir() if p.is_dir()):
         if d.name == "good" or (damage_types is not None and d.name not in damage_types):
@@ -281,7 +283,9 @@ def _extra_samples(extra: Path, damage_types: Sequence[str] | None, size: int | 
             mp = find_mask(extra / "synthetic_ground_truth" / d.name, img)
             if mp is not None:
                 m = load_mask(TestSample(img, d.name, mp), size)
-                out.append((str(img), Sample(load_image(img, size), _binary(m), d.name)))
+                rel = img.relative_to(extra).as_posix()
+                name = f"{img} ({known[rel]})" if known.get(rel) else str(img)
+                out.append((name, Sample(load_image(img, size), _binary(m), d.name)))
     return out
 
 

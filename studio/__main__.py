@@ -240,11 +240,32 @@ def cmd_roles(args) -> int:
             row = store.set_role(int(args.set[0]), args.set[1])
         except ValueError as exc:
             raise SystemExit(f"error: {exc}")
-        print(json.dumps({"id": row["id"], "label": row["label"], "role": row["role"]}))
+        print(json.dumps({"id": row["id"], "label": row["label"], "role": row["role"],
+                          "stale_runs": row.get("stale_runs", [])}))
+        if row.get("stale_runs"):
+            print(f"{len(row['stale_runs'])} run(s) that scored this image are now marked stale: "
+                  f"{', '.join(map(str, row['stale_runs']))} (python -m studio runs)", file=sys.stderr)
         return 0
     for r in store.list_images(product=args.product, origin="real"):
         if r["label"] != "good":
             print(json.dumps({k: r[k] for k in ("id", "product", "split", "label", "role", "source_path")}))
+    return 0
+
+
+def cmd_runs(args) -> int:
+    """Recorded runs (JSON lines): id, kind, product, status, the headline metrics, and ``stale``
+    when an image the run scored has since become reference (its numbers no longer hold)."""
+    from studio.config import Settings
+    from studio.runs import RunLog
+    ws = Settings.from_env(workspace=args.workspace).workspace
+    if not (Path(ws) / "studio.db").is_file():
+        return 0
+    for r in RunLog(ws).list(args.kind, args.product, args.limit):
+        m = r["metrics"] or {}
+        print(json.dumps({"id": r["id"], "kind": r["kind"], "product": r["product"], "status": r["status"],
+                          **{k: round(m[k], 4) for k in ("image_auroc", "pixel_auroc", "aupro")
+                             if isinstance(m.get(k), (int, float))},
+                          "stale": r.get("stale") or None, "created_at": r["created_at"]}))
     return 0
 
 
@@ -272,7 +293,7 @@ def cmd_patchcore(args) -> int:
         raise
     bar.close()
     if run_id is not None:
-        runlog.finish(run_id, summary["metrics"])
+        runlog.finish(run_id, summary["metrics"], scored=summary.get("scored_hashes"))
     for note in summary.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
     m = summary["metrics"]
@@ -458,6 +479,14 @@ def _add_dataset_commands(sub, ws) -> None:
     sp.add_argument("--data", help="a category folder: print the split it gets (evaluation.txt or the rule)")
     ws(sp)
     sp.set_defaults(fn=cmd_roles)
+
+    sp = sub.add_parser("runs", help="recorded runs (JSON lines), with 'stale' when an image a run scored "
+                                     "has since become reference")
+    sp.add_argument("--kind")
+    sp.add_argument("--product")
+    sp.add_argument("--limit", type=int, default=100)
+    ws(sp)
+    sp.set_defaults(fn=cmd_runs)
 
     sp = sub.add_parser("review", help="accept or reject a candidate")
     sp.add_argument("id", type=int)

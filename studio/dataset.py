@@ -487,7 +487,20 @@ class Store:
                              "defect images have a role")
         with self._write() as db:
             db["images"].update(row["id"], {"role": role})
-        return self.get_image(row["id"])
+        out = self.get_image(row["id"])
+        out["stale_runs"] = self._runs_gone_stale([row], role)
+        return out
+
+    def _runs_gone_stale(self, rows: list[dict], role: str) -> list[int]:
+        """Runs that scored an image which just became ``reference`` are marked stale
+        (:func:`studio.runs.mark_stale`); returns their ids."""
+        if role != R.REFERENCE:
+            return []
+        changed = {r["sha256"]: f"image {r['id']} ({r['product']}/{r['label']}"
+                   f"{'/' + Path(r['source_path']).name if r.get('source_path') else ''})"
+                   for r in rows if r.get("role") != R.REFERENCE}
+        from studio.runs import mark_stale
+        return mark_stale(self.root, changed)
 
     def reference_defects(self, product, damage_type=None) -> list[dict]:
         """Real defect images with a mask that may be learned from or copied (role 'reference').
@@ -705,9 +718,11 @@ class Store:
         """Set the data role of several real defect images at once (one transaction)."""
         for role in roles.values():
             check_choice(role, R.ROLES, "role")
+        before = {int(i): self.get_image(int(i)) for i in roles}
         with self._write() as db:
             for image_id, role in roles.items():
                 db["images"].update(int(image_id), {"role": role})
+        self._runs_gone_stale([before[int(i)] for i, r in roles.items() if r == R.REFERENCE], R.REFERENCE)
 
     # ---- maintenance -----------------------------------------------------------------------------
     def integrity_check(self) -> str:

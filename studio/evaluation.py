@@ -83,8 +83,6 @@ def run_patchcore(req: PatchCoreRequest, progress: ProgressFn | None = None,
     if req.positives and req.bank == "dual-real-synthetic":
         from pipelines.roles import check_descent
         from pipelines.training_data import extra_ancestors
-        anc, own = extra_ancestors(req.positives)
-        check_descent([(str(req.positives), anc + own)], roles.evaluation_hashes)
         named += load_named_positives(req.positives, req.size)      # synthetic/ only, never test/
     elif req.positives and req.bank == "single":
         raise ValueError("--positives needs a dual bank (bank dual-real-synthetic)")
@@ -94,6 +92,10 @@ def run_patchcore(req: PatchCoreRequest, progress: ProgressFn | None = None,
         from pipelines.guard import ScoredSet, guard
         positive_hashes = guard(((n, img) for n, img, _ in named), ScoredSet.from_roles(roles),
                                 "PatchCore positive bank")
+    if req.positives and req.bank == "dual-real-synthetic":
+        # provenance: a sample generated on an evaluation image (any size of change) is refused too
+        anc, own = extra_ancestors(req.positives)
+        check_descent([(str(req.positives), anc + own)], roles.evaluation_hashes)
     positives = [(img, m) for _, img, m in named]
     scored_hashes = _scored_hashes(roles, eval_samples)
 

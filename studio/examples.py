@@ -71,7 +71,8 @@ def _recorded(ctx: StudioContext, jctx, kind: str, product: str, req, work, metr
     except BaseException as exc:
         runlog.finish(run_id, status="failed", error=str(exc))
         raise
-    runlog.finish(run_id, metrics_of(summary))
+    scored = summary.get("scored_hashes") if isinstance(summary, dict) else None
+    runlog.finish(run_id, metrics_of(summary), scored=scored)   # scored: a role change marks it stale
     return run_id, summary
 
 def patchcore_example(jctx, ctx: StudioContext, product: str, plan: ExamplePlan) -> dict:

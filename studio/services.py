@@ -107,23 +107,66 @@ def default_model(name: str, product: str | None, workspace: str | Path | None =
             or registry.default_model(name, product or None, roots))
 
 
+_scored_cache: dict[tuple, object] = {}
+_scored_lock = __import__("threading").Lock()
+
+
+def _image_name(r: dict) -> str:
+    src = Path(r.get("source_path") or "").name
+    return f"image {r['id']} ({r['split']}/{r['label']}/{src})" if src else f"image {r['id']} ({r['split']}/{r['label']})"
+
+
+def scored_set(store, product: str):
+    """:class:`pipelines.guard.ScoredSet` of what an evaluation of ``product`` scores in the store:
+    its evaluation defects + test/good images; cached by the set of image ids and hashes."""
+    from pipelines.guard import ScoredSet
+    from pipelines.roles import EVALUATION
+    rows = store.list_images(product=product, origin="real", role=EVALUATION) + \
+        store.list_images(product=product, split="test", label=GOOD)
+    key = (str(getattr(store, "root", "")), product, tuple(sorted((r["id"], r["sha256"]) for r in rows)))
+    with _scored_lock:
+        hit = _scored_cache.get(key)
+    if hit is None:
+        hit = ScoredSet.from_images((_image_name(r), store.load_image(r["id"])) for r in rows)
+        with _scored_lock:
+            if len(_scored_cache) > 32:
+                _scored_cache.clear()
+            _scored_cache[key] = hit
+    return hit
+
+
+def guard_rows(store, product: str, rows: list[dict], images: list[np.ndarray], purpose: str) -> list[str]:
+    """:func:`pipelines.guard.guard` on store images about to be copied / learned from (a copy of
+    one of the product's scored images → :class:`UserError` naming both)."""
+    from pipelines.guard import guard
+    from pipelines.roles import LeakageError
+    try:
+        return guard(zip((_image_name(r) for r in rows), images), scored_set(store, product), purpose)
+    except LeakageError as exc:
+        raise UserError(str(exc)) from exc
+
+
 def _donors(store, product: str, damage_type: str, limit: int = 16) -> list[dict]:
     """Cut-paste donors: the product's *reference* real defects of this type (never an
-    evaluation image — see pipelines.roles). Each: ``{"id", "sha256", "pair": (image, mask)}``."""
+    evaluation image — see pipelines.roles; :func:`generate` passes the donor arrays it hands to a
+    generator through :func:`pipelines.guard.guard`). Each: ``{"id", "sha256", "row", "pair": (image, mask)}``."""
     if store is None or not product:
         return []
     rows = store.reference_defects(product, damage_type)[:limit]
-    return [{"id": r["id"], "sha256": r["sha256"], "pair": (store.load_image(r["id"]), store.load_mask(r["id"]))}
-            for r in rows]
+    return [{"id": r["id"], "sha256": r["sha256"], "row": r,
+             "pair": (store.load_image(r["id"]), store.load_mask(r["id"]))} for r in rows]
 
 
 def _goods(store, product: str, limit: int = 16) -> list[np.ndarray]:
     """The product's defect-free train images (for generators that register the target to a good
-    image: ``info.needs_goods``); nothing that is scored (test images are never read here)."""
+    image: ``info.needs_goods``); nothing that is scored (test images are never read here, and a
+    copy of a scored image among the train images is refused by the guard)."""
     if store is None or not product:
         return []
     rows = store.list_images(product=product, label=GOOD, split="train")[:limit]
-    return [store.load_image(r["id"]) for r in rows]
+    images = [store.load_image(r["id"]) for r in rows]
+    guard_rows(store, product, rows, images, "good images")
+    return images
 
 
 _shape_cache: dict[tuple, tuple] = {}
@@ -147,6 +190,9 @@ def shape_model(store, product: str, damage_type: str):
     if len(goods) >= 2:
         fg = shapes.estimate_foreground([store.load_image(r["id"]) for r in goods])
         fg = None if fg.all() else fg
+    if refs:   # the masks fitted belong to reference defects: none may be a copy of a scored image
+        guard_rows(store, product, refs, [store.load_image(r["id"]) for r in refs],
+                   f"{damage_type} shape model")
     masks = [store.load_mask(r["id"]) for r in refs]
     fgs = [fg if fg is not None and fg.shape == m.shape else None for m in masks] if fg is not None else None
     model = shapes.shape_model_for(damage_type, masks, fgs)
@@ -246,6 +292,9 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
     backend = resolve_backend(req, bool(donors))
     info, gen = get_info(backend), get_generator(backend)
     params = _params(req, info, donors)
+    if params.get("donors"):      # the arrays copied / learned from: none may be a scored image's copy
+        guard_rows(store, req.product, [d["row"] for d in donors], [d["pair"][0] for d in donors],
+                   f"{backend} donors ({req.damage_type})")
     if info.needs_goods:
         params["goods"] = _goods(store, req.product)
     root = workspace if workspace is not None else getattr(store, "root", None)

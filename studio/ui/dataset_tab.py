@@ -37,7 +37,10 @@ def set_role(store, image_id, role, product: str | None):
         row = store.set_role(int(image_id), role)
     except (TypeError, ValueError) as exc:
         raise gr.Error(str(exc)) from exc
-    return (f"Image {row['id']} ({row['product']}/{row['label']}) is now **{row['role']}**.",
+    stale = row.get("stale_runs") or []
+    note = (f" {len(stale)} run(s) that scored it are now marked stale (ids {', '.join(map(str, stale))}; "
+            "see the PatchCore tab's runs table)." if stale else "")
+    return (f"Image {row['id']} ({row['product']}/{row['label']}) is now **{row['role']}**.{note}",
             roles_frame(store, product))
 
 

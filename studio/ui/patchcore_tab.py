@@ -22,7 +22,7 @@ BANKS = {"single (normal patches only)": "single",
 BACKBONES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
              "wide_resnet50_2", "resnet18", "resnet50"]
 RUN_COLS = ["id", "product", "bank", "backbone", "coreset", "image_auroc", "pixel_auroc", "aupro",
-            "image_f1_max", "fit_seconds", "ms_per_image", "status", "created_at"]
+            "image_f1_max", "fit_seconds", "ms_per_image", "stale", "status", "created_at"]
 
 
 def roc_figure(roc: dict, auc: float | None, title: str):
@@ -43,7 +43,7 @@ def runs_frame(runlog: RunLog, kind: str = "patchcore"):
         rows.append([r["id"], r["product"], p.get("bank"), p.get("backbone"), p.get("coreset"),
                      *[round(m[k], 4) if isinstance(m.get(k), (int, float)) else None
                        for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "fit_seconds",
-                                 "ms_per_image")], r["status"], r["created_at"]])
+                                 "ms_per_image")], r.get("stale") or "", r["status"], r["created_at"]])
     return pd.DataFrame(rows, columns=RUN_COLS)
 
 
@@ -56,7 +56,7 @@ def patchcore_job(job, req: PatchCoreRequest, runlog: RunLog, product: str) -> d
         runlog.finish(run_id, status="cancelled" if isinstance(exc, JobCancelled) else "failed",
                       error=str(exc))
         raise
-    runlog.finish(run_id, summary["metrics"])
+    runlog.finish(run_id, summary["metrics"], scored=summary.get("scored_hashes"))
     return {"run_id": run_id, "out": req.out, "metrics": summary["metrics"]}
 
 

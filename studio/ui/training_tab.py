@@ -116,8 +116,8 @@ def data_plan(cat: Path, types: list | None, extra: Path | None, purpose: str) -
     from pipelines.training import TrainDataError, training_data
     from pipelines.training_data import training_manifest
     try:
+        data = training_data(cat, types, extra, None, purpose)    # the guard, naming each file
         training_manifest(cat, types, extra)               # provenance: descends from a scored image?
-        data = training_data(cat, types, extra, None, purpose)
     except (LeakageError, TrainDataError) as exc:
         raise gr.Error(str(exc)) from exc
     c = data.counts
