@@ -319,3 +319,24 @@ def test_patchcore_tab_refuses_planted_synthetic_positives(planted_server):
     assert job["status"] == "failed"
     assert "PatchCore positive bank:" in job["error"] and "equals the evaluation image test/" in job["error"]
     assert "3 of" in job["error"]
+
+
+def test_wall_panel_refuses_a_photo_that_copies_a_scored_image(tmp_path):
+    import gradio as gr
+    from studio.config import Settings
+    from studio.context import StudioContext
+    from studio.ui import training_wall as TW
+    ctx = StudioContext(Settings.from_env(workspace=tmp_path / "ws"))
+    ctx.store.import_mvtec(BOTTLE)
+    victim = R.folder_roles(BOTTLE).good[0]                    # test/good is scored too
+    photos = tmp_path / "photos"
+    (photos / "images").mkdir(parents=True)
+    (photos / "masks").mkdir()
+    Image.fromarray(read_rgb(victim.path)).save(photos / "images" / "wall1.jpg", quality=90)
+    m = np.zeros((256, 256), np.uint8)
+    m[:, :128] = 255
+    Image.fromarray(m).save(photos / "masks" / "wall1.png")
+    args = dict(folder=str(photos), masks="", model="/m", name="", minutes=15, steps=3, rank=4, prob=0.3,
+                reference=list(TW.REFERENCES)[2], method="kmeans", color_loss=0.5, colors="", resume=False)
+    with pytest.raises(gr.Error, match=r"wall training data \(product bottle\): .*wall1.jpg equals the evaluation image"):
+        TW.wall_command(ctx, *args.values())

@@ -31,9 +31,11 @@ def wall_command(ctx: StudioContext, folder, masks, model, name, minutes, steps,
     if not folder:
         raise gr.Error("Give the folder of wall photos (images/ + masks/, or photo + <name>_mask.png)")
     try:
-        n = len(wall_samples_from_folder(folder, (masks or "").strip() or None))
+        samples = wall_samples_from_folder(folder, (masks or "").strip() or None)
     except TrainDataError as exc:
         raise gr.Error(str(exc)) from exc
+    n = len(samples)
+    _guard_wall_photos(ctx, Path(folder), samples)
     for c in [c.strip() for c in (colors or "").split(",") if c.strip()]:
         try:
             as_rgb(c)
@@ -57,6 +59,23 @@ def wall_command(ctx: StudioContext, folder, masks, model, name, minutes, steps,
     if not resume:
         cmd += ["--no-resume"]
     return TrainCommand(cmd, "wall", f"wall ({n} photos)", Path(folder), out)
+
+
+def _guard_wall_photos(ctx: StudioContext, folder: Path, samples: list) -> None:
+    """The wall photos have no product of their own: none may be a copy of an image any product
+    in the dataset scores (:func:`pipelines.guard.guard` against each product's scored set)."""
+    from pipelines.guard import guard, list_images
+    from pipelines.roles import LeakageError
+    from studio.services import scored_set
+    img_dir = folder / "images" if (folder / "images").is_dir() else folder
+    photos = [p for p in list_images(img_dir) if not p.stem.endswith("_mask")]
+    names = [str(p) for p in photos] if len(photos) == len(samples) else [f"{folder} photo {i}" for i in range(len(samples))]
+    for product in ctx.store.products():
+        try:
+            guard(zip(names, (s.image for s in samples)), scored_set(ctx.store, product),
+                  f"wall training data (product {product})")
+        except LeakageError as exc:
+            raise gr.Error(str(exc)) from exc
 
 
 def start_wall(ctx: StudioContext, state, *values) -> str:
