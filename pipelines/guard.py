@@ -146,7 +146,7 @@ class ScoredSet:
         d = distances(fingerprint(a), self._fps)
         i = int(np.argmin(d))
         if d[i] <= NEAR_DUPLICATE_THRESHOLD:
-            return self.names[i], f"near-duplicate (distance {d[i]:.2f} ≤ {NEAR_DUPLICATE_THRESHOLD:g})"
+            return self.names[i], f"near-duplicate (distance {d[i]:.2f} ≤ {NEAR_DUPLICATE_THRESHOLD})"
         return None
 
     def __len__(self) -> int:
