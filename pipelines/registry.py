@@ -30,6 +30,7 @@ GENERATORS: dict[str, str] = {
     "perlin": "pipelines.classical:PerlinDefectGenerator",
     "cutpaste": "pipelines.classical:CutPasteGenerator",
     "defect-transfer": "pipelines.transfer:DefectTransferGenerator",
+    "stroke": "pipelines.generators.stroke:StrokeGenerator",
     "wall-lab": "pipelines.classical:LabRecolorGenerator",
     "pixel-inpaint": "pipelines.pixel_inpaint:PixelInpaintGenerator",
     "sd-inpaint": "pipelines.inpaint:SDInpaintGenerator",
