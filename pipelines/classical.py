@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pipelines import masks as mk
 from pipelines.color import as_rgb, fit_to_srgb, lab_to_rgb, rgb_to_lab
 from pipelines.generator import GeneratorInfo, option
-from pipelines.generators.base import DEFAULT_FEATHER, WindowedGenerator, check_image, composite  # noqa: F401
+from pipelines.generators.base import DEFAULT_FEATHER, WindowedGenerator, check_image, composite, window  # noqa: F401
 
 # --------------------------------------------------------------------------------------------
 # Damage type → defect style
@@ -256,21 +256,215 @@ class CutPasteOptions:
                         choices=tuple(_CLONE_MODES))
 
 
+# Warps that lay a donor defect onto the painted mask (cut-paste here, defect-transfer imports them)
+ELONGATED = 3.0            # a target strip this elongated (length / width) is laid along its skeleton
+DONOR_ELONGATED = 1.5      # ... when the donor's is at least this elongated
+_TPS_POINTS = 32
+
+
+def _outline(mask: np.ndarray, n: int = _TPS_POINTS) -> np.ndarray | None:
+    """``[n x 2]`` (x, y) points evenly spaced along the largest outer contour of a boolean mask,
+    counter-clockwise (in image coordinates), starting at its rightmost point; None when the
+    contour is too short to fit a warp to."""
+    cs, _ = cv2.findContours(np.pad(mask, 1).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not cs:
+        return None
+    c = max(cs, key=cv2.contourArea)[:, 0, :].astype(np.float64) - 1.0
+    if len(c) < 8 or cv2.contourArea(c.astype(np.float32)) < 6:
+        return None
+    x, y = c[:, 0], c[:, 1]
+    if 0.5 * np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y) < 0:      # orientation
+        c = c[::-1]
+    c = np.roll(c, -int(np.argmax(c[:, 0])), axis=0)
+    closed = np.vstack([c, c[:1]])
+    seg = np.sqrt((np.diff(closed, axis=0) ** 2).sum(1))
+    arc = np.concatenate([[0.0], np.cumsum(seg)])
+    s = np.linspace(0.0, arc[-1], n, endpoint=False)
+    return np.stack([np.interp(s, arc, closed[:, 0]), np.interp(s, arc, closed[:, 1])], 1)
+
+
+def _pole(mask: np.ndarray) -> np.ndarray:
+    """The mask pixel farthest from its outline (x, y): its interior anchor."""
+    d = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(d)), d.shape)
+    return np.array([x, y], np.float64)
+
+
+def tps_map(src: np.ndarray, dst: np.ndarray, shape: tuple[int, int], reg: float = 1e-3
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Thin-plate spline through ``src [N x 2] → dst [N x 2]`` (x, y) evaluated on every pixel of
+    a ``shape`` window → ``(mx, my)`` float32 maps (``cv2.remap``). Coordinates are normalised by
+    the source spread; ``reg`` is the smoothing (in those units); a large window is evaluated on
+    a coarser grid and interpolated (the spline is smooth)."""
+    h, w = shape
+    c = src.mean(0)
+    sc = max(float(np.sqrt(((src - c) ** 2).sum(1).mean())), 1.0)
+    a = (src - c) / sc
+    n = len(a)
+
+    def U(r2):
+        return np.where(r2 > 0, r2 * np.log(np.maximum(r2, 1e-12)), 0.0)
+
+    K = U(((a[:, None, :] - a[None, :, :]) ** 2).sum(-1)) + reg * np.eye(n)
+    Pm = np.hstack([np.ones((n, 1)), a])
+    L = np.zeros((n + 3, n + 3))
+    L[:n, :n], L[:n, n:], L[n:, :n] = K, Pm, Pm.T
+    rhs = np.zeros((n + 3, 2))
+    rhs[:n] = dst
+    coef = np.linalg.lstsq(L, rhs, rcond=None)[0]
+    step = max(1, int(math.ceil(max(h, w) / 128)))
+    gy, gx = np.mgrid[0:h + step:step, 0:w + step:step].astype(np.float64)
+    q = (np.stack([gx.ravel(), gy.ravel()], 1) - c) / sc
+    val = U(((q[:, None, :] - a[None, :, :]) ** 2).sum(-1)) @ coef[:n] + \
+        np.hstack([np.ones((len(q), 1)), q]) @ coef[n:]
+    mx, my = val[:, 0].reshape(gx.shape), val[:, 1].reshape(gx.shape)
+    if step > 1:
+        # the coarse grid's node k sits at pixel k·step: crop after an exact-factor resize
+        size = (gx.shape[1] * step, gx.shape[0] * step)
+        mx = cv2.resize(mx.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
+        my = cv2.resize(my.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
+        off = (step - 1) / 2.0                  # resize centres: pixel i ↔ node (i − off) / step
+        M = np.float32([[1, 0, -off], [0, 1, -off]])
+        mx = cv2.warpAffine(mx, M, size, borderMode=cv2.BORDER_REPLICATE)
+        my = cv2.warpAffine(my, M, size, borderMode=cv2.BORDER_REPLICATE)
+    return mx[:h, :w].astype(np.float32), my[:h, :w].astype(np.float32)
+
+
+def outline_correspondence(target: np.ndarray, donor: np.ndarray, rng: np.random.Generator,
+                           zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray] | None:
+    """Matched points ``(target [N x 2], donor [N x 2])``: the two outlines (:func:`_outline`)
+    plus their interior poles, the donor's cyclic start and direction (a reflection) the one that
+    best matches the target's normalised outline — near-ties (cost ≤ 1.15 × the best) drawn by
+    ``rng`` — and the donor's points pulled towards its pole by ``1 / zoom`` (``zoom`` > 1: the
+    donor defect lands a little inside the painted outline). None when either outline is
+    degenerate."""
+    ot, od = _outline(target), _outline(donor)
+    if ot is None or od is None:
+        return None
+    pt, pd = _pole(target), _pole(donor)
+    nt = (ot - ot.mean(0)) / max(float(np.sqrt(((ot - ot.mean(0)) ** 2).sum(1).mean())), 1e-6)
+    cands = []
+    for mirror in (False, True):
+        seq = od[::-1] if mirror else od
+        nd = (seq - seq.mean(0)) / max(float(np.sqrt(((seq - seq.mean(0)) ** 2).sum(1).mean())), 1e-6)
+        for k in range(len(seq)):
+            cands.append((float(((nt - np.roll(nd, -k, axis=0)) ** 2).sum()), mirror, k))
+    costs = np.array([c[0] for c in cands])
+    good = np.flatnonzero(costs <= 1.15 * costs.min() + 1e-9)
+    _, mirror, k = cands[int(good[int(rng.integers(len(good)))])]
+    seq = np.roll(od[::-1] if mirror else od, -k, axis=0)
+    seq = pd + (seq - pd) / max(zoom, 1e-6)
+    return np.vstack([ot, pt[None]]), np.vstack([seq, pd[None]])
+
+
+def _dihedral_affine(tmask: np.ndarray, dmask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The fallback for masks without a usable outline or skeleton (a pixel, the whole window):
+    the target mask's bbox onto the donor defect's bbox (zoomed out a little), in the one of the 8
+    flips / 90° rotations whose warped donor mask overlaps the target best (near-ties seeded)."""
+    tx0, ty0, tx1, ty1 = mk.bbox(tmask)  # type: ignore[misc]
+    dx0, dy0, dx1, dy1 = mk.bbox(dmask)  # type: ignore[misc]
+    tw, th = tx1 - tx0, ty1 - ty0
+    dw, dh = (dx1 - dx0) * rng.uniform(1.0, 1.15), (dy1 - dy0) * rng.uniform(1.0, 1.15)
+    ct = np.array([(tx0 + tx1 - 1) / 2.0, (ty0 + ty1 - 1) / 2.0])
+    cd = np.array([(dx0 + dx1 - 1) / 2.0, (dy0 + dy1 - 1) / 2.0])
+    affines = []
+    for d8 in _DIHEDRAL:
+        lin = np.diag([dw, dh]) @ d8 @ np.diag([1.0 / tw, 1.0 / th])
+        affines.append(np.hstack([lin, (cd - lin @ ct)[:, None]]))
+    target_box = cv2.dilate(tmask[ty0:ty1, tx0:tx1].astype(np.uint8), _DISC5) > 0
+    scores = []
+    for aff in affines:
+        box_aff = aff.copy()
+        box_aff[:, 2] += aff[:, :2] @ np.array([tx0, ty0], float)
+        warped = cv2.warpAffine(dmask.astype(np.uint8), box_aff, (tw, th),
+                                flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
+        warped = cv2.dilate(warped, _DISC5) > 0
+        scores.append((warped & target_box).sum() / max(1, (warped | target_box).sum()))
+    scores = np.array(scores)
+    good = np.flatnonzero(scores >= scores.max() - 0.05)
+    return affines[int(good[int(rng.integers(len(good)))])]
+
+
+def _outside_along_normals(mx: np.ndarray, my: np.ndarray, target: np.ndarray,
+                           donor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Outside the target mask, replace a spline's extrapolation (which folds into the donor
+    defect at concave outlines) by the outline's own continuation: a pixel ``d`` px outside the
+    target maps to where its nearest target pixel maps, moved ``d × scale`` px outward along the
+    donor's distance gradient — so the clone region's border always samples the donor's
+    surroundings, never its defect."""
+    from scipy import ndimage as ndi
+    d_t, (iy, ix) = ndi.distance_transform_edt(~target, return_indices=True)
+    bx, by = mx[iy, ix], my[iy, ix]
+    d8 = donor.astype(np.uint8)
+    sdf = (cv2.distanceTransform(1 - d8, cv2.DIST_L2, 5) - cv2.distanceTransform(d8, cv2.DIST_L2, 5))
+    sdf = cv2.GaussianBlur(sdf.astype(np.float32), (0, 0), 1.5)
+    gx = cv2.Sobel(sdf, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(sdf, cv2.CV_32F, 0, 1, ksize=3)
+    ux = cv2.remap(gx, bx, by, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    uy = cv2.remap(gy, bx, by, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    norm = np.maximum(np.sqrt(ux * ux + uy * uy), 1e-6)
+    scale = math.sqrt(max(donor.sum(), 1) / max(target.sum(), 1))
+    step = (d_t * scale).astype(np.float32)
+    out = ~target
+    return (np.where(out, bx + ux / norm * step, mx).astype(np.float32),
+            np.where(out, by + uy / norm * step, my).astype(np.float32))
+
+
+def follow_mask_map(target: np.ndarray, donor_mask: np.ndarray, rng: np.random.Generator,
+                    zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """Donor-window coordinates ``(mx, my, how)`` for every pixel of the target window so that
+    the donor defect follows the painted mask ``target`` (bool):
+
+    - ``"skeleton"`` — an elongated target (strip length / width ≥ :data:`ELONGATED`) and a
+      donor that is not round (≥ :data:`DONOR_ELONGATED`): laid along the two skeletons
+      (:func:`pipelines.generators.profiles.strip_map`; the seed reverses, mirrors and shifts
+      it);
+    - ``"outline"`` — otherwise a thin-plate spline from the target's outline (and its interior
+      pole) onto the donor's (:func:`outline_correspondence`, :func:`tps_map`), continued outside
+      the target along the donor's outline normals (:func:`_outside_along_normals`);
+
+    None when neither applies (the caller falls back to an affine map). ``rng`` draws, in this
+    order: reverse, mirror, shift (skeleton) or the outline match's tie-break (outline)."""
+    from pipelines.generators import profiles as P
+    h, w = target.shape
+    ts = P.strip_of(target)
+    ds = P.cached("strip", P.mask_key(donor_mask), lambda: P.strip_of(donor_mask))
+    if ts is not None and ds is not None and ts.elongation >= ELONGATED and ds.elongation >= DONOR_ELONGATED:
+        reverse, mirror, shift = bool(rng.random() < 0.5), bool(rng.random() < 0.5), float(rng.random())
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+        mx, my = P.strip_map(ts, ds, xx, yy, (h, w), reverse=reverse, mirror=mirror, shift=shift)
+        return mx, my, "skeleton"
+    corr = outline_correspondence(target, donor_mask, rng, zoom)
+    if corr is None:
+        return None
+    mx, my = tps_map(corr[0], corr[1], (h, w))
+    mx, my = _outside_along_normals(mx, my, target, donor_mask)
+    return mx, my, "outline"
+
+
 class CutPasteGenerator(WindowedGenerator):
-    """A real defect of the same type, warped onto the target mask and Poisson-blended.
+    """A real defect of the same type, warped onto the painted mask and Poisson-blended.
 
     Params: ``donors`` — list of ``(image, mask)`` pairs (real defect images with their masks);
     ``clone`` — ``"normal"`` (default: the donor's pixels replace the mask, colours matched at the
     border) or ``"mixed"`` (per pixel the stronger gradient of donor and target: the target's
     texture shows through flat donor areas, defects look more transparent); ``strength``
-    (default 1). The seed picks the donor and a small zoom; the flip / 90° rotation is the one
-    whose warped donor mask best overlaps the target mask (seeded among near-ties). Blending:
-    ``cv2.seamlessClone`` over ``dilate(mask, feather + 4)``; the feathered composite then
-    restricts the change to ``dilate(mask, feather)``.
+    (default 1).
+
+    The donor follows the mask (:func:`follow_mask_map`): along an elongated painted stroke it is
+    laid along the stroke's skeleton (its own skeleton's arc length onto the stroke's, its width
+    onto the stroke's local width), so a crack runs the whole stroke and is as thin as it; on
+    other masks a thin-plate spline maps the painted outline onto the donor defect's outline
+    (zoomed ×1..1.15 so its edge lands just inside). A mask with neither (a pixel, the whole
+    window) falls back to the bbox-onto-bbox flip / rotation whose overlap is best. The seed picks
+    the donor, the zoom and the warp's orientation (reversed / mirrored, the outline match among
+    near-ties). Blending: ``cv2.seamlessClone`` over ``dilate(mask, feather + 4)``; the feathered
+    composite then restricts the change to ``dilate(mask, feather)``.
     """
 
     info = GeneratorInfo(
-        "cutpaste", "1", "damage", "Cut-paste of a real reference defect of this type with Poisson blending",
+        "cutpaste", "2", "damage", "Cut-paste of a real reference defect of this type, warped onto the "
+        "painted mask (along its skeleton, or outline onto outline) with Poisson blending",
         options=CutPasteOptions, needs_donors=True)
     _clone_extra = 4           # seamlessClone only changes the mask eroded by 1 px and ignores
     _pad = 8                   # masks narrower than ~7 px, so the clone mask is dilated
@@ -295,50 +489,37 @@ class CutPasteGenerator(WindowedGenerator):
         if clone not in _CLONE_MODES:
             raise ValueError(f"unknown clone mode {clone!r}; known: {', '.join(_CLONE_MODES)}")
         i = int(rng.integers(len(donors)))
-        donor, dmask, (dx0, dy0, dx1, dy1) = self._donor(donors[i], i)
+        donor, dmask, _ = self._donor(donors[i], i)
+        zoom = float(rng.uniform(1.0, 1.15))
 
         # 1. Pad the window (reflect) so the clone mask never touches the canvas border.
         p = self._pad
         dst = cv2.copyMakeBorder(crop, p, p, p, p, cv2.BORDER_REFLECT_101)
-        tmask = cv2.copyMakeBorder(cmask, p, p, p, p, cv2.BORDER_REFLECT_101)
-        clone_mask = mk.dilate(tmask, feather + self._clone_extra)
+        tmask = cv2.copyMakeBorder(cmask.astype(np.uint8), p, p, p, p, cv2.BORDER_CONSTANT, value=0)
+        tmask[p:-p, p:-p] = cmask
+        clone_mask = mk.dilate(np.where(tmask > 0, 255, 0).astype(np.uint8), feather + self._clone_extra)
         clone_mask[:2], clone_mask[-2:], clone_mask[:, :2], clone_mask[:, -2:] = 0, 0, 0, 0
-        tx0, ty0, tx1, ty1 = mk.bbox(cmask)  # type: ignore[misc]
-        tx0, ty0, tx1, ty1 = tx0 + p, ty0 + p, tx1 + p, ty1 + p
 
-        # 2. Affine map target → donor: the target mask's bbox lands on the donor's defect bbox
-        #    (zoomed out a little), in the one of the 8 flips/90° rotations whose warped donor
-        #    mask overlaps the target mask best (ties broken by the seed) — thin scratches and
-        #    cracks must run along the painted stroke, not across it.
-        tw, th = tx1 - tx0, ty1 - ty0
-        dw, dh = (dx1 - dx0) * rng.uniform(1.0, 1.15), (dy1 - dy0) * rng.uniform(1.0, 1.15)
-        ct = np.array([(tx0 + tx1 - 1) / 2.0, (ty0 + ty1 - 1) / 2.0])
-        cd = np.array([(dx0 + dx1 - 1) / 2.0, (dy0 + dy1 - 1) / 2.0])
-        affines = []
-        for d8 in _DIHEDRAL:
-            lin = np.diag([dw, dh]) @ d8 @ np.diag([1.0 / tw, 1.0 / th])
-            affines.append(np.hstack([lin, (cd - lin @ ct)[:, None]]))
-        target_box = cv2.dilate(tmask[ty0:ty1, tx0:tx1], _DISC5) > 0
-        scores = []
-        for aff in affines:
-            box_aff = aff.copy()
-            box_aff[:, 2] += aff[:, :2] @ np.array([tx0, ty0], float)
-            warped = cv2.warpAffine(dmask, box_aff, (tw, th),
-                                    flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
-            warped = cv2.dilate(warped, _DISC5) > 0
-            scores.append((warped & target_box).sum() / max(1, (warped | target_box).sum()))
-        scores = np.array(scores)
-        good = np.flatnonzero(scores >= scores.max() - 0.05)
-        affine = affines[int(good[int(rng.integers(len(good)))])]
-        src = cv2.warpAffine(donor, affine, (dst.shape[1], dst.shape[0]),
-                             flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                             borderMode=cv2.BORDER_REFLECT_101)
+        # 2. The donor warped onto the painted mask (in a window around the donor defect).
+        dys, dxs = window(dmask, 24 + int(math.ceil(feather)) + self._clone_extra)
+        dwin = dmask[dys, dxs] > 0
+        mapped = follow_mask_map(tmask > 0, dwin, rng, zoom)
+        if mapped is not None:
+            mx, my, _ = mapped
+            src = cv2.remap(donor, mx + np.float32(dxs.start), my + np.float32(dys.start),
+                            cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+        else:
+            affine = _dihedral_affine(tmask > 0, dmask > 0, rng)
+            src = cv2.warpAffine(donor, affine, (dst.shape[1], dst.shape[0]),
+                                 flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                 borderMode=cv2.BORDER_REFLECT_101)
 
         # 3. Poisson blend. seamlessClone places the mask's bounding rect centred at `centre`
         #    (top-left = centre - size // 2), so this centre maps the rect onto itself.
         bx, by, bw, bh = cv2.boundingRect(clone_mask)
         centre = (bx + bw // 2, by + bh // 2)
-        blended = cv2.seamlessClone(src, dst, clone_mask, centre, _CLONE_MODES[clone])
+        # (OpenCV 5.0 erodes the mask it is given in place: never pass the same mask twice)
+        blended = cv2.seamlessClone(src, dst, clone_mask.copy(), centre, _CLONE_MODES[clone])
         blended = blended[p:-p, p:-p].astype(np.float32)
         return crop + strength * (blended - crop)
 

@@ -73,19 +73,18 @@ type, at least one), ``strength`` (0..1, default 1), ``blend``, ``warp``, ``reli
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
-from skimage import color as skcolor
 
 from pipelines import masks as mk
-from pipelines.classical import (DEFAULT_FEATHER, _DIHEDRAL, donor_pair,
+from pipelines.classical import (DEFAULT_FEATHER, DONOR_ELONGATED, ELONGATED, _DIHEDRAL, donor_pair,
                                  fractal_noise, style_for)
 from pipelines.color import rgb_to_lab
 from pipelines.generator import GeneratorInfo, option
+from pipelines.generators import profiles as P
 from pipelines.generators.base import WindowedGenerator
 
 BLENDS = ("laplacian", "poisson")
@@ -130,11 +129,10 @@ def _lab(rgb: np.ndarray) -> np.ndarray:
 
 
 def _rgb(lab: np.ndarray) -> np.ndarray:
-    """LAB → float RGB 0..255 (unrounded, clipped to the gamut)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rgb = skcolor.lab2rgb(lab.astype(np.float64).reshape(-1, 1, 3)).reshape(lab.shape)
-    return np.clip(rgb * 255.0, 0.0, 255.0).astype(np.float32)
+    """LAB → float RGB 0..255 (unrounded), gamut-mapped: an out-of-gamut colour keeps its
+    lightness and hue and loses chroma (:func:`pipelines.color.fit_to_srgb`) instead of having its
+    channels clipped one by one (which turns a too-bright orange into a flat orange-white)."""
+    return P.lab_to_rgb_float(lab)
 
 
 def _sdf(m: np.ndarray) -> np.ndarray:
@@ -166,11 +164,16 @@ class Donor:
 
     ``deviation`` ``h×w×9 float32`` (:data:`CHANNELS`; the changes are 0 outside ``support``),
     ``mask`` and ``support`` ``h×w bool`` (the annotated defect / where the deviation lives),
-    ``intensity`` the mean |log L ratio| inside the mask."""
+    ``intensity`` the mean |log L ratio| inside the mask; the donor's own range, which a
+    transferred defect never leaves: ``log_l_range`` (0.5 / 99.5 % of ``log_l`` on the
+    support), ``L_hi`` and ``C_hi`` (99.5 % of its lightness and chroma there)."""
     deviation: np.ndarray
     mask: np.ndarray
     support: np.ndarray
     intensity: float
+    log_l_range: tuple[float, float] = (-np.inf, np.inf)
+    L_hi: float | None = None
+    C_hi: float | None = None
 
 
 def _halo(mask: np.ndarray) -> int:
@@ -307,10 +310,14 @@ def prepare_donor(image: np.ndarray, mask: np.ndarray) -> Donor:
     dev[..., 0] = core_surface_texture(dev[..., 0], lab[..., 0], hole, r)
     taper = np.clip(cv2.distanceTransform(hole.astype(np.uint8), cv2.DIST_L2, 3) / 1.5, 0, 1)
     dev[..., :_BLENDED] *= taper[..., None].astype(np.float32)
-    return Donor(dev, m, hole, float(np.abs(dev[m, 0]).mean()))
+    lo, hi = np.percentile(dev[hole, 0], [0.5, 99.5])
+    chroma = np.sqrt((lab[hole, 1:] ** 2).sum(-1))
+    return Donor(dev, m, hole, float(np.abs(dev[m, 0]).mean()), (float(min(lo, 0.0)), float(max(hi, 0.0))),
+                 float(np.percentile(lab[hole, 0], 99.5)), float(np.percentile(chroma, 99.5)))
 
 
-def apply_deviation(lab: np.ndarray, dev: np.ndarray, level_sigma: float, model: str = "ratio") -> np.ndarray:
+def apply_deviation(lab: np.ndarray, dev: np.ndarray, level_sigma: float, model: str = "ratio",
+                    L_hi: float | None = None, C_hi: float | None = None) -> np.ndarray:
     """Apply a (warped, scaled) deviation (:func:`deviation`'s channels) to a target ``H×W×3`` LAB.
 
     ``ratio``: ``log(L'+1) = log_l + log(L+1)`` — the defect modulates the target's own
@@ -323,7 +330,13 @@ def apply_deviation(lab: np.ndarray, dev: np.ndarray, level_sigma: float, model:
     ``γ = clip((L'+1)/(L_d+1), 0.5, 2)``, ``L_d + 1 = exp(log_l + log_lbg)`` the defect's own
     lightness in the donor; ``level`` mixes in the donor's own colour where it is opaque:
     ``(1−o)·ab' + o·(a_d, b_d)·γ`` (no colour cast is carried over: the low-frequency a/b
-    difference between two windows is mostly the materials', not the light's)."""
+    difference between two windows is mostly the materials', not the light's).
+
+    Highlights are bounded by the donor's own range (``L_hi``, ``C_hi``: its brightest lightness
+    and highest chroma; None = unbounded): where the defect brightens a pixel, its lightness is
+    compressed smoothly towards ``max(L, L_hi)`` and a chroma increase towards ``max(C, C_hi)``
+    (:func:`pipelines.generators.profiles.soft_ceiling`) — a bright lip on a bright product
+    never runs into white, a chroma ratio on a saturated one never into the gamut's edge."""
     L = np.maximum(lab[..., 0], 0.0).astype(np.float32)
     log_l = dev[..., 0] + np.log(L + _EPS_L)
     if model == "level":
@@ -332,11 +345,18 @@ def apply_deviation(lab: np.ndarray, dev: np.ndarray, level_sigma: float, model:
         log_l += o * (dev[..., 5] + np.log(S + _EPS_L) - np.log(L + _EPS_L))
     out = np.empty_like(lab)
     out[..., 0] = np.clip(np.exp(log_l) - _EPS_L, 0.0, 100.0)
+    if L_hi is not None:
+        out[..., 0] = P.soft_ceiling(out[..., 0], L, np.maximum(L, min(float(L_hi), 99.5)))
     gain = np.clip((out[..., 0] + _EPS_L) / np.exp(dev[..., 0] + dev[..., 6]), 0.5, 2.0)[..., None]
     out[..., 1:] = lab[..., 1:] * np.exp(dev[..., 1:2]) + dev[..., 2:4] * gain
     if model == "level":
         o = o[..., None]
         out[..., 1:] = (1 - o) * out[..., 1:] + o * dev[..., 7:9] * gain
+    if C_hi is not None:
+        c_in = np.sqrt((lab[..., 1:].astype(np.float32) ** 2).sum(-1))
+        c_out = np.sqrt((out[..., 1:] ** 2).sum(-1))
+        bounded = P.soft_ceiling(c_out, c_in, np.maximum(c_in, float(C_hi)))
+        out[..., 1:] *= (bounded / np.maximum(c_out, 1e-6))[..., None]
     return out
 
 
@@ -523,7 +543,7 @@ class DefectTransferGenerator(WindowedGenerator):
     blended). See the module docstring for the algorithm and the seed → output mapping."""
 
     info = GeneratorInfo(
-        "defect-transfer", "1", "damage",
+        "defect-transfer", "2", "damage",
         "A reference real defect's appearance (its deviation from its own background) warped onto "
         "the mask and re-lit on the target's illumination and colour; multi-band or Poisson blended",
         options=DefectTransferOptions, needs_donors=True)
@@ -552,14 +572,17 @@ class DefectTransferGenerator(WindowedGenerator):
         h, w = cmask.shape
         target = cmask > 0
 
-        # 1. The donor (seeded) and its deviation; the intensity range seen across donors.
+        # 1. The donor (seeded) and its deviation (cached per donor); the intensity range seen
+        #    across donors.
         i = int(rng.integers(len(pairs)))
-        donor = prepare_donor(*pairs[i])
-        intensities = [_quick_intensity(*pair) for pair in pairs]
+        donor = P.cached("transfer-donor", P.donor_key(*pairs[i]), lambda: prepare_donor(*pairs[i]))
+        intensities = [P.cached("transfer-intensity", P.donor_key(*pair), lambda pair=pair: _quick_intensity(*pair))
+                       for pair in pairs]
 
         # 2. Pose: moments alignment over the dihedral group, jittered, best IoU wins. A round
         #    target may turn the donor any way (±180°·jitter), an elongated one (σ ratio ≥ 2)
-        #    only by ±12°·jitter.
+        #    only by ±12°·jitter. An elongated target (warp="field") is instead laid along the
+        #    skeletons (step 3).
         _, _, sig_t = _moments(target)
         roundness = float(np.clip(2.0 - sig_t[0] / sig_t[1], 0.0, 1.0))
         angle = math.radians(12.0 + 168.0 * roundness) * jitter * rng.uniform(-1, 1)
@@ -567,29 +590,48 @@ class DefectTransferGenerator(WindowedGenerator):
         lo, hi = min(intensities), max(intensities)
         wanted = rng.uniform(lo, hi)
         spread = rng.uniform(-1, 1)
-        affine, _ = best_affine(target, donor.mask,
-                                candidate_affines(target, donor.mask, angle, scale), rng)
+        strips = None
+        if warp == "field":
+            ts = P.strip_of(target)
+            ds = P.cached("strip", P.mask_key(donor.mask), lambda: P.strip_of(donor.mask))
+            if ts is not None and ds is not None and ts.elongation >= ELONGATED \
+                    and ds.elongation >= DONOR_ELONGATED:
+                strips = (ts, ds)
+        if strips is None:
+            affine, _ = best_affine(target, donor.mask,
+                                    candidate_affines(target, donor.mask, angle, scale), rng)
 
-        # 3. Seeded Perlin fields (gain, outline wobble), then the non-rigid refinement: the
-        #    warped donor mask's distance function onto the target's; one remap of the donor.
+        # 3. Seeded Perlin fields (gain, outline wobble), then the fit to the painted mask: along
+        #    the two skeletons for an elongated target (the wobble kept within half its width so
+        #    the defect stays on the stroke), else the non-rigid refinement (the warped donor
+        #    mask's distance function onto the target's); one remap of the donor.
         size = 4.0 * float(_moments(target)[2][0])              # ≈ the target's length
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         gain_noise = fractal_noise((h, w), rng, cell=max(4.0, size / 3), octaves=3)
         amp = jitter * float(np.clip(0.08 * size, 0.5, 6.0))
+        if strips is not None:
+            amp = min(amp, 0.5 * strips[0].mean_width)
         cell = max(6.0, size / 2)
         wobble = np.stack([fractal_noise((h, w), rng, cell, octaves=2),
                            fractal_noise((h, w), rng, cell, octaves=2)], -1) * amp
-        if warp == "field":
-            warped = cv2.warpAffine(donor.mask.astype(np.float32), affine, (w, h),
-                                    flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP) > 0.5
-            u = displacement_field(target, warped, size)
-        else:
-            u = np.zeros((h, w, 2), np.float32)
-        px, py = xx + u[..., 0] + wobble[..., 0], yy + u[..., 1] + wobble[..., 1]
-        mx = (affine[0, 0] * px + affine[0, 1] * py + affine[0, 2]).astype(np.float32)
-        my = (affine[1, 0] * px + affine[1, 1] * py + affine[1, 2]).astype(np.float32)
         dev = donor.deviation
-        zoom_out = math.sqrt(abs(np.linalg.det(affine[:, :2])))     # donor px per target px
+        if strips is not None:
+            ts, ds = strips
+            reverse, mirror, shift = bool(rng.random() < 0.5), bool(rng.random() < 0.5), float(rng.random())
+            mx, my = P.strip_map(ts, ds, xx + wobble[..., 0], yy + wobble[..., 1], (h, w),
+                                 reverse=reverse, mirror=mirror, shift=shift)
+            zoom_out = float(np.median(ds.width)) / max(float(np.median(ts.width)), 0.5)
+        else:
+            if warp == "field":
+                warped = cv2.warpAffine(donor.mask.astype(np.float32), affine, (w, h),
+                                        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP) > 0.5
+                u = displacement_field(target, warped, size)
+            else:
+                u = np.zeros((h, w, 2), np.float32)
+            px, py = xx + u[..., 0] + wobble[..., 0], yy + u[..., 1] + wobble[..., 1]
+            mx = (affine[0, 0] * px + affine[0, 1] * py + affine[0, 2]).astype(np.float32)
+            my = (affine[1, 0] * px + affine[1, 1] * py + affine[1, 2]).astype(np.float32)
+            zoom_out = math.sqrt(abs(np.linalg.det(affine[:, :2])))     # donor px per target px
         if zoom_out > 1.3:                                           # anti-alias before shrinking
             dev = cv2.GaussianBlur(dev, (0, 0), 0.45 * zoom_out)
         dev = cv2.remap(dev, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
@@ -609,12 +651,15 @@ class DefectTransferGenerator(WindowedGenerator):
         else:
             levels = int(np.clip(round(math.log2(max(1.0, feather))), 1, 4))   # 2^levels ≈ feather
             dev[..., :_BLENDED] = multiband(dev[..., :_BLENDED], omega.astype(np.float32), levels)
+        # the gain and the modulation never take the lightness change past the donor's own range
+        dev[..., 0] = np.clip(dev[..., 0], *donor.log_l_range)
 
-        # 6. Re-light the target (ratio or level model), applied as an RGB delta so that pixels
-        #    with no deviation keep their exact values; 7. the base class composites.
+        # 6. Re-light the target (ratio or level model; highlights bounded by the donor's own
+        #    lightness and chroma), applied as an RGB delta so that pixels with no deviation keep
+        #    their exact values; 7. the base class composites.
         lab = _lab(crop)
         model = relight_model if relight_model != "auto" else relight_for(damage_type)
-        out = apply_deviation(lab, dev, _level_sigma(size), model)
+        out = apply_deviation(lab, dev, _level_sigma(size), model, donor.L_hi, donor.C_hi)
         return crop.astype(np.float32) + (_rgb(out) - _rgb(lab))
 
 

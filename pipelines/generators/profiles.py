@@ -254,46 +254,57 @@ def _fall(a, lo, hi):
     return 1.0 - x * x * (3.0 - 2.0 * x)
 
 
-def default_profile(style: str, rng: np.random.Generator | None = None) -> Profile:
+_MARK_TINTS = ((2.0, 7.0), (0.5, 2.0), (9.0, 14.0), (-1.0, 12.0))   # Δa, Δb: brown, oil, rust, yellowish
+
+
+def default_profile(style: str, rng: np.random.Generator | None = None, spread: float = 1.0) -> Profile:
     """The profile of a defect ``style`` (:data:`pipelines.masks.STYLES`) without references:
     ``crack`` a dark narrow core with faint lips and a lit wall; ``scratch`` a bright (60 %) or
     dark thin line; ``broken`` a cut: a flat dark groove with a bright rim; ``blob`` a darker
-    brownish mark; ``color`` a hue shift. ``rng`` draws the scratch's polarity and the colour's
-    hue (drawn in that order only for those styles)."""
+    tinted mark (brown, oil, rust or yellowish); ``color`` a hue shift. ``rng`` (None: the
+    nominal profile) draws, in this order, the depth (×0.7..1.3) and the core's width
+    (×0.8..1.25) — both variations scaled by ``spread`` — then the scratch's polarity, the mark's
+    tint or the colour's hue."""
     a = BIN_CENTRES
+    depth, core = (1.0, 1.0) if rng is None else (1.0 + spread * (rng.uniform(0.7, 1.3) - 1.0),
+                                                  1.0 + spread * (rng.uniform(0.8, 1.25) - 1.0))
+    ac = a / core                                   # the core's shape, widened or narrowed
     sym = np.zeros((N_BINS, 4))
     anti = np.zeros((N_BINS, 2))
     along, branching = 0.3, 0.0
     if style == "crack":
-        sym[:, 0] = -1.0 * _bump(a, 0.0, 0.5) + 0.08 * _bump(a, 1.15, 0.3)
+        sym[:, 0] = -1.0 * _bump(ac, 0.0, 0.5) + 0.08 * _bump(a, 1.15, 0.3)
         sym[:, 1] = 0.5 * np.minimum(sym[:, 0], 0.0)
         anti[:, 1] = -0.10 * a * _bump(a, 0.0, 0.9)
         branching = 2.0
     elif style == "scratch":
         bright = rng is None or rng.random() < 0.6
         if bright:
-            sym[:, 0] = 0.45 * _bump(a, 0.0, 0.55) - 0.05 * _bump(a, 1.2, 0.3)
+            sym[:, 0] = 0.45 * _bump(ac, 0.0, 0.55) - 0.05 * _bump(a, 1.2, 0.3)
             sym[:, 1] = -0.6 * np.maximum(sym[:, 0], 0.0)
         else:
-            sym[:, 0] = -0.55 * _bump(a, 0.0, 0.5) + 0.06 * _bump(a, 1.15, 0.3)
+            sym[:, 0] = -0.55 * _bump(ac, 0.0, 0.5) + 0.06 * _bump(a, 1.15, 0.3)
             sym[:, 1] = 0.4 * np.minimum(sym[:, 0], 0.0)
         along = 0.2
     elif style == "broken":
-        sym[:, 0] = -0.8 * _fall(a, 0.55, 1.0) + 0.15 * _bump(a, 1.05, 0.2)
+        sym[:, 0] = -0.8 * _fall(ac, 0.55, 1.0) + 0.15 * _bump(a, 1.05, 0.2)
         sym[:, 1] = 0.4 * np.minimum(sym[:, 0], 0.0)
         anti[:, 1] = -0.08 * _bump(a, 0.9, 0.3)
         along = 0.2
     elif style == "color":
         hue = rng.uniform(0, 2 * np.pi) if rng is not None else 0.0
-        shape = _fall(a, 0.5, 1.3)
+        shape = _fall(ac, 0.5, 1.3)
         sym[:, 0] = -0.04 * shape
         sym[:, 2], sym[:, 3] = 14.0 * math.cos(hue) * shape, 14.0 * math.sin(hue) * shape
-    else:                                            # blob: a mark along the stroke
-        shape = _fall(a, 0.4, 1.1)
+    else:                                            # blob: a tinted mark along the stroke
+        da, db = _MARK_TINTS[int(rng.integers(len(_MARK_TINTS)))] if rng is not None else _MARK_TINTS[0]
+        shape = _fall(ac, 0.4, 1.1)
         sym[:, 0] = -0.35 * shape
         sym[:, 1] = 0.2 * shape
-        sym[:, 2], sym[:, 3] = 2.0 * shape, 7.0 * shape
+        sym[:, 2], sym[:, 3] = da * shape, db * shape
         along = 0.35
+    sym *= depth
+    anti *= depth
     lo, hi = float(min(sym[:, 0].min(), 0.0)), float(max(sym[:, 0].max(), 0.0))
     return Profile(sym.astype(np.float32), anti.astype(np.float32), along, branching, 1.5,
                    (1.2 * lo, 1.2 * hi), None, None, f"default:{style}")

@@ -13,8 +13,10 @@ Algorithm (the working window around the mask)
 1. **Skeleton** of the mask with the local half-width ``w`` (the inside distance transform), the
    normal, the geodesic distance to the nearest end and the length of each part
    (:func:`profiles.skeleton_of`). A wide mask is a stroke of its own local width.
-2. **Profile**: the seed picks one reference profile and mixes in a second (weight ≤ 0.5·jitter);
-   ``contrast`` scales it, ``rim`` its lips / lit rim (:meth:`profiles.Profile.scaled`).
+2. **Profile**: the seed picks one reference profile and mixes in a second (weight ≤ 0.5·jitter),
+   or draws a variant of the style's default (depth ×0.7..1.3, core width ×0.8..1.25 at jitter
+   0.5; a scratch's polarity, a mark's tint); ``contrast`` scales it, ``rim`` its lips / lit rim
+   (:meth:`profiles.Profile.scaled`); a seeded gain ×e^(±0.5·jitter) varies its depth.
 3. **Branches** (where the type's shapes have them: the reference masks' skeleton branch points
    per 100 px, else 2 for cracks and 0 for the rest; ``branches`` overrides): side cracks that
    leave the skeleton at 25–60°, wander and taper, and stop where the feather would fade them
@@ -102,13 +104,13 @@ class StrokeGenerator(WindowedGenerator):
             donor_pair(pair, i)                  # fail fast on a bad donor, naming it
 
     # ---------------------------------------------------------------------------------------
-    def _profiles(self, donors, learn, style, rng) -> tuple[list[P.Profile], float]:
+    def _profiles(self, donors, learn, style, rng, jitter) -> tuple[list[P.Profile], float]:
         """The candidate profiles and the branch rate of the type's shapes."""
         if donors and learn:
             pairs = [donor_pair(p, i) for i, p in enumerate(donors)]
             profs = P.profiles_for([(img, m > 0) for img, m in pairs])
             return profs, float(np.mean([p.branching for p in profs]))
-        prof = P.default_profile(style, rng)
+        prof = P.default_profile(style, rng, spread=2.0 * jitter)
         return [prof], prof.branching
 
     @staticmethod
@@ -168,14 +170,14 @@ class StrokeGenerator(WindowedGenerator):
 
         # 1. the skeleton; 2. the profile (seeded pick and mix), scaled
         sk = P.skeleton_of(m)
-        profs, rate = self._profiles(donors, learn, style, rng)
+        profs, rate = self._profiles(donors, learn, style, rng, jitter)
         i = int(rng.integers(len(profs)))
         prof = profs[i]
         if len(profs) > 1:
             j = int(rng.integers(len(profs) - 1))
             prof = P.mix(prof, profs[j + (j >= i)], 0.5 * jitter * float(rng.random()))
         prof = prof.scaled(float(contrast), float(rim))
-        gain = float(np.exp(0.2 * jitter * rng.uniform(-1, 1)))
+        gain = float(np.exp(0.5 * jitter * rng.uniform(-1, 1)))
 
         # along-stroke fields (read at the nearest skeleton pixel)
         size = max(8.0, float(np.sqrt(max(sk.total_length, 1.0) * 8.0)))
