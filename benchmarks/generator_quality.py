@@ -5,7 +5,7 @@ real defects are from each other — and how much a generator varies across seed
                                            [--per-type 12] [--seeds 3] [--size 256]
 
 For each MVTec-AD-layout folder the experiment's own protocol is used
-(:func:`studio.experiment._load_protocol`): data roles split every damage type's real defects into
+(:func:`studio.experiment.load_protocol`, one fold): data roles split every damage type's real defects into
 ``reference`` (what generators may learn from or copy) and ``evaluation`` (only scored); the
 synthetic defects are made exactly as ``python -m studio experiment --generate`` makes them (on
 ``train/good`` images, masks sampled from the type's shape model fitted on the reference masks,
@@ -82,25 +82,26 @@ def measure(folder: Path, generate: str, per_type: int, seeds: int, size: int) -
     from pipelines.backbones import build_backbone
     from pipelines.mvtec import load_image, load_mask
     from pipelines.quality import crop_features, diversity, kid
-    from studio.experiment import ExperimentRequest, _load_protocol, synthesize
+    from studio.experiment import ExperimentRequest, load_protocol, synthesize
 
     torch.set_num_threads(1)
     req = ExperimentRequest(data=str(folder), generate=generate, per_type=per_type, size=size,
-                            out="/tmp/unused")
-    d = _load_protocol(req, lambda f, m: None)
+                            out="/tmp/unused", folds=1)        # the product's roles: one fixed split
+    d = load_protocol(req, lambda f, m: None)
+    reference, mask_models = d.reference(d.folds[0]), d.mask_models[0]
     ext = build_backbone("efficientnet_lite0")
     feats = lambda crops: crop_features(ext, crops)
     pfeats = lambda images, masks: _patches(ext, images, masks)
     evaluation: dict[str, list] = {}
     for s in d.roles.evaluation:
         evaluation.setdefault(s.label, []).append((load_image(s.path, size), load_mask(s, size)))
-    types = [t for t in sorted(d.reference) if len(evaluation.get(t, [])) >= 2]
+    types = [t for t in sorted(reference) if len(evaluation.get(t, [])) >= 2]
     out = {"folder": str(folder), "types": {}, "notes": list(d.notes)}
     for t in types:
         ev = feats(_crops(*zip(*evaluation[t])))
-        ref = feats(_crops([i for i, _, _ in d.reference[t]], [m for _, m, _ in d.reference[t]]))
+        ref = feats(_crops([i for i, _, _ in reference[t]], [m for _, m, _ in reference[t]]))
         pev = pfeats(*zip(*evaluation[t]))
-        pref = pfeats([i for i, _, _ in d.reference[t]], [m for _, m, _ in d.reference[t]])
+        pref = pfeats([i for i, _, _ in reference[t]], [m for _, m, _ in reference[t]])
         row = {"n_reference": len(ref), "n_evaluation": len(ev),
                "real_real": kid(pref, pev) if len(pref) >= 2 else None,
                "real_diversity": diversity(np.concatenate([ref, ev])), "generators": {}}
@@ -108,8 +109,8 @@ def measure(folder: Path, generate: str, per_type: int, seeds: int, size: int) -
     for plan in d.plans:
         per_seed: dict[str, list[float]] = {t: [] for t in types}
         for r in range(seeds):
-            syn = synthesize(plan, d.train, d.train_hashes, {t: d.reference[t] for t in types},
-                             d.mask_models, per_type, seed=0, repeat=100 + r, strength=req.strength,
+            syn = synthesize(plan, d.train, d.train_hashes, {t: reference[t] for t in types},
+                             mask_models, per_type, seed=0, repeat=100 + r, strength=req.strength,
                              feather=req.feather)
             for t in types:
                 s = [x for x in syn if x.label == t]
@@ -117,7 +118,7 @@ def measure(folder: Path, generate: str, per_type: int, seeds: int, size: int) -
                                        pfeats(*zip(*evaluation[t]))))
         # diversity: one (image, mask, type), 6 generator seeds, 4 such groups per type
         for t in types:
-            refs = d.reference[t]
+            refs = reference[t]
             params = {"feather": req.feather, "damage_type": t, **plan.params}
             if plan.info.takes_strength:
                 params["strength"] = req.strength
@@ -127,7 +128,7 @@ def measure(folder: Path, generate: str, per_type: int, seeds: int, size: int) -
             for g in range(4):
                 rng = np.random.default_rng([7, g])
                 base = d.train[int(rng.integers(len(d.train)))]
-                mask = d.mask_models[t].sample(base.shape[:2], rng)
+                mask = mask_models[t].sample(base.shape[:2], rng)
                 outs = [plan.generator(base, mask.astype(np.uint8) * 255, seed=s, **params) for s in range(6)]
                 divs.append(diversity(feats(_crops(outs, [mask] * len(outs)))))
             k = np.array(per_seed[t])

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 
 from pipelines.mvtec import load_category, load_image, load_mask
-from pipelines.roles import file_pixel_hash, folder_roles
+from pipelines.roles import file_pixel_hash, folder_roles, pixel_hash
 from studio.experiment import ExperimentRequest, MaskSampler, resolve_generators, run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "assets" / "demo"
-FAST = dict(repeats=2, per_type=2, backbone="random", size=64, coreset=0.05, segmenter_steps=20, n_boot=200)
+FAST = dict(repeats=2, per_type=2, backbone="random", size=64, coreset=0.05, segmenter_steps=20, n_boot=200,
+            folds=1)   # the product's roles (cross-fitting: tests/test_experiment_folds.py)
 METRICS = ("pixel_auroc", "pixel_ap", "aupro", "image_auroc")
 
 
@@ -50,7 +51,7 @@ def test_blocks_verdicts_and_protocol(runs):
                 assert all(_is_interval(v) for v in metrics.values()), arm
         for d in (block["patchcore"]["delta"], block["segmenter"]["delta"]):
             for v in d.values():
-                lo, hi = v["ci95"]
+                lo, hi = v["ci_adjusted"]                    # Holm-adjusted over the run's family
                 assert v["verdict"] == ("helped" if lo > 0 else "hurt" if hi < 0 else "no detectable effect")
         assert block["verdict"]["patchcore"] in ("helped", "no detectable effect", "hurt")
     assert r["patchcore"] == r["backends"]["perlin"]["patchcore"]
@@ -76,8 +77,9 @@ def test_blocks_verdicts_and_protocol(runs):
 def test_no_training_set_holds_an_evaluation_image(runs):
     r, _, _ = runs
     roles = folder_roles(DEMO / "bottle")
-    evaluation = {file_pixel_hash(s.path) for s in roles.evaluation}
-    reference = {file_pixel_hash(s.path) for s in roles.reference}
+    # the recorded hashes are those of the arrays fitted (at the run's size), as the guard saw them
+    evaluation = {pixel_hash(load_image(s.path, 64)) for s in roles.evaluation}
+    reference = {pixel_hash(load_image(s.path, 64)) for s in roles.reference}
     seg = set(r["training_hashes"]["segmenter"])
     bank = set(r["training_hashes"]["patchcore_positive_bank"])
     assert evaluation and not (seg & evaluation) and not (bank & evaluation)
@@ -153,6 +155,7 @@ def test_leaking_synthetic_export_is_refused_by_the_cli(tmp_path):
     (exp / "provenance.jsonl").unlink()
     shutil.copy(ev.path, exp / "synthetic" / ev.label / "001.png")
     shutil.copy(ev.mask_path, exp / "synthetic_ground_truth" / ev.label / "001_mask.png")
-    with pytest.raises(ValueError, match=f"synthetic/{ev.label}/001.png is pixel-identical to evaluation image"):
+    with pytest.raises(ValueError, match=f"synthetic/{ev.label}/001.png equals the evaluation image "
+                                         f"test/{ev.label}/{ev.path.name}"):
         run_experiment(ExperimentRequest(data=str(DEMO / "bottle"), out=str(tmp_path / "o2"),
                                          synthetic=str(exp), **FAST))

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.roles import LeakageError, file_pixel_hash, folder_roles
-from studio.experiment import ExperimentRequest, _load_protocol, resolve_generators, run_experiment, synthesize
+from pipelines.mvtec import load_image
+from pipelines.roles import LeakageError, file_pixel_hash, folder_roles, pixel_hash
+from studio.experiment import ExperimentRequest, load_protocol, resolve_generators, run_experiment, synthesize
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "assets" / "demo"
@@ -72,14 +73,20 @@ def test_cli_all_runs_pixel_inpaint_with_the_shipped_model_and_records_it(tmp_pa
     assert r["backends"]["pixel-inpaint"]["n_synthetic"] == len(TYPES)          # 1 per type, 1 repeat
     assert r["protocol"]["product"] == "bottle"
     assert r["protocol"]["model_roots"] == [str(tmp_path / "fresh-ws" / "adapters")]
-    # what the model learned from is among what the models were trained on, never an evaluation image
-    evaluation = {file_pixel_hash(s.path) for s in folder_roles(DEMO / "bottle").evaluation}
-    assert set(_shipped_ancestors()) <= set(r["training_hashes"]["segmenter"])
-    assert not set(r["training_hashes"]["segmenter"]) & evaluation
+    # the shipped model learned from the product's reference defects, so the run keeps the product's
+    # roles (one fold) — cross-fitting would score what it learned from — and says so
+    assert r["protocol"]["folds"]["k"] == 1
+    assert any(n.startswith("one fold (the product's roles) instead of 3") for n in r["notes"])
+    # what the arrays fitted were (hashes at the run's size, as the guard returned them): the
+    # reference defects, never an evaluation image
+    roles = folder_roles(DEMO / "bottle")
+    at64 = lambda ss: {pixel_hash(load_image(s.path, 64)) for s in ss}
+    assert at64(roles.reference) <= set(r["training_hashes"]["segmenter"])
+    assert not set(r["training_hashes"]["segmenter"]) & at64(roles.evaluation)
     assert not any(n.startswith("skipped pixel-inpaint") for n in r["notes"])
     report = (out / "report.md").read_text()
     assert (f"pixel-inpaint models: {', '.join(TYPES)} → `{SHIPPED}` (shipped; its training data: "
-            f"{len(_shipped_ancestors())} real images, none evaluated)") in report
+            f"{len(_shipped_ancestors())} real images, 0 of them scored here)") in report
     assert "## pixel-inpaint" in report and (out / "samples" / "pixel-inpaint.png").is_file()
 
 
@@ -116,8 +123,9 @@ def test_a_workspace_model_comes_first_and_only_for_the_types_it_learned(tmp_pat
     assert plan.provenance()["model_sources"] == {str(run): "workspace run", str(SHIPPED): "shipped"}
     assert any(f"contamination with the model {run} (workspace run)" in n for n in notes)
     # the samples of each type carry their own model's training data as ancestors
-    d = _load_protocol(req, lambda *a: None)
-    syn = synthesize(d.plans[0], d.train, d.train_hashes, d.reference, d.mask_models, 1, 0, 0, 0.8, 4)
+    d = load_protocol(req, lambda *a: None)
+    assert len(d.folds) == 1       # the model learned from real defects: the product's roles, one fold
+    syn = synthesize(d.plans[0], d.train, d.train_hashes, d.reference(d.folds[0]), d.mask_models[0], 1, 0, 0, 0.8, 4)
     assert sorted(s.label for s in syn) == TYPES
     assert all((MARK in s.ancestors) == (s.label == "contamination") for s in syn)
 
@@ -137,9 +145,9 @@ def test_a_type_no_model_learned_is_skipped_not_run_with_another_types_model(tmp
     assert all("--damage-types" in why and "'widget'" in why for why in plan.skipped_types.values())
     assert any(n.startswith("pixel-inpaint: contamination with the model") and "type broken_large skipped" in n
                for n in notes)
-    d = _load_protocol(req, lambda *a: None)
+    d = load_protocol(req, lambda *a: None)
     syn = synthesize(d.plans[[p.name for p in d.plans].index("pixel-inpaint")], d.train, d.train_hashes,
-                     d.reference, d.mask_models, 1, 0, 0, 0.8, 4)
+                     d.reference(d.folds[0]), d.mask_models[0], 1, 0, 0, 0.8, 4)
     assert [s.label for s in syn] == ["contamination"]
 
 
