@@ -257,8 +257,8 @@ class CutPasteOptions:
 
 
 # Warps that lay a donor defect onto the painted mask (cut-paste here, defect-transfer imports them)
-ELONGATED = 3.0            # a target strip this elongated (length / width) is laid along its skeleton
-DONOR_ELONGATED = 1.5      # ... when the donor's is at least this elongated
+ELONGATED = 4.0            # a target this elongated (profiles.elongation: length / widest width) is
+DONOR_ELONGATED = 2.0      # laid along its skeleton when the donor is at least this elongated
 _TPS_POINTS = 32
 
 
@@ -410,36 +410,86 @@ def _outside_along_normals(mx: np.ndarray, my: np.ndarray, target: np.ndarray,
             np.where(out, by + uy / norm * step, my).astype(np.float32))
 
 
+def _folds(mx: np.ndarray, my: np.ndarray, where: np.ndarray) -> float:
+    """Share of the pixels ``where`` at which a map folds over (its Jacobian determinant ≤ 0)."""
+    dxx, dxy = np.gradient(mx, axis=1), np.gradient(mx, axis=0)
+    dyx, dyy = np.gradient(my, axis=1), np.gradient(my, axis=0)
+    det = dxx * dyy - dxy * dyx
+    return float((det[where] <= 0).mean()) if where.any() else 0.0
+
+
+def _overlap(mx: np.ndarray, my: np.ndarray, target: np.ndarray, donor: np.ndarray) -> float:
+    """IoU of the donor mask pulled back through the map with the target mask."""
+    pulled = cv2.remap(donor.astype(np.uint8), mx, my, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT) > 0
+    return float((pulled & target).sum() / max(1, (pulled | target).sum()))
+
+
+def _field_map(target: np.ndarray, donor: np.ndarray, rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Moments alignment over the dihedral group (defect-transfer's, jittered by ±6° and
+    ×e^(±0.06): a donor's content — a part, a lead, printed text — is not turned at random), then
+    the smooth displacement field that pulls the warped donor mask's distance function onto the
+    target's."""
+    from pipelines import transfer as T          # here: transfer imports this module
+    h, w = target.shape
+    _, _, sig = T._moments(target)
+    angle = math.radians(6.0) * rng.uniform(-1, 1)
+    scale = math.exp(0.06 * rng.uniform(-1, 1))
+    affine, _ = T.best_affine(target, donor, T.candidate_affines(target, donor, angle, scale), rng)
+    warped = cv2.warpAffine(donor.astype(np.float32), affine, (w, h),
+                            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP) > 0.5
+    u = T.displacement_field(target, warped, 4.0 * float(sig[0]))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    px, py = xx + u[..., 0], yy + u[..., 1]
+    return ((affine[0, 0] * px + affine[0, 1] * py + affine[0, 2]).astype(np.float32),
+            (affine[1, 0] * px + affine[1, 1] * py + affine[1, 2]).astype(np.float32))
+
+
 def follow_mask_map(target: np.ndarray, donor_mask: np.ndarray, rng: np.random.Generator,
                     zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray, str] | None:
     """Donor-window coordinates ``(mx, my, how)`` for every pixel of the target window so that
     the donor defect follows the painted mask ``target`` (bool):
 
-    - ``"skeleton"`` — an elongated target (strip length / width ≥ :data:`ELONGATED`) and a
+    - ``"skeleton"`` — an elongated target (length / widest width ≥ :data:`ELONGATED`) and a
       donor that is not round (≥ :data:`DONOR_ELONGATED`): laid along the two skeletons
       (:func:`pipelines.generators.profiles.strip_map`; the seed reverses, mirrors and shifts
       it);
-    - ``"outline"`` — otherwise a thin-plate spline from the target's outline (and its interior
-      pole) onto the donor's (:func:`outline_correspondence`, :func:`tps_map`), continued outside
-      the target along the donor's outline normals (:func:`_outside_along_normals`);
+    - otherwise the better of two warps of the outline onto the outline — the one whose pulled-
+      back donor mask overlaps the target most among those that do not fold over (Jacobian
+      determinant ≤ 0 on ≤ 0.5 % of the region around the mask): ``"outline"``, a thin-plate
+      spline from the target's outline (and its interior pole) onto the donor's
+      (:func:`outline_correspondence`, :func:`tps_map`; continued outside the target along the
+      donor's outline normals, :func:`_outside_along_normals`), exact on smooth shapes but prone
+      to fold on jagged, many-lobed ones; ``"field"``, the moments alignment plus a smooth
+      displacement field (:func:`_field_map`), never folding but looser.
 
-    None when neither applies (the caller falls back to an affine map). ``rng`` draws, in this
-    order: reverse, mirror, shift (skeleton) or the outline match's tie-break (outline)."""
+    None when no warp applies (the caller falls back to an affine map). ``rng`` draws, in this
+    order: reverse, mirror, shift (skeleton), or the outline match's tie-break, then the field's
+    rotation, scale and dihedral tie-break."""
     from pipelines.generators import profiles as P
     h, w = target.shape
-    ts = P.strip_of(target)
-    ds = P.cached("strip", P.mask_key(donor_mask), lambda: P.strip_of(donor_mask))
-    if ts is not None and ds is not None and ts.elongation >= ELONGATED and ds.elongation >= DONOR_ELONGATED:
+    ts = P.strip_of(target) if P.elongation(target) >= ELONGATED else None
+    ds = P.cached("strip", P.mask_key(donor_mask), lambda: P.strip_of(donor_mask)
+                  if P.elongation(donor_mask) >= DONOR_ELONGATED else None) if ts is not None else None
+    if ts is not None and ds is not None:
         reverse, mirror, shift = bool(rng.random() < 0.5), bool(rng.random() < 0.5), float(rng.random())
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
         mx, my = P.strip_map(ts, ds, xx, yy, (h, w), reverse=reverse, mirror=mirror, shift=shift)
         return mx, my, "skeleton"
-    corr = outline_correspondence(target, donor_mask, rng, zoom)
-    if corr is None:
+    if target.sum() < 4 or donor_mask.sum() < 4 or target.all():
         return None
-    mx, my = tps_map(corr[0], corr[1], (h, w))
-    mx, my = _outside_along_normals(mx, my, target, donor_mask)
-    return mx, my, "outline"
+    region = mk.dilate(np.where(target, 255, 0).astype(np.uint8), 3) > 0
+    options = []
+    corr = outline_correspondence(target, donor_mask, rng, zoom)
+    if corr is not None:
+        mx, my = tps_map(corr[0], corr[1], (h, w))
+        mx, my = _outside_along_normals(mx, my, target, donor_mask)
+        if _folds(mx, my, region) <= 0.005:
+            options.append((_overlap(mx, my, target, donor_mask), mx, my, "outline"))
+    mx, my = _field_map(target, donor_mask, rng)
+    options.append((_overlap(mx, my, target, donor_mask) + 1e-6, mx, my, "field"))
+    _, mx, my, how = max(options, key=lambda o: o[0])
+    return mx, my, how
 
 
 class CutPasteGenerator(WindowedGenerator):
@@ -454,9 +504,10 @@ class CutPasteGenerator(WindowedGenerator):
     The donor follows the mask (:func:`follow_mask_map`): along an elongated painted stroke it is
     laid along the stroke's skeleton (its own skeleton's arc length onto the stroke's, its width
     onto the stroke's local width), so a crack runs the whole stroke and is as thin as it; on
-    other masks a thin-plate spline maps the painted outline onto the donor defect's outline
-    (zoomed ×1..1.15 so its edge lands just inside). A mask with neither (a pixel, the whole
-    window) falls back to the bbox-onto-bbox flip / rotation whose overlap is best. The seed picks
+    other masks the painted outline is mapped onto the donor defect's outline by a thin-plate
+    spline (zoomed ×1..1.15 so its edge lands just inside) or by a moments alignment plus a smooth
+    displacement field, whichever overlaps better without folding. A mask with neither (a pixel,
+    the whole window) falls back to the bbox-onto-bbox flip / rotation whose overlap is best. The seed picks
     the donor, the zoom and the warp's orientation (reversed / mirrored, the outline match among
     near-ties). Blending: ``cv2.seamlessClone`` over ``dilate(mask, feather + 4)``; the feathered
     composite then restricts the change to ``dilate(mask, feather)``.

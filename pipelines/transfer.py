@@ -592,10 +592,10 @@ class DefectTransferGenerator(WindowedGenerator):
         spread = rng.uniform(-1, 1)
         strips = None
         if warp == "field":
-            ts = P.strip_of(target)
-            ds = P.cached("strip", P.mask_key(donor.mask), lambda: P.strip_of(donor.mask))
-            if ts is not None and ds is not None and ts.elongation >= ELONGATED \
-                    and ds.elongation >= DONOR_ELONGATED:
+            ts = P.strip_of(target) if P.elongation(target) >= ELONGATED else None
+            ds = P.cached("strip", P.mask_key(donor.mask), lambda: P.strip_of(donor.mask)
+                          if P.elongation(donor.mask) >= DONOR_ELONGATED else None) if ts is not None else None
+            if ts is not None and ds is not None:
                 strips = (ts, ds)
         if strips is None:
             affine, _ = best_affine(target, donor.mask,

@@ -3,8 +3,9 @@ the same inputs and seed must give the same bytes after it. Hashes were made wit
 commit 51e2a7f (pixel-inpaint: a 2-step tiny model on one thread, deterministic on this CPU build).
 
 Re-pinned deliberately: cutpaste 1 → 2 (issue 22 item 4: the donor is warped onto the painted mask —
-along its skeleton, or outline onto outline by a thin-plate spline — instead of its bbox pasted onto
-the mask's bbox; the seed's draws changed with it). Every other pin is the original.
+along its skeleton, or outline onto outline by a thin-plate spline or a moments alignment plus a
+displacement field — instead of its bbox pasted onto the mask's bbox; the seed's draws changed with
+it). Every other pin is the original.
 """
 from __future__ import annotations
 
@@ -32,11 +33,11 @@ PINS = {
     "perlin/crack/1": "4cd8a70f29c30b4854cc",
     "perlin/color/0": "423b321ac72d8e3b7f54",
     "perlin/color/1": "bcaf035c399ee3898502",
-    "cutpaste/0": "e3935f2561d57450149f",   # cutpaste 2 (was 1efbc070733746ff28f2)
-    "cutpaste-mixed/0": "39756507a9f0039d9b2d",   # cutpaste 2 (was 6897b7ed31b8fed08e41)
+    "cutpaste/0": "7d9ae43ed072f85c59fb",   # cutpaste 2 (was 1efbc070733746ff28f2)
+    "cutpaste-mixed/0": "827e8d7b494c00df55bd",   # cutpaste 2 (was 6897b7ed31b8fed08e41)
     "wall-lab/0": "6aa68aa9ec5478418f3f",
-    "cutpaste/1": "ec2c07bb102252591251",   # cutpaste 2 (was c04a65ba3d9732d5e329)
-    "cutpaste-mixed/1": "9b5ec1cfef4f499c56d2",   # cutpaste 2 (was 84c9c1ea0543da0aea6a)
+    "cutpaste/1": "003db2e98bf554b707d1",   # cutpaste 2 (was c04a65ba3d9732d5e329)
+    "cutpaste-mixed/1": "7785c20a17d0b427d1b2",   # cutpaste 2 (was 84c9c1ea0543da0aea6a)
     "wall-lab/1": "39889d86a0226f452ebe",
     "pixel-inpaint/0": "5a4366055d6cfb23d40f",
     "pixel-inpaint/1": "b33aa55caaef3c25849b",

@@ -504,6 +504,17 @@ class Strip:
         return self.length / max(2.0 * self.mean_width, 1.0)
 
 
+def elongation(mask: np.ndarray) -> float:
+    """A mask's length over its widest width (:mod:`pipelines.shapes`' ``extent / max_width``:
+    4 √λ1 of its pixel coordinates over twice its largest inside distance) — ≈ 58 for a 3 px
+    line 150 px long, ≈ 1.2 for a disc; what decides whether a mask is a stroke."""
+    from pipelines.shapes import _axes, _max_width
+    m = np.asarray(mask) > 0
+    if not m.any():
+        return 0.0
+    return _axes(m)[0] / max(_max_width(m), 1.0)
+
+
 def _main_path(skel: np.ndarray) -> np.ndarray:
     """Pixel coordinates ``[K x 2]`` (x, y) of the longest geodesic path of the skeleton's
     largest connected part (two Dijkstra sweeps)."""
@@ -633,5 +644,5 @@ def strip_map(target: Strip, donor: Strip, qx: np.ndarray, qy: np.ndarray, shape
 
 __all__ = ["Skeleton", "skeleton_of", "nearest", "offsets", "branch_rate", "Profile",
            "default_profile", "measure_profile", "profiles_for", "donor_key", "mask_key", "cached", "mix",
-           "soft_ceiling", "relight", "lab_to_rgb_float", "Strip", "strip_of", "strip_coords",
+           "soft_ceiling", "relight", "lab_to_rgb_float", "Strip", "strip_of", "elongation", "strip_coords",
            "strip_map", "T_MAX", "CHANNELS"]
