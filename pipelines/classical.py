@@ -258,7 +258,7 @@ class CutPasteOptions:
 
 # Warps that lay a donor defect onto the painted mask (cut-paste here, defect-transfer imports them)
 ELONGATED = 4.0            # a target this elongated (profiles.elongation: length / widest width) is
-DONOR_ELONGATED = 2.0      # laid along its skeleton when the donor is at least this elongated
+DONOR_ELONGATED = 1.2      # laid along its skeleton when the donor is at least this elongated (not round)
 _TPS_POINTS = 32
 
 
