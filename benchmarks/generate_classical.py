@@ -5,6 +5,12 @@
 Prints the median of several runs per generator (and per Perlin style). Target: ≤ 0.3 s each on
 a 2-core CPU at the default 5 % mask; one extra wall-lab row with a 56 % mask shows how the cost
 grows with the mask (all work is done in the mask's bounding box). Uses skimage's bundled sample photos, so it needs no network and no dataset.
+
+The donor generators (cutpaste, defect-transfer, stroke with reference donors) are timed on a
+5 % blob mask and on a thin painted stroke (3 px wide, a diagonal across 60 % of the image): the
+two warps (outline / skeleton). Their first call measures the donors (defect-transfer's
+deviation, stroke's cross-section profiles) and caches them per donor hash; the ``first call``
+rows show that cost, the others the median after it.
 """
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ from skimage import data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines import classical, masks  # noqa: E402
+from pipelines import classical, masks, transfer  # noqa: E402
+from pipelines.generators import profiles, stroke  # noqa: E402
 
 
 def _mask_of_fraction(style: str, shape, fraction: float, seed: int) -> np.ndarray:
@@ -74,6 +81,26 @@ def main(argv: list[str] | None = None) -> int:
     m = _mask_of_fraction("blob", size, args.fraction, seed=3)
     rows.append(("cutpaste", _time(lambda: cut(image, m, seed=0, donors=[(donor_img, donor_mask)]),
                                    args.runs), masks.area(m)))
+
+    # the donor generators on a blob and on a thin stroke; their first call measures the donors
+    stroke_mask = np.zeros(size, np.uint8)
+    cv2.line(stroke_mask, (size[1] // 5, size[0] * 4 // 5), (size[1] * 4 // 5, size[0] // 5), 255, 3)
+    donors = [(donor_img, donor_mask), (donor_img, _mask_of_fraction("scratch", size, 0.01, seed=5))]
+    gens = (("cutpaste", classical.CutPasteGenerator(), {}),
+            ("defect-transfer", transfer.DefectTransferGenerator(), {}),
+            ("stroke", stroke.StrokeGenerator(), {}))
+    for name, gen, kw in gens:
+        for label, tm in (("blob", m), ("3 px stroke", stroke_mask)):
+            for with_donors in ((True, False) if name == "stroke" else (True,)):
+                kw2 = dict(kw, damage_type="crack", **({"donors": donors} if with_donors else {}))
+                profiles.clear_cache()
+                t0 = time.perf_counter()
+                gen(image, tm, seed=0, **kw2)
+                first = time.perf_counter() - t0
+                tag = f"{name}/{label}" + ("" if with_donors or name != "stroke" else " (no donors)")
+                rows.append((tag, _time(lambda: gen(image, tm, seed=1, **kw2), args.runs), masks.area(tm)))
+                if with_donors:
+                    rows.append((f"{tag} first call", first, masks.area(tm)))
 
     wall = classical.LabRecolorGenerator()
     m = _mask_of_fraction("color", size, args.fraction, seed=4)

@@ -432,7 +432,7 @@ def _field_map(target: np.ndarray, donor: np.ndarray, rng: np.random.Generator
     target's."""
     from pipelines import transfer as T          # here: transfer imports this module
     h, w = target.shape
-    _, _, sig = T._moments(target)
+    _, _, sig = T.moments(target)
     angle = math.radians(6.0) * rng.uniform(-1, 1)
     scale = math.exp(0.06 * rng.uniform(-1, 1))
     affine, _ = T.best_affine(target, donor, T.candidate_affines(target, donor, angle, scale), rng)

@@ -124,8 +124,12 @@ class DefectTransferOptions:
 # --------------------------------------------------------------------------------------------
 # Colour helpers
 # --------------------------------------------------------------------------------------------
-def _lab(rgb: np.ndarray) -> np.ndarray:
+def to_lab(rgb: np.ndarray) -> np.ndarray:
+    """RGB uint8 → float32 CIE LAB."""
     return rgb_to_lab(rgb).astype(np.float32)
+
+
+_lab = to_lab
 
 
 def _rgb(lab: np.ndarray) -> np.ndarray:
@@ -144,7 +148,7 @@ def _sdf(m: np.ndarray) -> np.ndarray:
     return (outside - inside).astype(np.float32)
 
 
-def _moments(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def moments(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(centroid (x, y), R 2×2 with the major / minor axis as columns, σ (major, minor))`` of
     a non-empty boolean mask; each pixel counts as a unit square (a 1-px line has σ_minor > 0)."""
     ys, xs = np.nonzero(m)
@@ -176,7 +180,7 @@ class Donor:
     C_hi: float | None = None
 
 
-def _halo(mask: np.ndarray) -> int:
+def halo(mask: np.ndarray) -> int:
     """Pixels around an annotated defect that still belong to it (rims, lips, shadows)."""
     return int(np.clip(round(2 + 0.05 * math.sqrt(mask.sum())), 2, 8))
 
@@ -186,14 +190,14 @@ def _as_pair(pair: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
     return img, m > 0
 
 
-def _window_of(m: np.ndarray, margin: int) -> tuple[slice, slice]:
+def window_of(m: np.ndarray, margin: int) -> tuple[slice, slice]:
     x0, y0, x1, y1 = mk.bbox(m)  # type: ignore[misc]
     h, w = m.shape
     return (slice(max(0, y0 - margin), min(h, y1 + margin)),
             slice(max(0, x0 - margin), min(w, x1 + margin)))
 
 
-def _background(rgb: np.ndarray, hole: np.ndarray, smooth: float) -> np.ndarray:
+def background(rgb: np.ndarray, hole: np.ndarray, smooth: float) -> np.ndarray:
     """The donor's background under ``hole``: Telea inpainting (on a downscaled copy when the hole
     is large — it is smooth anyway), smoothed inside the hole; ``h×w×3 uint8``."""
     if hole.all():                                  # nothing around it to learn from
@@ -299,12 +303,12 @@ def core_surface_texture(log_l: np.ndarray, L: np.ndarray, hole: np.ndarray, r: 
 def prepare_donor(image: np.ndarray, mask: np.ndarray) -> Donor:
     """The deviation of a real defect from its inpainted background (see the module doc, step 1).
     ``image`` ``H×W×3 uint8``, ``mask`` ``H×W bool`` (non-empty)."""
-    r = _halo(mask)
-    size = 4.0 * float(_moments(mask)[2][0])
-    ys, xs = _window_of(mask, 3 * r + 8)
+    r = halo(mask)
+    size = 4.0 * float(moments(mask)[2][0])
+    ys, xs = window_of(mask, 3 * r + 8)
     rgb, m = image[ys, xs], mask[ys, xs]
     hole = mk.dilate(m.astype(np.uint8) * 255, r) > 0
-    bg = _background(rgb, hole, smooth=max(1.0, r / 2))
+    bg = background(rgb, hole, smooth=max(1.0, r / 2))
     lab = _lab(rgb)
     dev = deviation(lab, _lab(bg), _level_sigma(size))
     dev[..., 0] = core_surface_texture(dev[..., 0], lab[..., 0], hole, r)
@@ -374,8 +378,8 @@ def candidate_affines(target: np.ndarray, donor: np.ndarray, angle: float = 0.0,
     scales ``σ_donor / σ_target`` (each within ×/÷ ``min(2, √(donor σ ratio))`` of their geometric
     mean: a stroke may be stretched across, a round texture patch stays nearly isotropic), then
     ``angle`` (rad) / ``scale`` jitter about the donor's centroid."""
-    ct, Rt, st = _moments(target)
-    cd, Rd, sd = _moments(donor)
+    ct, Rt, st = moments(target)
+    cd, Rd, sd = moments(donor)
     # a stroke may be stretched across (its texture runs along it); a round donor is a texture
     # patch that squashing would streak: its anisotropy cap is √(its own elongation)
     cap = float(np.clip(math.sqrt(sd[0] / sd[1]), 1.0, _MAX_ANISO))
@@ -583,7 +587,7 @@ class DefectTransferGenerator(WindowedGenerator):
         #    target may turn the donor any way (±180°·jitter), an elongated one (σ ratio ≥ 2)
         #    only by ±12°·jitter. An elongated target (warp="field") is instead laid along the
         #    skeletons (step 3).
-        _, _, sig_t = _moments(target)
+        _, _, sig_t = moments(target)
         roundness = float(np.clip(2.0 - sig_t[0] / sig_t[1], 0.0, 1.0))
         angle = math.radians(12.0 + 168.0 * roundness) * jitter * rng.uniform(-1, 1)
         scale = math.exp(0.12 * jitter * rng.uniform(-1, 1))
@@ -605,7 +609,7 @@ class DefectTransferGenerator(WindowedGenerator):
         #    the two skeletons for an elongated target (the wobble kept within half its width so
         #    the defect stays on the stroke), else the non-rigid refinement (the warped donor
         #    mask's distance function onto the target's); one remap of the donor.
-        size = 4.0 * float(_moments(target)[2][0])              # ≈ the target's length
+        size = 4.0 * float(moments(target)[2][0])              # ≈ the target's length
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         gain_noise = fractal_noise((h, w), rng, cell=max(4.0, size / 3), octaves=3)
         amp = jitter * float(np.clip(0.08 * size, 0.5, 6.0))
@@ -680,8 +684,8 @@ def relight_for(damage_type: str | None) -> str:
 def _quick_intensity(image: np.ndarray, mask: np.ndarray) -> float:
     """A donor's mean |log L ratio| inside its mask against the median L of a ring around it —
     a cheap stand-in for :func:`prepare_donor`'s ``intensity`` (used for the range only)."""
-    r = _halo(mask)
-    ys, xs = _window_of(mask, 3 * r + 8)
+    r = halo(mask)
+    ys, xs = window_of(mask, 3 * r + 8)
     m = mask[ys, xs].astype(np.uint8) * 255
     ring = (mk.dilate(m, 2 * r + 4) > 0) & ~(mk.dilate(m, r) > 0)
     L = _lab(image[ys, xs])[..., 0]
@@ -689,6 +693,7 @@ def _quick_intensity(image: np.ndarray, mask: np.ndarray) -> float:
     return float(np.abs(np.log((L[m > 0] + _EPS_L) / (ref + _EPS_L))).mean())
 
 
-__all__ = ["DefectTransferGenerator", "DefectTransferOptions", "Donor", "prepare_donor",
+__all__ = ["DefectTransferGenerator", "DefectTransferOptions", "Donor", "prepare_donor", "halo",
+           "background", "window_of", "moments", "to_lab",
            "candidate_affines", "best_affine", "displacement_field", "multiband", "poisson",
            "BLENDS", "WARPS"]

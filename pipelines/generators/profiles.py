@@ -34,7 +34,7 @@ rest of the a/b change: a hue the defect brings). It has two parts:
   reference's orientations cannot tell).
 
 :func:`measure_profile` measures one on a reference defect: its background under the defect is
-inpainted (:func:`pipelines.transfer.prepare_donor`'s ``_background``), the deviation of every
+inpainted (:func:`pipelines.transfer.background`), the deviation of every
 pixel within ``dilate(mask, halo)`` is binned by ``|t|`` (skeleton end caps left out) and the
 per-bin median kept; ``along`` is the robust relative variation of the core along the skeleton,
 ``branching`` the skeleton's branch points per 100 px, and the bounds (``log_l_range``, ``L_hi``,
@@ -126,7 +126,7 @@ def _smooth_on(values: np.ndarray, where: np.ndarray, sigma: float) -> np.ndarra
     return np.where(where, num / np.maximum(den, 1e-6), 0.0).astype(np.float32)
 
 
-def _normals(skel: np.ndarray) -> np.ndarray:
+def normals(skel: np.ndarray) -> np.ndarray:
     """Unit normals ``[H x W x 2]`` (x, y) of a 1-px skeleton from the structure tensor of its
     blurred image (gradients point across a line)."""
     b = cv2.GaussianBlur(skel.astype(np.float32), (0, 0), 1.0)
@@ -165,7 +165,7 @@ def skeleton_of(mask: np.ndarray) -> Skeleton:
         if tips.size:
             d = dijkstra(g, directed=False, indices=tips, min_only=True)
             ends[ys, xs] = d.astype(np.float32)
-    return Skeleton(skel, width.astype(np.float32), _normals(skel), ends, length)
+    return Skeleton(skel, width.astype(np.float32), normals(skel), ends, length)
 
 
 def nearest(skel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -191,11 +191,14 @@ def offsets(sk: Skeleton, skel: np.ndarray | None = None):
     return t.astype(np.float32), n, iy, ix
 
 
-def branch_rate(skel: np.ndarray) -> float:
-    """Branch points per 100 px of a skeleton."""
-    from pipelines.shapes import _branch_points
-    n = int(skel.sum())
-    return 100.0 * _branch_points(skel) / max(n, 1) if n else 0.0
+def branch_rate(mask: np.ndarray) -> float:
+    """Branch points per 100 px of a mask's skeleton (:func:`pipelines.shapes.measure`)."""
+    from pipelines.shapes import measure
+    m = np.asarray(mask) > 0
+    if not m.any():
+        return 0.0
+    st = measure(m)
+    return 100.0 * st["branch_points"] / max(st["skeleton_length"], 1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,12 +320,12 @@ def measure_profile(image: np.ndarray, mask: np.ndarray) -> Profile:
     from pipelines import masks as mk
     from pipelines import transfer as T          # here: transfer imports this module
     m = np.asarray(mask) > 0
-    r = T._halo(m)
-    ys, xs = T._window_of(m, 3 * r + 8)
+    r = T.halo(m)
+    ys, xs = T.window_of(m, 3 * r + 8)
     rgb, mw = image[ys, xs], m[ys, xs]
     hole = mk.dilate(mw.astype(np.uint8) * 255, r) > 0
-    bg = T._background(rgb, hole, smooth=max(1.0, r / 2))
-    lab, lab_bg = T._lab(rgb), T._lab(bg)
+    bg = T.background(rgb, hole, smooth=max(1.0, r / 2))
+    lab, lab_bg = T.to_lab(rgb), T.to_lab(bg)
     dev = T.deviation(lab, lab_bg, 8.0)[..., :4]
     sk = skeleton_of(mw)
     t, n, iy, ix = offsets(sk)
@@ -370,7 +373,7 @@ def measure_profile(image: np.ndarray, mask: np.ndarray) -> Profile:
     Lr = lab[hole, 0]
     chroma = np.sqrt((lab[hole, 1:] ** 2).sum(-1))
     lo, hi = np.percentile(dev[hole, 0], [0.5, 99.5])
-    return Profile(sym, anti, along, min(branch_rate(sk.skel), 4.0),
+    return Profile(sym, anti, along, min(branch_rate(mw), 4.0),
                    float(np.median(sk.width[sk.skel])), (float(min(lo, 0.0)), float(max(hi, 0.0))),
                    float(np.percentile(Lr, 99.5)), float(np.percentile(chroma, 99.5)), "reference")
 
@@ -393,6 +396,12 @@ def mask_key(mask: np.ndarray) -> str:
 _CACHE: "OrderedDict[str, Any]" = OrderedDict()
 _CACHE_MAX = 256
 _LOCK = threading.Lock()
+
+
+def clear_cache() -> None:
+    """Forget every cached profile, donor and strip (benchmarks: time a first call)."""
+    with _LOCK:
+        _CACHE.clear()
 
 
 def cached(kind: str, key: str, make):
@@ -508,11 +517,12 @@ def elongation(mask: np.ndarray) -> float:
     """A mask's length over its widest width (:mod:`pipelines.shapes`' ``extent / max_width``:
     4 √λ1 of its pixel coordinates over twice its largest inside distance) — ≈ 58 for a 3 px
     line 150 px long, ≈ 1.2 for a disc; what decides whether a mask is a stroke."""
-    from pipelines.shapes import _axes, _max_width
+    from pipelines.shapes import measure
     m = np.asarray(mask) > 0
     if not m.any():
         return 0.0
-    return _axes(m)[0] / max(_max_width(m), 1.0)
+    st = measure(m)
+    return st["extent"] / max(st["max_width"], 1.0)
 
 
 def _main_path(skel: np.ndarray) -> np.ndarray:
@@ -642,7 +652,7 @@ def strip_map(target: Strip, donor: Strip, qx: np.ndarray, qy: np.ndarray, shape
     return mx.astype(np.float32), my.astype(np.float32)
 
 
-__all__ = ["Skeleton", "skeleton_of", "nearest", "offsets", "branch_rate", "Profile",
-           "default_profile", "measure_profile", "profiles_for", "donor_key", "mask_key", "cached", "mix",
-           "soft_ceiling", "relight", "lab_to_rgb_float", "Strip", "strip_of", "elongation", "strip_coords",
-           "strip_map", "T_MAX", "CHANNELS"]
+__all__ = ["Skeleton", "skeleton_of", "normals", "nearest", "offsets", "branch_rate", "Profile",
+           "default_profile", "measure_profile", "profiles_for", "donor_key", "mask_key", "cached",
+           "clear_cache", "mix", "soft_ceiling", "relight", "lab_to_rgb_float", "Strip", "strip_of",
+           "elongation", "strip_coords", "strip_map", "T_MAX", "CHANNELS"]

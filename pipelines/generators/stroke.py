@@ -204,7 +204,7 @@ class StrokeGenerator(WindowedGenerator):
                            wander_amp * n_wander * np.maximum(sk.width, 1.5))
         if bskel.any():
             bsk = P.Skeleton(bskel, np.where(bskel, bwidth, sk.width).astype(np.float32),
-                             P._normals(bskel), sk.ends, sk.length)
+                             P.normals(bskel), sk.ends, sk.length)
             bdev = self._render(bsk, bskel, prof, width * width_along, gain * depth_along * bdepth,
                                 np.zeros((h, w), np.float32))
             dev = np.where((np.abs(bdev[..., :1]) > np.abs(dev[..., :1])), bdev, dev)
