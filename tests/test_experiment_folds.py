@@ -67,10 +67,10 @@ def test_verdicts_are_holm_adjusted_and_per_type_rows_exploratory(folded):
     assert mc["method"] == "holm" and mc["family_size"] >= 12
     for name in ("delta", "delta_synthetic_only"):
         for v in r["segmenter"][name].values():
-            assert v["family_size"] == mc["family_size"] and 0 <= v["p"] <= v["p_holm"] <= 1
+            assert v["family_size"] == mc["family_size"] and 0 <= v["p_normal"] <= v["p_holm"] <= 1
             lo, hi = v["ci_adjusted"]
             assert v["verdict"] == ("helped" if lo > 0 else "hurt" if hi < 0 else "no detectable effect")
-            assert lo <= v["ci95"][0] + 1e-9 and hi >= v["ci95"][1] - 1e-9   # at least as wide
+            assert v["level"] >= 0.95 and lo <= v["mean"] <= hi
     for t, row in r["by_type"].items():
         assert row["exploratory"] and row["n_evaluation"] == 5
         assert row["segmenter"]["delta"]["pixel_ap"]["verdict"] is not None       # 5 ≥ 3 scored defects

@@ -340,3 +340,15 @@ def test_wall_panel_refuses_a_photo_that_copies_a_scored_image(tmp_path):
                 reference=list(TW.REFERENCES)[2], method="kmeans", color_loss=0.5, colors="", resume=False)
     with pytest.raises(gr.Error, match=r"wall training data \(product bottle\): .*wall1.jpg equals the evaluation image"):
         TW.wall_command(ctx, *args.values())
+
+
+@pytest.mark.slow
+def test_curation_experiment_refuses_planted_synthetic_samples(planted_server):
+    """The Curation tab's experiment exports the product and compares its accepted samples: the
+    three planted copies of an evaluation image are refused where the export is read, each named."""
+    c, ws = planted_server
+    jid, _, _ = c.predict("bottle", 1, [], 2, api_name="/experiment_start")
+    job = _wait(c, "experiment", jid)
+    assert job["status"] == "failed"
+    assert "experiment --synthetic" in job["error"] and "equals the evaluation image test/" in job["error"]
+    assert "3 of" in job["error"]
