@@ -260,6 +260,8 @@ class CutPasteOptions:
 ELONGATED = 4.0            # a target this elongated (profiles.elongation: length / widest width) is
 DONOR_ELONGATED = 1.2      # laid along its skeleton when the donor is at least this elongated (not round)
 _TPS_POINTS = 32
+RIGID_SLACK = 0.05         # the rigid (moments) alignment is kept unless a non-rigid warp overlaps
+                           # the mask better by more than this IoU (it distorts the donor's content)
 
 
 def _outline(mask: np.ndarray, n: int = _TPS_POINTS) -> np.ndarray | None:
@@ -425,11 +427,11 @@ def _overlap(mx: np.ndarray, my: np.ndarray, target: np.ndarray, donor: np.ndarr
 
 
 def _field_map(target: np.ndarray, donor: np.ndarray, rng: np.random.Generator
-               ) -> tuple[np.ndarray, np.ndarray]:
+               ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Moments alignment over the dihedral group (defect-transfer's, jittered by ±6° and
     ×e^(±0.06): a donor's content — a part, a lead, printed text — is not turned at random), then
     the smooth displacement field that pulls the warped donor mask's distance function onto the
-    target's."""
+    target's. Returns both maps: ``(affine only, affine + field)``."""
     from pipelines import transfer as T          # here: transfer imports this module
     h, w = target.shape
     _, _, sig = T.moments(target)
@@ -440,9 +442,11 @@ def _field_map(target: np.ndarray, donor: np.ndarray, rng: np.random.Generator
                             flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP) > 0.5
     u = T.displacement_field(target, warped, 4.0 * float(sig[0]))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    px, py = xx + u[..., 0], yy + u[..., 1]
-    return ((affine[0, 0] * px + affine[0, 1] * py + affine[0, 2]).astype(np.float32),
-            (affine[1, 0] * px + affine[1, 1] * py + affine[1, 2]).astype(np.float32))
+
+    def through(px, py):
+        return ((affine[0, 0] * px + affine[0, 1] * py + affine[0, 2]).astype(np.float32),
+                (affine[1, 0] * px + affine[1, 1] * py + affine[1, 2]).astype(np.float32))
+    return through(xx, yy), through(xx + u[..., 0], yy + u[..., 1])
 
 
 def follow_mask_map(target: np.ndarray, donor_mask: np.ndarray, rng: np.random.Generator,
@@ -454,9 +458,12 @@ def follow_mask_map(target: np.ndarray, donor_mask: np.ndarray, rng: np.random.G
       donor that is not round (≥ :data:`DONOR_ELONGATED`): laid along the two skeletons
       (:func:`pipelines.generators.profiles.strip_map`; the seed reverses, mirrors and shifts
       it);
-    - otherwise the better of two warps of the outline onto the outline — the one whose pulled-
-      back donor mask overlaps the target most among those that do not fold over (Jacobian
-      determinant ≤ 0 on ≤ 0.5 % of the region around the mask): ``"outline"``, a thin-plate
+    - otherwise ``"affine"``, the moments alignment, when no non-rigid warp overlaps the mask
+      better by more than :data:`RIGID_SLACK` IoU (the shape model's masks are the references'
+      own shapes, perturbed: the donor content is kept undistorted); else the better of two warps
+      of the outline onto the outline — the one whose pulled-back donor mask overlaps the target
+      most among those that do not fold over (Jacobian determinant ≤ 0 on ≤ 0.5 % of the region
+      around the mask): ``"outline"``, a thin-plate
       spline from the target's outline (and its interior pole) onto the donor's
       (:func:`outline_correspondence`, :func:`tps_map`; continued outside the target along the
       donor's outline normals, :func:`_outside_along_normals`), exact on smooth shapes but prone
@@ -486,10 +493,13 @@ def follow_mask_map(target: np.ndarray, donor_mask: np.ndarray, rng: np.random.G
         mx, my = _outside_along_normals(mx, my, target, donor_mask)
         if _folds(mx, my, region) <= 0.005:
             options.append((_overlap(mx, my, target, donor_mask), mx, my, "outline"))
-    mx, my = _field_map(target, donor_mask, rng)
-    options.append((_overlap(mx, my, target, donor_mask) + 1e-6, mx, my, "field"))
-    _, mx, my, how = max(options, key=lambda o: o[0])
-    return mx, my, how
+    (ax, ay), (fx, fy) = _field_map(target, donor_mask, rng)
+    options.append((_overlap(fx, fy, target, donor_mask) + 1e-6, fx, fy, "field"))
+    rigid = _overlap(ax, ay, target, donor_mask)
+    best = max(options, key=lambda o: o[0])
+    if rigid >= best[0] - RIGID_SLACK:            # the least distortion that follows the mask
+        return ax, ay, "affine"
+    return best[1], best[2], best[3]
 
 
 class CutPasteGenerator(WindowedGenerator):
@@ -504,9 +514,10 @@ class CutPasteGenerator(WindowedGenerator):
     The donor follows the mask (:func:`follow_mask_map`): along an elongated painted stroke it is
     laid along the stroke's skeleton (its own skeleton's arc length onto the stroke's, its width
     onto the stroke's local width), so a crack runs the whole stroke and is as thin as it; on
-    other masks the painted outline is mapped onto the donor defect's outline by a thin-plate
-    spline (zoomed ×1..1.15 so its edge lands just inside) or by a moments alignment plus a smooth
-    displacement field, whichever overlaps better without folding. A mask with neither (a pixel,
+    other masks the donor is aligned by its moments (rotation, scale, the best of the 8 flips /
+    90° turns) and, where that leaves the painted outline uncovered, warped outline onto outline by
+    a thin-plate spline (zoomed ×1..1.15 so its edge lands just inside) or by a smooth displacement
+    field, whichever overlaps better without folding. A mask with neither (a pixel,
     the whole window) falls back to the bbox-onto-bbox flip / rotation whose overlap is best. The seed picks
     the donor, the zoom and the warp's orientation (reversed / mirrored, the outline match among
     near-ties). Blending: ``cv2.seamlessClone`` over ``dilate(mask, feather + 4)``; the feathered
