@@ -31,6 +31,8 @@ GENERATORS: dict[str, str] = {
     "cutpaste": "pipelines.classical:CutPasteGenerator",
     "defect-transfer": "pipelines.transfer:DefectTransferGenerator",
     "stroke": "pipelines.generators.stroke:StrokeGenerator",
+    "warp": "pipelines.generators.warp:WarpGenerator",
+    "remove": "pipelines.generators.remove:RemoveGenerator",
     "wall-lab": "pipelines.classical:LabRecolorGenerator",
     "pixel-inpaint": "pipelines.pixel_inpaint:PixelInpaintGenerator",
     "sd-inpaint": "pipelines.inpaint:SDInpaintGenerator",

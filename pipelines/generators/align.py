@@ -1,0 +1,743 @@
+"""Registration to the product's good images, structure vs background, and the background fill —
+shared by the ``warp`` and ``remove`` generators.
+
+What "background" means
+-----------------------
+A good image registered to the target usually shows the *same* structure under the mask (a
+transistor's lead is there too), so copying its pixels at the same place changes nothing. The
+background is what *surrounds* the structure (the board around a lead, the plate under a screw).
+So the fill works in two steps:
+
+1. **Structure vs background** (:func:`structure_mask`). A colour model of the background is
+   fitted on the image's frame (a border 6 % of the short side wide: k-means in CIE LAB, one
+   Gaussian per cluster, clusters with < 4 % of the frame dropped as stray product pixels); a
+   pixel is structure when its Mahalanobis distance to every cluster exceeds :data:`STRUCTURE_THRESHOLD`.
+   Small specks are dropped, gaps of ≤ 2 px closed, small enclosed holes filled, and the result
+   is united with the goods' consensus foreground (:func:`pipelines.shapes.estimate_foreground`,
+   carried over by the registration) when the goods have one. A product that fills the frame (a
+   texture) has no structure: the whole mask is then the region to fill.
+2. **Background fill** (:func:`fill_background`): the pixels to replace are filled by copying
+   background from elsewhere — in the target itself and in the good images registered to it —
+   at *offsets* that preserve the background's pattern: the peaks of the background's masked,
+   normalised autocorrelation (:func:`background_offsets`; a perforated board or a woven texture
+   repeats at its period, so a hole lands where a hole belongs), plus seeded random far offsets
+   for an aperiodic background. Each (source, offset) candidate is scored by how well its copy
+   matches the target's background in a ring around the region (mean |ΔRGB|); the region is
+   covered greedily, best candidate first (the seed breaks near-ties), each piece's mean colour
+   matched to the ring, and a pixel no candidate can cover (no background source at any offset)
+   falls back to ``cv2.inpaint`` (Telea) — so does the whole region when there are no sources.
+
+Registration (:func:`align_goods`): the goods nearest the target by the guard's 32 × 32
+fingerprint distance (:func:`pipelines.guard.distances`), minus any good identical or
+near-identical to the target (distance < :data:`pipelines.guard.NEAR_DUPLICATE_THRESHOLD` — the
+target is often one of the goods), each registered by ECC (Euclidean motion, at most 160 px,
+phase-correlation start, the mask region ignored). A good whose ECC correlation stays below
+:data:`MIN_ECC` is tried again from the best of 12 rotations (products lying in random
+orientations); one that still does not align is not used. Goods of other sizes are resized to
+the target's first.
+
+Caches (keyed by pixel hashes, bounded): fingerprints, structure masks, the goods' foreground.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+from pipelines import masks as mk
+
+STRUCTURE_THRESHOLD = 3.5     # Mahalanobis distance (LAB) to the nearest background colour
+MIN_ECC = 0.6                 # ECC correlation a registered good needs to be used
+FRAME = 0.06                  # frame width (share of the short side) the background model reads
+_REG_SIDE = 160               # registration works at most this large
+_DISC3 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
+_DISC5 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+_DISC7 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers and caches
+# --------------------------------------------------------------------------------------------
+class _LRU(OrderedDict):
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def get_or(self, key, make):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        val = self[key] = make()
+        if len(self) > self.size:
+            self.popitem(last=False)
+        return val
+
+
+_FP = _LRU(1024)
+_STRUCT = _LRU(256)
+_FG = _LRU(16)
+
+
+def pixel_key(arr: np.ndarray) -> str:
+    """A short cache key of an array: its shape, the sum of its values and a hash of every 3rd
+    row and column (an edit of 3 × 3 px or more changes it; cheap enough to key 40 goods per call)."""
+    a = np.asarray(arr)
+    h = hashlib.blake2b(np.ascontiguousarray(a[::3, ::3]).tobytes(), digest_size=12)
+    h.update(str((a.shape, a.dtype.str, int(a.sum(dtype=np.int64)))).encode())
+    return h.hexdigest()
+
+
+def rgb_u8(img: Any) -> np.ndarray:
+    a = np.asarray(img)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (3, 4) or a.dtype != np.uint8:
+        raise ValueError(f"a good image must be H×W×3 uint8, got {a.dtype} {a.shape}")
+    return np.ascontiguousarray(a[..., :3])
+
+
+def grey(img: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32)
+
+
+def _lab(img: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(cv2.GaussianBlur(img, (0, 0), 0.8), cv2.COLOR_RGB2LAB).astype(np.float32)
+
+
+def fit_size(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """``img`` resized to ``hw`` (H, W) when it is another size."""
+    if img.shape[:2] == tuple(hw):
+        return img
+    return cv2.resize(img, (hw[1], hw[0]), interpolation=cv2.INTER_AREA)
+
+
+def moments(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(centroid (x, y), axes 2×2 with the major axis first as columns, σ (major, minor))``."""
+    ys, xs = np.nonzero(m)
+    pts = np.stack([xs, ys]).astype(np.float64)
+    c = pts.mean(axis=1)
+    cov = np.cov(pts) if xs.size > 1 else np.zeros((2, 2))
+    ev, vec = np.linalg.eigh(cov + np.eye(2) / 12.0)
+    return c, vec[:, ::-1].copy(), np.sqrt(np.maximum(ev[::-1], 1e-9))
+
+
+# --------------------------------------------------------------------------------------------
+# Structure vs background
+# --------------------------------------------------------------------------------------------
+def background_model(image: np.ndarray, frame: float = FRAME, k: int = 5
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """``(centres [k'×3], inverse covariances [k'×3×3])`` of the frame's LAB colours (k-means)."""
+    h, w = image.shape[:2]
+    b = max(2, int(round(frame * min(h, w))))
+    fr = np.ones((h, w), bool)
+    fr[b:h - b, b:w - b] = False
+    x = _lab(image)[fr]
+    if len(x) > 6000:
+        x = x[np.random.default_rng(0).choice(len(x), 6000, replace=False)]
+    k = int(min(k, max(1, len(x) // 50)))
+    crit = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5)
+    cv2.setRNGSeed(0)
+    _, lbl, cen = cv2.kmeans(x, k, None, crit, 2, cv2.KMEANS_PP_CENTERS)
+    lbl = lbl.ravel()
+    cents, icovs = [], []
+    for j in range(k):
+        xs = x[lbl == j]
+        if len(xs) < max(10, 0.04 * len(x)):
+            continue
+        cov = np.cov(xs.T) + np.eye(3) * 4.0
+        cents.append(cen[j])
+        icovs.append(np.linalg.inv(cov))
+    if not cents:
+        cents, icovs = [x.mean(0)], [np.linalg.inv(np.cov(x.T) + np.eye(3) * 4.0)]
+    return np.array(cents, np.float32), np.array(icovs, np.float32)
+
+
+def _whiten(icov: np.ndarray) -> np.ndarray:
+    """``L`` with ``Lᵀ L = icov`` (so ``|L d|`` is the Mahalanobis length of ``d``)."""
+    return np.linalg.cholesky(icov.astype(np.float64)).T.astype(np.float32)
+
+
+def _colour_codes(image: np.ndarray):
+    """The image's blurred LAB colours once each: ``(colours [u×3] float32, inverse [H·W])``."""
+    lab8 = cv2.cvtColor(cv2.GaussianBlur(image, (0, 0), 0.8), cv2.COLOR_RGB2LAB).reshape(-1, 3)
+    codes = (lab8[:, 0].astype(np.int32) << 16) | (lab8[:, 1].astype(np.int32) << 8) | lab8[:, 2]
+    uniq, inverse = np.unique(codes, return_inverse=True)     # each colour once
+    lab = np.stack([uniq >> 16, (uniq >> 8) & 255, uniq & 255], 1).astype(np.float32)
+    return lab, inverse.ravel()
+
+
+def background_distance(image: np.ndarray, model: tuple[np.ndarray, np.ndarray],
+                        threshold: float = STRUCTURE_THRESHOLD) -> np.ndarray:
+    """``H×W`` float32: the Mahalanobis distance of each pixel's colour to the nearest background
+    colour — a cluster centre, or, for a pixel beside background pixels of two clusters (within
+    2 px), a mix of those two (the segment between their centres: an edge between two background
+    colours is background too; a grey lead on a copper board next to a dark hole is not)."""
+    h, w = image.shape[:2]
+    lab, inverse = _colour_codes(image)
+    cents, icovs = model
+    d_pt = np.stack([np.sqrt(np.maximum(((lab - c) @ _whiten(ic).T) ** 2, 0).sum(1))
+                     for c, ic in zip(cents, icovs)])                     # k × u
+    best = d_pt.min(0)
+    nearest = d_pt.argmin(0)[inverse].reshape(h, w)
+    confident = (best[inverse] <= threshold).reshape(h, w)
+    near = [cv2.dilate(((nearest == i) & confident).astype(np.uint8), _DISC5) > 0
+            for i in range(len(cents))]
+    out = best[inverse].reshape(h, w).copy()
+    for i in range(len(cents)):
+        for j in range(i + 1, len(cents)):
+            both = near[i] & near[j] & (out > threshold)
+            if not both.any():
+                continue
+            seg = cents[j] - cents[i]
+            t = np.clip((lab - cents[i]) @ (seg / max(float(seg @ seg), 1e-6)), 0.0, 1.0)
+            z = (lab - cents[i] - t[:, None] * seg) @ _whiten(0.5 * (icovs[i] + icovs[j])).T
+            d_seg = np.sqrt((z * z).sum(1))[inverse].reshape(h, w)
+            out[both] = np.minimum(out[both], d_seg[both])
+    return out.astype(np.float32)
+
+
+def _structure(image: np.ndarray, threshold: float) -> np.ndarray:
+    h, w = image.shape[:2]
+    raw = background_distance(image, background_model(image), threshold) > threshold
+    raw8 = cv2.morphologyEx(raw.astype(np.uint8), cv2.MORPH_CLOSE, _DISC7)
+    n, lab, st, _ = cv2.connectedComponentsWithStats(raw8, connectivity=8)
+    keep = np.zeros(n, bool)
+    keep[1:] = st[1:, cv2.CC_STAT_AREA] >= max(6, 2e-4 * h * w)
+    m = keep[lab]
+    from scipy import ndimage as ndi   # here: the registry imports this module for every list
+    holes = ndi.binary_fill_holes(m) & ~m
+    n, lab, st, _ = cv2.connectedComponentsWithStats(holes.astype(np.uint8), connectivity=4)
+    small = np.zeros(n, bool)
+    small[1:] = st[1:, cv2.CC_STAT_AREA] <= 0.002 * h * w
+    return m | small[lab]
+
+
+def structure_mask(image: np.ndarray, threshold: float = STRUCTURE_THRESHOLD) -> np.ndarray:
+    """``H×W bool``: where ``image`` is not its own background (see the module docstring);
+    cached per image."""
+    return _STRUCT.get_or((pixel_key(image), threshold), lambda: _structure(image, threshold)).copy()
+
+
+def goods_foreground(goods: Sequence[np.ndarray], hw: tuple[int, int]) -> np.ndarray | None:
+    """The goods' consensus foreground (``H×W bool`` at ``hw``) or None (no clear object)."""
+    if len(goods) < 2:
+        return None
+
+    def make():
+        from pipelines.shapes import estimate_foreground
+        fg = estimate_foreground([fit_size(g, hw) for g in goods])
+        return None if fg.all() else fg
+    key = (tuple(pixel_key(g[::7, ::7]) for g in goods), hw)
+    return _FG.get_or(key, make)
+
+
+# --------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------
+def fingerprint(img: np.ndarray) -> np.ndarray:
+    from pipelines.guard import fingerprint as fp
+    return _FP.get_or(pixel_key(img), lambda: fp(img))
+
+
+NEAR_IDENTICAL = 1.0          # mean |Δ| of 32 × 32 grey fingerprints: the same photo (re-encoded ≤ 0.2)
+
+
+def nearest_goods(target: np.ndarray, goods: Sequence[np.ndarray]) -> list[tuple[int, float]]:
+    """``[(index, distance)]`` of the goods by fingerprint distance to ``target`` (the guard's
+    trimmed distance, :func:`pipelines.guard.distances`), nearest first, without those identical
+    or near-identical to it — the same photo, maybe re-encoded or locally edited: a mean
+    fingerprint difference under :data:`NEAR_IDENTICAL` grey levels (the target is often one of
+    the goods; copying its own pixels back would change nothing)."""
+    from pipelines.guard import distances
+    if not goods:
+        return []
+    fp = fingerprint(target)
+    fps = np.stack([fingerprint(g) for g in goods])
+    same = np.abs(fps - fp[None]).reshape(len(goods), -1).mean(1) < NEAR_IDENTICAL
+    d = distances(fp, fps)
+    order = np.argsort(d, kind="stable")
+    return [(int(i), float(d[i])) for i in order if not same[i]]
+
+
+def _ecc1(tmpl, inp, warp, mask, motion, iters):
+    crit = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, iters, 1e-4)
+    try:
+        cc, w = cv2.findTransformECC(tmpl, inp, warp.astype(np.float32), motion, crit, mask, 3)
+        return w.astype(np.float64), float(cc)
+    except cv2.error:
+        return warp.astype(np.float64), -1.0
+
+
+def _ecc(tmpl: np.ndarray, inp: np.ndarray, warp: np.ndarray, mask: np.ndarray | None,
+         iters: int = 40, max_turn: float = 10.0) -> tuple[np.ndarray, float]:
+    """ECC: the translation first, then a Euclidean refinement kept only when it correlates
+    better and turns by ≤ ``max_turn`` degrees from the start (a scene with one straight
+    feature lets a free rotation slide into a wrong optimum); larger turns come from the
+    rotation search of :func:`register`."""
+    a0 = math.degrees(math.atan2(warp[1, 0], warp[0, 0]))
+    wt, ct = _ecc1(tmpl, inp, warp, mask, cv2.MOTION_TRANSLATION if abs(a0) < 1e-6 else cv2.MOTION_EUCLIDEAN, iters)
+    we, ce = _ecc1(tmpl, inp, wt if ct > -1 else warp, mask, cv2.MOTION_EUCLIDEAN, iters)
+    turn = abs((math.degrees(math.atan2(we[1, 0], we[0, 0])) - a0 + 180) % 360 - 180)
+    if ce > ct + 0.01 and turn <= max_turn:
+        return we, ce
+    return wt, ct
+
+
+def _rot(angle_deg: float, centre: tuple[float, float]) -> np.ndarray:
+    """2×3 map target coords → good coords for a rotation about ``centre``."""
+    return cv2.getRotationMatrix2D(centre, angle_deg, 1.0).astype(np.float64)
+
+
+def register(target: np.ndarray, good: np.ndarray, ignore: np.ndarray | None = None,
+             rotations: bool = True) -> tuple[np.ndarray, float]:
+    """``(W, score)``: ``W`` 2×3 maps target pixel coords to good coords (``warpAffine(good, W,
+    flags=WARP_INVERSE_MAP)`` is the good aligned to the target), ``score`` the ECC correlation
+    (−1: failed). ``ignore``: target pixels left out (the mask region)."""
+    h, w = target.shape[:2]
+    s = min(1.0, _REG_SIDE / max(h, w))
+    size = (max(8, round(w * s)), max(8, round(h * s)))
+    t = cv2.GaussianBlur(cv2.resize(grey(target), size, interpolation=cv2.INTER_AREA), (0, 0), 1.0)
+    g = cv2.GaussianBlur(cv2.resize(grey(good), size, interpolation=cv2.INTER_AREA), (0, 0), 1.0)
+    m = None
+    if ignore is not None and ignore.any():
+        keep = cv2.resize((~ignore).astype(np.uint8) * 255, size, interpolation=cv2.INTER_NEAREST)
+        m = keep if keep.mean() > 0.25 * 255 else None
+    win = cv2.createHanningWindow(size, cv2.CV_32F)
+    (dx, dy), _ = cv2.phaseCorrelate(t, g, win)
+    warp0 = np.array([[1, 0, dx], [0, 1, dy]], np.float64)
+    warp, cc = _ecc(t, g, warp0, m)
+    if cc < MIN_ECC:                                  # phase correlation may lock onto noise
+        w1, cc1 = _ecc(t, g, np.array([[1, 0, 0], [0, 1, 0]], np.float64), m)
+        if cc1 > cc:
+            warp, cc = w1, cc1
+    if cc < MIN_ECC and rotations:
+        c = ((size[0] - 1) / 2.0, (size[1] - 1) / 2.0)
+        best = (-np.inf, 0.0)
+        for ang in range(30, 360, 30):
+            r = _rot(ang, c)
+            gr = cv2.warpAffine(g, r, size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                borderMode=cv2.BORDER_REFLECT)
+            (ddx, ddy), resp = cv2.phaseCorrelate(t, gr, win)
+            if resp > best[0]:
+                best = (resp, ang, ddx, ddy)
+        if np.isfinite(best[0]):
+            _, ang, ddx, ddy = best
+            r = _rot(ang, c)
+            # target x → x + d (in the rotated good) → rotated back into the good
+            w0 = r.copy()
+            w0[:, 2] += r[:, :2] @ np.array([ddx, ddy])
+            w2, cc2 = _ecc(t, g, w0, m)
+            if cc2 >= MIN_ECC and cc2 > cc + 0.05:
+                warp, cc = w2, cc2
+    full = warp.copy()
+    full[:, 2] /= s
+    return full, cc
+
+
+@dataclass
+class Aligned:
+    """A good image registered to the target: ``image`` (target's size), ``valid`` (inside the
+    good's frame), ``structure`` (its structure mask, registered), ``score``, ``index``."""
+    image: np.ndarray
+    valid: np.ndarray
+    structure: np.ndarray
+    score: float
+    index: int
+    warp: np.ndarray = field(repr=False, default=None)
+
+
+def warp_to(img: np.ndarray, warp: np.ndarray, hw: tuple[int, int], nearest: bool = False,
+            border: int = cv2.BORDER_CONSTANT) -> np.ndarray:
+    flags = (cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR) | cv2.WARP_INVERSE_MAP
+    return cv2.warpAffine(img, warp.astype(np.float32), (hw[1], hw[0]), flags=flags, borderMode=border)
+
+
+def align_goods(target: np.ndarray, goods: Sequence[np.ndarray] | None, k: int = 2,
+                ignore: np.ndarray | None = None, tries: int = 4) -> list[Aligned]:
+    """Up to ``k`` goods registered to ``target`` (nearest first; near-identical ones skipped;
+    at most ``tries`` registrations), each with its structure mask carried over."""
+    if not goods:
+        return []
+    hw = target.shape[:2]
+    goods = [fit_size(rgb_u8(g), hw) for g in goods]
+    fg = goods_foreground(goods, hw)           # in the goods' common frame
+    out: list[Aligned] = []
+    for i, _ in nearest_goods(target, goods)[:tries]:
+        warp, cc = register(target, goods[i], ignore)
+        if cc < MIN_ECC:
+            continue
+        g = goods[i]
+        img = warp_to(g, warp, hw, border=cv2.BORDER_REFLECT)
+        valid = warp_to(np.full(hw, 255, np.uint8), warp, hw, nearest=True) > 0
+        own = structure_mask(g) if fg is None else structure_mask(g) | fg
+        struct = warp_to(own.astype(np.uint8), warp, hw, nearest=True) > 0
+        common = valid & ~struct & ~structure_mask(target)
+        if ignore is not None:
+            common &= ~ignore
+        if common.sum() > 100:            # the good's exposure matched to the target's
+            gain = target[common].astype(np.float64).mean(0) / np.maximum(img[common].mean(0), 1.0)
+            img = np.clip(img * np.clip(gain, 0.7, 1.4), 0, 255).astype(np.uint8)
+        out.append(Aligned(img, valid, struct, cc, i, warp))
+        if len(out) >= k:
+            break
+    return out
+
+
+def target_structure(target: np.ndarray, aligned: Sequence[Aligned],
+                     goods: Sequence[np.ndarray] | None) -> np.ndarray:
+    """The target's structure mask, united with the goods' consensus foreground carried over by
+    the best registration (when the goods have one and one aligned)."""
+    s = structure_mask(target)
+    if aligned and goods is not None and len(goods) >= 2:
+        fg = goods_foreground([rgb_u8(g) for g in goods], target.shape[:2])
+        if fg is not None:
+            s |= warp_to(fg.astype(np.uint8), aligned[0].warp, target.shape[:2], nearest=True) > 0
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# Background offsets: peaks of the masked normalised autocorrelation
+# --------------------------------------------------------------------------------------------
+def _masked_autocorr(f: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Masked NCC of ``f`` with itself at every shift (Padfield 2012), fft-shifted so that the
+    zero shift is at the centre; overlaps under 20 % of the mask are 0."""
+    h, w = f.shape
+    H, W = 2 * h, 2 * w
+    mf = m * f
+    F = [np.fft.rfft2(a, (H, W)) for a in (m, mf, mf * f)]
+    cc = lambda a, b: np.fft.irfft2(np.conj(a) * b, (H, W))
+    n = cc(F[0], F[0])
+    s1, s2 = cc(F[1], F[0]), cc(F[0], F[1])
+    p = cc(F[1], F[1])
+    q1, q2 = cc(F[2], F[0]), cc(F[0], F[2])
+    n = np.maximum(n, 1.0)
+    num = p - s1 * s2 / n
+    den = np.sqrt(np.maximum(q1 - s1 * s1 / n, 0) * np.maximum(q2 - s2 * s2 / n, 0))
+    ncc = np.where((den > 1e-3 * n) & (n > 0.2 * m.sum()), num / np.maximum(den, 1e-9), 0.0)
+    return np.fft.fftshift(ncc)
+
+
+def background_offsets(image: np.ndarray, background: np.ndarray, n: int = 24,
+                       min_shift: float | None = None) -> list[tuple[int, int, float]]:
+    """``[(dy, dx, ncc)]``: the shifts at which the background repeats best (peaks of its masked
+    normalised autocorrelation, at most 128 px large, then refined to the pixel), strongest first;
+    shifts shorter than ``min_shift`` (default 3 % of the short side) are left out."""
+    h, w = image.shape[:2]
+    if background.sum() < 64:
+        return []
+    s = min(1.0, 128.0 / max(h, w))
+    size = (max(8, round(w * s)), max(8, round(h * s)))
+    g = cv2.resize(grey(image), size, interpolation=cv2.INTER_AREA)
+    m = cv2.resize(background.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(np.float64)
+    g = g.astype(np.float64)
+    if m.sum() < 32 or g[m > 0].std() < 1.0:
+        return []
+    ncc = _masked_autocorr(g, m)
+    H, W = ncc.shape
+    cy, cx = H // 2, W // 2
+    yy, xx = np.mgrid[0:H, 0:W]
+    r = np.hypot(yy - cy, xx - cx) / s
+    lo = max(8.0, 0.05 * min(h, w)) if min_shift is None else min_shift
+    ncc[r < lo] = 0.0
+    from scipy import ndimage as ndi
+    peaks = (ncc == ndi.maximum_filter(ncc, size=5)) & (ncc > 0.25) & (r >= lo + 2.5 / s)
+    # (a maximum on the excluded disc's rim is the slope of the zero-shift peak, not a period)
+    ys, xs = np.nonzero(peaks)
+    order = np.argsort(-ncc[ys, xs])[: 2 * n]
+    out: list[tuple[int, int, float]] = []
+    gf = grey(image)
+    bg_y, bg_x = np.nonzero(background)
+    pick = np.random.default_rng(0).choice(len(bg_y), min(1500, len(bg_y)), replace=False)
+    by, bx = bg_y[pick], bg_x[pick]
+    gv = gf[by, bx]
+    nb = np.array([(a, b) for a in range(-2, 3) for b in range(-2, 3)])
+    seen = set()
+    for j in order:
+        d0 = np.round(np.array([(ys[j] - cy) / s, (xs[j] - cx) / s])).astype(int)
+        cand = d0[None, :] + nb                                      # 25 × 2
+        ty, tx = by[None, :] + cand[:, :1], bx[None, :] + cand[:, 1:]
+        ok = (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
+        tyc, txc = np.clip(ty, 0, h - 1), np.clip(tx, 0, w - 1)
+        ok &= background[tyc, txc]
+        cnt = ok.sum(1)
+        err = np.where(ok, np.abs(gv[None, :] - gf[tyc, txc]), 0).sum(1) / np.maximum(cnt, 1)
+        err[cnt < 50] = np.inf
+        k = int(np.argmin(err))
+        if not np.isfinite(err[k]):
+            continue
+        key = (int(cand[k, 0]), int(cand[k, 1]))
+        if key not in seen:
+            seen.add(key)
+            out.append((*key, float(ncc[ys[j], xs[j]])))
+        if len(out) >= n:
+            break
+    return out
+
+
+def periodic_structure(image: np.ndarray, structure: np.ndarray, region: np.ndarray,
+                       offsets: Sequence[tuple[int, int, float]], min_ncc: float = 0.5,
+                       threshold: float | None = None) -> np.ndarray:
+    """Pixels of ``region`` unlike what a *periodic* background predicts there (``H×W bool``).
+
+    The prediction is the per-pixel median of the image shifted by the background's period
+    offsets (those with an autocorrelation ≥ ``min_ncc``; sources on ``structure`` left out); a
+    pixel whose largest channel differs from it by more than ``threshold`` (default: 30 grey
+    levels or 5 × the median residual on the background of the region's surroundings) is
+    structure. 1-px lines are opened away (the board is not exactly periodic: hole rims). Empty
+    when the background does not repeat (fewer than 4 such offsets)."""
+    offs = [(dy, dx) for dy, dx, c in offsets if c >= min_ncc]
+    out = np.zeros(region.shape, bool)
+    if len(offs) < 4 or not region.any():
+        return out
+    h, w = region.shape
+    around = (mk.dilate(region, 8) > 0) & ~structure
+    ys, xs = np.nonzero(region | around)
+    f = image.astype(np.float32)
+    vals = np.full((len(offs), len(ys), 3), np.nan, np.float32)
+    for k, (dy, dx) in enumerate(offs):
+        ty, tx = ys + dy, xs + dx
+        ok = (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
+        ok[ok] &= ~structure[ty[ok], tx[ok]]
+        vals[k, ok] = f[ty[ok], tx[ok]]
+    cnt = np.isfinite(vals[..., 0]).sum(0)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(vals, axis=0)
+    res = np.abs(f[ys, xs] - med).max(-1)
+    res[cnt < 3] = 0.0
+    resmap = np.zeros((h, w), np.float32)
+    resmap[ys, xs] = res
+    bg = around & ~region
+    if threshold is None:
+        base = float(np.median(resmap[bg])) if bg.any() else 6.0
+        threshold = max(30.0, 5.0 * base)
+    raw = ((resmap > threshold) & region).astype(np.uint8)
+    raw = cv2.morphologyEx(raw, cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
+    raw = cv2.morphologyEx(raw, cv2.MORPH_OPEN, _DISC3) > 0
+    # hysteresis: weaker deviations count where they continue the structure (a lead's dark end
+    # that goes into a hole has the hole's colours; it only differs from where a hole would be)
+    weak = (resmap > 0.4 * threshold) & region
+    weak = cv2.morphologyEx(weak.astype(np.uint8), cv2.MORPH_OPEN, _DISC3) > 0
+    seeds = raw | structure
+    n, lab = cv2.connectedComponents((weak | seeds).astype(np.uint8), connectivity=8)
+    keep = np.zeros(n, bool)
+    keep[np.unique(lab[seeds])] = True
+    keep[0] = False
+    return raw | (keep[lab] & weak)
+
+
+# --------------------------------------------------------------------------------------------
+# Background fill
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Source:
+    """An image the fill may copy background from: ``image`` (target's size), ``background``
+    (True where it shows background and may be copied)."""
+    image: np.ndarray
+    background: np.ndarray
+    is_target: bool = False
+
+
+def sources_for(target: np.ndarray, structure: np.ndarray, region: np.ndarray,
+                aligned: Sequence[Aligned], margin: int = 2) -> list[Source]:
+    """The target (its background outside ``region``) and every registered good (its background
+    inside its frame); structure grown by ``margin`` px (its edges and shadows are not copied)."""
+    grow = (lambda m: mk.dilate(m, margin) > 0) if margin > 0 else (lambda m: m)
+    out = [Source(target, ~grow(structure) & ~region, True)]
+    for a in aligned:
+        out.append(Source(a.image, ~grow(a.structure) & a.valid))
+    return out
+
+
+@dataclass
+class FillResult:
+    image: np.ndarray            # H×W×3 float32, the target with the region filled
+    inpainted: float             # share of the region left to cv2.inpaint
+    pieces: int                  # (source, offset) pieces used
+    labels: np.ndarray | None = None   # H×W int: the piece each pixel came from (−1: none)
+    used: list = field(default_factory=list)   # (source index, dy, dx) of each piece
+
+
+def inpaint(image: np.ndarray, region: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
+    """``cv2.inpaint`` (Telea) of ``region`` from the *background* around it: structure pixels
+    near the region (``structure``) are inpainted too, so a bar that enters the region is not
+    continued into it; large regions on a shrunk copy (smooth anyway)."""
+    out = image.astype(np.float32).copy()
+    if not region.any():
+        return out
+    todo = region.copy()
+    if structure is not None:
+        todo |= (mk.dilate(structure, 2) > 0) & (mk.dilate(region, 10) > 0)
+        if todo.all():
+            todo = region.copy()
+    img = np.clip(np.round(image), 0, 255).astype(np.uint8)
+    h, w = todo.shape
+    f = min(1.0, math.sqrt(8000.0 / max(1, int(todo.sum()))))
+    if f < 1.0:
+        size = (max(8, round(w * f)), max(8, round(h * f)))
+        small = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+        hole = (cv2.resize(todo.astype(np.uint8) * 255, size, interpolation=cv2.INTER_AREA) > 0)
+        fill = cv2.inpaint(small, hole.astype(np.uint8), 4, cv2.INPAINT_TELEA)
+        fill = cv2.resize(fill, (w, h), interpolation=cv2.INTER_LINEAR)
+    else:
+        fill = cv2.inpaint(img, todo.astype(np.uint8), 4, cv2.INPAINT_TELEA)
+    out[region] = fill[region]
+    return out
+
+
+def _shift_take(img: np.ndarray, ys: np.ndarray, xs: np.ndarray, dy: int, dx: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """``(inside, values)``: whether (y+dy, x+dx) is in the image and the values there."""
+    h, w = img.shape[:2]
+    ty, tx = ys + dy, xs + dx
+    ok = (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
+    vals = img[np.clip(ty, 0, h - 1), np.clip(tx, 0, w - 1)]
+    return ok, vals
+
+
+PERIODIC = 1000          # label of the pixels the periodic median filled
+
+
+def periodic_median(region: np.ndarray, sources: Sequence[Source], imgs: Sequence[np.ndarray],
+                    offsets: Sequence[tuple[int, int, float]], min_ncc: float = 0.5, nearest: int = 5,
+                    min_samples: int = 3) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(values [n×3], ok [n])`` for the pixels of ``region`` (``np.nonzero`` order): the
+    per-pixel median of the ``nearest`` background samples at the background's period shifts
+    (registered goods also at the zero shift), nearest shift first; ``ok`` where at least
+    ``min_samples`` exist. ``(…, None)`` when the background does not repeat."""
+    offs = [(dy, dx) for dy, dx, c in offsets if c >= min_ncc]
+    if len(offs) < 4:
+        return np.zeros((0, 3), np.float32), None
+    h, w = region.shape
+    ys, xs = np.nonzero(region)
+    taps = []
+    for si, src in enumerate(sources):
+        for dy, dx in ([] if src.is_target else [(0, 0)]) + offs:
+            taps.append((math.hypot(dy, dx) + (0 if src.is_target else 0.5), si, dy, dx))
+    taps.sort()
+    taps = taps[:24]
+    vals = np.full((len(taps), len(ys), 3), np.nan, np.float32)
+    for k, (_, si, dy, dx) in enumerate(taps):
+        ty, tx = ys + dy, xs + dx
+        ok = (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
+        ok[ok] &= sources[si].background[ty[ok], tx[ok]]
+        vals[k, ok] = imgs[si][ty[ok], tx[ok]]
+    valid = np.isfinite(vals[..., 0])
+    rank = np.cumsum(valid, axis=0)
+    vals[(rank > nearest)] = np.nan
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(vals, axis=0)
+    return med, valid.sum(0) >= min_samples
+
+
+def fill_background(target: np.ndarray, region: np.ndarray, structure: np.ndarray,
+                    sources: Sequence[Source], rng: np.random.Generator,
+                    offsets: Sequence[tuple[int, int, float]] = (), ring: int = 4,
+                    explore: float = 0.0, max_pieces: int = 10) -> FillResult:
+    """``region`` (``H×W bool``) of ``target`` replaced by background copied from ``sources`` at
+    ``offsets`` (plus the zero offset for registered goods and seeded random far offsets).
+
+    Piece by piece: every (source, shift) candidate is scored on the ring around what is still
+    to fill — the target's background there and the pieces already placed — by the mean |ΔRGB|
+    after matching its mean colour, minus a bonus for the share it can cover; the best one
+    (the first piece: seeded among the near-best, ``explore`` (0..1) widening that choice up to
+    any candidate — a texture copied from a random place) fills every pixel it can, with its
+    colour offset. What no candidate covers is inpainted (Telea)."""
+    out = target.astype(np.float32).copy()
+    if not region.any():
+        return FillResult(out, 0.0, 0, np.full(region.shape, -1, np.int32))
+    h, w = region.shape
+    ys, xs = np.nonzero(region)
+    span = max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
+    cand = [(int(dy), int(dx)) for dy, dx, _ in offsets]
+    for _ in range(16):                       # seeded far shifts (an aperiodic background)
+        a = rng.uniform(0, 2 * np.pi)
+        rr = rng.uniform(0.6, 1.6) * span + 4
+        cand.append((int(round(rr * math.sin(a))), int(round(rr * math.cos(a)))))
+    cands = []
+    for si, src in enumerate(sources):
+        for dy, dx in (cand if src.is_target else [(0, 0), *cand]):
+            if not (src.is_target and dy == 0 and dx == 0):
+                cands.append((si, dy, dx))
+    imgs = [src.image.astype(np.float32) for src in sources]
+    known = ~region & ~structure                  # what the ring may compare against
+    remaining = region.copy()
+    labels = np.full((h, w), -1, np.int32)
+    # 1. a periodic background: the robust median of its nearest periodic copies
+    med, ok_med = periodic_median(region, sources, imgs, offsets)
+    if ok_med is not None and ok_med.any():
+        out[ys[ok_med], xs[ok_med]] = med[ok_med]
+        remaining[ys[ok_med], xs[ok_med]] = False
+        known[ys[ok_med], xs[ok_med]] = True
+        labels[ys[ok_med], xs[ok_med]] = PERIODIC
+    min_px = max(6, int(0.01 * len(ys)))
+    pieces, first = 0, True
+    used = []
+    # 2. pieces copied at one shift each
+    while remaining.any() and cands and pieces < max_pieces:
+        ry, rx = np.nonzero((mk.dilate(remaining, ring) > 0) & ~remaining & known)
+        if len(ry) < 8:
+            ry, rx = np.nonzero((mk.dilate(remaining, ring) > 0) & ~remaining)
+        qy, qx = np.nonzero(remaining)
+        step = max(1, len(qy) // 4000)             # coverage estimated on a subsample
+        qy_s, qx_s = qy[::step], qx[::step]
+        ring_vals = out[ry, rx]
+        scored = []
+        for ci, (si, dy, dx) in enumerate(cands):
+            bg = sources[si].background
+            ok, _ = _shift_take(bg, qy_s, qx_s, dy, dx)
+            ok &= bg[np.clip(qy_s + dy, 0, h - 1), np.clip(qx_s + dx, 0, w - 1)]
+            cover = float(ok.mean())
+            if cover * len(qy) < min_px:
+                continue
+            rok, rvals = _shift_take(imgs[si], ry, rx, dy, dx)
+            rok &= bg[np.clip(ry + dy, 0, h - 1), np.clip(rx + dx, 0, w - 1)]
+            if rok.sum() < max(4, 0.2 * len(ry)):
+                cost, col = 40.0, np.zeros(3, np.float32)
+            else:
+                diff = ring_vals[rok] - rvals[rok]
+                col = np.clip(diff.mean(0), -25, 25)
+                cost = float(np.abs(diff - col).mean() + 0.25 * np.abs(col).mean())
+            scored.append((cost - 6.0 * cover, ci, col))
+        if not scored:
+            break
+        scored.sort(key=lambda t: t[0])
+        j = 0
+        if first:
+            best = scored[0][0]
+            tol = abs(best) * 0.1 + 1.0 + 40.0 * explore
+            near = [k for k, t in enumerate(scored) if t[0] <= best + tol]
+            j = near[int(rng.integers(len(near)))]
+            first = False
+        _, ci, col = scored[j]
+        si, dy, dx = cands.pop(ci)
+        bg = sources[si].background
+        py, px = qy + dy, qx + dx
+        ok = (py >= 0) & (py < h) & (px >= 0) & (px < w)
+        ok[ok] &= bg[py[ok], px[ok]]
+        if ok.sum() < min_px:
+            continue
+        out[qy[ok], qx[ok]] = imgs[si][py[ok], px[ok]] + col
+        remaining[qy[ok], qx[ok]] = False
+        known[qy[ok], qx[ok]] = True
+        labels[qy[ok], qx[ok]] = pieces
+        used.append((si, dy, dx))
+        pieces += 1
+    # 3. what nothing covers
+    left = float(remaining.sum()) / len(ys)
+    if remaining.any():
+        out = inpaint(out, remaining, structure & ~region | (structure & remaining))
+    return FillResult(np.clip(out, 0, 255), left, pieces, labels, used)
+
+
+__all__ = ["structure_mask", "background_model", "background_distance", "goods_foreground",
+           "nearest_goods", "register", "align_goods", "Aligned", "target_structure",
+           "background_offsets", "periodic_structure", "Source", "sources_for", "fill_background", "FillResult",
+           "inpaint", "moments", "fit_size", "pixel_key", "STRUCTURE_THRESHOLD", "MIN_ECC"]
