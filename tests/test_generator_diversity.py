@@ -35,6 +35,12 @@ def _case(product: str, damage: str):
     return img, mask, donors
 
 
+def _goods(product: str):
+    """The product's defect-free train images (the base image among them, as in the experiment)
+    for generators that register the target to them (``info.needs_goods``)."""
+    return [read_rgb(p) for p in sorted((ROOT / product / "train" / "good").glob("*.png"))[:8]]
+
+
 def test_every_compared_generator_is_covered():
     assert {"perlin", "cutpaste", "defect-transfer"} <= set(NAMES)
 
@@ -47,6 +53,8 @@ def test_candidates_differ_across_seeds(name, product, damage):
     kw = {"damage_type": damage}
     if info.needs_donors:
         kw["donors"] = donors
+    if info.needs_goods:
+        kw["goods"] = _goods(product)
     gen = get_generator(name)
     outs = [gen(img, mask, seed=s, **kw) for s in range(5)]
     m = mask > 0

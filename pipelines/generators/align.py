@@ -373,7 +373,7 @@ def align_goods(target: np.ndarray, goods: Sequence[np.ndarray] | None, k: int =
         g = goods[i]
         img = warp_to(g, warp, hw, border=cv2.BORDER_REFLECT)
         valid = warp_to(np.full(hw, 255, np.uint8), warp, hw, nearest=True) > 0
-        own = structure_mask(g) if fg is None else structure_mask(g) | fg
+        own = full_structure(g, fg)
         struct = warp_to(own.astype(np.uint8), warp, hw, nearest=True) > 0
         common = valid & ~struct & ~structure_mask(target)
         if ignore is not None:
@@ -389,14 +389,14 @@ def align_goods(target: np.ndarray, goods: Sequence[np.ndarray] | None, k: int =
 
 def target_structure(target: np.ndarray, aligned: Sequence[Aligned],
                      goods: Sequence[np.ndarray] | None) -> np.ndarray:
-    """The target's structure mask, united with the goods' consensus foreground carried over by
-    the best registration (when the goods have one and one aligned)."""
-    s = structure_mask(target)
+    """The target's structure (:func:`full_structure`), with the goods' consensus foreground
+    carried over by the best registration (when the goods have one and one aligned)."""
+    fg = None
     if aligned and goods is not None and len(goods) >= 2:
-        fg = goods_foreground([rgb_u8(g) for g in goods], target.shape[:2])
-        if fg is not None:
-            s |= warp_to(fg.astype(np.uint8), aligned[0].warp, target.shape[:2], nearest=True) > 0
-    return s
+        fg_goods = goods_foreground([rgb_u8(g) for g in goods], target.shape[:2])
+        if fg_goods is not None:
+            fg = warp_to(fg_goods.astype(np.uint8), aligned[0].warp, target.shape[:2], nearest=True) > 0
+    return full_structure(target, fg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,9 +423,11 @@ def _masked_autocorr(f: np.ndarray, m: np.ndarray) -> np.ndarray:
 
 def background_offsets(image: np.ndarray, background: np.ndarray, n: int = 24,
                        min_shift: float | None = None) -> list[tuple[int, int, float]]:
-    """``[(dy, dx, ncc)]``: the shifts at which the background repeats best (peaks of its masked
-    normalised autocorrelation, at most 128 px large, then refined to the pixel), strongest first;
-    shifts shorter than ``min_shift`` (default 3 % of the short side) are left out."""
+    """``[(dy, dx, ncc)]``: the shifts at which the background repeats (the ``n`` strongest peaks
+    of its masked normalised autocorrelation, computed at most 128 px large and refined to the
+    pixel, strongest first), then the rest of the lattice the two shortest strong periods span
+    (each refined; ncc ≥ 0.5). Shifts shorter than ``min_shift`` (default 5 % of the short side,
+    at least 8 px) are left out."""
     h, w = image.shape[:2]
     if background.sum() < 64:
         return []
@@ -448,87 +450,139 @@ def background_offsets(image: np.ndarray, background: np.ndarray, n: int = 24,
     # (a maximum on the excluded disc's rim is the slope of the zero-shift peak, not a period)
     ys, xs = np.nonzero(peaks)
     order = np.argsort(-ncc[ys, xs])[: 2 * n]
-    out: list[tuple[int, int, float]] = []
     gf = grey(image)
     bg_y, bg_x = np.nonzero(background)
-    pick = np.random.default_rng(0).choice(len(bg_y), min(1500, len(bg_y)), replace=False)
+    pick = np.random.default_rng(0).choice(len(bg_y), min(800, len(bg_y)), replace=False)
     by, bx = bg_y[pick], bg_x[pick]
     gv = gf[by, bx]
-    nb = np.array([(a, b) for a in range(-2, 3) for b in range(-2, 3)])
-    seen = set()
-    for j in order:
-        d0 = np.round(np.array([(ys[j] - cy) / s, (xs[j] - cx) / s])).astype(int)
-        cand = d0[None, :] + nb                                      # 25 × 2
+    nb2 = np.array([(a, b) for a in range(-2, 3) for b in range(-2, 3)])
+    nb1 = np.array([(a, b) for a in range(-1, 2) for b in range(-1, 2)])
+
+    def refine(d0: np.ndarray, nb: np.ndarray = nb2) -> tuple[int, int] | None:
+        """The shift within ±2 (±1) px of ``d0`` whose copy of the background matches it best."""
+        cand = np.round(d0).astype(int)[None, :] + nb                # 25 (9) × 2
         ty, tx = by[None, :] + cand[:, :1], bx[None, :] + cand[:, 1:]
         ok = (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
         tyc, txc = np.clip(ty, 0, h - 1), np.clip(tx, 0, w - 1)
         ok &= background[tyc, txc]
         cnt = ok.sum(1)
         err = np.where(ok, np.abs(gv[None, :] - gf[tyc, txc]), 0).sum(1) / np.maximum(cnt, 1)
-        err[cnt < 50] = np.inf
+        err[cnt < 30] = np.inf
         k = int(np.argmin(err))
-        if not np.isfinite(err[k]):
-            continue
-        key = (int(cand[k, 0]), int(cand[k, 1]))
-        if key not in seen:
+        return (int(cand[k, 0]), int(cand[k, 1])) if np.isfinite(err[k]) else None
+
+    def ncc_at(d) -> float:
+        y, x = int(round(cy + d[0] * s)), int(round(cx + d[1] * s))
+        return float(ncc[y, x]) if 0 <= y < H and 0 <= x < W else 0.0
+
+    out: list[tuple[int, int, float]] = []
+    seen: set = set()
+    for j in order:
+        key = refine(np.array([(ys[j] - cy) / s, (xs[j] - cx) / s]))
+        if key is not None and key not in seen:
             seen.add(key)
             out.append((*key, float(ncc[ys[j], xs[j]])))
         if len(out) >= n:
             break
+    # the whole lattice the strongest periods span (a pixel's same-phase copies all over the
+    # image: a robust median even where a few of them are structure at the same phase)
+    strong = sorted([o for o in out if o[2] >= 0.5], key=lambda o: math.hypot(o[0], o[1]))
+    if strong:
+        b1 = np.array(strong[0][:2], float)
+        b2 = next((np.array(o[:2], float) for o in strong[1:]
+                   if abs(b1[0] * o[1] - b1[1] * o[0]) > 0.5 * np.hypot(*b1) * math.hypot(o[0], o[1])), None)
+        basis = [b1] if b2 is None else [b1, b2]
+        kmax = [int(max(h, w) / max(1.0, np.hypot(*b))) + 1 for b in basis]
+        grid = ([(k, 0) for k in range(-kmax[0], kmax[0] + 1)] if b2 is None else
+                [(k, l) for k in range(-kmax[0], kmax[0] + 1) for l in range(-kmax[1], kmax[1] + 1)])
+        for k, l in grid:
+            d = k * basis[0] + (l * basis[1] if b2 is not None else 0)
+            if (k, l) == (0, 0) or abs(d[0]) >= h - 8 or abs(d[1]) >= w - 8:
+                continue
+            if any(abs(d[0] - o[0]) <= 2 and abs(d[1] - o[1]) <= 2 for o in out):
+                continue
+            key = refine(d, nb1)
+            if key is not None and key not in seen:
+                seen.add(key)
+                out.append((*key, max(0.5, ncc_at(key))))
     return out
 
 
-def periodic_structure(image: np.ndarray, structure: np.ndarray, region: np.ndarray,
-                       offsets: Sequence[tuple[int, int, float]], min_ncc: float = 0.5,
-                       threshold: float | None = None) -> np.ndarray:
-    """Pixels of ``region`` unlike what a *periodic* background predicts there (``H×W bool``).
+def nanmedian0(vals: np.ndarray) -> np.ndarray:
+    """Median over axis 0 ignoring NaNs (NaN where all are NaN) — np.sort puts NaNs last, so the
+    median of the ``c`` valid values is at ranks ``(c − 1) // 2`` and ``c // 2`` (faster than
+    ``np.nanmedian``)."""
+    srt = np.sort(vals, axis=0)
+    cnt = np.isfinite(vals).sum(0)
+    lo = np.clip((cnt - 1) // 2, 0, None)[None]
+    hi = np.clip(cnt // 2, 0, len(vals) - 1)[None]
+    m = 0.5 * (np.take_along_axis(srt, lo, 0)[0] + np.take_along_axis(srt, hi, 0)[0])
+    return np.where(cnt > 0, m, np.nan).astype(np.float32)
 
-    The prediction is the per-pixel median of the image shifted by the background's period
-    offsets (those with an autocorrelation ≥ ``min_ncc``; sources on ``structure`` left out); a
-    pixel whose largest channel differs from it by more than ``threshold`` (default: 30 grey
-    levels or 5 × the median residual on the background of the region's surroundings) is
-    structure. 1-px lines are opened away (the board is not exactly periodic: hole rims). Empty
-    when the background does not repeat (fewer than 4 such offsets)."""
-    offs = [(dy, dx) for dy, dx, c in offsets if c >= min_ncc]
-    out = np.zeros(region.shape, bool)
-    if len(offs) < 4 or not region.any():
-        return out
-    h, w = region.shape
-    around = (mk.dilate(region, 8) > 0) & ~structure
-    ys, xs = np.nonzero(region | around)
-    f = image.astype(np.float32)
+
+def periodic_structure(image: np.ndarray, structure: np.ndarray,
+                       offsets: Sequence[tuple[int, int, float]], min_ncc: float = 0.5,
+                       threshold: float | None = None, taps: int = 32) -> np.ndarray:
+    """Pixels unlike what a *periodic* background predicts there (``H×W bool``; empty when the
+    background does not repeat: fewer than 4 periods with an autocorrelation ≥ ``min_ncc``).
+
+    The prediction is the per-pixel median of the image at the ``taps`` shortest lattice shifts
+    (:func:`background_offsets`; sources on ``structure`` left out) — a clean plate of the
+    background, right even where a few same-phase copies are structure (a transistor's leads sit
+    at the board's pitch). A pixel whose largest channel differs from it by more than
+    ``threshold`` (default: 30 grey levels or 3 × the median residual on the background) is
+    structure; thin lines (the board is not exactly periodic: hole rims) are opened away.
+    Computed at most 160 px large."""
+    offs = sorted([(dy, dx) for dy, dx, c in offsets if c >= min_ncc], key=lambda o: math.hypot(*o))[:taps]
+    h, w = structure.shape
+    if len(offs) < 4:
+        return np.zeros((h, w), bool)
+    sc = min(1.0, 160.0 / max(h, w))
+    size = (max(8, round(w * sc)), max(8, round(h * sc)))
+    f = cv2.resize(image, size, interpolation=cv2.INTER_AREA).astype(np.float32)
+    st = cv2.resize(structure.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+    hh, ww = st.shape
+    ys, xs = np.mgrid[0:hh, 0:ww]
+    ys, xs = ys.ravel(), xs.ravel()
     vals = np.full((len(offs), len(ys), 3), np.nan, np.float32)
     for k, (dy, dx) in enumerate(offs):
-        ty, tx = ys + dy, xs + dx
-        ok = (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
-        ok[ok] &= ~structure[ty[ok], tx[ok]]
+        ty, tx = ys + int(round(dy * sc)), xs + int(round(dx * sc))
+        ok = (ty >= 0) & (ty < hh) & (tx >= 0) & (tx < ww)
+        ok[ok] &= ~st[ty[ok], tx[ok]]
         vals[k, ok] = f[ty[ok], tx[ok]]
     cnt = np.isfinite(vals[..., 0]).sum(0)
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        med = np.nanmedian(vals, axis=0)
-    res = np.abs(f[ys, xs] - med).max(-1)
-    res[cnt < 3] = 0.0
-    resmap = np.zeros((h, w), np.float32)
-    resmap[ys, xs] = res
-    bg = around & ~region
+    med = nanmedian0(vals)
+    res = np.abs(f.reshape(-1, 3) - med).max(-1)
+    res[(cnt < 3) | ~np.isfinite(res)] = 0.0
+    res = res.reshape(hh, ww)
     if threshold is None:
-        base = float(np.median(resmap[bg])) if bg.any() else 6.0
-        threshold = max(30.0, 5.0 * base)
-    raw = ((resmap > threshold) & region).astype(np.uint8)
-    raw = cv2.morphologyEx(raw, cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
-    raw = cv2.morphologyEx(raw, cv2.MORPH_OPEN, _DISC3) > 0
-    # hysteresis: weaker deviations count where they continue the structure (a lead's dark end
-    # that goes into a hole has the hole's colours; it only differs from where a hole would be)
-    weak = (resmap > 0.4 * threshold) & region
-    weak = cv2.morphologyEx(weak.astype(np.uint8), cv2.MORPH_OPEN, _DISC3) > 0
-    seeds = raw | structure
-    n, lab = cv2.connectedComponents((weak | seeds).astype(np.uint8), connectivity=8)
+        bg = ~st & (cnt.reshape(hh, ww) >= 3)
+        base = float(np.median(res[bg])) if bg.sum() > 50 else 10.0
+        threshold = max(30.0, 3.0 * base)
+    raw = cv2.morphologyEx((res > threshold).astype(np.uint8), cv2.MORPH_OPEN, _DISC3)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(raw, connectivity=8)
     keep = np.zeros(n, bool)
-    keep[np.unique(lab[seeds])] = True
-    keep[0] = False
-    return raw | (keep[lab] & weak)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= max(4, 3e-4 * hh * ww)
+    raw = keep[lab].astype(np.uint8)
+    if sc < 1.0:
+        raw = cv2.resize(raw, (w, h), interpolation=cv2.INTER_NEAREST)
+    return raw > 0
+
+
+_FULL = _LRU(256)
+
+
+def full_structure(image: np.ndarray, foreground: np.ndarray | None = None) -> np.ndarray:
+    """The structure of one image (cached): colour outliers (:func:`structure_mask`) ∪
+    ``foreground`` ∪ deviations from its periodic background (:func:`periodic_structure`)."""
+    def make():
+        s0 = structure_mask(image)
+        if foreground is not None:
+            s0 |= foreground
+        offs = background_offsets(image, ~s0)
+        return s0 | periodic_structure(image, s0, offs)
+    key = (pixel_key(image), None if foreground is None else pixel_key(foreground.astype(np.uint8)))
+    return _FULL.get_or(key, make).copy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -630,17 +684,14 @@ def periodic_median(region: np.ndarray, sources: Sequence[Source], imgs: Sequenc
     valid = np.isfinite(vals[..., 0])
     rank = np.cumsum(valid, axis=0)
     vals[(rank > nearest)] = np.nan
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        med = np.nanmedian(vals, axis=0)
+    med = nanmedian0(vals)
     return med, valid.sum(0) >= min_samples
 
 
 def fill_background(target: np.ndarray, region: np.ndarray, structure: np.ndarray,
                     sources: Sequence[Source], rng: np.random.Generator,
                     offsets: Sequence[tuple[int, int, float]] = (), ring: int = 4,
-                    explore: float = 0.0, max_pieces: int = 10) -> FillResult:
+                    explore: float = 0.0, max_pieces: int = 10, periodic: bool = True) -> FillResult:
     """``region`` (``H×W bool``) of ``target`` replaced by background copied from ``sources`` at
     ``offsets`` (plus the zero offset for registered goods and seeded random far offsets).
 
@@ -649,14 +700,16 @@ def fill_background(target: np.ndarray, region: np.ndarray, structure: np.ndarra
     after matching its mean colour, minus a bonus for the share it can cover; the best one
     (the first piece: seeded among the near-best, ``explore`` (0..1) widening that choice up to
     any candidate — a texture copied from a random place) fills every pixel it can, with its
-    colour offset. What no candidate covers is inpainted (Telea)."""
+    colour offset. What no candidate covers is inpainted (Telea). A periodic background is first
+    filled with the median of its periodic copies (:func:`periodic_median`) unless ``periodic``
+    is off (a texture replaced by itself from elsewhere: the copy should not be the same)."""
     out = target.astype(np.float32).copy()
     if not region.any():
         return FillResult(out, 0.0, 0, np.full(region.shape, -1, np.int32))
     h, w = region.shape
     ys, xs = np.nonzero(region)
     span = max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
-    cand = [(int(dy), int(dx)) for dy, dx, _ in offsets]
+    cand = [(int(dy), int(dx)) for dy, dx, _ in sorted(offsets, key=lambda o: -o[2])[:24]]
     for _ in range(16):                       # seeded far shifts (an aperiodic background)
         a = rng.uniform(0, 2 * np.pi)
         rr = rng.uniform(0.6, 1.6) * span + 4
@@ -671,7 +724,7 @@ def fill_background(target: np.ndarray, region: np.ndarray, structure: np.ndarra
     remaining = region.copy()
     labels = np.full((h, w), -1, np.int32)
     # 1. a periodic background: the robust median of its nearest periodic copies
-    med, ok_med = periodic_median(region, sources, imgs, offsets)
+    med, ok_med = periodic_median(region, sources, imgs, offsets) if periodic else (None, None)
     if ok_med is not None and ok_med.any():
         out[ys[ok_med], xs[ok_med]] = med[ok_med]
         remaining[ys[ok_med], xs[ok_med]] = False
@@ -739,5 +792,5 @@ def fill_background(target: np.ndarray, region: np.ndarray, structure: np.ndarra
 
 __all__ = ["structure_mask", "background_model", "background_distance", "goods_foreground",
            "nearest_goods", "register", "align_goods", "Aligned", "target_structure",
-           "background_offsets", "periodic_structure", "Source", "sources_for", "fill_background", "FillResult",
+           "background_offsets", "periodic_structure", "full_structure", "Source", "sources_for", "fill_background", "FillResult",
            "inpaint", "moments", "fit_size", "pixel_key", "STRUCTURE_THRESHOLD", "MIN_ECC"]

@@ -113,17 +113,17 @@ def scene(image: np.ndarray, mask: np.ndarray, goods, use_goods: bool = True) ->
     aligned = A.align_goods(image, goods, k=2, ignore=mk.dilate(mask, 6) > 0) if use_goods and goods else []
     s = A.target_structure(image, aligned, goods if use_goods else None)
     offsets = A.background_offsets(image, ~s & ~(mk.dilate(mask, 2) > 0))
-    s |= A.periodic_structure(image, s, mk.dilate(mask, 12) > 0, offsets)
     return Scene(image, mask, s, aligned, offsets)
 
 
 def fill(sc: Scene, region: np.ndarray, rng: np.random.Generator, method: str = "auto",
-         explore: float = 0.0) -> np.ndarray:
+         explore: float = 0.0, periodic: bool = True) -> np.ndarray:
     """``H×W×3`` float32: the frame with ``region`` filled with background."""
     if method == "inpaint":
         return A.inpaint(sc.image.astype(np.float32), region, sc.structure)
     srcs = A.sources_for(sc.image, sc.structure, region | sc.mask, sc.aligned)
-    return A.fill_background(sc.image, region, sc.structure, srcs, rng, sc.offsets, explore=explore).image
+    return A.fill_background(sc.image, region, sc.structure, srcs, rng, sc.offsets, explore=explore,
+                             periodic=periodic).image
 
 
 class RemoveGenerator(WindowedGenerator):
@@ -158,7 +158,7 @@ def remove(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, goo
     sc = scene(image, mask, goods, use_goods=method != "inpaint")
     part = (mk.dilate(sc.structure, 3) > 0) & mask
     if part.sum() < max(4, 0.02 * mask.sum()):            # nothing to remove: replace the texture
-        return fill(sc, mask, rng, method, explore=0.5 * jitter)
+        return fill(sc, mask, rng, method, explore=max(0.5, jitter), periodic=False)
     lab, n = entries(sc.structure, part, mask)
     name = (damage_type or "").lower()
     if mode == "auto":

@@ -39,7 +39,7 @@ the translation (relative to the part's length) scaled by ``U(1 − 1.3·jitter,
 and by ``strength / 0.8`` (the default strength reproduces the references' range).
 **Else by severity** (``strength``): bend ``θ`` = 40°·strength, rotate 20°·strength, shift
 0.2·strength of the part's length, kink 1 + 0.8·strength × the structure's width, elastic
-4 % of the mask's size — each × the same seeded factor.
+8 % of the mask's size (at least 2.5 px) — each × the same seeded factor.
 
 The direction (bend's sign; shift's direction among 8, rotation's sign) is the one whose moved
 structure stays inside the mask best (the mask is the defect's label: real bent-lead masks cover
@@ -363,7 +363,7 @@ def _elastic(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, fit:
     h, w = mask.shape
     c, _, sig = A.moments(mask)
     size = float(4 * sig[0])
-    amp = (fit.flow * size if fit is not None and fit.flow > 0 else max(1.5, 0.05 * size)) * factor
+    amp = (fit.flow * size if fit is not None and fit.flow > 0 else max(2.5, 0.08 * size)) * factor
     amp = float(np.clip(amp, 1.0, 0.25 * size + 1))
     cell = max(4.0, 0.35 * size)
     field = np.stack([RM._smooth_noise((h, w), rng, cell), RM._smooth_noise((h, w), rng, cell)], -1)
