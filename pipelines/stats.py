@@ -19,12 +19,16 @@ Resampling: a two-level, paired, stratified bootstrap. Draw ``b``
    separately, so every draw has both), as multinomial counts ``W: [B x U]`` over the union of the
    folds' ids; fold ``f`` sees the columns of its ids (a good image drawn twice counts twice in
    every fold);
-2. resamples the repeats: ``K`` repeat indices drawn with replacement from ``0..K-1``, the **same**
-   indices for every arm (paired: repeat ``k`` of every arm shares seed ``k``).
+2. resamples the repeats: weights ``[B x K]`` of the repeats, the **same** for every arm (paired:
+   repeat ``k`` of every arm shares seed ``k``) — by default t-weighted (:func:`repeat_weights`:
+   the percentile interval of the repeat level is the t-interval of the mean of ``K`` repeats;
+   ``K`` indices drawn with replacement, ``repeat_level="multinomial"``, is too narrow for a few
+   repeats).
 
-An arm's value in draw ``b`` is the mean over the drawn repeat indices of its mean over folds of
-the fold's metric under the fold's weights (folds whose metric is undefined in that draw, e.g. a
-fold subset whose defects were all left out, skipped). So the interval covers which images
+An arm's value in draw ``b`` is the repeat-weighted mean (for the multinomial level: the mean over
+the drawn repeat indices) of its mean over folds of the fold's metric under the fold's weights
+(folds whose metric is undefined in that draw, e.g. a fold subset whose defects were all left out,
+skipped). So the interval covers which images
 happened to be evaluated *and* which seeds happened to be run (segmenter initialisation, coreset
 sampling); the image-only bootstrap (``resample_repeats=False``) covers the first only and is
 over-confident when the repeat-to-repeat variation matters (``tests/test_stats_calibration.py``).
@@ -297,8 +301,9 @@ def repeat_weights(k: int, n_boot: int = 1000, seed: int = 0, level: str = "t") 
     ``"multinomial"``: the counts of ``k`` indices drawn with replacement (:func:`repeat_indices`),
     over ``k``. For a few repeats it is over-confident: the spread of the mean of ``k`` values is
     estimated with a factor ``(k − 1)/k`` and normal tails where the honest pivot is Student's
-    ``t`` with ``k − 1`` degrees of freedom (measured: 17–19 % false "effects" at 95 % with
-    ``k = 5`` when the repeat-to-repeat spread dominates, ``tests/test_stats_calibration.py``).
+    ``t`` with ``k − 1`` degrees of freedom (measured: 18–20 % false "effects" at 95 % with
+    ``k = 5``, 23–26 % with ``k = 3``, when the repeat-to-repeat spread dominates; 3–4 % with
+    ``"t"``: docs/STATISTICS.md, ``tests/test_stats_calibration.py``).
 
     ``"t"`` (default): ``w[b, k] = 1/k + (z[b, k] − mean_k z[b]) / sqrt(k·c[b])``, ``z ~ N(0, 1)``,
     ``c[b] ~ χ²(k − 1)``. Given the repeats' values ``x [k]``, ``Σ_k w·x − mean(x)`` is then

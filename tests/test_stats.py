@@ -127,7 +127,7 @@ def test_subset_gives_the_metrics_of_those_images_alone():
 # Folds, ids, the repeat level, p-values, Holm
 
 
-from pipelines.stats import EvalSummary, holm, p_value, repeat_weights  # noqa: E402
+from pipelines.stats import EvalSummary, holm, interval, p_value, repeat_weights  # noqa: E402
 
 
 def _fold_data(seed=0):
@@ -261,7 +261,6 @@ def test_p_value_and_its_consistency_with_the_interval():
     for i in range(300):
         B = int(rng.choice([99, 399, 400, 999, 1000, 1999]))
         d = rng.normal(rng.normal(0, 2.5), 1, B)
-        from pipelines.stats import interval
         ci = interval(d, 0.0)["ci95"]
         assert (p_value(d) <= 0.05) == (verdict(ci) != "no detectable effect"), (B, p_value(d), ci)
 
@@ -271,7 +270,6 @@ def _block(c_nonpos: int, B: int, sign: int = 1, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     d = np.r_[-rng.uniform(0.01, 1, c_nonpos), rng.uniform(0.01, 1, B - c_nonpos)] * sign
     rng.shuffle(d)
-    from pipelines.stats import interval
     iv = interval(d, float(d.mean()))
     return {**iv, "p": p_value(d), "verdict": verdict(iv["ci95"]), "draws": d}
 
@@ -281,7 +279,6 @@ def _normal_block(mean: float, sd: float, B: int = 2000, seed: int = 0) -> dict:
     z = np.random.default_rng(seed).normal(size=B)
     z = (z - z.mean()) / z.std(ddof=1)
     d = mean + sd * z
-    from pipelines.stats import interval
     iv = interval(d, mean)
     return {**iv, "p": p_value(d), "verdict": verdict(iv["ci95"]), "draws": d}
 
