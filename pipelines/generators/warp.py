@@ -29,14 +29,15 @@ Magnitude and direction
 donor): each reference defect is registered to its nearest good image (ECC, the defect region
 left out); the good's structure inside the (dilated) defect mask is the part *before* the
 defect, the reference's structure there the part *after* it. Over a grid of each motion's
-parameters (bend: ``θ`` −80°..80° about the good's pivot; rigid: ``θ`` over the full turn, then
-the translation that matches centroids) the one whose moved good structure overlaps the
+parameters (bend: ``θ`` −80°..80° about the good's pivot; rigid: ``θ`` −90°..90°, then the
+translation that matches centroids) the one whose moved good structure overlaps the
 reference's best (IoU) is the measured motion; dense optical flow (DIS) between the two inside
 the defect mask gives the displacement's size for kink / elastic. A measurement counts when
-it improves the overlap of "nothing moved" by ≥ 0.08 IoU; otherwise (a missing part, flow
-without structure) the donor is not used. Each candidate draws one measured donor: ``|θ|`` and
-the translation (relative to the part's length) scaled by ``U(1 − 1.3·jitter, 1 + 0.3·jitter)``
-and by ``strength / 0.8`` (the default strength reproduces the references' range).
+it improves the overlap of "nothing moved" by ≥ 0.08 IoU and reaches ≥ 0.3; otherwise (a
+missing part, a pose the overlap cannot explain) the donor is not used. Each candidate draws one
+measured donor: ``|θ|`` and the translation (relative to the part's length) scaled by the seeded
+factor ``e^(±1.2·jitter)`` (log-uniform) and by ``strength / 0.8`` (the default strength
+reproduces the references).
 **Else by severity** (``strength``): bend ``θ`` = 40°·strength, rotate 20°·strength, shift
 0.2·strength of the part's length, kink 1 + 0.8·strength × the structure's width, elastic
 8 % of the mask's size (at least 2.5 px) — each × the same seeded factor.
@@ -68,6 +69,7 @@ _KEYWORDS = (("bend", ("bent", "bend", "tilt")),
              ("shift", ("misplac", "shift", "position", "rotat", "flip", "offset")),
              ("kink", ("dent", "deform", "thread", "squeez", "crush", "kink")))
 _MIN_GAIN = 0.08               # IoU a fitted motion must add over "nothing moved"
+_MIN_IOU = 0.3                 # … and reach: a poorer overlap explains nothing
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,8 @@ class WarpOptions:
     fill: str = option("auto", "where the revealed background comes from: auto (the target's own "
                                "background and the registered good images; cv2.inpaint for the "
                                "rest) or inpaint (cv2.inpaint only)", choices=RM.FILLS)
-    jitter: float = option(0.5, "seeded variation of the displacement's size (× 1 − 1.3·jitter .. "
-                                "1 + 0.3·jitter) and direction among near-equal fits (0 = none)",
+    jitter: float = option(0.5, "seeded variation of the displacement's size (× e^(±1.2·jitter), "
+                                "log-uniform) and direction among near-equal fits (0 = none)",
                            min=0.0, max=1.0, step=0.05)
 
 
@@ -184,8 +186,9 @@ def _fit_donor(image: np.ndarray, mask: np.ndarray, goods) -> Fit:
     c, _, sig = A.moments(m)
     extent = float(4 * sig[0])
     dm = mk.dilate(m, 3 + 0.1 * extent) > 0
-    s_good = g.structure & g.valid
-    s_ref = A.target_structure(image, aligned, goods)
+    # both without the goods' consensus foreground: the reference's part may have moved off it
+    s_good = A.full_structure(g.image) & g.valid
+    s_ref = A.full_structure(image)
     p_good, p_ref = s_good & dm, s_ref & dm
     if p_good.sum() < 12 or p_ref.sum() < 12:
         return Fit(False, extent=extent)
@@ -218,7 +221,7 @@ def _fit_donor(image: np.ndarray, mask: np.ndarray, goods) -> Fit:
             best_b = (v, float(th))
     cg, cr = A.moments(pg)[0], A.moments(pr)[0]
     best_r = (base, 0.0, 0.0)
-    for th in np.arange(-180, 180, 6.0):
+    for th in np.arange(-90, 91, 6.0):
         # rotate about the good part's centroid, then move its centroid onto the reference's
         mx, my = rotation_map(xx, yy, cg, th, shift=(cr - cg))
         mv = (moved(a_good, mx, my) > 0.5) & dmw
@@ -228,7 +231,7 @@ def _fit_donor(image: np.ndarray, mask: np.ndarray, goods) -> Fit:
     fl = _flow(g.image[ys, xs], image[ys, xs])
     mag = np.hypot(fl[..., 0], fl[..., 1])[(pg | pr)]
     flow = float(np.percentile(mag, 90)) if mag.size else 0.0
-    measured = max(best_b[0], best_r[0]) - base >= _MIN_GAIN
+    measured = max(best_b[0], best_r[0]) - base >= _MIN_GAIN and max(best_b[0], best_r[0]) >= _MIN_IOU
     return Fit(bool(measured), best_b[1], best_b[0], best_r[1], best_r[2] / max(extent, 1.0), best_r[0],
                flow / max(extent, 1.0), base, extent)
 
@@ -276,7 +279,8 @@ class WarpGenerator(WindowedGenerator):
 
 
 def _factor(rng: np.random.Generator, jitter: float) -> float:
-    return float(rng.uniform(max(0.05, 1.0 - 1.3 * jitter), 1.0 + 0.3 * jitter))
+    """The seeded size factor: log-uniform in ``e^(±1.2·jitter)`` (0.55..1.8 at 0.5)."""
+    return float(math.exp(rng.uniform(-1.2, 1.2) * jitter))
 
 
 def warp(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, goods=None, fits=(),
