@@ -195,3 +195,19 @@ def test_bad_options_fail_fast():
         get_generator("warp")(img, m, seed=0, motion="nope")
     with pytest.raises(TypeError, match="unknown parameter"):
         get_generator("remove")(img, m, seed=0, donors=[])   # remove takes no donors
+
+
+def test_goods_in_another_orientation_are_registered_and_unrelated_ones_skipped():
+    """A product lying in another orientation: the rotation search registers it; an image of
+    something else does not align and is not used (the generator still runs)."""
+    img = scene(0)
+    turned = np.ascontiguousarray(np.rot90(scene(5, shift=(3, -2))))
+    al = A.align_goods(img, [turned], k=1)
+    assert len(al) == 1 and al[0].score >= A.MIN_ECC
+    bar = img[..., 0] > (BG + BAR) / 2
+    assert (al[0].image[..., 0][bar] > (BG + BAR) / 2).mean() > 0.8     # the bar lands on the bar
+    noise = np.random.default_rng(1).integers(0, 255, (S, S, 3), dtype=np.uint8)
+    assert A.align_goods(img, [noise]) == []
+    m = rect(150, 215, 110, 150)
+    out = get_generator("remove")(img, m, seed=0, damage_type="missing", goods=[noise])
+    assert bar_pixels(out, m) == 0

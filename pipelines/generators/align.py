@@ -32,8 +32,8 @@ fingerprint distance (:func:`pipelines.guard.distances`), minus any good identic
 near-identical to the target (distance < :data:`pipelines.guard.NEAR_DUPLICATE_THRESHOLD` — the
 target is often one of the goods), each registered by ECC (Euclidean motion, at most 160 px,
 phase-correlation start, the mask region ignored). A good whose ECC correlation stays below
-:data:`MIN_ECC` is tried again from the best of 12 rotations (products lying in random
-orientations); one that still does not align is not used. Goods of other sizes are resized to
+:data:`ROTATION_SEARCH` is tried again from the best of 12 rotations (products lying in random
+orientations; kept when it correlates better by 0.05); one below :data:`MIN_ECC` is not used. Goods of other sizes are resized to
 the target's first.
 
 Caches (keyed by pixel hashes, bounded): fingerprints, structure masks, the goods' foreground.
@@ -52,6 +52,7 @@ from pipelines import masks as mk
 
 STRUCTURE_THRESHOLD = 3.5     # Mahalanobis distance (LAB) to the nearest background colour
 MIN_ECC = 0.6                 # ECC correlation a registered good needs to be used
+ROTATION_SEARCH = 0.8         # below it, registration also tries 12 rotations (random orientations)
 FRAME = 0.06                  # frame width (share of the short side) the background model reads
 _REG_SIDE = 160               # registration works at most this large
 _DISC3 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
@@ -307,21 +308,21 @@ def register(target: np.ndarray, good: np.ndarray, ignore: np.ndarray | None = N
         keep = cv2.resize((~ignore).astype(np.uint8) * 255, size, interpolation=cv2.INTER_NEAREST)
         m = keep if keep.mean() > 0.25 * 255 else None
     win = cv2.createHanningWindow(size, cv2.CV_32F)
-    (dx, dy), _ = cv2.phaseCorrelate(t, g, win)
+    (dx, dy), _ = cv2.phaseCorrelate(t.copy(), g.copy(), win)   # (it may window its inputs in place)
     warp0 = np.array([[1, 0, dx], [0, 1, dy]], np.float64)
     warp, cc = _ecc(t, g, warp0, m)
     if cc < MIN_ECC:                                  # phase correlation may lock onto noise
         w1, cc1 = _ecc(t, g, np.array([[1, 0, 0], [0, 1, 0]], np.float64), m)
         if cc1 > cc:
             warp, cc = w1, cc1
-    if cc < MIN_ECC and rotations:
+    if cc < ROTATION_SEARCH and rotations:
         c = ((size[0] - 1) / 2.0, (size[1] - 1) / 2.0)
         best = (-np.inf, 0.0)
         for ang in range(30, 360, 30):
             r = _rot(ang, c)
             gr = cv2.warpAffine(g, r, size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                                 borderMode=cv2.BORDER_REFLECT)
-            (ddx, ddy), resp = cv2.phaseCorrelate(t, gr, win)
+            (ddx, ddy), resp = cv2.phaseCorrelate(t.copy(), gr, win)
             if resp > best[0]:
                 best = (resp, ang, ddx, ddy)
         if np.isfinite(best[0]):

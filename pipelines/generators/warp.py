@@ -38,12 +38,13 @@ missing part, a pose the overlap cannot explain) the donor is not used. Each can
 measured donor: ``|θ|`` and the translation (relative to the part's length) scaled by the seeded
 factor ``e^(±1.2·jitter)`` (log-uniform) and by ``strength / 0.8`` (the default strength
 reproduces the references).
-**Else by severity** (``strength``): bend ``θ`` = 40°·strength, rotate 20°·strength, shift
-0.2·strength of the part's length, kink 1 + 0.8·strength × the structure's width, elastic
+**Else by severity** (``strength``): bend ``θ`` = 40°·strength, rotate 15°·strength, shift
+0.15·strength of the part's length, kink 1 + 0.8·strength × the structure's width, elastic
 8 % of the mask's size (at least 2.5 px) — each × the same seeded factor.
 
-The direction (bend's sign; shift's direction among 8, rotation's sign) is the one whose moved
-structure stays inside the mask best (the mask is the defect's label: real bent-lead masks cover
+Each connected blob of the mask moves its own structure (two bent tips painted as two blobs bend
+about their own pivots). The direction (bend's sign; shift's direction among 8, rotation's sign)
+is the one whose moved structure stays inside its blob best (the mask is the defect's label: real bent-lead masks cover
 the lead's new place), seeded among near-ties.
 
 Rendering: the moved part (its anti-aliased alpha, remapped) over the filled background; the
@@ -297,22 +298,55 @@ def warp(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, goods
     factor = _factor(rng, jitter) * strength / 0.8
     if part.sum() < max(6, 0.02 * mask.sum()) or motion == "elastic":
         return _elastic(image, mask, rng, fit, factor, strength)
-    _, n = RM.entries(sc.structure, part, mask)
+    # each painted blob moves its own structure (two bent tips, one mask per lead)
+    n_lab, lab = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    alpha = cv2.GaussianBlur(part.astype(np.float32), (0, 0), 0.7)
+    mx, my = xx.copy(), yy.copy()
+    moved_any = False
+    for k in range(1, n_lab):
+        blob = lab == k
+        part_k = part & blob
+        if part_k.sum() < 6:
+            continue
+        maps = _motion(sc.structure, part_k, blob, motion, damage_type, fit, factor, xx, yy, rng)
+        # the direction whose moved part stays inside its blob best (seeded among near-ties)
+        a_k = alpha * blob
+        scores = []
+        for cx, cy in maps:
+            mv = moved(a_k, cx, cy)
+            tot = float(mv.sum())
+            scores.append(float(mv[blob].sum()) / tot if tot > 0 else 0.0)
+        scores = np.array(scores)
+        good = np.flatnonzero(scores >= scores.max() - 0.03 - 0.1 * jitter)
+        cx, cy = maps[int(good[int(rng.integers(len(good)))])]
+        mx[blob], my[blob] = cx[blob], cy[blob]
+        moved_any = True
+    if not moved_any:
+        return _elastic(image, mask, rng, fit, factor, strength)
+    base = RM.fill(sc, part, rng, method)
+    a_w = (moved(alpha, mx, my) * mask)[..., None]
+    src = cv2.remap(image.astype(np.float32), mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    return a_w * src + (1.0 - a_w) * base
+
+
+def _motion(structure, part, mask, motion, damage_type, fit, factor, xx, yy, rng) -> list:
+    """Candidate backward maps (one per direction) of one blob's motion (module docstring)."""
+    _, n = RM.entries(structure, part, mask)
     kind = motion_for(damage_type, n) if motion == "auto" else motion
     c, axes, sig = A.moments(part)
     length = float(4 * sig[0])
-    alpha = cv2.GaussianBlur(part.astype(np.float32), (0, 0), 0.7)
-    cands = []                     # (backward map, description)
+    cands = []
     if kind == "bend":
-        piv = pivot_of(sc.structure, part, mask, rng)
+        piv = pivot_of(structure, part, mask, rng)
         theta = (abs(fit.bend) if fit is not None and fit.bend_iou > fit.base_iou else 40.0 * 0.8) * factor
+        theta = float(np.clip(theta, 0.0, 90.0))
         for sgn in (1, -1):
             cands.append(rotation_map(xx, yy, piv, sgn * theta))
     elif kind in ("shift", "rotate"):
         if fit is not None and fit.rigid_iou > fit.base_iou:
             theta, shift = abs(fit.rotate) * factor, fit.shift * length * factor
         else:
-            theta, shift = 20.0 * 0.8 * factor, 0.2 * 0.8 * length * factor
+            theta, shift = 15.0 * 0.8 * factor, 0.15 * 0.8 * length * factor
         if kind == "rotate":
             shift = 0.0
         for sgn in (1, -1):
@@ -323,23 +357,11 @@ def warp(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, goods
         width = float(2.0 * cv2.distanceTransform(part.astype(np.uint8), cv2.DIST_L2, 5).max())
         o = (fit.flow * length if fit is not None and fit.flow > 0 else (1.0 + 0.8 * width)) * factor
         o = float(np.clip(o, 1.0, 0.5 * length + 1))
-        phi = _bump(sc.structure, part, mask)
+        phi = _bump(structure, part, mask)
         normal = axes[:, 1]
         for sgn in (1, -1):
             cands.append((xx - np.float32(sgn * o * normal[0]) * phi, yy - np.float32(sgn * o * normal[1]) * phi))
-    # the direction whose moved part stays inside the mask best (seeded among near-ties)
-    scores = []
-    for mx, my in cands:
-        mv = moved(alpha, mx, my)
-        tot = float(mv.sum())
-        scores.append(float(mv[mask].sum()) / max(tot, 1e-6) if tot > 0 else 0.0)
-    scores = np.array(scores)
-    good = np.flatnonzero(scores >= scores.max() - 0.03 - 0.1 * jitter)
-    mx, my = cands[int(good[int(rng.integers(len(good)))])]
-    base = RM.fill(sc, part, rng, method)
-    a_w = (moved(alpha, mx, my) * mask)[..., None]
-    src = cv2.remap(image.astype(np.float32), mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-    return a_w * src + (1.0 - a_w) * base
+    return cands
 
 
 def _bump(structure: np.ndarray, part: np.ndarray, mask: np.ndarray) -> np.ndarray:
