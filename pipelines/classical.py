@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pipelines import masks as mk
 from pipelines.color import as_rgb, fit_to_srgb, lab_to_rgb, rgb_to_lab
 from pipelines.generator import GeneratorInfo, option
+from pipelines.generators.geometry import DIHEDRAL
 from pipelines.generators.base import DEFAULT_FEATHER, WindowedGenerator, check_image, composite, window  # noqa: F401
 
 # --------------------------------------------------------------------------------------------
@@ -227,9 +228,6 @@ class PerlinDefectGenerator(WindowedGenerator):
 # --------------------------------------------------------------------------------------------
 # Cut-paste with Poisson blending
 # --------------------------------------------------------------------------------------------
-_DIHEDRAL = tuple(np.array(m, float) for m in (
-    [[1, 0], [0, 1]], [[-1, 0], [0, 1]], [[1, 0], [0, -1]], [[-1, 0], [0, -1]],
-    [[0, 1], [1, 0]], [[0, -1], [1, 0]], [[0, 1], [-1, 0]], [[0, -1], [-1, 0]]))
 _CLONE_MODES = {"normal": cv2.NORMAL_CLONE, "mixed": cv2.MIXED_CLONE}
 _DISC5 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
 
@@ -370,7 +368,7 @@ def _dihedral_affine(tmask: np.ndarray, dmask: np.ndarray, rng: np.random.Genera
     ct = np.array([(tx0 + tx1 - 1) / 2.0, (ty0 + ty1 - 1) / 2.0])
     cd = np.array([(dx0 + dx1 - 1) / 2.0, (dy0 + dy1 - 1) / 2.0])
     affines = []
-    for d8 in _DIHEDRAL:
+    for d8 in DIHEDRAL:
         lin = np.diag([dw, dh]) @ d8 @ np.diag([1.0 / tw, 1.0 / th])
         affines.append(np.hstack([lin, (cd - lin @ ct)[:, None]]))
     target_box = cv2.dilate(tmask[ty0:ty1, tx0:tx1].astype(np.uint8), _DISC5) > 0
@@ -432,7 +430,7 @@ def _field_map(target: np.ndarray, donor: np.ndarray, rng: np.random.Generator
     ×e^(±0.06): a donor's content — a part, a lead, printed text — is not turned at random), then
     the smooth displacement field that pulls the warped donor mask's distance function onto the
     target's. Returns both maps: ``(affine only, affine + field)``."""
-    from pipelines import transfer as T          # here: transfer imports this module
+    from pipelines.generators import geometry as T
     h, w = target.shape
     _, _, sig = T.moments(target)
     angle = math.radians(6.0) * rng.uniform(-1, 1)

@@ -177,7 +177,7 @@ def load_components(model: str | None):
 
 
 @dataclass
-class _Parts:
+class TrainParts:
     """The models of one run (``unet``/``table``/``opt`` wrapped by Accelerate after ``_prepare``)."""
     vae: Any
     unet: Any
@@ -302,7 +302,7 @@ class LoraTrainer(CheckpointedTrainer):
             validate=lambda unet: self.validation_grid(parts.vae, unet, parts.sched))
         return self._result(stopped)
 
-    def _build(self, acc) -> _Parts:
+    def _build(self, acc) -> TrainParts:
         """The frozen VAE / U-Net with fresh LoRA adapters, the damage table, AdamW (not yet
         wrapped by Accelerate)."""
         from peft import LoraConfig
@@ -329,9 +329,9 @@ class LoraTrainer(CheckpointedTrainer):
             self.embedding.table.to(acc.device)
             groups.append({"params": list(self.embedding.table.parameters()), "lr": c.embedding_learning_rate})
         opt = torch.optim.AdamW(groups, weight_decay=1e-2)
-        return _Parts(vae, unet, sched, opt, dtype, D)
+        return TrainParts(vae, unet, sched, opt, dtype, D)
 
-    def _prepare(self, acc, parts: _Parts) -> None:
+    def _prepare(self, acc, parts: TrainParts) -> None:
         """Wrap U-Net, table and optimizer with Accelerate (after resuming)."""
         if self.embedding is not None:
             parts.unet, parts.table, parts.opt = acc.prepare(parts.unet, self.embedding.table, parts.opt)
@@ -340,7 +340,7 @@ class LoraTrainer(CheckpointedTrainer):
         parts.sf = float(getattr(parts.vae.config, "scaling_factor", 0.18215))
         parts.alphas = parts.sched.alphas_cumprod.to(acc.device)
 
-    def _micro_step(self, acc, parts: _Parts, rng: np.random.Generator, gen: torch.Generator) -> float:
+    def _micro_step(self, acc, parts: TrainParts, rng: np.random.Generator, gen: torch.Generator) -> float:
         """One batch forward/backward (an optimizer step when the accumulation is complete)."""
         with acc.accumulate(parts.unet):
             img, m, ids, cols = self.batch(rng)
@@ -354,7 +354,7 @@ class LoraTrainer(CheckpointedTrainer):
             parts.opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    def _loss(self, acc, parts: _Parts, img, m, ids, cols, gen: torch.Generator) -> torch.Tensor:
+    def _loss(self, acc, parts: TrainParts, img, m, ids, cols, gen: torch.Generator) -> torch.Tensor:
         """Steps 1-4 of the module docstring: ``img [B x 3 x r x r]``, ``m [B x 1 x r x r]``."""
         c, vae, sched, sf, dtype = self.cfg, parts.vae, parts.sched, parts.sf, parts.dtype
         B = len(img)
@@ -382,13 +382,13 @@ class LoraTrainer(CheckpointedTrainer):
             loss = loss + c.color_loss_weight * self._color_loss(parts, noisy, pred, t, m, cols)
         return loss
 
-    def _conditioning(self, acc, parts: _Parts, ids) -> tuple[torch.Tensor, dict]:
+    def _conditioning(self, acc, parts: TrainParts, ids) -> tuple[torch.Tensor, dict]:
         """``encoder_hidden_states [B x T x D]`` of a batch and extra U-Net keyword arguments
         (the wall trainer adds ``added_cond_kwargs``): the damage table's rows."""
         return parts.table(ids).view(len(ids), self.cfg.embedding_tokens, parts.cross_dim).to(parts.dtype), {}
 
     @staticmethod
-    def _color_loss(parts: _Parts, noisy, pred, t, m, cols) -> torch.Tensor:
+    def _color_loss(parts: TrainParts, noisy, pred, t, m, cols) -> torch.Tensor:
         """Squared LAB distance (/100) of the predicted x0's mean colour inside the mask to the
         sample's dominant colour ``cols [B x 3]`` in [0, 1]."""
         B = len(noisy)

@@ -11,6 +11,7 @@ Layout problems raise ``LayoutError`` with a message that says what is wrong and
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -244,30 +245,56 @@ def load_positives(folder: str | Path, size: int | None) -> list[tuple[np.ndarra
     return [(img, m) for _, img, m in load_named_positives(folder, size)]
 
 
-def load_named_positives(folder: str | Path, size: int | None) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """Accepted synthetic defects of an export for a positive bank: ``(file, image, mask)`` from
-    ``synthetic/<type>/*`` (every supported image extension) + ``synthetic_ground_truth/<type>/``.
-    Only ``synthetic/`` is read — never the export's ``test/`` (the product's real images, scored
-    ones included); a folder without ``synthetic/`` is refused with what to pass instead."""
+def provenance_names(folder: str | Path) -> dict[str, str]:
+    """``{"synthetic/<type>/<file>": "sample 12"}`` from an export's provenance.jsonl (to name a
+    refused file by the sample it came from); ``{}`` without one."""
+    prov = Path(folder) / "provenance.jsonl"
+    out: dict[str, str] = {}
+    if not prov.is_file():
+        return out
+    for line in prov.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("file"), str):
+            sid = rec.get("sample_id")
+            out[rec["file"]] = f"sample {sid}" if sid is not None else str(rec.get("note") or rec.get("generator") or "")
+    return out
+
+
+def export_samples(folder: str | Path, size: int | None, damage_types=None, missing: str = ""
+                   ) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """The accepted synthetic defects of an export: ``(name, type, image, mask bool)`` from
+    ``synthetic/<type>/*`` (every supported image extension) + ``synthetic_ground_truth/<type>/``;
+    ``name`` is the file, with the sample it came from (provenance.jsonl) when known. Only
+    ``synthetic/`` is read — never the export's ``test/`` (the product's real images, scored ones
+    included); a folder without ``synthetic/`` raises :class:`LayoutError` ending in ``missing``
+    (what the route takes instead)."""
     folder = Path(folder)
     if not (folder / "synthetic").is_dir():
-        raise LayoutError(
-            f"{folder} holds no synthetic/ folder: pass an export of accepted samples (python -m studio "
-            "export …: synthetic/<type>/ + synthetic_ground_truth/<type>/); real reference defects of "
-            "--data are already in the dual bank")
-    from pipelines.training_data import provenance_names
+        raise LayoutError(f"{folder} holds no synthetic/ folder: pass an export of accepted samples (python -m "
+                          f"studio export …: synthetic/<type>/ + synthetic_ground_truth/<type>/){missing}")
     known = provenance_names(folder)
     out = []
     for label_dir in sorted(p for p in (folder / "synthetic").iterdir() if p.is_dir()):
-        if label_dir.name == "good":
+        if label_dir.name == "good" or (damage_types is not None and label_dir.name not in damage_types):
             continue
         for img in _images(label_dir):
             cand = find_mask(folder / "synthetic_ground_truth" / label_dir.name, img)
             if cand is not None:
-                s = TestSample(img, label_dir.name, cand)
                 rel = img.relative_to(folder).as_posix()
                 name = f"{img} ({known[rel]})" if known.get(rel) else str(img)
-                out.append((name, load_image(img, size), load_mask(s, size)))
+                out.append((name, label_dir.name, load_image(img, size),
+                            load_mask(TestSample(img, label_dir.name, cand), size)))
+    return out
+
+
+def load_named_positives(folder: str | Path, size: int | None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Accepted synthetic defects of an export for a positive bank: ``(file, image, mask)``
+    (:func:`export_samples`); none with a mask is refused."""
+    out = [(n, img, m) for n, _, img, m in export_samples(
+        folder, size, missing="; real reference defects of --data are already in the dual bank")]
     if not out:
         raise LayoutError(f"{folder} holds no defect images with masks (expected synthetic/<type>/NNN.png "
                           "+ synthetic_ground_truth/<type>/NNN_mask.png, as written by export)")

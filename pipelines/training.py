@@ -264,29 +264,15 @@ def _extra_samples(extra: Path, damage_types: Sequence[str] | None, size: int | 
     """Accepted synthetic samples of an export: ``synthetic/<type>/*`` (every supported image
     extension) with ``synthetic_ground_truth/<type>/<stem>_mask.png``. Nothing else of the folder
     is read (its ``test/`` holds the product's real images, evaluation ones included)."""
-    from pipelines.guard import list_images
-    from pipelines.mvtec import TestSample, find_mask, load_image, load_mask
+    from pipelines.mvtec import LayoutError, export_samples
     if not extra.is_dir():
         raise TrainDataError(f"the extra sample folder {extra} does not exist")
-    if not (extra / "synthetic").is_dir():
-        raise TrainDataError(
-            f"{extra} holds no synthetic/ folder: extra data takes an export of accepted synthetic samples "
-            "(python -m studio export …: synthetic/<type>/ + synthetic_ground_truth/<type>/); the real "
-            "reference defects of --data are already trained on")
-    from pipelines.training_data import provenance_names
-    known = provenance_names(extra)
-    out: list[tuple[str, Sample]] = []
-    for d in sorted(p for p in (extra / "synthetic").iterdir() if p.is_dir()):
-        if d.name == "good" or (damage_types is not None and d.name not in damage_types):
-            continue
-        for img in list_images(d):
-            mp = find_mask(extra / "synthetic_ground_truth" / d.name, img)
-            if mp is not None:
-                m = load_mask(TestSample(img, d.name, mp), size)
-                rel = img.relative_to(extra).as_posix()
-                name = f"{img} ({known[rel]})" if known.get(rel) else str(img)
-                out.append((name, Sample(load_image(img, size), _binary(m), d.name)))
-    return out
+    try:
+        found = export_samples(extra, size, damage_types, missing="; the real reference defects of --data "
+                                                                  "are already trained on")
+    except LayoutError as exc:
+        raise TrainDataError(str(exc)) from None
+    return [(name, Sample(img, _binary(m), t)) for name, t, img, m in found]
 
 
 def check_samples(samples: Sequence, damage_types: Sequence[str] | None, where: str = "the dataset"

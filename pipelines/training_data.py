@@ -46,24 +46,6 @@ def extra_ancestors(extra: str | Path | None) -> tuple[list[str], list[str]]:
     return sorted(anc), own
 
 
-def provenance_names(folder: str | Path) -> dict[str, str]:
-    """``{"synthetic/<type>/<file>": "sample 12"}`` from an export's provenance.jsonl (to name a
-    refused file by the sample it came from); ``{}`` without one."""
-    prov = Path(folder) / "provenance.jsonl"
-    out: dict[str, str] = {}
-    if not prov.is_file():
-        return out
-    for line in prov.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("file"), str):
-            sid = rec.get("sample_id")
-            out[rec["file"]] = f"sample {sid}" if sid is not None else str(rec.get("note") or rec.get("generator") or "")
-    return out
-
-
 def training_manifest(root: str | Path, damage_types: Sequence[str] | None = None,
                       extra: str | Path | None = None) -> dict:
     """Reference defects of ``root`` that a trainer may use (chosen types), their hashes, and the
@@ -110,4 +92,4 @@ def read_manifest(model: str | Path | None) -> dict:
     return {}
 
 
-__all__ = ["MANIFEST", "extra_ancestors", "provenance_names", "training_manifest", "write_manifest", "read_manifest"]
+__all__ = ["MANIFEST", "extra_ancestors", "training_manifest", "write_manifest", "read_manifest"]

@@ -80,7 +80,11 @@ import cv2
 import numpy as np
 
 from pipelines import masks as mk
-from pipelines.classical import (DEFAULT_FEATHER, DONOR_ELONGATED, ELONGATED, _DIHEDRAL, donor_pair,
+from pipelines.generators.appearance import (EPS_L, background, deviation, halo, level, level_sigma,  # noqa: F401
+                                             to_lab, window_of)
+from pipelines.generators.geometry import (DIHEDRAL, best_affine, candidate_affines, displacement_field,  # noqa: F401
+                                           iou, moments, sdf)
+from pipelines.classical import (DEFAULT_FEATHER, DONOR_ELONGATED, ELONGATED, donor_pair,
                                  fractal_noise, style_for)
 from pipelines.color import rgb_to_lab
 from pipelines.generator import GeneratorInfo, option
@@ -90,10 +94,6 @@ from pipelines.generators.base import WindowedGenerator
 BLENDS = ("laplacian", "poisson")
 WARPS = ("field", "affine")
 RELIGHTS = ("auto", "ratio", "level")
-_EPS_L = 1.0                 # log((L + 1) / (L_bg + 1)): black pixels do not blow up
-_MAX_ANISO = 2.0             # per-axis scales within [g / 2, g · 2] of their geometric mean g
-_FIELD_ITERS = 50
-_FIELD_MAX_SIDE = 192        # the displacement field is computed at most this large
 _CORE_SIGMAS = (1.5,)        # px: the bands of surface texture removed from a donor's deviation
 _CORE_K = 1.0                # soft threshold = _CORE_K × the surface texture's robust σ per band
 _POISSON_MAX_PX = 40_000     # larger regions get their (smooth) harmonic correction at lower res
@@ -124,9 +124,6 @@ class DefectTransferOptions:
 # --------------------------------------------------------------------------------------------
 # Colour helpers
 # --------------------------------------------------------------------------------------------
-def to_lab(rgb: np.ndarray) -> np.ndarray:
-    """RGB uint8 → float32 CIE LAB."""
-    return rgb_to_lab(rgb).astype(np.float32)
 
 
 _lab = to_lab
@@ -137,26 +134,6 @@ def _rgb(lab: np.ndarray) -> np.ndarray:
     lightness and hue and loses chroma (:func:`pipelines.color.fit_to_srgb`) instead of having its
     channels clipped one by one (which turns a too-bright orange into a flat orange-white)."""
     return P.lab_to_rgb_float(lab)
-
-
-def _sdf(m: np.ndarray) -> np.ndarray:
-    """Signed distance (px, float32): negative inside ``m`` (bool, neither empty nor full),
-    positive outside."""
-    m8 = m.astype(np.uint8)
-    outside = cv2.distanceTransform(1 - m8, cv2.DIST_L2, 5)
-    inside = cv2.distanceTransform(m8, cv2.DIST_L2, 5)
-    return (outside - inside).astype(np.float32)
-
-
-def moments(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(centroid (x, y), R 2×2 with the major / minor axis as columns, σ (major, minor))`` of
-    a non-empty boolean mask; each pixel counts as a unit square (a 1-px line has σ_minor > 0)."""
-    ys, xs = np.nonzero(m)
-    pts = np.stack([xs, ys]).astype(np.float64)
-    c = pts.mean(axis=1)
-    cov = np.cov(pts) if xs.size > 1 else np.zeros((2, 2))
-    ev, vec = np.linalg.eigh(cov + np.eye(2) / 12.0)
-    return c, vec[:, ::-1].copy(), np.sqrt(ev[::-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,94 +157,9 @@ class Donor:
     C_hi: float | None = None
 
 
-def halo(mask: np.ndarray) -> int:
-    """Pixels around an annotated defect that still belong to it (rims, lips, shadows)."""
-    return int(np.clip(round(2 + 0.05 * math.sqrt(mask.sum())), 2, 8))
-
-
 def _as_pair(pair: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
     img, m = donor_pair(pair, i)
     return img, m > 0
-
-
-def window_of(m: np.ndarray, margin: int) -> tuple[slice, slice]:
-    x0, y0, x1, y1 = mk.bbox(m)  # type: ignore[misc]
-    h, w = m.shape
-    return (slice(max(0, y0 - margin), min(h, y1 + margin)),
-            slice(max(0, x0 - margin), min(w, x1 + margin)))
-
-
-def background(rgb: np.ndarray, hole: np.ndarray, smooth: float) -> np.ndarray:
-    """The donor's background under ``hole``: Telea inpainting (on a downscaled copy when the hole
-    is large — it is smooth anyway), smoothed inside the hole; ``h×w×3 uint8``."""
-    if hole.all():                                  # nothing around it to learn from
-        return np.broadcast_to(np.median(rgb.reshape(-1, 3), axis=0).astype(np.uint8), rgb.shape).copy()
-    h, w = hole.shape
-    f = min(1.0, math.sqrt(6000.0 / max(1, int(hole.sum()))))
-    src, hl = rgb, hole.astype(np.uint8)
-    if f < 1.0:
-        size = (max(8, round(w * f)), max(8, round(h * f)))
-        src = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-        hl = (cv2.resize(hl * 255, size, interpolation=cv2.INTER_AREA) > 0).astype(np.uint8)
-    bg = cv2.inpaint(np.ascontiguousarray(src), hl, 5, cv2.INPAINT_TELEA)
-    if f < 1.0:
-        bg = cv2.resize(bg, (w, h), interpolation=cv2.INTER_LINEAR)
-    bg = cv2.GaussianBlur(bg, (0, 0), smooth)
-    return np.where(hole[..., None], bg, rgb)
-
-
-def _level_sigma(size: float) -> float:
-    """σ (px) of the low-frequency illumination level for a defect ``size`` px long."""
-    return float(np.clip(size, 8.0, 120.0))
-
-
-def deviation(lab: np.ndarray, lab_bg: np.ndarray, level_sigma: float) -> np.ndarray:
-    """The relative deviation of ``lab`` from its background ``lab_bg`` (``H×W×3`` LAB each) →
-    ``H×W×9 float32`` channels (:data:`CHANNELS`):
-
-    - ``log_l`` = log((L + 1) / (L_bg + 1)): lightness as a ratio;
-    - ``log_k``: the chroma change along the background's own hue, as a log ratio (a dark stain
-      on copper desaturates copper; on a blue product it desaturates blue), trusted in
-      proportion to the background's chroma (not below C = 2, fully above C = 6);
-    - ``rest_a``, ``rest_b``: the rest of the a/b change: a hue the defect brings (rust on grey),
-      applied in proportion to the illumination gain between donor and target (0.5..2);
-    - ``opacity`` (0..1): how strongly the defect differs from the surface (|log_l| or |Δab|/25
-      from 0.1 to 0.6, smoothed) — where ``relight="level"`` replaces instead of modulating;
-    - ``log_s`` = log((L_bg + 1) / (S_bg + 1)), ``S_bg`` the background blurred by
-      ``level_sigma``: the background's structure above its low-frequency level (what the
-      ``level`` model puts back so a hole's content is absolute up to that level);
-    - ``log_lbg`` = log(L_bg + 1) and ``a_d``, ``b_d`` (the defect's own a/b): levels, not
-      changes — for the illumination gain of the chroma and the ``level`` model's colour.
-    """
-    L, L_bg = np.maximum(lab[..., 0], 0), np.maximum(lab_bg[..., 0], 0)
-    dl = np.log((L + _EPS_L) / (L_bg + _EPS_L))
-    ab, ab_bg = lab[..., 1:], lab_bg[..., 1:]
-    c_bg = np.sqrt((ab_bg ** 2).sum(-1))
-    unit = ab_bg / np.maximum(c_bg, 1e-3)[..., None]
-    dab = ab - ab_bg
-    trust = np.clip((c_bg - 2.0) / 4.0, 0.0, 1.0)
-    along = (dab * unit).sum(-1)
-    k = np.clip(1.0 + trust * along / np.maximum(c_bg, 1e-3), 0.25, 2.5)
-    rest = dab - ((k - 1.0) * c_bg)[..., None] * unit
-    strength = np.maximum(np.abs(dl), np.sqrt((dab ** 2).sum(-1)) / 25.0).astype(np.float32)
-    opacity = np.clip((cv2.GaussianBlur(strength, (0, 0), 1.0) - 0.1) / 0.5, 0, 1)
-    s_bg = _level(lab_bg[..., :1], level_sigma)
-    log_s = np.log((L_bg + _EPS_L) / (np.maximum(s_bg, 0) + _EPS_L))
-    return np.concatenate([dl[..., None], np.log(k)[..., None], rest, opacity[..., None],
-                           log_s[..., None], np.log(L_bg + _EPS_L)[..., None], ab], -1).astype(np.float32)
-
-
-def _level(x: np.ndarray, sigma: float) -> np.ndarray:
-    """The low-frequency level of ``x`` (``H×W`` or ``H×W×1``) → ``H×W`` (blurred by ``sigma``;
-    a wide blur is done on a copy shrunk so that σ is 4 px, then enlarged)."""
-    h, w = x.shape[:2]
-    img = x.astype(np.float32).reshape(h, w)
-    f = min(1.0, 4.0 / sigma)
-    if f < 1.0 and min(h, w) * f >= 4:
-        small = cv2.resize(img, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
-        small = cv2.GaussianBlur(small, (0, 0), sigma * f, borderType=cv2.BORDER_REFLECT)
-        return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
-    return cv2.GaussianBlur(img, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
 
 
 CHANNELS = ("log_l", "log_k", "rest_a", "rest_b", "opacity", "log_s", "log_lbg", "a_d", "b_d")
@@ -287,7 +179,7 @@ def core_surface_texture(log_l: np.ndarray, L: np.ndarray, hole: np.ndarray, r: 
     ring = (mk.dilate(hole.astype(np.uint8) * 255, 2 * r + 4) > 0) & ~hole
     if ring.sum() < 16:
         return log_l
-    logL = np.log(np.maximum(L, 0) + _EPS_L).astype(np.float32)
+    logL = np.log(np.maximum(L, 0) + EPS_L).astype(np.float32)
     x = log_l.astype(np.float32)
     out = np.zeros_like(x)
     for sigma in _CORE_SIGMAS:
@@ -310,7 +202,7 @@ def prepare_donor(image: np.ndarray, mask: np.ndarray) -> Donor:
     hole = mk.dilate(m.astype(np.uint8) * 255, r) > 0
     bg = background(rgb, hole, smooth=max(1.0, r / 2))
     lab = _lab(rgb)
-    dev = deviation(lab, _lab(bg), _level_sigma(size))
+    dev = deviation(lab, _lab(bg), level_sigma(size))
     dev[..., 0] = core_surface_texture(dev[..., 0], lab[..., 0], hole, r)
     taper = np.clip(cv2.distanceTransform(hole.astype(np.uint8), cv2.DIST_L2, 3) / 1.5, 0, 1)
     dev[..., :_BLENDED] *= taper[..., None].astype(np.float32)
@@ -342,16 +234,16 @@ def apply_deviation(lab: np.ndarray, dev: np.ndarray, level_sigma: float, model:
     (:func:`pipelines.generators.profiles.soft_ceiling`) — a bright lip on a bright product
     never runs into white, a chroma ratio on a saturated one never into the gamut's edge."""
     L = np.maximum(lab[..., 0], 0.0).astype(np.float32)
-    log_l = dev[..., 0] + np.log(L + _EPS_L)
+    log_l = dev[..., 0] + np.log(L + EPS_L)
     if model == "level":
-        S = np.maximum(_level(L, level_sigma), 0)
+        S = np.maximum(level(L, level_sigma), 0)
         o = np.clip(dev[..., 4], 0.0, 1.0)
-        log_l += o * (dev[..., 5] + np.log(S + _EPS_L) - np.log(L + _EPS_L))
+        log_l += o * (dev[..., 5] + np.log(S + EPS_L) - np.log(L + EPS_L))
     out = np.empty_like(lab)
-    out[..., 0] = np.clip(np.exp(log_l) - _EPS_L, 0.0, 100.0)
+    out[..., 0] = np.clip(np.exp(log_l) - EPS_L, 0.0, 100.0)
     if L_hi is not None:
         out[..., 0] = P.soft_ceiling(out[..., 0], L, np.maximum(L, min(float(L_hi), 99.5)))
-    gain = np.clip((out[..., 0] + _EPS_L) / np.exp(dev[..., 0] + dev[..., 6]), 0.5, 2.0)[..., None]
+    gain = np.clip((out[..., 0] + EPS_L) / np.exp(dev[..., 0] + dev[..., 6]), 0.5, 2.0)[..., None]
     out[..., 1:] = lab[..., 1:] * np.exp(dev[..., 1:2]) + dev[..., 2:4] * gain
     if model == "level":
         o = o[..., None]
@@ -367,100 +259,6 @@ def apply_deviation(lab: np.ndarray, dev: np.ndarray, level_sigma: float, model:
 # --------------------------------------------------------------------------------------------
 # Geometry: moments alignment over the dihedral group, then a displacement field
 # --------------------------------------------------------------------------------------------
-def _rot(a: float) -> np.ndarray:
-    return np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-
-
-def candidate_affines(target: np.ndarray, donor: np.ndarray, angle: float = 0.0,
-                      scale: float = 1.0) -> list[np.ndarray]:
-    """Eight ``2×3`` maps target coords → donor coords (``cv2.WARP_INVERSE_MAP`` convention): the
-    target's principal frame onto the donor's through each signed axis permutation, per-axis
-    scales ``σ_donor / σ_target`` (each within ×/÷ ``min(2, √(donor σ ratio))`` of their geometric
-    mean: a stroke may be stretched across, a round texture patch stays nearly isotropic), then
-    ``angle`` (rad) / ``scale`` jitter about the donor's centroid."""
-    ct, Rt, st = moments(target)
-    cd, Rd, sd = moments(donor)
-    # a stroke may be stretched across (its texture runs along it); a round donor is a texture
-    # patch that squashing would streak: its anisotropy cap is √(its own elongation)
-    cap = float(np.clip(math.sqrt(sd[0] / sd[1]), 1.0, _MAX_ANISO))
-    out = []
-    for P in _DIHEDRAL:
-        src = np.argmax(np.abs(P), axis=1)          # donor axis i ← target axis src[i]
-        s = sd / st[src]
-        g = math.sqrt(s[0] * s[1])
-        s = np.clip(s, g / cap, g * cap)
-        lin = Rd @ _rot(angle) @ np.diag(s * scale) @ P @ Rt.T
-        out.append(np.hstack([lin, (cd - lin @ ct)[:, None]]))
-    return out
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max(1, (a | b).sum()))
-
-
-_DISC5 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
-
-
-def best_affine(target: np.ndarray, donor_mask: np.ndarray, affines: list[np.ndarray],
-                rng: np.random.Generator) -> tuple[np.ndarray, float]:
-    """The candidate whose warped donor mask best overlaps ``target`` (both dilated by 2 px so
-    thin strokes count), near-ties (within 0.05 IoU) broken by ``rng``; ``(affine, IoU)``."""
-    h, w = target.shape
-    t = cv2.dilate(target.astype(np.uint8), _DISC5) > 0
-    d = cv2.dilate(donor_mask.astype(np.uint8), _DISC5)
-    scores = np.array([_iou(cv2.warpAffine(d, a, (w, h), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP) > 0, t)
-                       for a in affines])
-    good = np.flatnonzero(scores >= scores.max() - 0.05)
-    k = int(good[int(rng.integers(len(good)))])
-    return affines[k], float(scores[k])
-
-
-def displacement_field(target: np.ndarray, warped: np.ndarray, size: float,
-                       iters: int = _FIELD_ITERS, sigma_frac: float = 0.06, step: float = 0.5
-                       ) -> np.ndarray:
-    """``H×W×2 float32`` field ``u`` (x, y) with ``warped(x + u(x)) ≈ target(x)`` (boolean
-    ``H×W`` masks; ``size`` ≈ the target's length in px).
-
-    Demons-style iterations on signed distance functions ``φ`` (negative inside): each pixel
-    moves along ``−∇φ_W`` by ``step ×`` the distance mismatch ``φ_W(x + u) − φ_T(x)`` (clipped to
-    2 px per iteration, weighted to a band around the target), then ``u`` is smoothed by a
-    Gaussian of σ = ``sigma_frac × size`` (1..8 px) and limited to 35 % of ``size``. Computed at
-    most :data:`_FIELD_MAX_SIDE` px large and upsampled."""
-    h, w = target.shape
-    if not warped.any() or not target.any() or warped.all() or target.all():
-        return np.zeros((h, w, 2), np.float32)         # no outline to align
-    f = min(1.0, _FIELD_MAX_SIDE / max(h, w))
-    if f < 1.0:
-        size_lo = (max(4, round(w * f)), max(4, round(h * f)))
-        t = cv2.resize(target.astype(np.uint8), size_lo, interpolation=cv2.INTER_NEAREST) > 0
-        wm = cv2.resize(warped.astype(np.uint8), size_lo, interpolation=cv2.INTER_NEAREST) > 0
-        if t.any() and wm.any():
-            u = displacement_field(t, wm, size * f, iters, sigma_frac, step)
-            u = cv2.resize(u, (w, h), interpolation=cv2.INTER_LINEAR) / f
-            return u.astype(np.float32)
-    phi_t, phi_w = _sdf(target), _sdf(warped)
-    gy, gx = np.gradient(phi_w)
-    gx, gy = gx.astype(np.float32), gy.astype(np.float32)
-    sigma = float(np.clip(sigma_frac * size, 1.0, 8.0))
-    band = float(np.clip(0.25 * size, 4.0, 40.0))
-    weight = np.clip(1.5 - np.abs(phi_t) / band, 0.0, 1.0).astype(np.float32)
-    max_u = float(np.clip(0.35 * size, 3.0, 60.0))
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    u = np.zeros((h, w, 2), np.float32)
-    for _ in range(iters):
-        mx, my = xx + u[..., 0], yy + u[..., 1]
-        pw = cv2.remap(phi_w, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        gxw = cv2.remap(gx, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        gyw = cv2.remap(gy, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        move = -step * (pw - phi_t) / np.maximum(gxw * gxw + gyw * gyw, 0.25) * weight
-        u[..., 0] += np.clip(move * gxw, -2.0, 2.0)
-        u[..., 1] += np.clip(move * gyw, -2.0, 2.0)
-        u = cv2.GaussianBlur(u, (0, 0), sigma)
-        norm = np.sqrt((u * u).sum(axis=2, keepdims=True))
-        u *= np.minimum(1.0, max_u / np.maximum(norm, 1e-6))
-    return u
-
-
 # --------------------------------------------------------------------------------------------
 # Blending of the deviation
 # --------------------------------------------------------------------------------------------
@@ -663,7 +461,7 @@ class DefectTransferGenerator(WindowedGenerator):
         #    their exact values; 7. the base class composites.
         lab = _lab(crop)
         model = relight_model if relight_model != "auto" else relight_for(damage_type)
-        out = apply_deviation(lab, dev, _level_sigma(size), model, donor.L_hi, donor.C_hi)
+        out = apply_deviation(lab, dev, level_sigma(size), model, donor.L_hi, donor.C_hi)
         return crop.astype(np.float32) + (_rgb(out) - _rgb(lab))
 
 
@@ -690,7 +488,7 @@ def _quick_intensity(image: np.ndarray, mask: np.ndarray) -> float:
     ring = (mk.dilate(m, 2 * r + 4) > 0) & ~(mk.dilate(m, r) > 0)
     L = _lab(image[ys, xs])[..., 0]
     ref = float(np.median(L[ring])) if ring.any() else float(np.median(L))
-    return float(np.abs(np.log((L[m > 0] + _EPS_L) / (ref + _EPS_L))).mean())
+    return float(np.abs(np.log((L[m > 0] + EPS_L) / (ref + EPS_L))).mean())
 
 
 __all__ = ["DefectTransferGenerator", "DefectTransferOptions", "Donor", "prepare_donor", "halo",

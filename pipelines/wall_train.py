@@ -53,7 +53,7 @@ from pipelines import masks as mk
 from pipelines.color import (GRADES, as_rgb, color_metrics, dominant_color, grade, rgb_to_lab,
                              solid_reference, to_hex)
 from pipelines.fileio import atomic_write_text
-from pipelines.lora import LoraTrainConfig, LoraTrainer, _Parts, mask_crop
+from pipelines.lora import LoraTrainConfig, LoraTrainer, TrainParts, mask_crop
 from pipelines.training import (CancelFn, ConfigError, ProgressFn, Sample, TrainDataError, TrainResult,
                                 check, check_cancelled, report, save_validation_grid)
 from pipelines.wall import ABLATIONS
@@ -335,7 +335,7 @@ class WallTrainer(LoraTrainer):
                 torch.tensor(cols, dtype=torch.float32) / 255.0)
 
     # -- model -------------------------------------------------------------------------------------
-    def _build(self, acc) -> _Parts:
+    def _build(self, acc) -> TrainParts:
         """The LoRA U-Net (:meth:`LoraTrainer._build`), generation's empty conditioning and, when
         the reference is on, IP-Adapter attached to the same U-Net (frozen)."""
         from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
@@ -372,7 +372,7 @@ class WallTrainer(LoraTrainer):
                                   "reference (as generation skips it). " + msg)
         return parts
 
-    def _conditioning(self, acc, parts: _Parts, ids):
+    def _conditioning(self, acc, parts: TrainParts, ids):
         """Generation's empty conditioning for every row (+ the references' IP-Adapter embeds)."""
         B = len(ids)
         enc = self.empty.to(acc.device, parts.dtype).expand(B, -1, -1)
@@ -383,7 +383,7 @@ class WallTrainer(LoraTrainer):
             emb, _ = self.pipe.encode_image([Image.fromarray(r) for r in self._refs], acc.device, 1)
         return enc, {"added_cond_kwargs": {"image_embeds": [emb.to(parts.dtype)[:, None]]}}
 
-    def _prepare(self, acc, parts: _Parts) -> None:
+    def _prepare(self, acc, parts: TrainParts) -> None:
         super()._prepare(acc, parts)
         self._acc, self._parts = acc, parts
 

@@ -318,7 +318,7 @@ def measure_profile(image: np.ndarray, mask: np.ndarray) -> Profile:
     ``mask`` ``H×W`` bool, non-empty), measured perpendicular to its skeleton relative to its
     inpainted local background (see the module docstring)."""
     from pipelines import masks as mk
-    from pipelines import transfer as T          # here: transfer imports this module
+    from pipelines.generators import appearance as T
     m = np.asarray(mask) > 0
     r = T.halo(m)
     ys, xs = T.window_of(m, 3 * r + 8)
