@@ -13,7 +13,11 @@ Pieces, kept apart:
 * :class:`FeatureCache`: runs the frozen backbone once per image (``torch.inference_mode``) and
   keeps the maps, so each of the many trainings of an experiment costs only the decoder.
 * :func:`train_segmenter`: the training loop — AdamW, a fixed number of steps, batches drawn
-  half from defect images and half from negatives (empty masks), random horizontal / vertical
+  half from defect images and half from negatives (empty masks); samples marked ``extra``
+  (synthetic defects added to real ones) come *on top* of those batches — as many extra
+  positives per batch as real ones — so adding synthetic defects never dilutes how often the
+  segmenter sees each real defect (a real-only and a real + synthetic training see the same
+  real batches, in the same order, plus the synthetic ones); random horizontal / vertical
   flips of features and masks, loss = BCE + soft Dice on the masks area-downsampled to the
   feature grid (soft targets). Seeded (``torch.Generator``), so the same inputs give the same
   weights.
@@ -142,6 +146,8 @@ class TrainConfig:
     defect_share: float = 0.5       # share of each batch drawn from images with a defect
     flip: bool = True               # random horizontal / vertical flips of each batch
     seed: int = 0
+    extra_per_batch: int | None = None   # synthetic ("extra") positives added to each batch; None:
+                                         # as many as the batch's real positives
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
@@ -158,11 +164,16 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: f
 
 def train_segmenter(features: torch.Tensor, masks: Sequence[np.ndarray] | torch.Tensor,
                     cfg: TrainConfig | None = None, channels: Sequence[int] | None = None,
-                    progress: ProgressFn | None = None, cancelled: CancelFn | None = None) -> DefectSegmenter:
+                    progress: ProgressFn | None = None, cancelled: CancelFn | None = None,
+                    extra: Sequence[bool] | None = None) -> DefectSegmenter:
     """Train a :class:`DefectSegmenter` on precomputed ``features: [N x C x h x w]``
     (:meth:`FeatureCache.features`) and ``masks`` (``N`` masks ``[H x W]``, an empty mask = a
     defect-free negative; or soft targets ``[N x 1 x h x w]``). ``channels``: the per-stage split
-    of ``C`` (informational). Deterministic in ``cfg.seed``: the same inputs give the same weights."""
+    of ``C`` (informational). ``extra``: per sample, True for a synthetic defect added to real
+    ones — drawn in its own share on top of each batch (``cfg.extra_per_batch``), so the real
+    samples' batches are exactly those of a training without them; when no sample is real
+    (synthetic only) the extra ones are the positives. Deterministic in ``cfg.seed``: the same
+    inputs give the same weights."""
     cfg = cfg or TrainConfig()
     if isinstance(features, (list, tuple)):
         features = stack_features(features)
@@ -174,22 +185,34 @@ def train_segmenter(features: torch.Tensor, masks: Sequence[np.ndarray] | torch.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg.seed))
         model = DefectSegmenter(channels or [c], hidden=cfg.hidden)
-    model.set_feature_stats(features)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     has_defect = target.flatten(1).amax(1) > 0
-    pos, neg = torch.nonzero(has_defect).squeeze(1), torch.nonzero(~has_defect).squeeze(1)
+    is_extra = torch.zeros(n, dtype=torch.bool) if extra is None else torch.as_tensor(list(extra), dtype=torch.bool)
+    if len(is_extra) != n:
+        raise ValueError(f"{n} feature rows but {len(is_extra)} extra flags")
+    if not (has_defect & ~is_extra).any():     # nothing real: the extra samples are the positives
+        is_extra = torch.zeros(n, dtype=torch.bool)
+    pos = torch.nonzero(has_defect & ~is_extra).squeeze(1)
+    neg = torch.nonzero(~has_defect & ~is_extra).squeeze(1)
+    ext = torch.nonzero(has_defect & is_extra).squeeze(1)
+    model.set_feature_stats(features[~is_extra])     # the real samples' statistics
     bs = int(cfg.batch_size)
     if len(pos) == 0 or len(neg) == 0:
         n_pos = bs if len(pos) else 0
     else:
         n_pos = min(bs - 1, max(1, round(cfg.defect_share * bs)))
     n_neg = bs - n_pos
+    n_ext = (n_pos if cfg.extra_per_batch is None else int(cfg.extra_per_batch)) if len(ext) else 0
+    # the extra draws use their own generator, so the real / negative batches are unchanged
+    gen_ext = torch.Generator().manual_seed(int(cfg.seed) + 7919)
     model.train()
     for step in range(int(cfg.steps)):
         if cancelled is not None and step % 20 == 0 and cancelled():
             raise Cancelled("segmenter training cancelled")
         idx = torch.cat([pos[torch.randint(len(pos), (n_pos,), generator=gen)] if n_pos else pos[:0],
                          neg[torch.randint(len(neg), (n_neg,), generator=gen)] if n_neg else neg[:0]])
+        if n_ext:
+            idx = torch.cat([idx, ext[torch.randint(len(ext), (n_ext,), generator=gen_ext)]])
         x, y = features.index_select(0, idx), target.index_select(0, idx)
         flips = torch.rand(2, generator=gen) < 0.5
         if cfg.flip:

@@ -692,7 +692,9 @@ def _add_evaluation_commands(sub, ws) -> None:
     sp.add_argument("--generate", help="generate inside the protocol: NAME[,NAME…] or 'all' (those that run "
                                        f"here) of: {', '.join(in_mask)}; {per_product}: with the model "
                                        "picked per product and damage type (the workspace's trained runs, "
-                                       "else the shipped one) unless --model names one")
+                                       "else the shipped one) unless --model names one; 'auto': per damage "
+                                       "type the generator best on left-out reference defects (with 'all' "
+                                       "when two or more can be chosen from)")
     sp.add_argument("--per-type", type=int, default=10, help="generated defects per damage type and repeat")
     sp.add_argument("--repeats", type=int, default=5, help="K repeats (seeds S..S+K-1)")
     sp.add_argument("--folds", type=int, default=None,

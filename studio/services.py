@@ -289,7 +289,11 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
         raise UserError(str(exc)) from exc
 
     donors = _donors(store, req.product, req.damage_type) if req.damage_type else []
-    backend = resolve_backend(req, bool(donors))
+    root = workspace if workspace is not None else getattr(store, "root", None)
+    chosen = _auto(req, store, root, progress, cancelled)
+    if chosen is None and req.backend == "auto" and req.damage_type and store is not None and req.product:
+        return []                                  # cancelled while choosing
+    backend = chosen.generator if chosen is not None else resolve_backend(req, bool(donors))
     info, gen = get_info(backend), get_generator(backend)
     params = _params(req, info, donors)
     if params.get("donors"):      # the arrays copied / learned from: none may be a scored image's copy
@@ -297,7 +301,6 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
                    f"{backend} donors ({req.damage_type})")
     if info.needs_goods:
         params["goods"] = _goods(store, req.product)
-    root = workspace if workspace is not None else getattr(store, "root", None)
     if not params.get("model") and registry.picks_model(backend):
         found = default_model(backend, req.product, root, req.damage_type)
         if found:
@@ -335,11 +338,35 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
             recorded["donor_ids"] = [d["id"] for d in donors]
         if info.needs_goods:
             recorded["n_goods"] = len(params["goods"])
+        if chosen is not None:
+            recorded["auto"] = chosen.caption(req.product)
         cands.append(Candidate(out, mask, seed, backend, info.version, recorded,
                                ancestors=ancestors))
         if progress:
             progress((i + 1) / req.n, f"candidate {i + 1}/{req.n}")
     return _record(req, store, cands)
+
+
+def _auto(req: GenerateRequest, store, workspace, progress, cancelled):
+    """For ``backend="auto"`` on a product's damage type (a store and a workspace at hand): the
+    generator chosen on the product's reference defects of the type (:mod:`studio.auto`, cached
+    per product; the registry's fixed rule when there are fewer than 2). None: not an auto
+    request of that kind, or cancelled while choosing."""
+    if req.backend != "auto" or not req.damage_type or store is None or not req.product or workspace is None:
+        return None
+    from pipelines.guard import guard
+    from pipelines.roles import LeakageError
+    from studio.auto import auto_choice
+
+    def check(what: str, items: list) -> None:
+        try:
+            guard(items, scored_set(store, req.product), what)
+        except LeakageError as exc:
+            raise UserError(str(exc)) from exc
+    try:
+        return auto_choice(store, req.product, req.damage_type, workspace, check, progress, cancelled)
+    except Cancelled:
+        return None
 
 
 def _record(req: GenerateRequest, store, cands: list[Candidate]) -> list[Candidate]:
@@ -386,6 +413,9 @@ def learned_from(store, product: str, generator: str, damage_type: str | None,
     """What a candidate's generator learned from, in words, e.g. "cutpaste: copies from 6
     reference defects of broken_large" (donors and training data come only from reference images)."""
     params = params or {}
+    if params.get("auto"):
+        rest = learned_from(store, product, generator, damage_type, {k: v for k, v in params.items() if k != "auto"})
+        return f"auto chose {params['auto']} · {rest}"
     if damage_type is None:
         return f"{generator}: recolours the mask to the chosen colour (learns from no image)"
     try:

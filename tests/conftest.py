@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# "auto" measures its choice with a segmenter (studio.auto): a random-init backbone at 64 px keeps
+# that to seconds in tests (and in the apps they start); the real default is benchmarks/auto_choice.py's
+os.environ.setdefault("DEFECT_STUDIO_AUTO_BACKBONE", "random")
+os.environ.setdefault("DEFECT_STUDIO_AUTO_SIZE", "64")
 DEMO = Path(os.environ.get("DEFECT_STUDIO_TEST_DEMO", ROOT / "assets" / "demo"))
 
 

@@ -87,3 +87,26 @@ def test_shapes_and_feature_stacking():
     assert grid.shape == (1, 1, 4, 4) and float(grid[0, 0, 0, 0]) == 1.0 and float(grid.sum()) == 1.0
     with pytest.raises(ValueError, match="masks"):
         train_segmenter(x, [np.zeros((32, 32))], TrainConfig(steps=1))
+
+
+def test_synthetic_defects_come_on_top_of_the_real_batches(toy):
+    """Samples marked ``extra`` (synthetic defects added to real ones) never change the real
+    batches: with no extra draws per batch the weights equal a training without them; with the
+    default draws they change the model; synthetic only (no real defect) trains on them."""
+    _, f_train, m_train, _, _ = toy
+    cfg = TrainConfig(steps=30, seed=3)
+    real_f, real_m = f_train[:24], list(m_train[:24])          # 16 good + 8 real defects
+    syn_f, syn_m = f_train[24:], list(m_train[24:])            # 8 "synthetic" defects
+    both_f, both_m = torch.cat([real_f, syn_f]), real_m + syn_m
+    flags = [False] * 24 + [True] * 8
+    ref = train_segmenter(real_f, real_m, cfg)
+    none_drawn = train_segmenter(both_f, both_m, TrainConfig(steps=30, seed=3, extra_per_batch=0), extra=flags)
+    added = train_segmenter(both_f, both_m, cfg, extra=flags)
+    same = [torch.equal(a, b) for a, b in zip(ref.state_dict().values(), none_drawn.state_dict().values())]
+    assert all(same)
+    assert not torch.equal(ref.out.weight, added.out.weight)
+    syn_only = train_segmenter(torch.cat([f_train[:16], syn_f]), list(m_train[:16]) + syn_m, cfg,
+                               extra=[False] * 16 + [True] * 8)
+    assert syn_only.out.weight.abs().sum() > 0
+    with pytest.raises(ValueError, match="extra flags"):
+        train_segmenter(both_f, both_m, cfg, extra=flags[:-1])

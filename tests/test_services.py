@@ -43,10 +43,10 @@ def test_good_bypasses_generation(store):
     assert row["damage_type"] == "good" and row["generator"] == "none"
 
 
-def test_auto_backend_uses_real_defects_as_cut_paste_donors(store):
+def test_cut_paste_uses_reference_defects_as_donors(store):
     sid, img = _source(store)
     mask = _mask(img.shape)
-    cands = generate(GenerateRequest(image=img, mask=mask, damage_type="contamination",
+    cands = generate(GenerateRequest(image=img, mask=mask, damage_type="contamination", backend="cutpaste",
                                      product="bottle", n=2, seed=3, source_image_id=sid), store=store)
     assert [c.generator for c in cands] == ["cutpaste", "cutpaste"]
     outside = dilate(mask, 4) == 0

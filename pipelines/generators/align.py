@@ -119,6 +119,8 @@ def fit_size(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 def moments(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(centroid (x, y), axes 2×2 with the major axis first as columns, σ (major, minor))``."""
     ys, xs = np.nonzero(m)
+    if xs.size == 0:              # an empty mask: the frame's centre, no direction
+        return np.array([(m.shape[1] - 1) / 2, (m.shape[0] - 1) / 2]), np.eye(2), np.full(2, 1e-4)
     pts = np.stack([xs, ys]).astype(np.float64)
     c = pts.mean(axis=1)
     cov = np.cov(pts) if xs.size > 1 else np.zeros((2, 2))

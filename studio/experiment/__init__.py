@@ -34,7 +34,10 @@ Protocol (``python -m studio experiment``, the Curation tab's Experiment step):
   defect crops only vs reference + synthetic.
 * **Arm B — supervised segmenter** (:mod:`pipelines.segmenter`, the downstream test of DRAEM /
   AnomalyDiffusion): trained on synthetic only, reference real defects only, and both; each
-  training set also holds every ``train/good`` image with an empty mask.
+  training set also holds every ``train/good`` image with an empty mask. In "both" the
+  synthetic defects come on top of the reference-only arm's batches (as many synthetic as real
+  positives per batch, the real batches unchanged), so the comparison is "the same training plus
+  synthetic defects", not real defects diluted by many synthetic ones.
 * **Repeats.** ``K`` repeats (default 5); repeat ``k`` uses seed ``S + k`` for the coreset, the
   segmenter's initialisation and batches, and the generation (base images, masks, generator
   seeds). The folds never change between repeats.

@@ -24,6 +24,8 @@ class GeneratorPlan:
     model_ancestors: dict[str, list[str]] = field(default_factory=dict)   # model folder -> its training data
     skipped_types: dict[str, str] = field(default_factory=dict)           # damage type -> why none is made
     model_sources: dict[str, str] = field(default_factory=dict)           # model folder -> where it was found
+    candidates: list["GeneratorPlan"] = field(default_factory=list)        # auto: the plans it chooses among
+    choices: dict[int, dict] = field(default_factory=dict)                # auto: fold -> {type: Choice}
 
     def provenance(self, scored: set[str] = frozenset()) -> dict:
         """What metrics.json records of the generator: version, the model folder per damage type
@@ -35,7 +37,35 @@ class GeneratorPlan:
                 "model_training_images": {m: len(a) for m, a in sorted(self.model_ancestors.items())} or None,
                 "model_training_scored": {m: len(set(a) & set(scored))
                                           for m, a in sorted(self.model_ancestors.items())} or None,
-                "skipped_types": dict(sorted(self.skipped_types.items()))}
+                "skipped_types": dict(sorted(self.skipped_types.items())),
+                **({"candidates": [c.name for c in self.candidates],
+                    "choices": {str(f): {t: c.to_json() for t, c in sorted(ch.items())}
+                                for f, ch in sorted(self.choices.items())}} if self.candidates else {})}
+
+    @property
+    def is_auto(self) -> bool:
+        return self.name == AUTO
+
+
+AUTO = "auto"   # the per-type choice (pipelines.generators.choose), measured on reference defects only
+
+
+def auto_plan(plans: Sequence[GeneratorPlan], roles: R.CategoryRoles, notes: list[str], product: str | None,
+              roots: Sequence[str | Path]) -> GeneratorPlan:
+    """The ``auto`` source: per fold and damage type, the candidate whose synthetic defects best
+    teach a segmenter to find the fold's *reference* defects left out in turn
+    (:func:`pipelines.generators.choose.choose`); its synthetic defects of the type are those the
+    chosen generator makes from the same base images, masks and seeds. Candidates: the run's
+    other generators that :func:`pipelines.generators.choose.candidates` admits (all of them
+    when ``auto`` is the only name)."""
+    from pipelines.generator import GeneratorInfo
+    from pipelines.generators.choose import VERSION, candidates
+    names = candidates([p.name for p in plans]) or candidates(experiment_generators(product, roots))
+    pool = [p for p in plans if p.name in names] or resolve_generators(names, None, roles, notes, product, roots)
+    if not pool:
+        raise ValueError("auto: no generator to choose from (every candidate learned from a trained model)")
+    info = GeneratorInfo(AUTO, VERSION, "damage", "per damage type, the generator best on left-out reference defects")
+    return GeneratorPlan(AUTO, None, info, candidates=pool)
 
 
 def experiment_generators(product: str | None = None, roots: Sequence[str | Path] = ()) -> list[str]:
@@ -103,6 +133,8 @@ def resolve_generators(names: Sequence[str], model: str | None, roles: R.Categor
     under ``all`` it is a note."""
     from pipelines.registry import (GENERATORS, backend_status, get_generator, get_info, model_types,
                                     picks_model)
+    want_auto = AUTO in names
+    names = [n for n in names if n != AUTO]
     explicit = [n for n in names if n != "all"]
     types = sorted({s.label for s in roles.reference})
     wanted = []
@@ -174,6 +206,9 @@ def resolve_generators(names: Sequence[str], model: str | None, roles: R.Categor
                                                 for f, ts in by_folder.items())
                          + "".join(f"; type {t} skipped: {why}" for t, why in sorted(plan.skipped_types.items())))
         plans.append(plan)
+    from pipelines.generators.choose import candidates
+    if want_auto or ("all" in names and len(candidates([p.name for p in plans])) >= 2):
+        plans.append(auto_plan(plans, roles, notes, product, roots))
     return plans
 
 

@@ -26,6 +26,9 @@ from studio.experiment.request import ExperimentRequest
 from studio.experiment.sources import MaskSampler, Synthetic, load_export
 
 
+AUTO_PER_TYPE, AUTO_STEPS = 6, 100     # the auto choice's measurement (pipelines.generators.choose)
+
+
 @contextlib.contextmanager
 def deterministic(threads: int):
     """Deterministic torch kernels and a fixed number of torch threads for the duration (the
@@ -268,7 +271,11 @@ class Runs:
         self.timing["patchcore_predict"] += time.perf_counter() - t1
         self.pc_arms[arm][k][f] = summarize(labels, scores, masks, maps, ids=ids)
 
-    def _seg(self, arm: str, k: int, f: int, items: list, feats: list, masks: list, seed: int) -> None:
+    def _seg(self, arm: str, k: int, f: int, items: list, feats: list, masks: list, seed: int,
+             n_extra: int = 0) -> None:
+        """Train the arm's segmenter on ``feats`` / ``masks`` (the last ``n_extra`` are synthetic
+        defects added to real ones: drawn on top of the real batches, :func:`train_segmenter`) and
+        score the fold."""
         import torch
 
         from pipelines.segmenter import TrainConfig, predict_maps, train_segmenter
@@ -277,7 +284,9 @@ class Runs:
         self.hashes["segmenter"] |= set(self.guard(f"segmenter's training set ({arm})", f, items))
         t1 = time.perf_counter()
         cfg = TrainConfig(steps=int(self.req.segmenter_steps), seed=seed)
-        model = train_segmenter(torch.cat(feats), list(masks), cfg, cancelled=self.cancelled)
+        n = len(masks)
+        model = train_segmenter(torch.cat(feats), list(masks), cfg, cancelled=self.cancelled,
+                                extra=[i >= n - n_extra for i in range(n)] if n_extra else None)
         self.timing["segmenter_train"] += time.perf_counter() - t1
         _, masks_s, labels, ids, _ = self.scored[f]
         fold = self.d.folds[f]
@@ -331,15 +340,56 @@ class Runs:
         d, req = self.d, self.req
         if src == "synthetic":
             return d.export
-        t1 = time.perf_counter()
         plan = next(p for p in d.plans if p.name == src)
-        syn = synthesize(plan, d.train, d.train_hashes, d.reference(fold), d.mask_models[fold.index],
-                         int(req.per_type), int(req.seed), k, req.strength, req.feather, self.cancelled,
-                         fold=fold.index if len(d.folds) > 1 else None)
-        self.timing["generate"] += time.perf_counter() - t1
+        if plan.is_auto:
+            syn = self._auto(k, f, fold, plan)
+        else:
+            t1 = time.perf_counter()
+            syn = synthesize(plan, d.train, d.train_hashes, d.reference(fold), d.mask_models[fold.index],
+                             int(req.per_type), int(req.seed), k, req.strength, req.feather, self.cancelled,
+                             fold=fold.index if len(d.folds) > 1 else None)
+            self.timing["generate"] += time.perf_counter() - t1
         ev = {d.defect_hash(i) for i in fold.evaluation}
         R.check_descent([(s.name, s.ancestors) for s in syn], ev)
         return syn
+
+    def _auto(self, k: int, f: int, fold: Fold, plan: GeneratorPlan) -> list[Synthetic]:
+        """``auto``: per damage type, the candidate chosen on the fold's reference defects (once per
+        fold, in the first repeat: :func:`pipelines.generators.choose.choose`, every array it
+        trains on guarded against what the fold scores); its synthetic defects are the chosen
+        generator's for the same base images, masks and seeds."""
+        from pipelines.generators.choose import ChooseConfig, choose
+        d, req = self.d, self.req
+        refs = d.reference(fold)
+        if f not in plan.choices:
+            t1 = time.perf_counter()
+            names = [c.name for c in plan.candidates]
+            cfg = ChooseConfig(per_type=min(AUTO_PER_TYPE, int(req.per_type)),
+                               steps=min(AUTO_STEPS, int(req.segmenter_steps)), size=int(req.size), seed=int(req.seed),
+                               feather=int(req.feather), strength=float(req.strength))
+            plan.choices[f] = {}
+            for t, items in sorted(refs.items()):
+                self.say(0.05, f"auto: choosing the generator for {t}{self._where(f)}")
+                plan.choices[f][t] = choose(
+                    t, [(img, m) for img, m, _ in items], d.train,
+                    lambda ms, t=t: MaskSampler.fit(t, ms, d.foreground), self.fc, names, cfg,
+                    guard=lambda what, items, f=f: self.guard(what, f, self.train_items + items),
+                    cancelled=self.cancelled, goods_features=self.f_train)
+            self.timing["auto_choice"] = self.timing.get("auto_choice", 0.0) + time.perf_counter() - t1
+        out: list[Synthetic] = []
+        t1 = time.perf_counter()
+        for t, choice in sorted(plan.choices[f].items()):
+            chosen = next(c for c in plan.candidates if c.name == choice.generator)
+            for s_ in synthesize(chosen, d.train, d.train_hashes, {t: refs[t]}, d.mask_models[fold.index],
+                                 int(req.per_type), int(req.seed), k, req.strength, req.feather, self.cancelled,
+                                 fold=fold.index if len(d.folds) > 1 else None):
+                s_.name = f"auto:{s_.name}"
+                out.append(s_)
+        self.timing["generate"] += time.perf_counter() - t1
+        return out
+
+    def _where(self, f: int) -> str:
+        return f" (fold {f + 1}/{len(self.d.folds)})" if len(self.d.folds) > 1 else ""
 
     def _source(self, k: int, f: int, fold: Fold, unit: int, src: str, seed_k: int, ref_items, ref_imgs,
                 ref_masks, f_ref) -> None:
@@ -361,7 +411,8 @@ class Runs:
         self._seg(f"{src}:synthetic_only", k, f, self.train_items + syn_items, [self.f_train, f_syn],
                   [*self.empty, *syn_masks], seed_k)
         self._seg(f"{src}:reference_plus_synthetic", k, f, self.train_items + ref_items + syn_items,
-                  [self.f_train, f_ref, f_syn], [*self.empty, *ref_masks, *syn_masks], seed_k)
+                  [self.f_train, f_ref, f_syn], [*self.empty, *ref_masks, *syn_masks], seed_k,
+                  n_extra=len(syn_masks))
         self.fit_counts[f][src] = len(syn_items)
 
 

@@ -150,6 +150,14 @@ def report_markdown(r: dict) -> str:
                 for f, ts in by_folder.items()))
         for t, why in g.get("skipped_types", {}).items():
             lines.append(f"- {name}: nothing generated for {t} — {why}")
+        if g.get("choices"):
+            lines.append(f"- {name}: per fold and damage type, the candidate ({', '.join(g['candidates'])}) whose "
+                         "synthetic defects gave the highest pixel AP on the fold's *reference* defects left out in "
+                         "turn (no evaluation image is read): " + "; ".join(
+                             f"fold {int(f) + 1}: " + ", ".join(
+                                 f"{t} → {c['generator']}" + (f" ({c['ap']:.2f})" if c.get("ap") is not None else
+                                                             " (fixed rule)") for t, c in ch.items())
+                             for f, ch in g["choices"].items()))
     if r.get("synthetic"):
         lines.append(f"- Export: `{r['synthetic']['folder']}`, {r['synthetic']['samples']} samples "
                      f"({', '.join(f'{k} {v}' for k, v in r['synthetic']['per_type'].items())}); checked "
@@ -182,7 +190,8 @@ def report_markdown(r: dict) -> str:
     t = r.get("timing", {})
     lines += ["", f"Run time {r['seconds']:.0f} s (PatchCore fit {t.get('patchcore_fit', 0):.0f} s, predict "
                   f"{t.get('patchcore_predict', 0):.0f} s, segmenter training {t.get('segmenter_train', 0):.0f} s, "
-                  f"generation {t.get('generate', 0):.0f} s). "
+                  f"generation {t.get('generate', 0):.0f} s"
+                  + (f", auto choice {t['auto_choice']:.0f} s" if t.get("auto_choice") else "") + "). "
                   f"Versions: {', '.join(f'{k} {v}' for k, v in r['versions'].items())}. {r['created_at']}", ""]
     return "\n".join(lines)
 

@@ -1,0 +1,204 @@
+"""What "auto" runs for a damage type: the generator whose synthetic defects best teach a
+segmenter to find the product's *own reference* defects of that type, measured by leaving
+reference defects out — never an evaluation image.
+
+For a damage type with ``n >= 2`` reference defects (image + mask) the reference defects are
+split into ``k = min(splits, n)`` groups (leave-one-out when ``n <= splits``). For each group
+``j`` and each candidate generator:
+
+1. the generator learns only from the *other* groups: its donors / profiles / fitted motions
+   (``donors``) and the mask shapes (``sampler_for``, fitted on their masks);
+2. it makes ``per_type`` synthetic defects of the type on the product's good images — the base
+   image, mask and seed of item ``i`` depend on ``(seed, j, i)`` only, so every candidate gets
+   the same inputs;
+3. a :mod:`pipelines.segmenter` (frozen backbone features, the experiment's detector) is trained
+   on them plus the good images (empty masks) and scores the left-out group's images: pixel AP.
+
+The candidate with the highest mean pixel AP over the groups is the choice (ties within
+``TIE`` go to the earlier candidate: the registry's order). A type with fewer than 2 reference
+defects has nothing to leave out: the registry's fixed rule (:func:`pipelines.registry.auto_choice`)
+decides, and the choice says so. Candidates exclude generators that learned from data outside
+this loop (a trained model — its training set may hold the left-out defects — or hub weights).
+
+Cost (2 cores, EfficientNet-Lite0 at 256 px, 6 candidates, 3 groups, 6 samples, 100 steps):
+about 1 min per damage type; :mod:`studio.auto` caches the result per product.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+
+from pipelines.training import CancelFn, ProgressFn, check_cancelled
+
+TIE = 1e-3            # AP differences below this are ties (the earlier candidate wins)
+VERSION = "1"         # of the procedure; a cached choice of another version is recomputed
+
+
+@dataclass
+class ChooseConfig:
+    per_type: int = 6           # synthetic defects per candidate and left-out group
+    splits: int = 3             # at most this many left-out groups (leave-one-out below)
+    steps: int = 100            # segmenter training steps
+    size: int = 256             # images are resized to size × size for the measurement
+    seed: int = 0
+    feather: int = 4
+    strength: float = 0.8
+
+
+@dataclass
+class Choice:
+    """The generator "auto" runs for one damage type, and why."""
+    damage_type: str
+    generator: str
+    ap: float | None                    # its mean pixel AP on left-out reference defects (None: fixed rule)
+    scores: dict[str, float] = field(default_factory=dict)   # every candidate's mean AP
+    n_reference: int = 0
+    splits: int = 0
+    version: str = VERSION
+
+    @property
+    def measured(self) -> bool:
+        return self.ap is not None
+
+    def caption(self, product: str | None = None) -> str:
+        """One line for the candidate caption, e.g. "stroke — best for crack on this product (AP
+        0.71 on left-out reference defects)"."""
+        where = "on this product" if product is None else f"on {product}"
+        if not self.measured:
+            return (f"{self.generator} — fixed rule for {self.damage_type} (only {self.n_reference} reference "
+                    f"defect{'s' * (self.n_reference != 1)}: nothing to leave out)")
+        runner = sorted(((v, k) for k, v in self.scores.items() if k != self.generator), reverse=True)
+        nxt = f"; next {runner[0][1]} {runner[0][0]:.2f}" if runner else ""
+        return (f"{self.generator} — best for {self.damage_type} {where} (AP {self.ap:.2f} on "
+                f"{self.n_reference} left-out reference defects{nxt})")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Choice":
+        return cls(**{k: d[k] for k in ("damage_type", "generator", "ap", "scores", "n_reference", "splits",
+                                        "version") if k in d})
+
+
+def candidates(names: Sequence[str] | None = None) -> list[str]:
+    """Generators "auto" may choose from: offline damage generators that make a defect inside the
+    mask and learned from nothing outside the leave-out loop (no hub weights, no trained model:
+    ``needs_model`` / ``learns_from_data`` / a per-product model are excluded)."""
+    from pipelines.registry import generator_names, get_info, offline_names, picks_model
+    pool = offline_names("damage") if names is None else [n for n in names if n in generator_names("damage")]
+    out = []
+    for n in pool:
+        info = get_info(n)
+        if info.needs_model or info.full_image or info.learns_from_data or picks_model(n):
+            continue
+        out.append(n)
+    return out
+
+
+def groups(n: int, splits: int) -> list[list[int]]:
+    """``n`` reference defects → ``min(splits, n)`` left-out groups (round robin)."""
+    k = max(1, min(int(splits), n))
+    return [[i for i in range(n) if i % k == j] for j in range(k)]
+
+
+def resize_to(img: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
+    if img.shape[:2] == (size, size):
+        return img
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_AREA)
+
+
+def _params(info, damage_type: str, learn: list[tuple[np.ndarray, np.ndarray]], goods: list[np.ndarray],
+            cfg: ChooseConfig) -> dict:
+    """What the service passes a generator (pipelines.generator's contract), with the learn set as
+    the donors."""
+    p: dict = {"feather": int(cfg.feather), "damage_type": damage_type}
+    if info.takes_strength:
+        p["strength"] = float(cfg.strength)
+    if info.takes_donors:
+        p["donors"] = [(img, m.astype(np.uint8) * 255) for img, m in learn]
+    if info.needs_goods:
+        p["goods"] = list(goods)
+    return p
+
+
+def _synthetic(name: str, damage_type: str, learn, goods, sampler, cfg: ChooseConfig, j: int,
+               cancelled: CancelFn | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    from pipelines.registry import get_generator, get_info
+    gen, info = get_generator(name), get_info(name)
+    params = _params(info, damage_type, learn, goods, cfg)
+    imgs, masks = [], []
+    for i in range(int(cfg.per_type)):
+        check_cancelled(cancelled, "auto choice")
+        rng = np.random.default_rng([int(cfg.seed), int(j), i])
+        base = goods[int(rng.integers(len(goods)))]
+        mask = sampler.sample(base.shape[:2], rng)
+        imgs.append(np.ascontiguousarray(gen(base, mask.astype(np.uint8) * 255,
+                                             seed=int(rng.integers(2 ** 31 - 1)), **params)))
+        masks.append(np.asarray(mask) > 0)
+    return imgs, masks
+
+
+def choose(damage_type: str, references: Sequence[tuple[np.ndarray, np.ndarray]], goods: Sequence[np.ndarray],
+           sampler_for: Callable[[list[np.ndarray]], object], features, names: Sequence[str] | None = None,
+           cfg: ChooseConfig | None = None, guard: Callable[[str, list], object] | None = None,
+           progress: ProgressFn | None = None, cancelled: CancelFn | None = None,
+           goods_features=None) -> Choice:
+    """The :class:`Choice` for ``damage_type`` (module docstring).
+
+    ``references``: the type's reference defects ``[(image H×W×3 uint8, mask H×W)]`` — never an
+    evaluation image (the caller's roles decide; ``guard(what, [(name, image)])`` is called on
+    every array a segmenter is trained on, so the caller can refuse copies of scored images).
+    ``goods``: the product's defect-free train images (the base images and the negatives).
+    ``sampler_for(masks)`` → an object with ``sample(shape, rng) -> H×W bool`` fitted on
+    ``masks``. ``features``: a :class:`pipelines.segmenter.FeatureCache`; ``goods_features``
+    its features of ``goods`` at ``cfg.size`` when already computed."""
+    import torch
+
+    from pipelines.metrics import pixel_ap
+    from pipelines.registry import auto_choice
+    from pipelines.segmenter import TrainConfig, predict_maps, train_segmenter
+    cfg = cfg or ChooseConfig()
+    S = int(cfg.size)
+    refs = [(resize_to(np.asarray(i), S), resize_to((np.asarray(m) > 0).astype(np.uint8), S, True) > 0)
+            for i, m in references]
+    refs = [(i, m) for i, m in refs if m.any()]
+    names = candidates(names)
+    if len(refs) < 2 or not names or not goods or features is None:
+        fixed = auto_choice("damage", have_donors=bool(refs)) or (names[0] if names else "perlin")
+        return Choice(damage_type, fixed, None, {}, len(refs), 0)
+    goods = [resize_to(np.asarray(g), S) for g in goods]
+    f_goods = goods_features if goods_features is not None else features.features(goods, cancelled)
+    empty = [np.zeros((S, S), bool)] * len(goods)
+    parts = groups(len(refs), cfg.splits)
+    f_held = features.features([i for i, _ in refs], cancelled)
+    scores: dict[str, list[float]] = {n: [] for n in names}
+    total = len(parts) * len(names)
+    for j, held in enumerate(parts):
+        learn = [refs[i] for i in range(len(refs)) if i not in held]
+        sampler = sampler_for([m for _, m in learn])
+        for c, name in enumerate(names):
+            if progress:
+                progress((j * len(names) + c) / total, f"auto for {damage_type}: {name}, left-out group {j + 1}/{len(parts)}")
+            imgs, masks = _synthetic(name, damage_type, learn, goods, sampler, cfg, j, cancelled)
+            if guard is not None:
+                guard(f"auto choice for {damage_type} ({name})", [(f"{name}/{j}/{i}", im) for i, im in enumerate(imgs)])
+            feats = torch.cat([f_goods, features.features(imgs, cancelled)])
+            model = train_segmenter(feats, empty + masks, TrainConfig(steps=int(cfg.steps), seed=int(cfg.seed) + j),
+                                    cancelled=cancelled)
+            _, maps = predict_maps(model, f_held[held], S)
+            scores[name].append(float(pixel_ap(np.stack([refs[i][1] for i in held]), maps)))
+    mean = {n: float(np.mean(v)) for n, v in scores.items()}
+    best = names[0]
+    for n in names[1:]:
+        if mean[n] > mean[best] + TIE:
+            best = n
+    if progress:
+        progress(1.0, f"auto for {damage_type}: {best}")
+    return Choice(damage_type, best, mean[best], mean, len(refs), len(parts))
+
+
+__all__ = ["Choice", "ChooseConfig", "choose", "candidates", "groups", "resize_to", "TIE", "VERSION"]
