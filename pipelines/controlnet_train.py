@@ -48,17 +48,16 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipelines import masks as mk
-from pipelines.augment import AugmentConfig
 from pipelines.lora import mask_crop
 from pipelines.training import (CancelFn, CheckpointedTrainer, CheckpointError, Checkpoints, ConfigError,
-                                ConfigMixin, ProgressFn, Sample, TrainResult, augment_config, check,
+                                ProgressFn, RunConfig, Sample, TrainResult, check,
                                 check_samples, load_training_samples, read_trainer_state, report,
                                 save_optimizer, save_validation_grid, write_trainer_state)
 
@@ -67,41 +66,24 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
 @dataclass
-class ControlNetTrainConfig(ConfigMixin):
-    output_dir: str = ""                   # checkpoints go here (required)
-    model: str | None = None               # SD 1.5 folder: inpainting (default $DEFECT_STUDIO_SD_INPAINT) or base
-    controlnet: str | None = None          # start from these ControlNet weights (None: from the U-Net)
+class ControlNetTrainConfig(RunConfig):
+    """A ControlNet run: the run fields of :class:`pipelines.training.RunConfig` and the fields below."""
+    what: ClassVar[str] = "ControlNet"
+
     data: str | None = None                # MVTec-layout category (for run_from_config / the CLI)
     damage_types: list | None = None       # None: every type with reference samples
-    extra_data: str | None = None          # accepted synthetic defects (synthetic/<type> layout)
-    image_size: int | None = None          # resize loaded images to this square size (None: as is)
     resolution: int = 512                  # training crops (px), the generators' working size
-    padding: int = 32                      # context around the mask (px), as only_masked
     learning_rate: float = 1e-5            # diffusers' train_controlnet.py default
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"            # 'no' | 'fp16' | 'bf16'
-    max_steps: int | None = 1000
-    minutes: float | None = None
     mask_weight: float = 0.0               # loss weight 1 + mask_weight·mask (0: plain MSE)
-    checkpoint_every: int = 100
-    checkpoint_limit: int = 3
-    validate_every: int = 100              # 0: no validation grids
+    model: str | None = None               # SD 1.5 folder: inpainting (default $DEFECT_STUDIO_SD_INPAINT) or base
+    controlnet: str | None = None          # start from these ControlNet weights (None: from the U-Net)
+    padding: int = 32                      # context around the mask (px), as only_masked
     validation_seeds: list = field(default_factory=lambda: [0, 1])
     validation_count: int = 3
-    validation_steps: int = 20
     validation_guidance: float = 3.0
-    log_every: int = 10
-    augment: Any = field(default_factory=AugmentConfig)
-    resume: bool = True
-    seed: int = 0
-
-    def __post_init__(self):
-        self.augment = augment_config(self.augment)
-        self.validate()
 
     def validate(self) -> None:
-        self.check_run()
+        super().validate()
         check(self.resolution >= 64 and self.resolution % 8 == 0,
               f"resolution must be ≥ 64 and a multiple of 8, got {self.resolution}")
         check(self.padding >= 0, f"padding must be ≥ 0, got {self.padding}")

@@ -16,16 +16,16 @@ One step (numbered as in the code, :meth:`LoraTrainer._loss`)::
     2. noisy    = scheduler.add_noise(latents, ε, t)   (focus='restricted': only where m = 1)
     3. pred     = unet(cat[noisy, m, masked], t, table[type])   (9 channels, as the pipeline)
     4. loss     = mean(w · (pred − target)²), target = ε or v;  w = 1 + mask_weight·m
-                  (focus='restricted': w = m) [+ color_loss_weight · LAB colour loss]
+                  (focus='restricted': w = m) [+ the subclass's terms, _add_losses]
 
 HF Accelerate wraps the loop (``Accelerator(mixed_precision, gradient_accumulation_steps,
 cpu=<no CUDA>)``), so ``accelerate launch`` on several GPUs runs the same code.
 
-Wall-colour mode (``mode='wall'``) is :class:`pipelines.wall_train.WallTrainer`, a subclass of
-:class:`LoraTrainer` (``train_lora`` / ``run_from_config`` hand a wall config to it): the empty
+The wall-colour LoRA is its own trainer kind (``TRAINERS["wall"]``): :class:`pipelines.wall_train.
+WallTrainer`, a subclass of :class:`LoraTrainer` (this module never imports it): the empty
 conditioning of generation, the solid colour reference through IP-Adapter, random target colours,
-colour metrics per validation step. Its hooks here: :meth:`LoraTrainer._conditioning` and the
-optional LAB colour-consistency loss (``color_loss_weight``, :meth:`LoraTrainer._color_loss`).
+colour metrics per validation step. Its hooks here: ``damage_table = False``,
+:meth:`LoraTrainer._conditioning` and :meth:`LoraTrainer._add_losses` (its LAB colour loss).
 
 The training glue (configs, samples, budget, atomic checkpoints, optimizer state, history,
 Accelerate, the result) is :mod:`pipelines.training`; its names that callers import from here
@@ -47,7 +47,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import cv2
 import numpy as np
@@ -57,8 +57,8 @@ import torch.nn.functional as F
 from pipelines import masks as mk
 from pipelines.augment import AugmentConfig, augment_pair
 from pipelines.training import (CancelFn, CheckpointedTrainer, CheckpointError, Checkpoints, ConfigError,
-                                ConfigMixin, ProgressFn, Sample, TrainDataError, TrainResult, augment_config,
-                                check, check_samples, load_training_samples, read_trainer_state, report,
+                                ProgressFn, RunConfig, Sample, TrainDataError, TrainResult, check,
+                                check_samples, load_training_samples, read_trainer_state, report,
                                 save_optimizer, save_validation_grid, write_trainer_state)
 # re-exported: callers import these toolkit names from here (tests, studio.ui.training_tab, benchmarks)
 from pipelines.training import (CHECKPOINTS, HISTORY_FILE, LATEST, STATE_FILE, Cancelled,  # noqa: F401
@@ -73,58 +73,37 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # LoRA trainer
 # ================================================================================================
 @dataclass
-class LoraTrainConfig(ConfigMixin):
-    output_dir: str = ""                   # checkpoints go here (required)
-    model: str | None = None               # SD 1.5 inpainting folder / hub id (default $DEFECT_STUDIO_SD_INPAINT)
+class LoraTrainConfig(RunConfig):
+    """A LoRA + damage-table run: the run fields of :class:`pipelines.training.RunConfig` and the
+    LoRA / table / validation fields below."""
+    what: ClassVar[str] = "LoRA"
+
     data: str | None = None                # MVTec-layout category (for run_from_config / the CLI)
-    damage_types: list | None = None       # None: every type with samples
-    extra_data: str | None = None          # accepted synthetic defects (synthetic/<type> layout)
-    image_size: int | None = None          # resize loaded images to this square size (None: as is)
-    mode: str = "damage"                   # 'damage' (table of types) | 'wall' (colour, empty embedding)
     resolution: int = 512                  # training crops (px), as the generator's working size
+    learning_rate: float = 1e-4            # LoRA weights
+    model: str | None = None               # SD 1.5 inpainting folder / hub id (default $DEFECT_STUDIO_SD_INPAINT)
     padding: int = 32                      # context around the mask (px), as sd-inpaint only_masked
     rank: int = 4
     alpha: float | None = None             # LoRA alpha (None: = rank)
     lora_dropout: float = 0.0
     target_modules: list = field(default_factory=lambda: list(DEFAULT_TARGETS))
     embedding_tokens: int = 8
-    learning_rate: float = 1e-4            # LoRA weights
     embedding_learning_rate: float = 1e-3  # damage table
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"            # 'no' | 'fp16' | 'bf16'
-    max_steps: int | None = 1000
-    minutes: float | None = None
     focus: str = "weighted"                # 'weighted': loss 1 + mask_weight·m | 'restricted': noise and loss only in the mask
-    mask_weight: float = 4.0
-    color_loss_weight: float = 0.0         # wall mode: LAB colour-consistency loss weight
-    wall_color_method: str = "median"      # dominant colour: median | mean | kmeans
-    wall_erode_px: float = 5.0             # erode wall masks to drop segmentation noise
-    wall_min_quality: float = 0.6          # wall: keep a sample when >= this share of its mask grades good
-    checkpoint_every: int = 100
-    checkpoint_limit: int = 3
-    validate_every: int = 100              # 0: no validation grids
     validation_seeds: list = field(default_factory=lambda: [0, 1])
     validation_count: int = 3              # fixed masks in the grid
-    validation_steps: int = 20
     validation_guidance: float = 3.0
-    log_every: int = 10
-    augment: Any = field(default_factory=AugmentConfig)
-    resume: bool = True
-    seed: int = 0
 
     def __post_init__(self):
-        self.augment = augment_config(self.augment)
         self.target_modules = list(self.target_modules)
-        self.validate()
+        super().__post_init__()
 
     def validate(self) -> None:
-        self.check_run()
+        super().validate()
         check(isinstance(self.rank, int) and self.rank >= 1, f"rank must be an integer ≥ 1, got {self.rank!r}")
         check(self.alpha is None or self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
         check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         check(bool(self.target_modules), "target_modules must name at least one layer (to_q, to_k, …)")
-        check(self.mode in ("damage", "wall"), f"mode must be 'damage' or 'wall', got {self.mode!r}")
         check(self.resolution >= 64 and self.resolution % 8 == 0,
               f"resolution must be ≥ 64 and a multiple of 8, got {self.resolution}")
         check(self.embedding_tokens >= 1, f"embedding_tokens must be ≥ 1, got {self.embedding_tokens}")
@@ -132,26 +111,9 @@ class LoraTrainConfig(ConfigMixin):
         check(self.focus in ("weighted", "restricted"),
               f"focus must be 'weighted' or 'restricted', got {self.focus!r}")
         check(self.mask_weight >= 0, f"mask_weight must be ≥ 0, got {self.mask_weight}")
-        check(self.color_loss_weight >= 0, f"color_loss_weight must be ≥ 0, got {self.color_loss_weight}")
-        check(self.wall_color_method in ("median", "mean", "kmeans"),
-              f"wall_color_method must be median, mean or kmeans, got {self.wall_color_method!r}")
-        check(0.0 <= self.wall_min_quality <= 1.0, "wall_min_quality must be in [0, 1]")
         check(self.validate_every >= 0, f"validate_every must be ≥ 0, got {self.validate_every}")
         check(self.validation_count >= 1 and len(self.validation_seeds) >= 1,
               "validation needs at least one mask and one seed")
-
-
-def rgb_to_lab_torch(x: torch.Tensor) -> torch.Tensor:
-    """``x: [B x 3 x H x W]`` sRGB in [0, 1] → CIE LAB (D65), differentiable."""
-    x = x.clamp(0, 1)
-    lin = torch.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
-    M = torch.tensor([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
-                      [0.0193339, 0.1191920, 0.9503041]], dtype=x.dtype, device=x.device)
-    xyz = torch.einsum("ij,bjhw->bihw", M, lin)
-    white = torch.tensor([0.95047, 1.0, 1.08883], dtype=x.dtype, device=x.device)[None, :, None, None]
-    t = xyz / white
-    f = torch.where(t > (6 / 29) ** 3, t.clamp_min(1e-8) ** (1 / 3), t / (3 * (6 / 29) ** 2) + 4 / 29)
-    return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,13 +175,12 @@ class LoraTrainer(CheckpointedTrainer):
 
     ``samples``: ``[(image H×W×3 uint8, mask H×W uint8, damage_type)]``. ``self.losses`` is the
     live ``[(step, loss)]`` history (also appended to ``OUT/history.jsonl``)."""
+    damage_table: ClassVar[bool] = True     # trains the table of damage types (the wall trainer: no)
 
     def __init__(self, cfg: LoraTrainConfig, samples: Sequence):
         from pipelines.generators.base import check_image
         super().__init__(cfg)
-        if cfg.mode == "wall" and type(self) is LoraTrainer:
-            raise ConfigError("mode 'wall' trains with pipelines.wall_train.WallTrainer (train_lora picks it)")
-        if cfg.mode == "damage":
+        if self.damage_table:
             self.types = check_samples(samples, cfg.damage_types, where="the training samples")
             self.samples = [Sample(check_image(s[0]), mk.to_binary(s[1]), s[2]) for s in samples
                             if s[2] in self.types]
@@ -324,7 +285,7 @@ class LoraTrainer(CheckpointedTrainer):
             p.data = p.data.float()
         D = int(unet.config.cross_attention_dim)
         groups = [{"params": lora_params, "lr": c.learning_rate}]
-        if c.mode == "damage":
+        if self.damage_table:
             self.embedding = DamageEmbedding(self.types, c.embedding_tokens, D, c.seed)
             self.embedding.table.to(acc.device)
             groups.append({"params": list(self.embedding.table.parameters()), "lr": c.embedding_learning_rate})
@@ -378,31 +339,17 @@ class LoraTrainer(CheckpointedTrainer):
         w = m_w if c.focus == "restricted" else 1.0 + c.mask_weight * m_w
         w = w.expand_as(pred)
         loss = (w * (pred.float() - target.float()) ** 2).sum() / w.sum().clamp_min(1.0)
-        if c.color_loss_weight > 0 and c.mode == "wall":
-            loss = loss + c.color_loss_weight * self._color_loss(parts, noisy, pred, t, m, cols)
+        return self._add_losses(loss, parts, noisy, pred, t, m, cols)
+
+    def _add_losses(self, loss: torch.Tensor, parts: TrainParts, noisy, pred, t, m, cols) -> torch.Tensor:
+        """The step's loss plus a subclass's own terms (the wall trainer's LAB colour loss); here
+        the loss as it is."""
         return loss
 
     def _conditioning(self, acc, parts: TrainParts, ids) -> tuple[torch.Tensor, dict]:
         """``encoder_hidden_states [B x T x D]`` of a batch and extra U-Net keyword arguments
         (the wall trainer adds ``added_cond_kwargs``): the damage table's rows."""
         return parts.table(ids).view(len(ids), self.cfg.embedding_tokens, parts.cross_dim).to(parts.dtype), {}
-
-    @staticmethod
-    def _color_loss(parts: TrainParts, noisy, pred, t, m, cols) -> torch.Tensor:
-        """Squared LAB distance (/100) of the predicted x0's mean colour inside the mask to the
-        sample's dominant colour ``cols [B x 3]`` in [0, 1]."""
-        B = len(noisy)
-        a = parts.alphas[t].view(-1, 1, 1, 1).float()
-        if parts.sched.config.prediction_type == "epsilon":
-            x0 = (noisy.float() - (1 - a).sqrt() * pred.float()) / a.sqrt()
-        else:
-            x0 = a.sqrt() * noisy.float() - (1 - a).sqrt() * pred.float()
-        rgb = (parts.vae.decode((x0 / parts.sf).to(parts.dtype)).sample.float() + 1) / 2
-        lab = rgb_to_lab_torch(rgb)
-        mm = m.float()
-        mean_lab = (lab * mm).sum((2, 3)) / mm.sum((2, 3)).clamp_min(1.0)
-        target_lab = rgb_to_lab_torch(cols[:, :, None, None]).view(B, 3)
-        return ((mean_lab - target_lab) / 100.0).pow(2).sum(1).mean()
 
     @torch.no_grad()
     def validation_grid(self, vae, unet, sched) -> Path:
@@ -448,19 +395,12 @@ class LoraTrainer(CheckpointedTrainer):
 
 def train_lora(cfg: LoraTrainConfig, samples: Sequence, progress: ProgressFn | None = None,
                cancelled: CancelFn | None = None) -> TrainResult:
-    """Train (or resume) LoRA + damage embedding; see :class:`LoraTrainer` for live losses.
-    A wall-colour config (``mode='wall'``) trains with :class:`pipelines.wall_train.WallTrainer`."""
-    if cfg.mode == "wall":
-        from pipelines.wall_train import train_wall
-        return train_wall(cfg, samples, progress, cancelled)
+    """Train (or resume) LoRA + damage embedding; see :class:`LoraTrainer` for live losses."""
     return LoraTrainer(cfg, samples).run(progress, cancelled)
 
 
 def run_from_config(cfg: LoraTrainConfig, progress: ProgressFn | None = None,
                     cancelled: CancelFn | None = None) -> TrainResult:
-    """Load ``cfg.data`` (real defects of the chosen types + ``extra_data``; wall mode: a folder
-    of photos + masks) and train."""
-    if cfg.mode == "wall":
-        from pipelines.wall_train import run_from_config as run_wall
-        return run_wall(cfg, progress, cancelled)
+    """Load ``cfg.data`` (real defects of the chosen types + ``extra_data``) and train
+    (``TRAINERS["lora"]``, :mod:`pipelines.training.trainers`)."""
     return train_lora(cfg, load_training_samples(cfg), progress, cancelled)

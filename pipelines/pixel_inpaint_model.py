@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import cv2
 import numpy as np
@@ -30,8 +30,8 @@ from pipelines.models import ModelError
 from pipelines.pixel_inpaint_files import (CONFIG_FILE, DAMAGE, FORMAT, MODEL_FILE, NORMAL,  # noqa: F401 (re-export)
                                      PRETRAIN_MASKS, PRODUCT, crop_box, read_meta, resolve_model)
 from pipelines.training import (CancelFn, Cancelled, CheckpointedTrainer, CheckpointError,  # noqa: F401 (Cancelled)
-                                Checkpoints, ConfigMixin, ProgressFn, Sample, TrainDataError,
-                                TrainResult, augment_config, check, check_samples,
+                                Checkpoints, ProgressFn, RunConfig, Sample, TrainDataError,
+                                TrainResult, check, check_samples,
                                 load_training_samples, read_trainer_state, report, save_optimizer,
                                 save_validation_grid, write_trainer_state)
 
@@ -59,7 +59,7 @@ PRESETS: dict[str, dict] = {
 # Config
 # ================================================================================================
 @dataclass
-class PixelInpaintConfig(ConfigMixin):
+class PixelInpaintConfig(RunConfig):
     """A pixel-inpaint training run.
 
     Budget: ``max_steps`` counts every step of the model (both stages, resumed ones included),
@@ -81,12 +81,17 @@ class PixelInpaintConfig(ConfigMixin):
     ≤ 6 minutes fills masks with coloured noise, 15 minutes with the product's colours but no
     defect structure; no CPU budget that does has been measured.
     """
-    output_dir: str = ""                   # checkpoints go here (required)
+    what: ClassVar[str] = "pixel-inpaint"
+
     data: str | None = None                # MVTec-layout category (for run_from_config / the CLI)
-    damage_types: list | None = None       # None: every type with samples
-    extra_data: str | None = None          # accepted synthetic defects (synthetic/<type> layout)
-    image_size: int | None = None          # resize loaded images to this square size (None: as is)
     resolution: int = 64                   # model input size (px)
+    batch_size: int = 8
+    learning_rate: float = 4e-4
+    max_steps: int | None = None           # stop after this many steps in total
+    minutes: float | None = 15.0           # wall-clock budget of this run
+    checkpoint_every: int = 250
+    validate_every: int = 0                # 0: no validation grid during training
+    augment: Any = field(default_factory=lambda: AugmentConfig(rotate=20.0))
     preset: str = "small"                  # see PRESETS
     context: float = 1.6                   # crop side = max(min_crop, bbox side · context)
     min_crop: int = 64                     # smallest crop side on the source image (px)
@@ -97,29 +102,10 @@ class PixelInpaintConfig(ConfigMixin):
     pretrain_steps: int = 0                # two-stage: stage 1 ("product") ends at this step (0: no step limit)
     pretrain_minutes: float | None = None  # two-stage: ... or after this much stage-1 wall clock (all runs)
     pretrain_masks: str = "shapes"         # two-stage masks on good images: 'shapes' (fitted) | 'random' (style)
-    mask_weight: float = 4.0               # loss weight 1 + mask_weight · m
-    batch_size: int = 8
-    learning_rate: float = 4e-4
     warmup_steps: int = 50
-    max_steps: int | None = None           # stop after this many steps in total
-    minutes: float | None = 15.0           # wall-clock budget of this run
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"            # 'no' | 'fp16' | 'bf16'
-    checkpoint_every: int = 250
-    checkpoint_limit: int = 3
-    validate_every: int = 0                # 0: no validation grid during training
-    validation_steps: int = 20
-    log_every: int = 10
-    augment: Any = field(default_factory=lambda: AugmentConfig(rotate=20.0))
-    resume: bool = True
-    seed: int = 0
-
-    def __post_init__(self):
-        self.augment = augment_config(self.augment)
-        self.validate()
 
     def validate(self) -> None:
-        self.check_run()
+        super().validate()
         check(self.preset in PRESETS, f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         down = 2 ** (len(PRESETS[self.preset]["block_out_channels"]) - 1)
         check(self.resolution >= 16 and self.resolution % down == 0,

@@ -43,7 +43,7 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import cv2
 import numpy as np
@@ -65,7 +65,14 @@ IMAGE_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 @dataclass
 class WallTrainConfig(LoraTrainConfig):
-    mode: str = "wall"
+    """A wall-colour run (``TRAINERS["wall"]``): the LoRA config's fields and the wall's below."""
+    what: ClassVar[str] = "wall LoRA"
+
+    data: str | None = None                # a folder of wall photos + masks (wall_samples_from_folder)
+    color_loss_weight: float = 0.0         # LAB colour-consistency loss weight
+    wall_color_method: str = "median"      # dominant colour: median | mean | kmeans
+    wall_erode_px: float = 5.0             # erode wall masks to drop segmentation noise
+    wall_min_quality: float = 0.6          # keep a sample when >= this share of its mask grades good
     masks: str | None = None               # masks folder (default DATA/masks, or <stem>_mask.png beside)
     random_color_prob: float = 0.3         # share of samples recoloured to a random colour
     reference: str = "auto"                # auto | ip-adapter | none (IP-Adapter colour reference)
@@ -79,7 +86,10 @@ class WallTrainConfig(LoraTrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        check(self.mode == "wall", f"WallTrainConfig trains walls (mode 'wall'), got {self.mode!r}")
+        check(self.color_loss_weight >= 0, f"color_loss_weight must be ≥ 0, got {self.color_loss_weight}")
+        check(self.wall_color_method in ("median", "mean", "kmeans"),
+              f"wall_color_method must be median, mean or kmeans, got {self.wall_color_method!r}")
+        check(0.0 <= self.wall_min_quality <= 1.0, "wall_min_quality must be in [0, 1]")
         check(0.0 <= self.random_color_prob <= 1.0,
               f"random_color_prob must be in [0, 1], got {self.random_color_prob}")
         check(self.reference in REFERENCE_MODES,
@@ -97,7 +107,7 @@ class WallTrainConfig(LoraTrainConfig):
 
 
 def wall_config(cfg) -> WallTrainConfig:
-    """A :class:`WallTrainConfig` from a wall-mode LoRA config (its keys kept)."""
+    """A :class:`WallTrainConfig` from itself or a LoRA config (its keys kept)."""
     return cfg if isinstance(cfg, WallTrainConfig) else WallTrainConfig.from_dict(cfg.to_dict())
 
 
@@ -266,6 +276,19 @@ def metrics_table(rows: Sequence[dict], label: str = "step") -> str:
 # ------------------------------------------------------------------------------------------------
 # The trainer
 # ------------------------------------------------------------------------------------------------
+def rgb_to_lab_torch(x: torch.Tensor) -> torch.Tensor:
+    """``x: [B x 3 x H x W]`` sRGB in [0, 1] → CIE LAB (D65), differentiable."""
+    x = x.clamp(0, 1)
+    lin = torch.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
+    M = torch.tensor([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
+                      [0.0193339, 0.1191920, 0.9503041]], dtype=x.dtype, device=x.device)
+    xyz = torch.einsum("ij,bjhw->bihw", M, lin)
+    white = torch.tensor([0.95047, 1.0, 1.08883], dtype=x.dtype, device=x.device)[None, :, None, None]
+    t = xyz / white
+    f = torch.where(t > (6 / 29) ** 3, t.clamp_min(1e-8) ** (1 / 3), t / (3 * (6 / 29) ** 2) + 4 / 29)
+    return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], 1)
+
+
 def _text_parts(folder: Path):
     """``(text_encoder, tokenizer)`` of an SD folder, or ``(None, None)`` when it has none."""
     if not ((folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir()):
@@ -282,6 +305,7 @@ def _text_parts(folder: Path):
 class WallTrainer(LoraTrainer):
     """Wall-colour LoRA (see the module docstring). ``samples``: ``[(image, wall mask, _)]``;
     ``self.notes`` says what the run could not do (e.g. no IP-Adapter weights)."""
+    damage_table = False        # the empty conditioning of generation, no table of damage types
 
     def __init__(self, cfg, samples: Sequence):
         from pipelines.classical import LabRecolorGenerator
@@ -382,6 +406,30 @@ class WallTrainer(LoraTrainer):
         with torch.no_grad():
             emb, _ = self.pipe.encode_image([Image.fromarray(r) for r in self._refs], acc.device, 1)
         return enc, {"added_cond_kwargs": {"image_embeds": [emb.to(parts.dtype)[:, None]]}}
+
+    def _add_losses(self, loss: torch.Tensor, parts: TrainParts, noisy, pred, t, m, cols) -> torch.Tensor:
+        """``+ color_loss_weight ·`` :meth:`_color_loss` (when the weight is > 0)."""
+        c = self.cfg
+        if c.color_loss_weight > 0:
+            loss = loss + c.color_loss_weight * self._color_loss(parts, noisy, pred, t, m, cols)
+        return loss
+
+    @staticmethod
+    def _color_loss(parts: TrainParts, noisy, pred, t, m, cols) -> torch.Tensor:
+        """Squared LAB distance (/100) of the predicted x0's mean colour inside the mask to the
+        sample's dominant colour ``cols [B x 3]`` in [0, 1]."""
+        B = len(noisy)
+        a = parts.alphas[t].view(-1, 1, 1, 1).float()
+        if parts.sched.config.prediction_type == "epsilon":
+            x0 = (noisy.float() - (1 - a).sqrt() * pred.float()) / a.sqrt()
+        else:
+            x0 = a.sqrt() * noisy.float() - (1 - a).sqrt() * pred.float()
+        rgb = (parts.vae.decode((x0 / parts.sf).to(parts.dtype)).sample.float() + 1) / 2
+        lab = rgb_to_lab_torch(rgb)
+        mm = m.float()
+        mean_lab = (lab * mm).sum((2, 3)) / mm.sum((2, 3)).clamp_min(1.0)
+        target_lab = rgb_to_lab_torch(cols[:, :, None, None]).view(B, 3)
+        return ((mean_lab - target_lab) / 100.0).pow(2).sum(1).mean()
 
     def _prepare(self, acc, parts: TrainParts) -> None:
         super()._prepare(acc, parts)

@@ -394,20 +394,11 @@ TRAIN_FLAGS = ("data", "output_dir", "model", "damage_types", "extra_data", "max
 
 
 def cmd_train(args) -> int:
-    """Both trainers from a YAML config and/or flags; flags override the file."""
-    if args.kind == "lora":
-        from pipelines.lora import LoraTrainConfig as Config
-        from pipelines.lora import run_from_config
-    elif args.kind == "controlnet":
-        from pipelines.controlnet_train import ControlNetTrainConfig as Config
-        from pipelines.controlnet_train import run_from_config
-    elif args.kind == "wall":
-        from pipelines.wall_train import WallTrainConfig as Config
-        from pipelines.wall_train import run_from_config
-    else:
-        from pipelines.pixel_inpaint_model import PixelInpaintConfig as Config
-        from pipelines.pixel_inpaint_model import run_from_config
+    """The ``--kind`` trainer (``TRAINERS``) from a YAML config and/or flags; flags override the file."""
+    from pipelines.training.trainers import TRAINERS
     from studio.wall_cli import WALL_FLAGS
+    trainer = TRAINERS[args.kind]
+    Config = trainer.config_class()
     overrides = {k: getattr(args, k) for k in TRAIN_FLAGS + WALL_FLAGS if getattr(args, k, None) is not None}
     if args.no_resume:
         overrides["resume"] = False
@@ -425,7 +416,7 @@ def cmd_train(args) -> int:
             print(f"PROGRESS {frac:.4f} {msg}", flush=True)
 
     try:
-        res = run_from_config(cfg, progress, (lambda: cancel_file.exists()) if cancel_file else None)
+        res = trainer.run(cfg, progress, (lambda: cancel_file.exists()) if cancel_file else None)
     except RuntimeError as exc:  # CheckpointError, Cancelled: a message, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 3
@@ -728,7 +719,8 @@ def _add_training_commands(sub, ws) -> None:
     """train (LoRA + damage embeddings, or pixel-inpaint)."""
     sp = sub.add_parser("train", help="train LoRA + damage embeddings (SD 1.5 inpainting) or the "
                                       "offline pixel-inpaint model")
-    sp.add_argument("--kind", choices=["lora", "pixel-inpaint", "wall", "controlnet"], default="pixel-inpaint",
+    from pipelines.training.trainers import TRAINERS
+    sp.add_argument("--kind", choices=list(TRAINERS), default="pixel-inpaint",
                     help="wall: wall-colour LoRA from a folder of photos + masks; controlnet: fine-tune a "
                          "ControlNet on the reference defects with their masks as the control image")
     sp.add_argument("--config", help="YAML file with the trainer's fields (unknown keys are an error)")

@@ -169,18 +169,24 @@ def test_failed_save_keeps_previous_latest(tmp_path, models, samples, monkeypatc
     assert (out / "checkpoints" / "step-0000010" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_wall_mode_trains_with_the_wall_trainer_and_color_loss(tmp_path, models):
-    """mode='wall' is pipelines.wall_train.WallTrainer (its protocol: tests/test_wall_protocol.py)."""
+def test_wall_colour_is_its_own_trainer_kind_with_color_loss(tmp_path, models):
+    """The wall-colour LoRA is TRAINERS["wall"] (pipelines.wall_train.WallTrainer, its protocol:
+    tests/test_wall_protocol.py); the LoRA config has no wall fields and never hands off to it."""
+    from pipelines.training.trainers import TRAINERS
+    from pipelines.wall_train import WallTrainConfig, WallTrainer
     rng = np.random.default_rng(0)
     img = np.full((96, 96, 3), (180, 60, 40), np.uint8) + rng.integers(0, 10, (96, 96, 3)).astype(np.uint8)
     good = np.zeros((96, 96), np.uint8)
     good[20:80, 10:70] = 255
-    with pytest.raises(L.ConfigError, match="WallTrainer"):
-        L.LoraTrainer(_cfg(models, tmp_path / "x", mode="wall"), [(img, good, "wall")])
-    cfg = _cfg(models, tmp_path / "wall", mode="wall", max_steps=2, color_loss_weight=1.0,
-               validate_every=2, validation_count=1, validation_seeds=[0])
-    res = L.train_lora(cfg, [(img, good, "wall")])
-    assert res.step == 2 and np.isfinite(res.loss)
+    for key in ("mode", "color_loss_weight", "wall_erode_px"):
+        with pytest.raises(L.ConfigError, match=f"unknown LoraTrainConfig key.*{key}"):
+            L.LoraTrainConfig.from_dict({"output_dir": "x", key: 1})
+    assert TRAINERS["wall"].config_class() is WallTrainConfig and TRAINERS["lora"].config_class() is L.LoraTrainConfig
+    cfg = WallTrainConfig(**{**_cfg(models, tmp_path / "wall").to_dict(), "max_steps": 2, "color_loss_weight": 1.0,
+                             "validate_every": 2, "validation_count": 1, "validation_seeds": [0]})
+    trainer = WallTrainer(cfg, [(img, good, "wall")])
+    res = trainer.run()
+    assert res.step == 2 and np.isfinite(res.loss) and trainer.embedding is None
     ck = L.latest_checkpoint(tmp_path / "wall")
     assert (ck / "pytorch_lora_weights.safetensors").is_file()
     assert not (ck / "damage_embedding.json").exists()     # unconditional: no table

@@ -17,6 +17,7 @@ from studio.ui import dataset_tab as D
 from studio.ui import ddpm_tab as DD
 from studio.ui import jobs_panel as J
 from studio.ui import patchcore_tab as P
+from studio.ui import training_runs as TR
 from studio.ui import training_tab as T
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,8 +244,8 @@ def test_training_job_runs_the_trainer_process(ctx):
     out = T.adapters_root(ctx) / "stub"
     script = ("import json; print('PROGRESS 0.5 half way', flush=True); print('log line'); "
               "print(json.dumps({'step': 3, 'loss': 0.1, 'stopped': 'steps'}, indent=1))")
-    run = T.TrainCommand([sys.executable, "-c", script], "pixel-inpaint", "bottle", DEMO / "bottle", out)
-    jid = ctx.jobs.submit("train", T.train_job, run, state)
+    run = TR.TrainCommand([sys.executable, "-c", script], "pixel-inpaint", "bottle", DEMO / "bottle", out)
+    jid = ctx.jobs.submit("train", TR.train_job, run, state)
     job = ctx.jobs.wait(jid, timeout=60)
     assert job["status"] == "done", job["error"]
     assert job["result"] == {"step": 3, "loss": 0.1, "stopped": "steps", "out": str(out)}
@@ -252,9 +253,9 @@ def test_training_job_runs_the_trainer_process(ctx):
     rec = state.runlog.list("train-pixel-inpaint")[0]
     assert rec["status"] == "done" and rec["metrics"] == {"step": 3, "loss": 0.1}
 
-    bad = T.TrainCommand([sys.executable, "-c", "import sys; sys.exit('trainer says no')"], "lora", "bottle",
+    bad = TR.TrainCommand([sys.executable, "-c", "import sys; sys.exit('trainer says no')"], "lora", "bottle",
                          DEMO / "bottle", out)
-    job = ctx.jobs.wait(ctx.jobs.submit("train", T.train_job, bad, state), timeout=60)
+    job = ctx.jobs.wait(ctx.jobs.submit("train", TR.train_job, bad, state), timeout=60)
     assert job["status"] == "failed" and "trainer says no" in job["error"]
     assert state.runlog.list("train-lora")[0]["status"] == "failed"
 

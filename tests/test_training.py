@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +149,7 @@ def test_stop_reason_steps_time_cancel():
 
 def test_budget_fraction_and_deadline(monkeypatch):
     clock = {"t": 100.0}
-    monkeypatch.setattr(T.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(time, "monotonic", lambda: clock["t"])
     b = T.Budget(max_steps=14, minutes=1.0, start_step=4)             # resumed at step 4
     assert b.fraction(9) == pytest.approx(0.5) and b.stop_reason(9, None) is None
     clock["t"] += 45.0                                                # 3/4 of the minute

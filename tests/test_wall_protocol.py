@@ -233,9 +233,11 @@ def test_prepare_defaults_erosion_quality_and_small_mask_fallback():
 
 def test_config_errors():
     for bad in [dict(random_color_prob=1.5), dict(reference="clip"), dict(validation_colors=["nope"]),
-                dict(mode="damage")]:
+                dict(wall_color_method="mode"), dict(wall_min_quality=2.0), dict(color_loss_weight=-1.0)]:
         with pytest.raises(ConfigError):
             W.WallTrainConfig(output_dir="x", **bad)
+    with pytest.raises(ConfigError, match="unknown WallTrainConfig key.*mode"):   # a kind of its own (TRAINERS)
+        W.WallTrainConfig.from_dict({"output_dir": "x", "mode": "damage"})
     assert W.WallTrainConfig(output_dir="x", validation_colors="#112233,#445566").validation_colors == \
         ["#112233", "#445566"]
 

@@ -12,14 +12,17 @@ from pathlib import Path
 
 import gradio as gr
 
+from pipelines.training.trainers import TRAINERS
 from studio.context import StudioContext
 from studio.ui.jobs_panel import JobPanel, bind
+from studio.ui.training_runs import TrainCommand, adapters_root, data_plan, on_product, run_views, submit_run
+
+KIND = TRAINERS["controlnet"].kind
 
 
 def controlnet_command(ctx: StudioContext, product, types, model, init, name, minutes, steps, rate, resume):
     """The trainer's command line from the widget values (the product is exported first, so only its
     reference defects are trained on); bad input → ``gr.Error`` with the fix."""
-    from studio.ui.training_tab import TrainCommand, adapters_root, data_plan
     if not product:
         raise gr.Error("Pick a product")
     init = (init or "").strip()
@@ -32,7 +35,7 @@ def controlnet_command(ctx: StudioContext, product, types, model, init, name, mi
     ctx.store.export_mvtec(export, product)
     cat = export / product
     out = adapters_root(ctx) / ((name or "").strip() or f"controlnet-{product}")
-    cmd = [sys.executable, "-m", "studio", "train", "--kind", "controlnet", "--data", str(cat), "--out", str(out),
+    cmd = [sys.executable, "-m", "studio", "train", "--kind", KIND, "--data", str(cat), "--out", str(out),
            "--progress-lines", "--quiet", "--cancel-file", str(out / "CANCEL")]
     if types:
         cmd += ["--damage-types", ",".join(types)]
@@ -46,21 +49,16 @@ def controlnet_command(ctx: StudioContext, product, types, model, init, name, mi
     if not resume:
         cmd += ["--no-resume"]
     plan = data_plan(cat, list(types or []) or None, None, "ControlNet training data")
-    return TrainCommand(cmd, "controlnet", product, cat, out, plan)
+    return TrainCommand(cmd, KIND, product, cat, out, plan)
 
 
 def start_controlnet(ctx: StudioContext, state, *values) -> str:
     """Fine-tune a ControlNet in its own process as a background job (a second start resumes)."""
-    from studio.ui.training_tab import train_job
-    run = controlnet_command(ctx, *values)
-    run.out.mkdir(parents=True, exist_ok=True)
-    (run.out / "CANCEL").unlink(missing_ok=True)
-    return ctx.jobs.submit("train-controlnet", train_job, run, state, request={"cmd": run.cmd, "plan": run.plan})
+    return submit_run(ctx, state, "train-controlnet", controlnet_command(ctx, *values))
 
 
 def live_controlnet(state, job: dict) -> tuple:
     """Each timer tick: (loss figure, latest validation grid)."""
-    from studio.ui.training_tab import run_views
     v = run_views(state, job)
     if v is None:
         return gr.update(), gr.update()
@@ -96,7 +94,6 @@ def build(ctx: StudioContext, state) -> None:
                 loss = gr.Plot(None, label="Loss")
                 grid = gr.Image(label="Latest validation grid (crop, control image, generations)", format="png",
                                 interactive=False)
-        from studio.ui.training_tab import on_product
         w["product"].change(bind(on_product, ctx), w["product"], w["types"], api_name=False)
         panel.wire(bind(start_controlnet, ctx, state),
                    [w[k] for k in ("product", "types", "model", "init", "name", "minutes", "steps", "lr", "resume")],

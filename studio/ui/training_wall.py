@@ -12,11 +12,14 @@ from pathlib import Path
 
 import gradio as gr
 
+from pipelines.training.trainers import TRAINERS
 from studio.context import StudioContext
 from studio.ui.jobs_panel import JobPanel, bind
+from studio.ui.training_runs import TrainCommand, adapters_root, run_views, submit_run
 
 REFERENCES = {"auto (IP-Adapter when its weights are found)": "auto",
               "IP-Adapter (required)": "ip-adapter", "none (unconditional)": "none"}
+KIND = TRAINERS["wall"].kind
 METRIC_HEADERS = ["step", "LAB distance", "hue error °", "ΔE2000", "grade", "good share"]
 
 
@@ -26,7 +29,6 @@ def wall_command(ctx: StudioContext, folder, masks, model, name, minutes, steps,
     from pipelines.color import as_rgb
     from pipelines.training import TrainDataError
     from pipelines.wall_train import wall_samples_from_folder
-    from studio.ui.training_tab import TrainCommand, adapters_root
     folder = (folder or "").strip()
     if not folder:
         raise gr.Error("Give the folder of wall photos (images/ + masks/, or photo + <name>_mask.png)")
@@ -44,7 +46,7 @@ def wall_command(ctx: StudioContext, folder, masks, model, name, minutes, steps,
     if not 0.0 <= float(prob or 0) <= 1.0:
         raise gr.Error("Random-colour probability must be between 0 and 1")
     out = adapters_root(ctx) / ((name or "").strip() or f"wall-{Path(folder).name}")
-    cmd = [sys.executable, "-m", "studio", "train", "--kind", "wall", "--data", folder, "--out", str(out),
+    cmd = [sys.executable, "-m", "studio", "train", "--kind", KIND, "--data", folder, "--out", str(out),
            "--progress-lines", "--quiet", "--cancel-file", str(out / "CANCEL"),
            "--rank", str(int(rank)), "--random-color-prob", str(float(prob)),
            "--reference", REFERENCES.get(reference, reference), "--color-method", method,
@@ -58,7 +60,7 @@ def wall_command(ctx: StudioContext, folder, masks, model, name, minutes, steps,
         cmd += ["--validation-colors", colors.strip()]
     if not resume:
         cmd += ["--no-resume"]
-    return TrainCommand(cmd, "wall", f"wall ({n} photos)", Path(folder), out)
+    return TrainCommand(cmd, KIND, f"wall ({n} photos)", Path(folder), out)
 
 
 def _guard_wall_photos(ctx: StudioContext, folder: Path, samples: list) -> None:
@@ -80,11 +82,7 @@ def _guard_wall_photos(ctx: StudioContext, folder: Path, samples: list) -> None:
 
 def start_wall(ctx: StudioContext, state, *values) -> str:
     """Train a wall-colour LoRA in its own process as a background job (a second start resumes)."""
-    from studio.ui.training_tab import train_job
-    run = wall_command(ctx, *values)
-    run.out.mkdir(parents=True, exist_ok=True)
-    (run.out / "CANCEL").unlink(missing_ok=True)
-    return ctx.jobs.submit("train-wall", train_job, run, state, request={"cmd": run.cmd})
+    return submit_run(ctx, state, "train-wall", wall_command(ctx, *values))
 
 
 def metric_rows(out: Path) -> list[list]:
@@ -97,7 +95,6 @@ def metric_rows(out: Path) -> list[list]:
 
 def live_wall(ctx: StudioContext, state, job: dict) -> tuple:
     """Each timer tick: (loss figure, latest validation grid, colour metrics table)."""
-    from studio.ui.training_tab import run_views
     v = run_views(state, job)
     if v is None:
         return gr.update(), gr.update(), gr.update()

@@ -1,0 +1,139 @@
+"""What every trainer panel of the Training tab shares (the tab, :mod:`studio.ui.training_wall`,
+:mod:`studio.ui.training_controlnet`): a run's command (:class:`TrainCommand`), the tab's per-app
+state (:class:`TrainingState`), the run folder, the data plan checked before a run starts, the
+background job that runs ``python -m studio train --kind …`` (:func:`submit_run`, :func:`train_job`)
+and a run's live views. The panels import this module; it imports none of them.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+
+from studio.config import ROOT
+from studio.context import StudioContext
+from studio.jobs import JobCancelled
+from studio.runs import RunLog
+from studio.ui.ddpm_tab import loss_figure
+
+
+def trained_adapters(root: Path) -> list[list]:
+    rows = []
+    for out in sorted(p for p in root.glob("*") if (p / "checkpoints").is_dir()):
+        ckpts = sorted((out / "checkpoints").glob("step-*"))
+        if not ckpts:
+            continue
+        latest = ckpts[-1]
+        st = latest / "trainer_state.json"
+        kind = "controlnet" if st.is_file() and '"kind": "controlnet"' in st.read_text() else None
+        rows.append([out.name, kind or ("lora" if any(latest.glob("pytorch_lora_weights*.safetensors")) else "pixel-inpaint"),
+                     latest.name, str(latest)])
+    return rows
+
+
+def adapters_root(ctx: StudioContext) -> Path:
+    return ctx.settings.workspace / "adapters"
+
+
+@dataclass
+class TrainingState:
+    """Per-app state of the tab, made by ``build`` (never module-level: two apps share nothing):
+    the run log and each running job's output folder (job id → {"out": folder})."""
+    runlog: RunLog
+    procs: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, ctx: StudioContext) -> "TrainingState":
+        return cls(RunLog(ctx.settings.workspace))
+
+
+@dataclass
+class TrainCommand:
+    """One trainer run: ``python -m studio train …`` on an export of the product."""
+    cmd: list[str]
+    kind: str          # its TRAINERS kind (pipelines.training.trainers): "pixel-inpaint", "lora", …
+    product: str
+    data: Path         # the exported category folder
+    out: Path          # the run folder (checkpoints, history, CANCEL file)
+    plan: str = ""     # what it trains on ("Training on 4 reference defect(s) + 2 accepted …")
+
+
+def on_product(ctx: StudioContext, product):
+    """The product's damage types (good excluded) for a panel's type checkboxes."""
+    choices = [t for t in ctx.catalog().damage_types(product) if t != "good"] if product else []
+    return gr.update(choices=choices, value=[])
+
+
+def data_plan(cat: Path, types: list | None, extra: Path | None, purpose: str) -> str:
+    """What the run will train on, checked before it starts: the export's reference defects (+ the
+    accepted synthetic samples of ``extra``) through the one guard (:func:`pipelines.training.training_data`);
+    a copy of a scored image or missing samples → ``gr.Error`` naming the file."""
+    from pipelines.roles import LeakageError
+    from pipelines.training import TrainDataError, training_data
+    from pipelines.training_data import training_manifest
+    try:
+        data = training_data(cat, types, extra, None, purpose)    # the guard, naming each file
+        training_manifest(cat, types, extra)               # provenance: descends from a scored image?
+    except (LeakageError, TrainDataError) as exc:
+        raise gr.Error(str(exc)) from exc
+    c = data.counts
+    return (f"Training on {c['reference']} reference defect(s)"
+            + (f" + {c['synthetic']} accepted synthetic sample(s)" if extra is not None else "")
+            + f" ({c['evaluation']} evaluation images).")
+
+
+def submit_run(ctx: StudioContext, state: TrainingState, job_kind: str, run: TrainCommand) -> str:
+    """Start ``run`` as a background job of ``job_kind`` (its folder made, a stale CANCEL file
+    removed: a second start resumes)."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "CANCEL").unlink(missing_ok=True)
+    request = {"cmd": run.cmd, "plan": run.plan} if run.plan else {"cmd": run.cmd}
+    return ctx.jobs.submit(job_kind, train_job, run, state, request=request)
+
+
+def train_job(jctx, run: TrainCommand, state: TrainingState) -> dict:
+    """The background job: run the trainer process, forward its PROGRESS lines (a cancel touches
+    the CANCEL file: it stops cleanly and saves), record the run, return its JSON summary."""
+    cmd, out = run.cmd, run.out
+    run_id = state.runlog.start(f"train-{run.kind}", run.product, str(run.data), {"cmd": cmd, "plan": run.plan},
+                                str(out), jctx.job_id)
+    if run.plan:
+        jctx.progress(0.0, run.plan)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state.procs[jctx.job_id] = {"out": out}
+    tail = []
+    for line in proc.stdout:
+        if line.startswith("PROGRESS "):
+            _, frac, *msg = line.rstrip("\n").split(" ", 2)
+            try:
+                jctx.progress(float(frac), msg[0] if msg else "")
+            except JobCancelled:
+                (out / "CANCEL").touch()  # the trainer stops cleanly and saves
+        else:
+            tail.append(line)
+    err = proc.stderr.read()
+    code = proc.wait()
+    if code != 0:
+        state.runlog.finish(run_id, status="failed", error=err[-2000:])
+        raise RuntimeError((err.strip().splitlines() or [f"exit code {code}"])[-1])
+    summary = json.loads("".join(tail[tail.index(next(t for t in tail if t.startswith("{"))):]))
+    state.runlog.finish(run_id, {k: summary[k] for k in ("step", "loss")},
+                        status="cancelled" if summary["stopped"] == "cancelled" else "done")
+    return {**summary, "out": str(out)}
+
+
+def run_views(state: TrainingState, job: dict) -> tuple | None:
+    """A training job's live views, shared by every trainer panel of the tab: (loss figure, latest
+    validation grid or no update, run folder); None while the job has no run folder yet."""
+    from pipelines.training import read_history
+    info = state.procs.get(job["id"])
+    out = Path(info["out"]) if info else (Path(job["result"]["out"]) if job.get("result") else None)
+    if out is None:
+        return None
+    hist = read_history(out)
+    grids = sorted(out.glob("validation/*.png"))
+    return (loss_figure(hist, f"{out.name} — step {hist[-1][0] if hist else 0}"),
+            str(grids[-1]) if grids else gr.update(), out)
