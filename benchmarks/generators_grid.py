@@ -5,8 +5,9 @@
 
 One row per damage type: ``--n`` zoomed crops of the type's real *evaluation* defects (shown
 only — never learned from), then, per offline damage generator
-(:func:`pipelines.registry.offline_names`), ``--n`` synthetic defects made on ``train/good``
-images. The masks are sampled from :func:`pipelines.shapes.shape_model_for` fitted on the type's
+(:func:`pipelines.registry.offline_names` for the category's product, in-mask, no hub weights),
+``--n`` synthetic defects made on ``train/good`` images, called as the service calls them
+(:meth:`pipelines.generator.GeneratorInfo.call_params`: reference donors, good images). The masks are sampled from :func:`pipelines.shapes.shape_model_for` fitted on the type's
 *reference* masks against the foreground estimated from ``train/good``; generators that copy or
 learn from real defects get the *reference* defects as donors (:func:`pipelines.roles.folder_roles`).
 Column j of every generator uses the same good image, mask and seed, so the generators are
@@ -62,7 +63,7 @@ def build(folder: Path, types: list[str] | None, n: int, seed: int, cell: int) -
     root = Path(roles.root)
     goods = [read_rgb(p) for p in sorted((root / "train" / "good").iterdir()) if p.is_file()][:60]
     fg = shapes.estimate_foreground(goods)
-    gens = offline_names("damage")
+    gens = [g for g in offline_names("damage", root.name) if not get_info(g).full_image and not get_info(g).needs_model]
     labels = sorted({s.label for s in roles.reference})
     if types:
         unknown = sorted(set(types) - set(labels))
@@ -100,9 +101,7 @@ def build(folder: Path, types: list[str] | None, n: int, seed: int, cell: int) -
         for name in gens:
             gen, info = get_generator(name), get_info(name)
             for j, (img, m) in enumerate(targets):
-                params = {"damage_type": label}
-                if info.needs_donors:
-                    params["donors"] = refs
+                params = info.call_params(label, refs, goods[:16])
                 t0 = time.perf_counter()
                 out = gen(img, m, seed=seed + j, **params)
                 timing[name].append(time.perf_counter() - t0)

@@ -137,6 +137,21 @@ class GeneratorInfo:
     def option_specs(self) -> list[OptionSpec]:
         return option_specs(self.options)
 
+    def call_params(self, damage_type: str, donors: list | None = None, goods: list | None = None,
+                    strength: float = 0.8, feather: int = 4) -> dict[str, Any]:
+        """The request-level parameters of a damage call as the contract defines them (module
+        docstring): feather and damage type; strength when it takes one; ``donors`` (``[(image,
+        mask)]`` of the type's *reference* defects) when it takes donors and some are given;
+        ``goods`` when it needs them."""
+        p: dict[str, Any] = {"feather": int(feather), "damage_type": damage_type}
+        if self.takes_strength:
+            p["strength"] = float(strength)
+        if self.takes_donors and donors:
+            p["donors"] = list(donors)
+        if self.needs_goods:
+            p["goods"] = list(goods or [])
+        return p
+
     @property
     def defaults(self) -> dict[str, Any]:
         return option_defaults(self.options)

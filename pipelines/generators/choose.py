@@ -111,25 +111,12 @@ def resize_to(img: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_AREA)
 
 
-def _params(info, damage_type: str, learn: list[tuple[np.ndarray, np.ndarray]], goods: list[np.ndarray],
-            cfg: ChooseConfig) -> dict:
-    """What the service passes a generator (pipelines.generator's contract), with the learn set as
-    the donors."""
-    p: dict = {"feather": int(cfg.feather), "damage_type": damage_type}
-    if info.takes_strength:
-        p["strength"] = float(cfg.strength)
-    if info.takes_donors:
-        p["donors"] = [(img, m.astype(np.uint8) * 255) for img, m in learn]
-    if info.needs_goods:
-        p["goods"] = list(goods)
-    return p
-
-
 def _synthetic(name: str, damage_type: str, learn, goods, sampler, cfg: ChooseConfig, j: int,
                cancelled: CancelFn | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     from pipelines.registry import get_generator, get_info
     gen, info = get_generator(name), get_info(name)
-    params = _params(info, damage_type, learn, goods, cfg)
+    params = info.call_params(damage_type, [(img, m.astype(np.uint8) * 255) for img, m in learn], goods,
+                              cfg.strength, cfg.feather)
     imgs, masks = [], []
     for i in range(int(cfg.per_type)):
         check_cancelled(cancelled, "auto choice")
