@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from studio.dataset import MAX_PIXELS, Store, StoreError
+from studio.formats import import_any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -324,13 +325,13 @@ def test_import_visa_with_and_without_split_csv(tmp_path):
         save_png(cat / "Data" / "Images" / "Anomaly" / f"{i:03d}.png", rand_image(20 + i))
         save_png(cat / "Data" / "Masks" / "Anomaly" / f"{i:03d}.png", (rand_mask(i) > 0).astype(np.uint8))
     with Store(tmp_path / "ws1") as s:
-        rep = s.import_visa(cat)
+        rep = import_any(s, cat, "visa")
         assert rep["imported"] == 5 and rep["split_source"] == "folders" and rep["skipped"] == []
         assert len(s.list_images(product="candle", split="train", label="good")) == 3
         anomalies = s.list_images(product="candle", split="test", label="anomaly")
         assert len(anomalies) == 2
         assert set(np.unique(s.load_mask(anomalies[0]["id"]))) == {0, 255}  # 0/1 masks binarised
-        assert s.import_visa(cat)["imported"] == 0
+        assert import_any(s, cat, "visa")["imported"] == 0
 
     rows = ["object,split,label,image,mask",
             "candle,train,normal,candle/Data/Images/Normal/0000.JPG,",
@@ -342,7 +343,7 @@ def test_import_visa_with_and_without_split_csv(tmp_path):
     (visa / "split_csv").mkdir()
     (visa / "split_csv" / "1cls.csv").write_text("\n".join(rows) + "\n")
     with Store(tmp_path / "ws2") as s:
-        rep = s.import_visa(cat, product="candle_csv")
+        rep = import_any(s, cat, "visa", "candle_csv")
         assert rep["split_source"] == "csv" and rep["imported"] == 5 and rep["skipped"] == []
         bal = {r["label"]: r for r in s.class_balance("candle_csv")}
         assert (bal["good"]["real_train"], bal["good"]["real_test"], bal["anomaly"]["real_test"]) == (2, 1, 2)
@@ -360,7 +361,7 @@ def test_import_folder_skips_bad_files_and_reports_them(store, tmp_path):
     (folder / "sub").mkdir()  # not recursive
     save_png(folder / "sub" / "deep.png", rand_image(4))
 
-    rep = store.import_folder(folder, "widget", split="test", label="good")
+    rep = import_any(store, folder, "folder", "widget", split="test", label="good")
     assert rep["imported"] == 2
     reasons = {Path(p).name: why for p, why in rep["skipped"]}
     assert set(reasons) == {"notes.txt", "fake.png", "truncated.png"}
@@ -369,9 +370,9 @@ def test_import_folder_skips_bad_files_and_reports_them(store, tmp_path):
     assert "not a readable image" in reasons["truncated.png"]
     assert len(store.list_images(product="widget", split="test")) == 2
     assert len(files_in(store)) == 2  # skipped files left neither rows nor files
-    assert store.import_folder(folder, "widget", split="test")["duplicates"] == 2
+    assert import_any(store, folder, "folder", "widget", split="test")["duplicates"] == 2
     with pytest.raises(StoreError):
-        store.import_folder(folder / "nope", "widget")
+        import_any(store, folder / "nope", "folder", "widget")
 
 
 def test_too_large_images_are_refused(tmp_path):
@@ -384,7 +385,7 @@ def test_too_large_images_are_refused(tmp_path):
     save_png(big / "ok.png", rand_image(1, 16))
     assert 8000 * 5001 > MAX_PIXELS
     with Store(tmp_path / "ws") as s:
-        rep = s.import_folder(big, "p")
+        rep = import_any(s, big, "folder", "p")
         assert rep["imported"] == 1
         assert len(rep["skipped"]) == 1 and "too large" in rep["skipped"][0][1]
         with pytest.raises(StoreError, match="too large"):

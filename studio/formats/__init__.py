@@ -1,7 +1,8 @@
 """Dataset formats, each in its own module: MVTec AD (import + export), VisA, KolektorSDD2 and plain
-folders (import), COCO (export). They use the store's public API only; the store
-(:mod:`studio.dataset`) keeps only the store. :func:`import_any` is what the CLI's ``import`` and
-the Dataset tab call."""
+folders (import), COCO (export). They use the store's public API and the store's vocabulary
+(:mod:`studio.store_types`) only — never :mod:`studio.dataset`, which keeps only the store.
+:func:`import_any` is the one way in: what the CLI's ``import``, the Dataset tab and the store's
+``import_mvtec`` call."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,7 +28,9 @@ def import_any(store, path, kind: str = "auto", product: str | None = None, spli
                label: str = "good") -> dict:
     """Import ``path`` in layout ``kind`` (``auto``: :func:`detect`); returns the import report
     with ``kind`` added. A plain folder needs a product name."""
-    from studio.dataset import StoreError
+    from studio.formats import folder as plain
+    from studio.formats import ksdd2, mvtec, visa
+    from studio.store_types import StoreError
     if kind not in KINDS:
         raise StoreError(f"unknown layout {kind!r}; known: {', '.join(KINDS)}")
     src = Path(path).expanduser()
@@ -35,13 +38,13 @@ def import_any(store, path, kind: str = "auto", product: str | None = None, spli
         raise StoreError(f"{src} is not a folder")
     kind = detect(src) if kind == "auto" else kind
     if kind == "mvtec":
-        report = store.import_mvtec(src, product=product or None)
+        report = mvtec.import_category(store, src, product or None)
     elif kind == "visa":
-        report = store.import_visa(src, product=product or None)
+        report = visa.import_category(store, src, product or None)
     elif kind == "ksdd2":
-        report = store.import_ksdd2(src, product=product or src.name)
+        report = ksdd2.import_folder(store, src, product or src.name)
     else:
         if not product:
             raise StoreError("give a product name to import a plain folder of images")
-        report = store.import_folder(src, product, split=split, label=label)
+        report = plain.import_images(store, src, product, split, label)
     return {**report, "kind": kind}

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from studio.dataset import ImportReport, StoreError, decode_file
+from studio.store_types import ImportReport, StoreError, decode_file
 
 
 def import_image(store, report: ImportReport, path: Path, product: str, split: str, label: str,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.dataset import IMAGE_EXTENSIONS, SPLITS, ImportReport, StoreError, check_choice, check_name
+from studio.store_types import IMAGE_EXTENSIONS, SPLITS, ImportReport, StoreError, check_choice, check_name
 from studio.formats.common import import_image
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from pipelines.mvtec import KSDD2_DEFECT_LABEL as DEFECT_LABEL
 from pipelines.mvtec import KSDD2_GT_SUFFIX as GT_SUFFIX
 from pipelines.mvtec import ksdd2_pairs
-from studio.dataset import ImportReport, StoreError, check_name, decode_file
+from studio.store_types import ImportReport, StoreError, check_name, decode_file
 
 def _pairs(folder: Path, report: ImportReport) -> list[tuple[Path, Path]]:
     pairs, missing = ksdd2_pairs(folder)

@@ -18,9 +18,9 @@ from pathlib import Path
 from pipelines import roles as R
 from pipelines.fileio import fsync_dir
 from pipelines.mvtec import find_mask, mask_filename
-from studio.dataset import (DEFAULT_DEFECT_LABEL, EXPORT_MARKER, ImportReport, StoreError, as_mask, as_seed,
-                            atomic_write, check_name, decode_file, decode_sample, image_files,
-                            iso_or, now_iso, params_json, subdirs, NAME_RE)
+from studio.store_types import (DEFAULT_DEFECT_LABEL, EXPORT_MARKER, ImportReport, StoreError, as_mask,
+                                as_seed, atomic_write, check_name, decode_file, decode_sample, image_files,
+                                iso_or, now_iso, params_json, subdirs, NAME_RE)
 from studio.formats.common import import_image
 
 

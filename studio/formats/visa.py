@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 from pipelines.mvtec import find_mask
-from studio.dataset import ImportReport, StoreError, check_name, image_files
+from studio.store_types import ImportReport, StoreError, check_name, image_files
 from studio.formats.common import import_image
 
 
