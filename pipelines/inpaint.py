@@ -334,22 +334,7 @@ class DiffusionGenerator(GeneratorBase, ABC):
         """``n`` candidates (seeds ``seed … seed+n-1``) in one batch, plus an ``info`` dict."""
         image = check_image(image)
         m = mk.validate_mask(mask, image.shape)
-        unknown = sorted(set(params) - set(self.defaults) - {"damage_type", "model", "color"})
-        if unknown:
-            raise TypeError(f"{self.name} got unknown parameter(s) {', '.join(unknown)}; accepted: "
-                            f"{', '.join(sorted({'damage_type', 'model', *self.defaults}))}")
-        opts = {**self.defaults, **params}
-        n = int(n)
-        if not 1 <= n <= 64:
-            raise ValueError(f"number of candidates must be 1..64, got {n}")
-        steps, strength = int(opts["steps"]), float(opts["strength"])
-        if steps < 1:
-            raise ValueError(f"steps must be ≥ 1, got {steps}")
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
-        if not self.full_image and int(steps * strength) < 1:
-            raise ValueError(f"steps × strength = {steps} × {strength} gives no denoising step; "
-                             "raise steps or strength")
+        opts, n, steps, strength = self._options(params, n)
         fe = max(0.0, float(feather))
         pipe = self._pipeline(opts)
         lock = models.pipe_lock(pipe)
@@ -375,37 +360,73 @@ class DiffusionGenerator(GeneratorBase, ABC):
             # 3. Conditioning and the pipeline's extra inputs (control images, IP-Adapter, …).
             cond, uncond, info["conditioning"] = self._conditioning(pipe, opts)
             extra = self._extra(pipe, crop_w, mask_w, opts, info)
-            # 4. Denoise, one candidate per call with its own seeded generator: candidate i of a
-            #    batch is then exactly the single call with seed+i (batched matmuls differ in the
-            #    last bits, which rounding can turn into different bytes).
-            torch = _torch()
-            total = (steps if self.full_image else max(1, int(steps * strength))) * n
-            done = [0]
-
-            def on_step(p, i, t, kw):
-                done[0] += 1
-                if progress:
-                    progress(min(1.0, done[0] / total), f"step {done[0]}/{total}")
-                if cancelled and cancelled():
-                    p._interrupt = True
-                return kw
-
+            # 4. Denoise.
             from PIL import Image
             kwargs = dict(prompt_embeds=cond, negative_prompt_embeds=uncond, height=wh, width=ww,
                           num_inference_steps=steps, guidance_scale=guidance,
-                          num_images_per_prompt=1, output_type="np", callback_on_step_end=on_step)
+                          num_images_per_prompt=1, output_type="np")
             if not self.full_image:
                 kwargs.update(image=Image.fromarray(crop_w), mask_image=Image.fromarray(mask_w),
                               strength=strength)
             kwargs.update(extra)
-            out = []
-            for i in range(n):
-                gen_i = torch.Generator("cpu").manual_seed(int(seed) + i)
-                with torch.inference_mode():
-                    out.append(pipe(**kwargs, generator=gen_i).images[0])
-                if cancelled and cancelled():
-                    raise Cancelled("generation cancelled")
+            total = (steps if self.full_image else max(1, int(steps * strength))) * n
+            out = self._denoise(pipe, kwargs, n, seed, total, progress, cancelled)
         # 5. Back to the crop's size and pasted with the feathered mask (outside stays exact).
+        return GenerationResult(self._paste_back(image, out, (x0, y0, x1, y1), crop, cmask, fe, opts, info, seed),
+                                info)
+
+    def _options(self, params: dict, n) -> tuple[dict, int, int, float]:
+        """The call's options over the defaults, checked → ``(opts, n, steps, strength)``."""
+        unknown = sorted(set(params) - set(self.defaults) - {"damage_type", "model", "color"})
+        if unknown:
+            raise TypeError(f"{self.name} got unknown parameter(s) {', '.join(unknown)}; accepted: "
+                            f"{', '.join(sorted({'damage_type', 'model', *self.defaults}))}")
+        opts = {**self.defaults, **params}
+        n = int(n)
+        if not 1 <= n <= 64:
+            raise ValueError(f"number of candidates must be 1..64, got {n}")
+        steps, strength = int(opts["steps"]), float(opts["strength"])
+        if steps < 1:
+            raise ValueError(f"steps must be ≥ 1, got {steps}")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if not self.full_image and int(steps * strength) < 1:
+            raise ValueError(f"steps × strength = {steps} × {strength} gives no denoising step; "
+                             "raise steps or strength")
+        return opts, n, steps, strength
+
+    @staticmethod
+    def _denoise(pipe, kwargs: dict, n: int, seed: int, total: int,
+                 progress: Callable[[float, str], None] | None, cancelled: Callable[[], bool] | None) -> list:
+        """One candidate per pipeline call with its own seeded generator: candidate i of a batch is
+        then exactly the single call with seed+i (batched matmuls differ in the last bits, which
+        rounding can turn into different bytes). Progress per denoising step of the ``total``; a
+        cancel interrupts the pipeline and raises :class:`Cancelled`."""
+        torch = _torch()
+        done = [0]
+
+        def on_step(p, i, t, kw):
+            done[0] += 1
+            if progress:
+                progress(min(1.0, done[0] / total), f"step {done[0]}/{total}")
+            if cancelled and cancelled():
+                p._interrupt = True
+            return kw
+
+        out = []
+        for i in range(n):
+            gen_i = torch.Generator("cpu").manual_seed(int(seed) + i)
+            with torch.inference_mode():
+                out.append(pipe(**kwargs, callback_on_step_end=on_step, generator=gen_i).images[0])
+            if cancelled and cancelled():
+                raise Cancelled("generation cancelled")
+        return out
+
+    def _paste_back(self, image: np.ndarray, out: list, box: tuple, crop: np.ndarray, cmask: np.ndarray,
+                    fe: float, opts: dict, info: dict, seed: int) -> list[np.ndarray]:
+        """Each output at the crop's size, post-processed (:meth:`_post`) and pasted into the image
+        with the feathered mask (the whole output for full-image backends)."""
+        x0, y0, x1, y1 = box
         results = []
         alpha = mk.feather(cmask, fe)
         for arr in out:
@@ -419,7 +440,7 @@ class DiffusionGenerator(GeneratorBase, ABC):
             full = image.copy()
             full[y0:y1, x0:x1] = composite(crop, gen, alpha)
             results.append(full)
-        return GenerationResult(results, info)
+        return results
 
     # -- hooks ---------------------------------------------------------------------------------
     @abstractmethod

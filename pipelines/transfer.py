@@ -363,12 +363,7 @@ class DefectTransferGenerator(WindowedGenerator):
     def _generate(self, crop, cmask, rng, feather, *, strength, donors, blend="laplacian",
                   warp="field", relight="auto", jitter=0.5, damage_type=None):
         relight_model = relight
-        if blend not in BLENDS:
-            raise ValueError(f"unknown blend {blend!r}; known: {', '.join(BLENDS)}")
-        if warp not in WARPS:
-            raise ValueError(f"unknown warp {warp!r}; known: {', '.join(WARPS)}")
-        if relight not in RELIGHTS:
-            raise ValueError(f"unknown relight {relight!r}; known: {', '.join(RELIGHTS)}")
+        _check_choices(blend, warp, relight)
         jitter = float(np.clip(jitter, 0.0, 1.0))
         pairs = [_as_pair(p, i) for i, p in enumerate(donors)]
         h, w = cmask.shape
@@ -392,13 +387,7 @@ class DefectTransferGenerator(WindowedGenerator):
         lo, hi = min(intensities), max(intensities)
         wanted = rng.uniform(lo, hi)
         spread = rng.uniform(-1, 1)
-        strips = None
-        if warp == "field":
-            ts = P.strip_of(target) if P.elongation(target) >= ELONGATED else None
-            ds = P.cached("strip", P.mask_key(donor.mask), lambda: P.strip_of(donor.mask)
-                          if P.elongation(donor.mask) >= DONOR_ELONGATED else None) if ts is not None else None
-            if ts is not None and ds is not None:
-                strips = (ts, ds)
+        strips = _strips(target, donor.mask) if warp == "field" else None
         if strips is None:
             affine, _ = best_affine(target, donor.mask,
                                     candidate_affines(target, donor.mask, angle, scale), rng)
@@ -416,28 +405,12 @@ class DefectTransferGenerator(WindowedGenerator):
         cell = max(6.0, size / 2)
         wobble = np.stack([fractal_noise((h, w), rng, cell, octaves=2),
                            fractal_noise((h, w), rng, cell, octaves=2)], -1) * amp
-        dev = donor.deviation
         if strips is not None:
-            ts, ds = strips
-            reverse, mirror, shift = bool(rng.random() < 0.5), bool(rng.random() < 0.5), float(rng.random())
-            mx, my = P.strip_map(ts, ds, xx + wobble[..., 0], yy + wobble[..., 1], (h, w),
-                                 reverse=reverse, mirror=mirror, shift=shift)
-            zoom_out = float(np.median(ds.width)) / max(float(np.median(ts.width)), 0.5)
+            mx, my, zoom_out = _strip_map(strips, xx + wobble[..., 0], yy + wobble[..., 1], rng)
         else:
-            if warp == "field":
-                warped = cv2.warpAffine(donor.mask.astype(np.float32), affine, (w, h),
-                                        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP) > 0.5
-                u = displacement_field(target, warped, size)
-            else:
-                u = np.zeros((h, w, 2), np.float32)
-            px, py = xx + u[..., 0] + wobble[..., 0], yy + u[..., 1] + wobble[..., 1]
-            mx = (affine[0, 0] * px + affine[0, 1] * py + affine[0, 2]).astype(np.float32)
-            my = (affine[1, 0] * px + affine[1, 1] * py + affine[1, 2]).astype(np.float32)
-            zoom_out = math.sqrt(abs(np.linalg.det(affine[:, :2])))     # donor px per target px
-        if zoom_out > 1.3:                                           # anti-alias before shrinking
-            dev = cv2.GaussianBlur(dev, (0, 0), 0.45 * zoom_out)
-        dev = cv2.remap(dev, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                        borderValue=0).reshape(h, w, dev.shape[2])
+            mx, my, zoom_out = _affine_map(target, donor.mask, affine, xx + wobble[..., 0], yy + wobble[..., 1],
+                                           size, warp)
+        dev = _remap(donor.deviation, mx, my, zoom_out)
 
         # 4. Intensity: strength × gain (within the donors' range) × Perlin modulation.
         gain = (wanted / max(intensities[i], 1e-6)) ** jitter if hi > 0 else 1.0
@@ -447,12 +420,7 @@ class DefectTransferGenerator(WindowedGenerator):
         dev[..., 4:6] *= strength
 
         # 5. Blend the deviation at the border of Ω = dilate(mask, feather).
-        omega = mk.dilate(cmask, feather) > 0
-        if blend == "poisson":
-            dev[..., :_BLENDED] = poisson(dev[..., :_BLENDED], omega)
-        else:
-            levels = int(np.clip(round(math.log2(max(1.0, feather))), 1, 4))   # 2^levels ≈ feather
-            dev[..., :_BLENDED] = multiband(dev[..., :_BLENDED], omega.astype(np.float32), levels)
+        _blend(dev, mk.dilate(cmask, feather) > 0, feather, blend)
         # the gain and the modulation never take the lightness change past the donor's own range
         dev[..., 0] = np.clip(dev[..., 0], *donor.log_l_range)
 
@@ -463,6 +431,69 @@ class DefectTransferGenerator(WindowedGenerator):
         model = relight_model if relight_model != "auto" else relight_for(damage_type)
         out = apply_deviation(lab, dev, level_sigma(size), model, donor.L_hi, donor.C_hi)
         return crop.astype(np.float32) + (_rgb(out) - _rgb(lab))
+
+
+def _check_choices(blend: str, warp: str, relight: str) -> None:
+    if blend not in BLENDS:
+        raise ValueError(f"unknown blend {blend!r}; known: {', '.join(BLENDS)}")
+    if warp not in WARPS:
+        raise ValueError(f"unknown warp {warp!r}; known: {', '.join(WARPS)}")
+    if relight not in RELIGHTS:
+        raise ValueError(f"unknown relight {relight!r}; known: {', '.join(RELIGHTS)}")
+
+
+def _strips(target: np.ndarray, donor_mask: np.ndarray):
+    """``(target strip, donor strip)`` when both are elongated (warp 'field' lays the donor along
+    the skeletons), else None; the donor's strip is cached per mask."""
+    ts = P.strip_of(target) if P.elongation(target) >= ELONGATED else None
+    ds = P.cached("strip", P.mask_key(donor_mask), lambda: P.strip_of(donor_mask)
+                  if P.elongation(donor_mask) >= DONOR_ELONGATED else None) if ts is not None else None
+    return (ts, ds) if ts is not None and ds is not None else None
+
+
+def _strip_map(strips, px: np.ndarray, py: np.ndarray, rng: np.random.Generator):
+    """The donor coordinates of each target pixel along the two skeletons (seeded reverse,
+    mirror and shift) and the zoom (donor px per target px)."""
+    ts, ds = strips
+    reverse, mirror, shift = bool(rng.random() < 0.5), bool(rng.random() < 0.5), float(rng.random())
+    mx, my = P.strip_map(ts, ds, px, py, px.shape, reverse=reverse, mirror=mirror, shift=shift)
+    return mx, my, float(np.median(ds.width)) / max(float(np.median(ts.width)), 0.5)
+
+
+def _affine_map(target: np.ndarray, donor_mask: np.ndarray, affine: np.ndarray, px: np.ndarray,
+                py: np.ndarray, size: float, warp: str):
+    """The donor coordinates of each target pixel: the non-rigid refinement (warp 'field': the
+    warped donor mask's distance function onto the target's) then the affine pose; the zoom."""
+    h, w = target.shape
+    if warp == "field":
+        warped = cv2.warpAffine(donor_mask.astype(np.float32), affine, (w, h),
+                                flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP) > 0.5
+        u = displacement_field(target, warped, size)
+    else:
+        u = np.zeros((h, w, 2), np.float32)
+    px, py = px + u[..., 0], py + u[..., 1]
+    mx = (affine[0, 0] * px + affine[0, 1] * py + affine[0, 2]).astype(np.float32)
+    my = (affine[1, 0] * px + affine[1, 1] * py + affine[1, 2]).astype(np.float32)
+    return mx, my, math.sqrt(abs(np.linalg.det(affine[:, :2])))     # donor px per target px
+
+
+def _remap(dev: np.ndarray, mx: np.ndarray, my: np.ndarray, zoom_out: float) -> np.ndarray:
+    """One remap of the donor's deviation (anti-aliased first when it shrinks by > 1.3)."""
+    if zoom_out > 1.3:
+        dev = cv2.GaussianBlur(dev, (0, 0), 0.45 * zoom_out)
+    h, w = mx.shape
+    return cv2.remap(dev, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                     borderValue=0).reshape(h, w, dev.shape[2])
+
+
+def _blend(dev: np.ndarray, omega: np.ndarray, feather: float, blend: str) -> None:
+    """Blend the blended channels of ``dev`` (in place) at the border of ``omega``: Poisson, or
+    multi-band with 2^levels ≈ feather."""
+    if blend == "poisson":
+        dev[..., :_BLENDED] = poisson(dev[..., :_BLENDED], omega)
+    else:
+        levels = int(np.clip(round(math.log2(max(1.0, feather))), 1, 4))
+        dev[..., :_BLENDED] = multiband(dev[..., :_BLENDED], omega.astype(np.float32), levels)
 
 
 _TRANSLUCENT = ("stain", "oil", "liquid", "color", "colour", "tint")

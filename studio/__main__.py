@@ -599,7 +599,13 @@ def _add_generation_commands(sub, ws) -> None:
 
 
 def _add_evaluation_commands(sub, ws) -> None:
-    """patchcore, ddpm train | evaluate, experiment."""
+    """patchcore, ddpm train | evaluate | grid, experiment."""
+    _add_patchcore_command(sub, ws)
+    _add_ddpm_commands(sub)
+    _add_experiment_command(sub, ws)
+
+
+def _add_patchcore_command(sub, ws) -> None:
     sp = sub.add_parser("patchcore", help="fit PatchCore on train/good and evaluate on test/ (MVTec AD or "
                                           "KolektorSDD2 layout)")
     sp.add_argument("--data", required=True, help="MVTec-AD-layout category folder, or a KolektorSDD2 folder "
@@ -624,6 +630,8 @@ def _add_evaluation_commands(sub, ws) -> None:
     ws(sp)
     sp.set_defaults(fn=cmd_patchcore)
 
+
+def _add_ddpm_commands(sub) -> None:
     dp = sub.add_parser("ddpm", help="pixel-space DDPM residual maps: train | evaluate | grid")
     dsub = dp.add_subparsers(dest="ddpm_cmd", required=True)
     sp = dsub.add_parser("train", help="train on CATEGORY/train/good (time or step budget, resumable)")
@@ -671,6 +679,8 @@ def _add_evaluation_commands(sub, ws) -> None:
     sp.add_argument("--out", required=True, help="the grid picture (PNG); cell figures go beside it (.json)")
     sp.set_defaults(fn=cmd_ddpm_grid)
 
+
+def _add_experiment_command(sub, ws) -> None:
     sp = sub.add_parser("experiment", help="did synthetic data help? PatchCore dual bank + a supervised "
                                            "segmenter, K repeats, bootstrap CIs, verdict")
     sp.add_argument("--data", required=True, help="MVTec-AD-layout category; its data roles decide what is "

@@ -186,25 +186,18 @@ def assign_attributes(mix: dict[str, dict[str, float]], n: int, rng: np.random.G
     return out
 
 
-def make_plan(store, cdb: CurationDB, product: str, target: int | None = None,
-              labels: list[str] | None = None, backends: tuple[str, ...] = ("perlin", "cutpaste"),
-              oversample: float = 1.0, seed: int = 0, mode: str = "balance",
-              mix: str | dict | None = None, retries: int = MAX_RETRIES) -> dict:
-    """A generation plan prioritised by deficit, spread over sources, seeds and backends.
-
-    ``mode="balance"``: each class's target is the largest class (or ``target``, real + accepted
-    synthetic); ``mode="fixed"``: ``target`` new synthetic samples per class. ``mix``: an attribute
-    mix (:func:`parse_mix`); ``retries``: regenerations of a candidate that fails verification."""
-    from pipelines.classical import style_for
-
+def _check_plan_args(mode: str, target: int | None, retries: int) -> None:
     if mode not in TARGET_MODES:
         raise CurationError(f"target mode must be one of {', '.join(TARGET_MODES)}, not {mode!r}")
     if mode == "fixed" and not (target and int(target) > 0):
         raise CurationError("target mode 'fixed' needs a target: the number of new samples per class")
     if not 0 <= int(retries) <= 10:
         raise CurationError(f"retries must be 0..10, got {retries}")
-    mix = parse_mix(mix)
 
+
+def _plan_classes(store, product: str, labels: list[str] | None, target: int | None,
+                  mode: str) -> tuple[list[dict], int]:
+    """The balance rows of the chosen classes and the goal (the largest class, or ``target``)."""
     full = balance(store, product)
     if labels:
         unknown = sorted(set(labels) - {b["label"] for b in full})
@@ -221,21 +214,33 @@ def make_plan(store, cdb: CurationDB, product: str, target: int | None = None,
         worst = max(below, key=lambda b: b["current"])
         raise CurationError(f"target {goal} is below the current count of {worst['label']!r} "
                             f"({worst['current']}); choose at least {worst['current']}")
+    return bal, goal
+
+
+def _plan_sources(store, product: str, bal: list[dict], backends: tuple[str, ...]) -> list[dict]:
+    """The good images to paint on (train / upload); every backend must make defects."""
+    from pipelines.registry import get_info
     sources = [r for r in store.list_images(product=product, label=GOOD) if r["split"] in ("train", "upload")]
     if not sources:
         raise CurationError(f"no source images: product {product!r} has no good images to paint "
                             f"defects on (classes {', '.join(b['label'] for b in bal)}) — import some first")
     if not backends:
         raise CurationError("choose at least one backend")
-    from pipelines.registry import get_info
     for bk in backends:
         try:
             if get_info(bk).mode != "damage":
                 raise CurationError(f"backend {bk!r} makes wall colours, not defects")
         except KeyError as exc:
             raise CurationError(str(exc.args[0])) from exc
-    items, summary = [], []
-    queues = {}
+    return sources
+
+
+def _plan_queues(bal: list[dict], goal: int, mode: str, oversample: float,
+                 backends: tuple[str, ...]) -> tuple[dict, list[dict]]:
+    """Per class, worst deficit first: ``{label: (items to make, allowed backends)}`` and the
+    summary rows (a class without reference defects gets only backends that need no donors)."""
+    from pipelines.registry import get_info
+    queues, summary = {}, []
     for b in sorted(bal, key=lambda b: goal - b["current"], reverse=True):
         deficit = goal if mode == "fixed" else max(0, goal - b["current"])
         n = int(np.ceil(deficit * max(oversample, 1.0)))
@@ -248,7 +253,15 @@ def make_plan(store, cdb: CurationDB, product: str, target: int | None = None,
         summary.append({**b, "target": goal, "deficit": deficit, "planned": n,
                         "complete_at": int(np.ceil(COMPLETE_FRACTION * deficit)),
                         "backends": ", ".join(allowed)})
-    # interleave classes so a cancelled batch still improves the worst ones first
+    return queues, summary
+
+
+def _plan_items(queues: dict, sources: list[dict], seed: int, mix: dict) -> list[dict]:
+    """The items, classes interleaved (a cancelled batch still improves the worst ones first),
+    sources / seeds / backends spread; then the attribute mix, exact shares within each class in
+    a seeded order."""
+    from pipelines.classical import style_for
+    items: list[dict] = []
     counters = {lab: 0 for lab in queues}
     while any(counters[lab] < queues[lab][0] for lab in queues):
         for lab, (n, allowed) in queues.items():
@@ -259,11 +272,28 @@ def make_plan(store, cdb: CurationDB, product: str, target: int | None = None,
             items.append({"label": lab, "source_image_id": int(src["id"]), "style": style_for(lab),
                           "seed": seed * 100_003 + len(items), "backend": allowed[i % len(allowed)]})
             counters[lab] += 1
-    # the attribute mix: exact shares within each class, in a seeded order
     for k, lab in enumerate(sorted(queues)):
         mine = [it for it in items if it["label"] == lab]
         for it, attrs in zip(mine, assign_attributes(mix, len(mine), np.random.default_rng([seed, k]))):
             it["attributes"] = json.dumps(attrs, sort_keys=True)
+    return items
+
+
+def make_plan(store, cdb: CurationDB, product: str, target: int | None = None,
+              labels: list[str] | None = None, backends: tuple[str, ...] = ("perlin", "cutpaste"),
+              oversample: float = 1.0, seed: int = 0, mode: str = "balance",
+              mix: str | dict | None = None, retries: int = MAX_RETRIES) -> dict:
+    """A generation plan prioritised by deficit, spread over sources, seeds and backends.
+
+    ``mode="balance"``: each class's target is the largest class (or ``target``, real + accepted
+    synthetic); ``mode="fixed"``: ``target`` new synthetic samples per class. ``mix``: an attribute
+    mix (:func:`parse_mix`); ``retries``: regenerations of a candidate that fails verification."""
+    _check_plan_args(mode, target, retries)
+    mix = parse_mix(mix)
+    bal, goal = _plan_classes(store, product, labels, target, mode)
+    sources = _plan_sources(store, product, bal, backends)
+    queues, summary = _plan_queues(bal, goal, mode, oversample, backends)
+    items = _plan_items(queues, sources, seed, mix)
     for row in summary:
         row["mix"] = "; ".join(f"{a}: " + ", ".join(
             f"{v} {sum(json.loads(it['attributes']).get(a) == v for it in items if it['label'] == row['label'])}"
@@ -422,8 +452,6 @@ def run_plan(store, cdb: CurationDB, plan_id: int, progress: Callable[[float, st
     :data:`VERIFY_THRESHOLD` it is auto-rejected and the item regenerated with a new seed (and
     mask), up to ``retries`` times (default: the plan's, 3). The success-rate monitor is stored with
     the plan after every item."""
-    from studio.services import GenerateRequest, UserError, generate, sample_mask
-
     th = thresholds or Thresholds()
     st = plan_status(cdb, plan_id)
     product = st["product"]
@@ -435,41 +463,20 @@ def run_plan(store, cdb: CurationDB, plan_id: int, progress: Callable[[float, st
     if use_detector and pending:
         say(0.0, "fitting PatchCore on good images for the visibility check")
         detector = _detector(store, product)
-    hashes: dict[str, list[int]] = {}
-    for row in cdb.q("SELECT p.scores, s.damage_type FROM prescreen p JOIN samples s ON s.id = p.sample_id "
-                     "WHERE s.product = ?", (product,)):
-        hashes.setdefault(row["damage_type"], []).append(int(json.loads(row["scores"])["phash"], 16))
+    hashes = _screened_hashes(cdb, product)
     made = skipped = rejected = attempted = 0
     for k, item in enumerate(pending):
         if cancelled and cancelled():
             break
-        label, attrs = item["label"], json.loads(item.get("attributes") or "{}")
+        label = item["label"]
         src = store.load_image(item["source_image_id"])
         attempt, verified = int(item.get("attempts") or 0), False
         while attempt <= retries and not verified:
             if attempt and cancelled and cancelled():
                 break                                  # the item stays pending, its attempts recorded
-            batch_id = f"plan{plan_id}:{item['idx']}" + (f"~r{attempt}" if attempt else "")
-            seed = int(item["seed"]) + attempt * RETRY_SEED_STEP
-            existing = [s for s in store.samples_in_batch(batch_id) if s["batch_id"] == batch_id]
-            if existing:  # written before a crash/cancel, item not yet marked: do not duplicate
-                sid = existing[0]["id"]
-                image, mask = store.load_sample_image(sid), store.load_sample_mask(sid)
-                skipped += 1
-            else:
-                rng = np.random.default_rng(seed)
-                mask = sample_mask(store, product, label, src.shape[:2], rng)  # shaped like the type
-                req = GenerateRequest(image=src, mask=mask, damage_type=label, product=product,
-                                      backend=item["backend"], n=1, seed=seed, feather=feather,
-                                      strength=SEVERITY_STRENGTH.get(attrs.get("severity"), 0.8),
-                                      source_image_id=item["source_image_id"], batch_id=batch_id)
-                try:
-                    cand = generate(req, store=store)[0]
-                except UserError as exc:
-                    raise CurationError(f"plan item {item['idx']} ({label}, {item['backend']}): {exc}") from exc
-                sid, image = cand.sample_id, cand.image
-                _record_provenance(cdb, sid, plan_id, item["idx"], attempt, attrs)
-                made += 1
+            sid, image, mask, resumed = _plan_candidate(store, cdb, plan_id, product, item, attempt, src, feather)
+            skipped += resumed
+            made += not resumed
             attempted += 1
             scores = prescreen_scores(src, image, mask, feather, detector, hashes.get(label))
             hashes.setdefault(label, []).append(int(scores["phash"], 16))
@@ -497,6 +504,44 @@ def run_plan(store, cdb: CurationDB, plan_id: int, progress: Callable[[float, st
     return {"plan_id": plan_id, "created": made, "attempted": attempted, "auto_rejected": rejected,
             "resumed_existing": skipped, "retries": retries,
             **{k: v for k, v in plan_status(cdb, plan_id).items() if k in ("done", "pending", "total", "monitor")}}
+
+
+def _screened_hashes(cdb: CurationDB, product: str) -> dict[str, list[int]]:
+    """The perceptual hashes of the product's pre-screened samples per damage type (a new
+    candidate too close to one is a duplicate)."""
+    hashes: dict[str, list[int]] = {}
+    for row in cdb.q("SELECT p.scores, s.damage_type FROM prescreen p JOIN samples s ON s.id = p.sample_id "
+                     "WHERE s.product = ?", (product,)):
+        hashes.setdefault(row["damage_type"], []).append(int(json.loads(row["scores"])["phash"], 16))
+    return hashes
+
+
+def _plan_candidate(store, cdb: CurationDB, plan_id: int, product: str, item: dict, attempt: int,
+                    src: np.ndarray, feather: int) -> tuple[int, np.ndarray, np.ndarray, bool]:
+    """Attempt ``attempt`` of a plan item → ``(sample id, image, mask, resumed)``: the sample its
+    batch already holds (written before a crash / cancel, the item not yet marked: never
+    duplicated; ``resumed``), else a new one on a mask shaped like the type, its seed moved on by
+    :data:`RETRY_SEED_STEP` per attempt."""
+    from studio.services import GenerateRequest, UserError, generate, sample_mask
+    label, attrs = item["label"], json.loads(item.get("attributes") or "{}")
+    batch_id = f"plan{plan_id}:{item['idx']}" + (f"~r{attempt}" if attempt else "")
+    seed = int(item["seed"]) + attempt * RETRY_SEED_STEP
+    existing = [s for s in store.samples_in_batch(batch_id) if s["batch_id"] == batch_id]
+    if existing:
+        sid = existing[0]["id"]
+        return sid, store.load_sample_image(sid), store.load_sample_mask(sid), True
+    rng = np.random.default_rng(seed)
+    mask = sample_mask(store, product, label, src.shape[:2], rng)  # shaped like the type
+    req = GenerateRequest(image=src, mask=mask, damage_type=label, product=product,
+                          backend=item["backend"], n=1, seed=seed, feather=feather,
+                          strength=SEVERITY_STRENGTH.get(attrs.get("severity"), 0.8),
+                          source_image_id=item["source_image_id"], batch_id=batch_id)
+    try:
+        cand = generate(req, store=store)[0]
+    except UserError as exc:
+        raise CurationError(f"plan item {item['idx']} ({label}, {item['backend']}): {exc}") from exc
+    _record_provenance(cdb, cand.sample_id, plan_id, item["idx"], attempt, attrs)
+    return cand.sample_id, cand.image, mask, False
 
 
 def _record_provenance(cdb: CurationDB, sample_id: int, plan_id: int, idx: int, attempt: int,

@@ -10,7 +10,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -53,28 +53,26 @@ def _scaled(progress: ProgressFn | None, lo: float, hi: float) -> ProgressFn | N
     return lambda f, msg="": progress(lo + (hi - lo) * f, msg)
 
 
-def run_patchcore(req: PatchCoreRequest, progress: ProgressFn | None = None,
-                  cancelled: Callable[[], bool] | None = None) -> dict:
-    """Fit on train/good, evaluate on the (held-out part of the) test split, write results."""
-    from pipelines import metrics as MET
-    from pipelines.patchcore import PatchCore
+class PositiveBank(NamedTuple):
+    """What a run scores and what its positive bank is fit on (:func:`positive_bank`)."""
+    eval_samples: list        # the scored samples (evaluation defects + test/good; all of test/ for 'single')
+    positives: list           # [(image, mask)] the positive bank is fit on
+    held_out: list            # relative paths of the reference defects in the bank
+    hashes: list              # their pixel hashes as the guard returned them (synthetic ones included)
+    roles: Any                # pipelines.roles.CategoryRoles (None for bank 'single')
+
+
+def positive_bank(req: PatchCoreRequest, cat) -> PositiveBank:
+    """The data roles split (pipelines.roles: the positive bank copies reference defects only;
+    evaluation defects and test/good are scored — the folder's evaluation.txt or the rule's), the
+    synthetic positives of ``req.positives`` (synthetic/ only, never test/), the one guard on exactly
+    the arrays the bank is fit on (after resizing) and the provenance check of the synthetic ones."""
     from pipelines.roles import category_roles
-    from pipelines.visual import panel
-
-    req.validate()
-    cat = load_category(req.data)
-    notes = check_sizes(cat)        # mask ≠ image size → LayoutError; mixed sizes → notes
-    out = Path(req.out)
-    out.mkdir(parents=True, exist_ok=True)
-    say = progress or (lambda f, m="": None)
-
     eval_samples = list(cat.test)
     named: list[tuple[str, np.ndarray, np.ndarray]] = []    # (file, image, mask) of the positive bank
     held_out: list[str] = []
     roles = None
     if req.bank != "single":
-        # data roles (pipelines.roles): the positive bank copies reference defects only; evaluation
-        # defects and test/good are scored. The split is the folder's (evaluation.txt) or the rule's.
         roles = category_roles(cat)
         bank_samples, eval_samples = roles.reference, roles.scored
         held_out = roles.rel(bank_samples)
@@ -88,7 +86,6 @@ def run_patchcore(req: PatchCoreRequest, progress: ProgressFn | None = None,
         raise ValueError("--positives needs a dual bank (bank dual-real-synthetic)")
     positive_hashes: list[str] = []
     if named:
-        # the one guard, on exactly the arrays the positive bank is fit on (after resizing)
         from pipelines.guard import ScoredSet, guard
         positive_hashes = guard(((n, img) for n, img, _ in named), ScoredSet.from_roles(roles),
                                 "PatchCore positive bank")
@@ -96,8 +93,41 @@ def run_patchcore(req: PatchCoreRequest, progress: ProgressFn | None = None,
         # provenance: a sample generated on an evaluation image (any size of change) is refused too
         anc, own = extra_ancestors(req.positives)
         check_descent([(str(req.positives), anc + own)], roles.evaluation_hashes)
-    positives = [(img, m) for _, img, m in named]
-    scored_hashes = _scored_hashes(roles, eval_samples)
+    return PositiveBank(eval_samples, [(img, m) for _, img, m in named], held_out, positive_hashes, roles)
+
+
+def write_overlays(out: Path, cat, samples, images, masks, maps, scores, threshold, limit: int) -> list[dict]:
+    """``out/overlays/<rank>_<label>_<stem>.png`` of the ``limit`` most anomalous scored images
+    (shared colour scale: percentiles 1 / 99.9 of every map) → their rows for result.json."""
+    from pipelines.visual import panel
+    vmin, vmax = float(np.percentile(maps, 1)), float(np.percentile(maps, 99.9))
+    overlays = []
+    order = np.argsort(-scores)  # most anomalous first
+    (out / "overlays").mkdir(exist_ok=True)
+    for rank, i in enumerate(order[:limit]):
+        s = samples[i]
+        name = f"{rank:03d}_{s.label}_{s.path.stem}.png"
+        write_png_atomic(out / "overlays" / name, panel(images[i], masks[i], maps[i], threshold, vmin, vmax))
+        overlays.append({"file": f"overlays/{name}", "label": s.label, "score": float(scores[i]),
+                         "image": str(s.path.relative_to(cat.root))})
+    return overlays
+
+
+def run_patchcore(req: PatchCoreRequest, progress: ProgressFn | None = None,
+                  cancelled: Callable[[], bool] | None = None) -> dict:
+    """Fit on train/good, evaluate on the (held-out part of the) test split, write results."""
+    from pipelines import metrics as MET
+    from pipelines.patchcore import PatchCore
+
+    req.validate()
+    cat = load_category(req.data)
+    notes = check_sizes(cat)        # mask ≠ image size → LayoutError; mixed sizes → notes
+    out = Path(req.out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = progress or (lambda f, m="": None)
+    bank = positive_bank(req, cat)
+    eval_samples, positives = bank.eval_samples, bank.positives
+    scored_hashes = _scored_hashes(bank.roles, eval_samples)
 
     for note in notes:
         say(0.0, f"note: {note}")
@@ -132,23 +162,14 @@ def run_patchcore(req: PatchCoreRequest, progress: ProgressFn | None = None,
         "positive_patches": int(getattr(model, "positive_bank_size", 0) or 0),
         # the positive bank as fit: how many arrays passed the guard, and how many of them are
         # evaluation images (0: the guard refuses otherwise)
-        "positive_fit_hashes": len(positive_hashes), "positive_evaluation": 0,
+        "positive_fit_hashes": len(bank.hashes), "positive_evaluation": 0,
     }
     say(0.92, "writing overlays")
-    vmin, vmax = float(np.percentile(maps, 1)), float(np.percentile(maps, 99.9))
-    overlays = []
-    order = np.argsort(-scores)  # most anomalous first
-    (out / "overlays").mkdir(exist_ok=True)
-    for rank, i in enumerate(order[: req.max_overlays]):
-        s = eval_samples[i]
-        name = f"{rank:03d}_{s.label}_{s.path.stem}.png"
-        write_png_atomic(out / "overlays" / name,
-                         panel(images[i], masks[i], maps[i], res.get("pixel_threshold"), vmin, vmax))
-        overlays.append({"file": f"overlays/{name}", "label": s.label, "score": float(scores[i]),
-                         "image": str(s.path.relative_to(cat.root))})
+    overlays = write_overlays(out, cat, eval_samples, images, masks, maps, scores, res.get("pixel_threshold"),
+                              req.max_overlays)
     summary = {
-        "metrics": metrics, "notes": notes, "request": asdict(req), "held_out_for_positive_bank": held_out,
-        "positive_fit_hashes": positive_hashes,
+        "metrics": metrics, "notes": notes, "request": asdict(req), "held_out_for_positive_bank": bank.held_out,
+        "positive_fit_hashes": bank.hashes,
         "scored_hashes": scored_hashes,     # pixel hashes of the scored images (runs go stale by them)
         "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}, "overlays": overlays,
         "scores": [{"image": str(s.path.relative_to(cat.root)), "label": s.label, "score": float(sc)}
