@@ -108,7 +108,7 @@ def load_components(model: str | None):
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
         sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
     except Exception as exc:   # noqa: BLE001 — diffusers raises many types; one message
-        raise models._wrap_load_error("the SD 1.5 model", folder, exc) from exc
+        raise models.wrap_load_error("the SD 1.5 model", folder, exc) from exc
     if int(unet.config.in_channels) not in (4, 9):
         raise models.ModelError(f"{folder} has a U-Net with {unet.config.in_channels} input channels; "
                                 "ControlNet training needs an SD 1.5 base (4) or inpainting (9) U-Net")
@@ -119,7 +119,7 @@ def load_components(model: str | None):
             text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
             tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
         except Exception as exc:   # noqa: BLE001
-            raise models._wrap_load_error("the SD 1.5 text encoder", folder, exc) from exc
+            raise models.wrap_load_error("the SD 1.5 text encoder", folder, exc) from exc
     return folder, vae, unet, sched, text_encoder, tokenizer
 
 

@@ -130,7 +130,7 @@ def load_components(model: str | None):
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
         sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
     except Exception as exc:   # noqa: BLE001 — diffusers raises many types; one message
-        raise models._wrap_load_error("the SD inpainting model", folder, exc) from exc
+        raise models.wrap_load_error("the SD inpainting model", folder, exc) from exc
     if int(unet.config.in_channels) != 9:
         raise models.ModelError(f"{folder} has a U-Net with {unet.config.in_channels} input channels; "
                                 "LoRA inpainting training needs a 9-channel inpainting checkpoint")

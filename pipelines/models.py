@@ -178,7 +178,7 @@ def clear_cache() -> None:
     MANAGER.clear("diffusers")
 
 
-def _wrap_load_error(what: str, folder: Path, exc: Exception) -> ModelError:
+def wrap_load_error(what: str, folder: Path, exc: Exception) -> ModelError:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     low = text.lower()
     if any(s in low for s in ("safetensor", "header", "deserializ", "invalid", "incomplete",
@@ -225,7 +225,7 @@ def _load_sd(kind: str, cls_name: str, in_channels: int, source, device, dtype, 
         except ModelError:
             raise
         except Exception as exc:   # noqa: BLE001 — diffusers raises many types; one message
-            raise _wrap_load_error(KINDS[kind].what, folder, exc) from exc
+            raise wrap_load_error(KINDS[kind].what, folder, exc) from exc
         got = int(pipe.unet.config.in_channels)
         if got != in_channels:
             hint = ("an inpainting checkpoint (e.g. stable-diffusion-inpainting)" if in_channels == 9
@@ -268,7 +268,7 @@ def load_controlnet(kind: str = "controlnet-seg", source=None, device: str | Non
         try:
             net = ControlNetModel.from_pretrained(folder, local_files_only=True, dtype=dt)
         except Exception as exc:   # noqa: BLE001
-            raise _wrap_load_error(KINDS[kind].what, folder, exc) from exc
+            raise wrap_load_error(KINDS[kind].what, folder, exc) from exc
         return net.to(device)
     net = _cached((kind, str(folder), device, str(dt)), build)
     if cross_attention_dim is not None and int(net.config.cross_attention_dim) != int(cross_attention_dim):
@@ -299,7 +299,7 @@ def attach_ip_adapter(pipe, source=None, scale: float = 0.6) -> Path:
             pipe.load_ip_adapter(str(folder), subfolder=IP_ADAPTER_SUBFOLDER,
                                  weight_name=IP_ADAPTER_WEIGHT, local_files_only=True)
         except Exception as exc:   # noqa: BLE001
-            raise _wrap_load_error(KINDS["ip-adapter"].what, folder, exc) from exc
+            raise wrap_load_error(KINDS["ip-adapter"].what, folder, exc) from exc
         pipe._defect_studio_ip_adapter = str(folder)
     pipe.set_ip_adapter_scale(scale)
     return folder

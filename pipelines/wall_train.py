@@ -299,7 +299,7 @@ def _text_parts(folder: Path):
         return (CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True),
                 CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True))
     except Exception as exc:   # noqa: BLE001 — one message for every loading failure
-        raise models._wrap_load_error("the SD text encoder", folder, exc) from exc
+        raise models.wrap_load_error("the SD text encoder", folder, exc) from exc
 
 
 class WallTrainer(LoraTrainer):
