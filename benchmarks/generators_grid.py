@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines import shapes  # noqa: E402
 from pipelines.imageio import read_mask, read_rgb  # noqa: E402
-from pipelines.registry import get_generator, get_info, offline_names  # noqa: E402
+from pipelines.registry import default_model, get_generator, get_info, offline_names, picks_model  # noqa: E402
 from pipelines.roles import folder_roles  # noqa: E402
 
 MAX_BYTES = 1_400_000
@@ -102,6 +102,11 @@ def build(folder: Path, types: list[str] | None, n: int, seed: int, cell: int) -
             gen, info = get_generator(name), get_info(name)
             for j, (img, m) in enumerate(targets):
                 params = info.call_params(label, refs, goods[:16])
+                if picks_model(name):                         # the model picked for the product and type
+                    found = default_model(name, root.name, (), label)
+                    if not found:
+                        continue
+                    params["model"] = found
                 t0 = time.perf_counter()
                 out = gen(img, m, seed=seed + j, **params)
                 timing[name].append(time.perf_counter() - t0)
