@@ -256,6 +256,62 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
     that picks its model per product (pixel-inpaint) and is given none runs with
     :func:`default_model` for ``req.product`` (trained runs of ``workspace``, default the store's).
     """
+    image = _checked_request(req, catalog)
+    if req.damage_type == GOOD:
+        # A good sample has no mask and no generation: the source image *is* the sample.
+        empty = np.zeros(image.shape[:2], np.uint8)
+        cands = [Candidate(image.copy(), empty, int(req.seed), "none", "0", {"damage_type": GOOD})]
+        return _record(req, store, cands)
+
+    try:
+        mask = M.validate_mask(req.mask if req.mask is not None else np.zeros(image.shape[:2], np.uint8),
+                               image.shape)
+    except M.MaskError as exc:
+        raise UserError(str(exc)) from exc
+
+    donors = _donors(store, req.product, req.damage_type) if req.damage_type else []
+    root = workspace if workspace is not None else getattr(store, "root", None)
+    try:
+        chosen = _auto(req, store, root, progress, cancelled)
+    except Cancelled:
+        return []                                  # cancelled while choosing
+    backend = chosen.generator if chosen is not None else resolve_backend(req, bool(donors))
+    info, gen = get_info(backend), get_generator(backend)
+    params = _params(req, info, donors)
+    if params.get("donors"):      # the arrays copied / learned from: none may be a scored image's copy
+        guard_rows(store, req.product, [d["row"] for d in donors], [d["pair"][0] for d in donors],
+                   f"{backend} donors ({req.damage_type})")
+    if info.needs_goods:
+        params["goods"] = _goods(store, req.product)
+    _pick_model(backend, params, req, root)
+    ancestors = sorted({d["sha256"] for d in donors} if "donors" in params else set())
+    ancestors = sorted(set(ancestors) | set(gen.ancestors(params)))
+    recorded = _recorded(params, req, donors, info, chosen)
+
+    cands: list[Candidate] = []
+    for i in range(int(req.n)):
+        if cancelled and cancelled():
+            break
+        seed = int(req.seed) + i
+        try:
+            out = gen(image, mask, seed=seed, **params)
+        except (ValueError, TypeError) as exc:  # ModelError, MaskError, unknown option …
+            raise UserError(str(exc)) from exc
+        except Cancelled:
+            break
+        if not info.full_image:  # the paste-back contract, enforced, not assumed
+            outside = M.dilate(mask, int(req.feather)) == 0
+            if not np.array_equal(out[outside], image[outside]):
+                raise RuntimeError(f"backend {backend} changed pixels outside the mask")
+        cands.append(Candidate(out, mask, seed, backend, info.version, dict(recorded), ancestors=ancestors))
+        if progress:
+            progress((i + 1) / req.n, f"candidate {i + 1}/{req.n}")
+    return _record(req, store, cands)
+
+
+def _checked_request(req: GenerateRequest, catalog: Catalog | None) -> np.ndarray:
+    """The request's image as RGB uint8, once every field is checked (:class:`UserError` naming
+    the first problem)."""
     try:
         image = check_array(req.image, req.max_pixels)
     except ImageInputError as exc:
@@ -275,32 +331,13 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
             raise UserError(str(exc)) from exc
     if req.backend != "auto" and req.backend not in GENERATORS:
         raise UserError(f"unknown backend {req.backend!r}; known: auto, {', '.join(GENERATORS)}")
+    return image
 
-    if req.damage_type == GOOD:
-        # A good sample has no mask and no generation: the source image *is* the sample.
-        empty = np.zeros(image.shape[:2], np.uint8)
-        cands = [Candidate(image.copy(), empty, int(req.seed), "none", "0", {"damage_type": GOOD})]
-        return _record(req, store, cands)
 
-    try:
-        mask = M.validate_mask(req.mask if req.mask is not None else np.zeros(image.shape[:2], np.uint8),
-                               image.shape)
-    except M.MaskError as exc:
-        raise UserError(str(exc)) from exc
-
-    donors = _donors(store, req.product, req.damage_type) if req.damage_type else []
-    root = workspace if workspace is not None else getattr(store, "root", None)
-    chosen = _auto(req, store, root, progress, cancelled)
-    if chosen is None and req.backend == "auto" and req.damage_type and store is not None and req.product:
-        return []                                  # cancelled while choosing
-    backend = chosen.generator if chosen is not None else resolve_backend(req, bool(donors))
-    info, gen = get_info(backend), get_generator(backend)
-    params = _params(req, info, donors)
-    if params.get("donors"):      # the arrays copied / learned from: none may be a scored image's copy
-        guard_rows(store, req.product, [d["row"] for d in donors], [d["pair"][0] for d in donors],
-                   f"{backend} donors ({req.damage_type})")
-    if info.needs_goods:
-        params["goods"] = _goods(store, req.product)
+def _pick_model(backend: str, params: dict, req: GenerateRequest, root) -> None:
+    """A backend that picks its model per product and is given none gets :func:`default_model`
+    for the product and type; one whose model files are missing is a :class:`UserError` saying
+    what to put where."""
     if not params.get("model") and registry.picks_model(backend):
         found = default_model(backend, req.product, root, req.damage_type)
         if found:
@@ -312,46 +349,28 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
         ok, message = backend_status(backend, req.product, root)
         if not ok:
             raise UserError(message)
-    ancestors = sorted({d["sha256"] for d in donors} if "donors" in params else set())
-    ancestors = sorted(set(ancestors) | set(gen.ancestors(params)))
 
-    cands: list[Candidate] = []
-    for i in range(int(req.n)):
-        if cancelled and cancelled():
-            break
-        seed = int(req.seed) + i
-        try:
-            out = gen(image, mask, seed=seed, **params)
-        except (ValueError, TypeError) as exc:  # ModelError, MaskError, unknown option …
-            raise UserError(str(exc)) from exc
-        except Cancelled:
-            break
-        if not info.full_image:  # the paste-back contract, enforced, not assumed
-            outside = M.dilate(mask, int(req.feather)) == 0
-            if not np.array_equal(out[outside], image[outside]):
-                raise RuntimeError(f"backend {backend} changed pixels outside the mask")
-        recorded = {k: v for k, v in params.items() if k not in ("donors", "goods")}
-        if "color" in recorded:
-            recorded["color"] = req.color
-        if "donors" in params:
-            recorded["n_donors"] = len(donors)
-            recorded["donor_ids"] = [d["id"] for d in donors]
-        if info.needs_goods:
-            recorded["n_goods"] = len(params["goods"])
-        if chosen is not None:
-            recorded["auto"] = chosen.caption(req.product)
-        cands.append(Candidate(out, mask, seed, backend, info.version, recorded,
-                               ancestors=ancestors))
-        if progress:
-            progress((i + 1) / req.n, f"candidate {i + 1}/{req.n}")
-    return _record(req, store, cands)
+
+def _recorded(params: dict, req: GenerateRequest, donors: list[dict], info, chosen) -> dict:
+    """The parameters a candidate records (no arrays: donor ids and counts instead; why auto chose)."""
+    recorded = {k: v for k, v in params.items() if k not in ("donors", "goods")}
+    if "color" in recorded:
+        recorded["color"] = req.color
+    if "donors" in params:
+        recorded["n_donors"] = len(donors)
+        recorded["donor_ids"] = [d["id"] for d in donors]
+    if info.needs_goods:
+        recorded["n_goods"] = len(params["goods"])
+    if chosen is not None:
+        recorded["auto"] = chosen.caption(req.product)
+    return recorded
 
 
 def _auto(req: GenerateRequest, store, workspace, progress, cancelled):
     """For ``backend="auto"`` on a product's damage type (a store and a workspace at hand): the
     generator chosen on the product's reference defects of the type (:mod:`studio.auto`, cached
     per product; the registry's fixed rule when there are fewer than 2). None: not an auto
-    request of that kind, or cancelled while choosing."""
+    request of that kind. :class:`pipelines.training.Cancelled` when cancelled while choosing."""
     if req.backend != "auto" or not req.damage_type or store is None or not req.product or workspace is None:
         return None
     from pipelines.guard import guard
@@ -363,10 +382,7 @@ def _auto(req: GenerateRequest, store, workspace, progress, cancelled):
             guard(items, scored_set(store, req.product), what)
         except LeakageError as exc:
             raise UserError(str(exc)) from exc
-    try:
-        return auto_choice(store, req.product, req.damage_type, workspace, check, progress, cancelled)
-    except Cancelled:
-        return None
+    return auto_choice(store, req.product, req.damage_type, workspace, check, progress, cancelled)
 
 
 def _record(req: GenerateRequest, store, cands: list[Candidate]) -> list[Candidate]:
