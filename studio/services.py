@@ -100,11 +100,11 @@ def available_backends(mode: str = "damage", product: str | None = None,
 def default_model(name: str, product: str | None, workspace: str | Path | None = None,
                   damage_type: str | None = None) -> str | None:
     """The model ``name`` runs with for ``product`` when none is named: the workspace's newest run
-    trained for the product, else the model shipped for it (``assets/models/<product>/…``); a
-    model trained for ``damage_type`` first. None: the backend picks no model per product."""
-    roots = model_roots(workspace)
-    return (registry.default_model(name, product or None, roots, damage_type)
-            or registry.default_model(name, product or None, roots))
+    trained for the product, else the model shipped for it (``assets/models/<product>/…``). With
+    ``damage_type``, only a model trained for that type (never one that does not know it — the
+    experiment's rule too: the one resolver is :func:`pipelines.registry.default_model`). None:
+    none found, or the backend picks no model per product."""
+    return registry.default_model(name, product or None, model_roots(workspace), damage_type)
 
 
 _scored_cache: dict[tuple, object] = {}
@@ -345,6 +345,12 @@ def _pick_model(backend: str, params: dict, req: GenerateRequest, root) -> None:
         elif not req.product:
             raise UserError(f"{backend} picks its model by product: choose a product "
                             f"({registry.backend_status(backend)[1]}) or name a model (the 'model' option)")
+        elif req.damage_type and default_model(backend, req.product, root):
+            raise UserError(f"no {backend} model found for product {req.product!r} was trained for type "
+                            f"{req.damage_type!r} (newest: {default_model(backend, req.product, root)}); train one "
+                            f"that is: `python -m studio train --kind {backend} --data <{req.product} category "
+                            f"folder> --damage-types {req.damage_type} --out <workspace>/adapters/<run>`, or name "
+                            "a model (the 'model' option)")
     if not params.get("model"):
         ok, message = backend_status(backend, req.product, root)
         if not ok:

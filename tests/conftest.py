@@ -123,3 +123,13 @@ def studio_page(url: str, height: int = 1000):
         finally:
             browser.close()
 
+
+
+@pytest.fixture()
+def bottle_store(tmp_path):
+    """A fresh store in ``tmp_path/ws`` holding the demo bottle category."""
+    from studio.dataset import Store
+    s = Store(tmp_path / "ws")
+    s.import_mvtec(ROOT / "assets" / "demo" / "bottle")
+    yield s
+    s.close()

@@ -17,7 +17,6 @@ from pipelines.generators.choose import Choice, ChooseConfig, choose, groups
 from pipelines.roles import pixel_hash
 from pipelines.segmenter import FeatureCache
 from studio.auto import cache_path
-from studio.dataset import Store
 from studio.services import GenerateRequest, generate, learned_from
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,11 +106,8 @@ def test_candidates_exclude_generators_that_learned_from_a_trained_model():
 
 
 @pytest.fixture()
-def store(tmp_path):
-    s = Store(tmp_path / "ws")
-    s.import_mvtec(ROOT / "assets" / "demo" / "bottle")
-    yield s
-    s.close()
+def store(bottle_store):
+    return bottle_store
 
 
 def _request(store, n=2):

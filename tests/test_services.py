@@ -9,18 +9,14 @@ import numpy as np
 import pytest
 
 from pipelines.masks import dilate
-from studio.dataset import Store
 from studio.services import GenerateRequest, UserError, generate, review
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture()
-def store(tmp_path):
-    s = Store(tmp_path / "ws")
-    s.import_mvtec(ROOT / "assets" / "demo" / "bottle")
-    yield s
-    s.close()
+def store(bottle_store):
+    return bottle_store
 
 
 def _source(store):

@@ -259,3 +259,36 @@ def test_curation_plan_runs_with_the_shipped_model(tmp_path):
     rows = store.list_samples(product="bottle")
     assert rows and {r["generator"] for r in rows} == {"pixel-inpaint"}
     assert rows[0]["params"]["model"] == str(MODELS / "bottle" / "pixel-inpaint")
+
+
+def test_the_ui_the_cli_and_the_experiment_pick_the_same_model_per_product_and_type(tmp_path):
+    """One model policy: for every (demo product, damage type) the service (what the Annotate tab
+    and `studio generate` call) and the experiment's pick_models give the same model folder — a
+    workspace run for the types it was trained for, else the shipped model that knows the type,
+    else none (never a model that was not trained for the type)."""
+    from studio import services
+    from studio.experiment import pick_models
+    ws = tmp_path / "ws"
+    shipped = MODELS / "bottle" / "pixel-inpaint"
+    run = ws / "adapters" / "pixel-inpaint-bottle"
+    ck = run / "checkpoints" / "step-0000010"
+    ck.mkdir(parents=True)
+    shutil.copy(shipped / "model.safetensors", ck / "model.safetensors")
+    meta = json.loads((shipped / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**meta, "damage_types": ["contamination"]}))
+    (ck / "trainer_state.json").write_text(json.dumps({"kind": "pixel-inpaint", "step": 10}))
+    (run / "latest").write_text(ck.name)
+    (run / "training_data.json").write_text(json.dumps({"data": str(ws / "exports" / "bottle-1" / "bottle"),
+                                                         "ancestors": ["abc"]}))   # a run for bottle
+    demo = ROOT / "assets" / "demo"
+    checked = 0
+    for product in sorted(p.name for p in demo.iterdir() if (p / "ground_truth").is_dir()):
+        types = sorted(t.name for t in (demo / product / "ground_truth").iterdir() if t.is_dir())
+        types.append("a_type_no_model_knows")          # both: none (no fallback to another type's model)
+        models, missing = pick_models("pixel-inpaint", product, services.model_roots(ws), types)
+        for t in types:
+            assert services.default_model("pixel-inpaint", product, ws, t) == models.get(t), (product, t)
+            assert (t in models) != (t in missing)
+            checked += 1
+    assert checked >= 4
+    assert services.default_model("pixel-inpaint", "bottle", ws, "contamination") == str(run)
