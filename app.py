@@ -99,6 +99,21 @@ def start_examples(ctx: StudioContext) -> list[str]:
     return examples.start_examples(ctx)
 
 
+# the workspace folders that hold images a page may show (the store's files, run overlays and
+# figures, exports); models, adapters, auto/ and the databases are never served
+SERVED_DIRS = ("files", "runs", "exports")
+DATABASES = ("studio.db", "jobs.db")
+
+
+def served_paths(settings: Settings) -> tuple[list[str], list[str]]:
+    """(allowed_paths, blocked_paths) for ``launch``: the workspace's image folders only; the
+    databases (with their -wal / -shm / -journal files) blocked even where another rule would allow
+    them (gradio also reads files a handler returns from the current folder)."""
+    ws = settings.workspace
+    blocked = [str(ws / f"{db}{suffix}") for db in DATABASES for suffix in ("", "-wal", "-shm", "-journal")]
+    return [str(ws / d) for d in SERVED_DIRS], blocked
+
+
 def _keyboard_js() -> str:
     from studio.ui.annotate import KEYS_JS as ANNOTATE_KEYS
     from studio.ui.curation_tab import KEYS_JS
@@ -114,10 +129,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_env(host=args.host, port=args.port, workspace=args.workspace)
     ctx = StudioContext(settings)
     demo = build_app(ctx=ctx, bootstrap=_start_bootstrap(ctx))
+    allowed, blocked = served_paths(settings)
     demo.queue(default_concurrency_limit=2).launch(
         server_name=settings.host, server_port=settings.port, auth=settings.auth,
         max_file_size=f"{settings.max_upload_mb:g}mb", show_error=True, footer_links=["api"],
-        ssr_mode=False, allowed_paths=[str(settings.workspace)], head=_keyboard_js(),
+        ssr_mode=False, allowed_paths=allowed, blocked_paths=blocked, head=_keyboard_js(),
         prevent_thread_lock=True)
     start_examples(ctx)        # after the first page is served: it must not delay it
     demo.block_thread()

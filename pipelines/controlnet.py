@@ -192,11 +192,12 @@ class _ControlNetMixin:
 @dataclass(frozen=True)
 class ControlNetOptions(DiffusionOptions):
     controlnet: str | None = option(None, "ControlNet-seg folder or hub id, or a run of `train --kind controlnet` "
-                                              "(its latest checkpoint; default $DEFECT_STUDIO_CONTROLNET)")
+                                              "(its latest checkpoint; default $DEFECT_STUDIO_CONTROLNET)", path=True)
     control_scale: float = option(1.0, "ControlNet conditioning scale", min=0.0, max=2.0, step=0.05)
     structure: str | None = option(None, "a second condition that holds the product's geometry",
                                    choices=("canny", "hed", "depth"))
-    structure_controlnet: str | None = option(None, "ControlNet folder for the structure condition")
+    structure_controlnet: str | None = option(None, "ControlNet folder for the structure condition",
+                                                path=True)
     structure_scale: float = option(0.5, "structure conditioning scale", min=0.0, max=2.0, step=0.05)
     canny_low: int = option(100, "Canny low threshold", min=0, max=255, step=1)
     canny_high: int = option(200, "Canny high threshold", min=0, max=255, step=1)

@@ -32,10 +32,12 @@ MODES = ("damage", "color")
 
 
 def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-           step: float | None = None, choices: tuple | None = None, label: str | None = None) -> Any:
-    """A dataclass field of an options class, with what the CLI and the UI need to show it."""
+           step: float | None = None, choices: tuple | None = None, label: str | None = None,
+           path: bool = False) -> Any:
+    """A dataclass field of an options class, with what the CLI and the UI need to show it
+    (``path``: the value names a file or folder on the machine, which the web studio confines)."""
     return field(default=default, metadata={"help": help, "min": min, "max": max, "step": step,
-                                            "choices": choices, "label": label})
+                                            "choices": choices, "label": label, "path": path})
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class OptionSpec:
     step: float | None = None
     choices: tuple | None = None
     label: str | None = None
+    path: bool = False          # names a file or folder (a model, weights): confined by the web studio
 
     @property
     def flag(self) -> str:
@@ -92,7 +95,7 @@ def option_specs(options_cls: type | None) -> list[OptionSpec]:
         md = f.metadata
         out.append(OptionSpec(f.name, _base_type(hints[f.name]), f.default, md.get("help", ""),
                               md.get("min"), md.get("max"), md.get("step"), md.get("choices"),
-                              md.get("label")))
+                              md.get("label"), bool(md.get("path", False))))
     return out
 
 

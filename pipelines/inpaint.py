@@ -283,12 +283,13 @@ class GenerationResult:
 class DiffusionOptions:
     """Options of every SD 1.5 backend (the Annotate widgets and CLI flags come from here)."""
     model: str | None = option(None, "SD 1.5 (inpainting) folder or hub id, local files only "
-                                     "(default $DEFECT_STUDIO_SD_INPAINT / _SD_BASE)")
+                                     "(default $DEFECT_STUDIO_SD_INPAINT / _SD_BASE)", path=True)
     steps: int = option(30, "diffusion steps", min=1, max=150, step=1)
     guidance: float | None = option(7.5, "classifier-free guidance", min=1.0, max=20.0, step=0.5)
-    lora: str | None = option(None, "LoRA weights (.safetensors or folder) for the SD U-Net")
+    lora: str | None = option(None, "LoRA weights (.safetensors or folder) for the SD U-Net", path=True)
     lora_scale: float = option(1.0, "LoRA weight", min=0.0, max=2.0, step=0.05)
-    embedding: str | None = option(None, "damage-type embedding table folder (trained in the Training tab)")
+    embedding: str | None = option(None, "damage-type embedding table folder (trained in the Training tab)",
+                                 path=True)
     only_masked: bool = option(True, "work on a padded box around the mask (off: the whole frame)")
     padding: int = option(32, "context around the mask in only-masked mode (px)", min=0, max=512, step=1)
     resolution: int | None = option(None, "working size (px); default: the model's", min=64, max=2048, step=8)

@@ -99,7 +99,7 @@ def load_model(model: str | os.PathLike | None = None) -> PixelInpaintModel:
 class PixelInpaintOptions:
     model: str | None = option(None, "model folder, output folder or checkpoint (pixel-inpaint default: "
                                      "$DEFECT_STUDIO_PIXEL_INPAINT, else the product's newest trained "
-                                     "model, else the one shipped in assets/models/<product>/pixel-inpaint)")
+                                     "model, else the one shipped in assets/models/<product>/pixel-inpaint)", path=True)
     steps: int = option(25, "sampling steps", min=1, max=200, step=1)
     guidance: float = option(1.0, "guidance on the damage-type embedding (1 = none)", min=1.0, max=10.0, step=0.5)
 

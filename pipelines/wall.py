@@ -62,7 +62,7 @@ class WallOptions(DiffusionOptions):
     mottle: float = option(0.8, "seeded low-amplitude colour variation (a/b units; 0 = none)",
                            min=0.0, max=5.0, step=0.1)
     ip_adapter: str | None = option(None, "IP-Adapter folder for the solid colour reference "
-                                          "(default $DEFECT_STUDIO_IP_ADAPTER)")
+                                          "(default $DEFECT_STUDIO_IP_ADAPTER)", path=True)
     ip_adapter_scale: float = option(0.6, "IP-Adapter scale", min=0.0, max=2.0, step=0.05)
     reference_size: int = option(512, "size of the solid reference image (px)", min=64, max=1024, step=8)
 

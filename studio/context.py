@@ -22,8 +22,13 @@ class StudioContext:
 
     @cached_property
     def jobs(self):
+        from functools import partial
+
         from studio.jobs import JobManager
-        return JobManager(self.settings.workspace / "jobs.db")
+        from studio.paths import confine_request
+        # every job request's path fields inside the data roots (a backstop behind each tab's check)
+        return JobManager(self.settings.workspace / "jobs.db",
+                          check_request=partial(confine_request, roots=self.settings.roots))
 
     def catalog(self) -> Catalog:
         """Built-in catalog extended with the labels found in the dataset."""

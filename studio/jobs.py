@@ -57,10 +57,14 @@ class JobContext:
 
 
 class JobManager:
-    """Runs jobs in daemon threads; ``slots`` bounds concurrent heavy jobs (one per GPU)."""
+    """Runs jobs in daemon threads; ``slots`` bounds concurrent heavy jobs (one per GPU).
+    ``check_request(request)`` (the web studio's: :func:`studio.paths.confine_request`) sees every
+    request before its job is queued and refuses it by raising."""
 
-    def __init__(self, db_path: str | Path, slots: int = 1):
+    def __init__(self, db_path: str | Path, slots: int = 1,
+                 check_request: Callable[[dict], None] | None = None):
         self.db_path = Path(db_path)
+        self.check_request = check_request
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(slots)
@@ -111,6 +115,8 @@ class JobManager:
     # -- running -----------------------------------------------------------------------------
     def submit(self, kind: str, fn: Callable[..., Any], *args: Any, request: dict | None = None,
                on_progress: Callable[[float, str], None] | None = None) -> str:
+        if self.check_request is not None:
+            self.check_request(request or {})
         job_id = uuid.uuid4().hex[:12]
         ctx = JobContext(job_id, self)
         if on_progress:

@@ -316,6 +316,12 @@ def _checked_request(req: GenerateRequest, catalog: Catalog | None) -> np.ndarra
         image = check_array(req.image, req.max_pixels)
     except ImageInputError as exc:
         raise UserError(str(exc)) from exc
+    if req.product:
+        from studio.store_types import check_name
+        try:
+            check_name(req.product, "product")
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
     if (req.damage_type is None) == (req.color is None):
         raise UserError("choose either a damage type or a wall colour (exactly one)")
     if not 1 <= int(req.n) <= MAX_CANDIDATES:

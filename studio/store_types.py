@@ -40,9 +40,12 @@ def now_iso() -> str:
 
 
 def check_name(value: Any, what: str) -> str:
-    """Product and label names end up in file paths: letters, digits, ``_ . -`` only."""
-    if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
-        raise StoreError(f"invalid {what} name {value!r}: use 1-100 letters, digits, '_', '-' or '.' "
+    """The one check of a user-given name that becomes a path component (product, label, damage
+    type, training run, checkpoint, export): letters, digits, ``_ . -`` only, at most 100, starting
+    with a letter or digit, no ``..`` — so no separator, absolute path, NUL or control character."""
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or ".." in value:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "…'"
+        raise StoreError(f"invalid {what} name {shown}: use 1-100 letters, digits, '_', '-' or '.' "
                          "(starting with a letter or digit)")
     return value
 

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -17,6 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # that to seconds in tests (and in the apps they start); the real default is benchmarks/auto_choice.py's
 os.environ.setdefault("DEFECT_STUDIO_AUTO_BACKBONE", "random")
 os.environ.setdefault("DEFECT_STUDIO_AUTO_SIZE", "64")
+# the folders a web user may name (studio.paths.confine): the tests' data lives in the repository and
+# in pytest's temp folders; tests/test_security.py checks the default roots (workspace + start folder)
+os.environ.setdefault("DEFECT_STUDIO_DATA_ROOTS", os.pathsep.join([str(ROOT), tempfile.gettempdir()]))
 DEMO = Path(os.environ.get("DEFECT_STUDIO_TEST_DEMO", ROOT / "assets" / "demo"))
 
 

@@ -201,11 +201,12 @@ def test_training_tab_controlnet_command_and_job(tmp_path, monkeypatch):
     ws = tmp_path / "ws"
     import_any(Store(ws), BOTTLE, "auto", "bottle")
     ctx = StudioContext(Settings.from_env(workspace=ws))
-    run = TC.controlnet_command(ctx, "bottle", ["contamination"], "/models/sd", "", "", 5, 3, 0, False)
+    sd = str(ws / "sd")                       # a model folder inside the data roots (studio.paths)
+    run = TC.controlnet_command(ctx, "bottle", ["contamination"], sd, "", "", 5, 3, 0, False)
     cmd = run.cmd
     assert cmd[cmd.index("--kind") + 1] == "controlnet" and cmd[cmd.index("--steps") + 1] == "3"
     assert cmd[cmd.index("--damage-types") + 1] == "contamination" and "--no-resume" in cmd
-    assert cmd[cmd.index("--model") + 1] == "/models/sd" and "--controlnet" not in cmd
+    assert cmd[cmd.index("--model") + 1] == sd and "--controlnet" not in cmd
     assert run.out == TT.adapters_root(ctx) / "controlnet-bottle" and (run.data / "test").is_dir()
     with pytest.raises(gr.Error, match="Pick a product"):
         TC.controlnet_command(ctx, "", [], "", "", "", 5, 0, 0, True)

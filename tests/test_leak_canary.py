@@ -336,8 +336,8 @@ def test_wall_panel_refuses_a_photo_that_copies_a_scored_image(tmp_path):
     m = np.zeros((256, 256), np.uint8)
     m[:, :128] = 255
     Image.fromarray(m).save(photos / "masks" / "wall1.png")
-    args = dict(folder=str(photos), masks="", model="/m", name="", minutes=15, steps=3, rank=4, prob=0.3,
-                reference=list(TW.REFERENCES)[2], method="kmeans", color_loss=0.5, colors="", resume=False)
+    args = dict(folder=str(photos), masks="", model=str(tmp_path / "m"), name="", minutes=15, steps=3, rank=4,
+                prob=0.3, reference=list(TW.REFERENCES)[2], method="kmeans", color_loss=0.5, colors="", resume=False)
     with pytest.raises(gr.Error, match=r"wall training data \(product bottle\): .*wall1.jpg equals the evaluation image"):
         TW.wall_command(ctx, *args.values())
 

@@ -230,9 +230,10 @@ def test_training_refusals_and_command(ctx):
     cmd = " ".join(run.cmd)
     assert "--damage-types broken_small,contamination" in cmd and "--steps 3" in cmd and "--no-resume" in cmd
     assert "--lr 0.0001" in cmd and "--rank" not in cmd and "--minutes" not in cmd
+    sd = str(ctx.settings.workspace / "sd")     # a model folder inside the data roots (studio.paths)
     lora = T.train_command(ctx, "LoRA + damage embedding (SD 1.5 inpainting folder)", "bottle", [], "real only",
-                           "/models/sd", "mine", 2.5, 0, 8, 0, True)
-    assert lora.out.name == "mine" and lora.cmd[-6:] == ["--minutes", "2.5", "--rank", "8", "--model", "/models/sd"]
+                           sd, "mine", 2.5, 0, 8, 0, True)
+    assert lora.out.name == "mine" and lora.cmd[-6:] == ["--minutes", "2.5", "--rank", "8", "--model", sd]
     assert T.list_adapters(ctx) == []
     assert T.live(ctx, T.TrainingState.of(ctx), {"id": "x", "result": None}) == (gr.update(),) * 3
 

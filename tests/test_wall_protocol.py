@@ -372,13 +372,14 @@ def test_training_tab_wall_handlers(tmp_path):
     from studio.ui import training_tab, training_wall as TW
     ctx = StudioContext(Settings.from_env(workspace=tmp_path / "ws"))
     data = _photo_folder(tmp_path / "photos")
-    args = dict(folder=str(data), masks="", model="/m", name="", minutes=15, steps=3, rank=4, prob=0.3,
+    model = str(tmp_path / "m")                 # a model folder inside the data roots (studio.paths)
+    args = dict(folder=str(data), masks="", model=model, name="", minutes=15, steps=3, rank=4, prob=0.3,
                 reference=list(TW.REFERENCES)[2], method="kmeans", color_loss=0.5, colors="#3366cc", resume=False)
     run = TW.wall_command(ctx, *args.values())
     cmd = " ".join(run.cmd)
     for part in ("--kind wall", f"--data {data}", "--steps 3", "--reference none", "--color-method kmeans",
                  "--random-color-prob 0.3", "--color-loss-weight 0.5", "--validation-colors #3366cc",
-                 "--model /m", "--no-resume"):
+                 f"--model {model}", "--no-resume"):
         assert part in cmd
     assert run.out == training_tab.adapters_root(ctx) / "wall-photos"
     for bad, msg in ((dict(folder=""), "photos"), (dict(folder=str(tmp_path / "nope")), "does not exist"),

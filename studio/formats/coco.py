@@ -12,6 +12,7 @@ import numpy as np
 
 from pipelines.imageio import write_png_atomic
 from studio.catalog import GOOD
+from studio.store_types import check_name
 
 
 def rle_encode(mask: np.ndarray) -> dict:
@@ -40,6 +41,7 @@ def rle_decode(rle: dict) -> np.ndarray:
 
 
 def export_coco(store, product: str, out_dir: str | Path) -> dict:
+    check_name(product, "product")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     cats: dict[str, int] = {}

@@ -49,20 +49,32 @@ def _visa_csv_entries(root: Path, report: ImportReport) -> list[tuple[Path, str,
             if (row.get("object") or root.name).strip() != root.name:
                 continue
             split = (row["split"] or "").strip().lower()
-            image = _resolve_visa(root, row["image"])
+            try:
+                image = _resolve_visa(root, row["image"] or "")
+                mask = _resolve_visa(root, row["mask"]) if (row.get("mask") or "").strip() else None
+            except StoreError as exc:
+                report.skipped.append((str(row["image"]), f"{exc} ({csv_path.name})"))
+                continue
             if split not in ("train", "test"):
                 report.skipped.append((str(image), f"unknown split {row['split']!r} in {csv_path.name}"))
                 continue
             label = "good" if (row["label"] or "").strip().lower() == "normal" else "anomaly"
-            mask = _resolve_visa(root, row["mask"]) if (row.get("mask") or "").strip() else None
             entries.append((image, split, label, mask))
     return entries
 
 
 def _resolve_visa(root: Path, rel: str) -> Path:
-    """VisA's csv paths start at the dataset root (``candle/Data/Images/...``)."""
+    """VisA's csv paths start at the dataset root (``candle/Data/Images/...``); the file they name
+    must lie inside the category folder ``root`` (an absolute path, ``..`` or a link out of it is a
+    :class:`StoreError`)."""
     rel_path = Path(rel.strip())
+    if rel_path.is_absolute() or ".." in rel_path.parts or "\x00" in rel:
+        raise StoreError(f"csv path {rel.strip()!r} leaves the category folder {root.name}")
     candidates = [root.parent / rel_path, root / rel_path]
     if len(rel_path.parts) > 1:
         candidates.append(root / Path(*rel_path.parts[1:]))
-    return next((c for c in candidates if c.is_file()), candidates[0])
+    real_root = root.resolve()
+    inside = [c for c in candidates if real_root in c.resolve().parents]
+    if not inside:
+        raise StoreError(f"csv path {rel.strip()!r} leaves the category folder {root.name}")
+    return next((c for c in inside if c.is_file()), inside[0])

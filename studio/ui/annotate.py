@@ -17,6 +17,7 @@ from studio.catalog import GOOD
 from studio.context import StudioContext
 from studio.services import (TRAINED_DIR, GenerateRequest, UserError, available_backends, backend_status,
                              generate, learned_from, review)
+from studio.ui.checks import server_path
 from studio.ui.jobs_panel import api_endpoint
 from studio.ui.jobs_panel import bind as keep_doc
 
@@ -172,6 +173,17 @@ def options_from_widgets(backend: str | None, values) -> dict:
             continue
         out[spec.name] = value
     return out
+
+
+def confined_options(ctx: StudioContext, options: dict) -> dict:
+    """The options that name a file or folder (a model, LoRA weights …: ``option(path=True)``) inside
+    the studio's data roots; a value outside them is a ``gr.Error`` naming the roots."""
+    from pipelines.registry import all_option_specs
+    specs = {spec.name: spec for spec, _ in all_option_specs().values()}
+    for k, v in options.items():     # a hub id ("org/name") is relative: it passes unchanged
+        if k in specs and specs[k].path and isinstance(v, str) and v.strip():
+            server_path(ctx, v, f"{k.replace('_', ' ')} path", must_exist=False)
+    return options
 
 
 def current_product(ctx: StudioContext, p, src_id=None) -> str | None:
@@ -373,7 +385,7 @@ def on_context(ctx: StudioContext, bk, p, src_id):
 def on_generate(ctx: StudioContext, editor_value, p, src_id, m, dmg, col, bk, num, sd, fth, stg,
                 *option_values, progress=gr.Progress()):
     image, mask = current_image(ctx, editor_value, src_id)
-    options = options_from_widgets(bk, option_values)
+    options = confined_options(ctx, options_from_widgets(bk, option_values))
     if bk and bk != "auto" and bk in generator_names() and picks_model(bk) and not options.get("model") \
             and p and not backend_status(bk, p, ctx.settings.workspace)[0]:
         raise gr.Error(no_model_fix(ctx, bk, p))

@@ -14,6 +14,7 @@ import gradio as gr
 from pipelines.roles import DEFAULT_REFERENCE_FRACTION, ROLES
 from studio.context import StudioContext
 from studio.formats import KINDS
+from studio.ui.checks import product_name, server_path
 from studio.ui.jobs_panel import api_endpoint, bind
 
 ALL = "(all)"
@@ -116,12 +117,12 @@ def on_row(ctx: StudioContext, index, data):
 
 
 def do_import(ctx: StudioContext, path, kind, product):
-    """Import a folder on the server (MVTec AD / VisA category, KolektorSDD2 or plain images)."""
-    if not path or not Path(path).expanduser().is_dir():
-        raise gr.Error(f"{path!r} is not a folder on the server")
+    """Import a folder on the server (MVTec AD / VisA category, KolektorSDD2 or plain images) that
+    lies inside the studio's data roots."""
+    folder = server_path(ctx, path, "import folder")
     from studio.formats import import_any
     try:
-        rep = import_any(ctx.store, path, kind, product or None)
+        rep = import_any(ctx.store, folder, kind, product or None)
     except ValueError as exc:
         raise gr.Error(str(exc)) from exc
     return f"Imported ({rep['kind']}): `{json.dumps(rep, default=str)[:800]}`", \
@@ -129,17 +130,20 @@ def do_import(ctx: StudioContext, path, kind, product):
 
 
 def do_export(ctx: StudioContext, path, p, fmt="MVTec AD"):
-    """Export one product to a folder on the server: MVTec AD layout (with evaluation.txt) or COCO."""
+    """Export one product to a folder on the server (inside the studio's data roots): MVTec AD
+    layout (with evaluation.txt) or COCO."""
     if not path:
         raise gr.Error("Give an export folder")
     if p == ALL:
         raise gr.Error("Pick one product to export")
+    folder = server_path(ctx, path, "export folder", must_exist=False)
+    p = product_name(p)
     try:
         if fmt.startswith("COCO"):
             from studio.formats.coco import export_coco
-            rep = export_coco(ctx.store, p, Path(path).expanduser())
+            rep = export_coco(ctx.store, p, folder)
         else:
-            rep = ctx.store.export_mvtec(Path(path).expanduser(), p)
+            rep = ctx.store.export_mvtec(folder, p)
     except ValueError as exc:
         raise gr.Error(str(exc)) from exc
     return f"Exported **{p}** to `{path}`: `{json.dumps(rep, default=str)[:800]}`"

@@ -21,6 +21,7 @@ from studio.inspection import (DDPMEvalRequest, DDPMGridRequest, DDPMTrainReques
 from pipelines.training import Cancelled
 from studio.jobs import JobCancelled
 from studio.runs import RunLog
+from studio.ui.checks import product_name, run_folder, server_path
 from studio.ui.jobs_panel import JobPanel, bind
 from studio.ui.patchcore_tab import roc_figure
 
@@ -64,12 +65,11 @@ class DDPMState:
 def category_for(ctx: StudioContext, product: str, folder: str) -> tuple[Path, str]:
     """(category folder, name): a folder on the server, or a fresh export of ``product``."""
     if folder:
-        p = Path(folder).expanduser()
-        if not p.is_dir():
-            raise gr.Error(f"{folder} is not a folder on the server")
+        p = server_path(ctx, folder, "data folder")
         return p, p.name
     if not product:
         raise gr.Error("Pick a product or give a folder")
+    product = product_name(product)
     out = ctx.settings.workspace / "exports" / f"{product}-{time.strftime('%Y%m%d-%H%M%S')}"
     ctx.store.export_mvtec(out, product)
     return out / product, product
@@ -80,8 +80,8 @@ def start_train(ctx: StudioContext, state: DDPMState, p, fold, name, nz, mins, s
                 res, pred="v") -> str:
     """Train (or resume) a DDPM checkpoint on a product's good images as a background job
     (``pred``: what the U-Net predicts, v or epsilon)."""
+    out = run_folder(models_root(ctx), name, f"ddpm-{Path(fold).name if fold else p}", "checkpoint")
     data, pname = category_for(ctx, p, fold)
-    out = models_root(ctx) / (name.strip() or f"ddpm-{pname}")
     req = DDPMTrainRequest(data=str(data), out=str(out), minutes=float(mins) if not st else None,
                            steps=int(st) or None, noise=nz, size=int(sz), crop=int(cr), preset=pre,
                            t_max=int(tm), rot90=bool(rot), resume=bool(res), prediction=pred or "v")
@@ -147,6 +147,7 @@ def refresh_checkpoints(ctx: StudioContext):
 def do_inspect(ctx: StudioContext, ck, iid, d, nz, sd):
     if not ck:
         raise gr.Error("Pick a checkpoint (train one first)")
+    ck = str(server_path(ctx, ck, "checkpoint", folder=False))
     if not iid:
         raise gr.Error("Pick a test image")
     try:
@@ -174,14 +175,14 @@ def parse_depths(ds) -> list[int]:
 def grid_items(ctx: StudioContext, p, fold, n: int) -> tuple[list[GridItem], str]:
     """A few test images (defect types first, then a good one) of a folder or a product."""
     if fold:
-        if not Path(fold).expanduser().is_dir():
-            raise gr.Error(f"{fold} is not a folder on the server")
+        folder = server_path(ctx, fold, "data folder")
         try:
-            return grid_items_from_folder(str(Path(fold).expanduser()), n), Path(fold).name
+            return grid_items_from_folder(str(folder), n), folder.name
         except ValueError as exc:
             raise gr.Error(str(exc)) from exc
     if not p:
         raise gr.Error("Pick a product or give a folder")
+    p = product_name(p)
     rows = ctx.store.list_images(product=p, split="test")
     picked = pick_grid_items([GridItem(str(r["id"]), None, None, r["label"]) for r in rows], n)
     if not picked:
@@ -198,6 +199,7 @@ def start_grid(ctx: StudioContext, p, fold, ck, ds, n, nz) -> str:
     """Reconstruct a few test images at several depths (depths x images grid) as a background job."""
     if not ck:
         raise gr.Error("Pick a checkpoint (train one first)")
+    ck = str(server_path(ctx, ck, "checkpoint", folder=False))
     depths = parse_depths(ds)
     items, pname = grid_items(ctx, p, fold, int(n or 4))
     out = ctx.settings.workspace / "runs" / f"ddpm-grid-{pname}-{time.strftime('%Y%m%d-%H%M%S')}.png"
@@ -238,6 +240,7 @@ def start_eval(ctx: StudioContext, state: DDPMState, p, fold, ck, ds, nz, kind) 
     """Evaluate a checkpoint on the test split at the given depths as a background job."""
     if not ck:
         raise gr.Error("Pick a checkpoint")
+    ck = str(server_path(ctx, ck, "checkpoint", folder=False))
     try:
         dl = [int(x) for x in str(ds).replace(" ", "").split(",") if x]
     except ValueError:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import gradio as gr
 
 from pipelines.training.trainers import TRAINERS
 from studio.context import StudioContext
+from studio.ui.checks import optional_path, product_name, run_folder, server_path
 from studio.ui.jobs_panel import JobPanel, bind
 from studio.ui.training_runs import TrainCommand, adapters_root, data_plan, on_product, run_views, submit_run
 
@@ -25,16 +25,17 @@ def controlnet_command(ctx: StudioContext, product, types, model, init, name, mi
     reference defects are trained on); bad input → ``gr.Error`` with the fix."""
     if not product:
         raise gr.Error("Pick a product")
+    product = product_name(product)
     init = (init or "").strip()
-    if init and not Path(init).expanduser().is_dir():
-        raise gr.Error(f"Initial ControlNet: {init} is not a folder on the server (leave it empty to start "
-                       "from the U-Net)")
+    if init:
+        init = str(server_path(ctx, init, "initial ControlNet folder"))
+    model = optional_path(ctx, model, "SD 1.5 folder", must_exist=False)
     if rate and float(rate) < 0:
         raise gr.Error("The learning rate must be > 0 (0 = the default 1e-5)")
+    out = run_folder(adapters_root(ctx), name, f"controlnet-{product}")
     export = ctx.settings.workspace / "exports" / f"{product}-{time.strftime('%Y%m%d-%H%M%S')}"
     ctx.store.export_mvtec(export, product)
     cat = export / product
-    out = adapters_root(ctx) / ((name or "").strip() or f"controlnet-{product}")
     cmd = [sys.executable, "-m", "studio", "train", "--kind", KIND, "--data", str(cat), "--out", str(out),
            "--progress-lines", "--quiet", "--cancel-file", str(out / "CANCEL")]
     if types:

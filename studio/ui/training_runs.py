@@ -135,5 +135,15 @@ def run_views(state: TrainingState, job: dict) -> tuple | None:
         return None
     hist = read_history(out)
     grids = sorted(out.glob("validation/*.png"))
+    # the grid as pixels: the run folder (weights) is not among the paths the studio serves
     return (loss_figure(hist, f"{out.name} — step {hist[-1][0] if hist else 0}"),
-            str(grids[-1]) if grids else gr.update(), out)
+            _read_png(grids[-1]) if grids else gr.update(), out)
+
+
+def _read_png(path: Path):
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError:           # being written: the next tick shows it
+        return gr.update()

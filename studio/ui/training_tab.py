@@ -17,6 +17,7 @@ import gradio as gr
 from pipelines.training.trainers import TRAINERS
 from studio.context import StudioContext
 from studio.ui import training_controlnet, training_wall
+from studio.ui.checks import optional_path, product_name, run_folder
 from studio.ui.jobs_panel import JobPanel, bind
 from studio.ui.training_runs import (TrainCommand, TrainingState, adapters_root, data_plan, on_product,
                                      run_views, submit_run, trained_adapters)
@@ -30,14 +31,18 @@ def train_command(ctx: StudioContext, kind, product, types, data, model, name, m
                   rank, rate, resume) -> TrainCommand:
     """The trainer's command line from the widget values (the product is exported first); refusals
     are ``gr.Error`` with the reason."""
+    if kind not in KINDS:
+        raise gr.Error(f"Unknown model {kind!r}; choose one of: {', '.join(KINDS)}")
     kind_id = KINDS[kind]
     if not product:
         raise gr.Error("Pick a product")
+    product = product_name(product)
+    out = run_folder(adapters_root(ctx), name, f"{kind_id}-{product}")
+    model = optional_path(ctx, model, "SD 1.5 inpainting folder", must_exist=False)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     export = ctx.settings.workspace / "exports" / f"{product}-{stamp}"
     ctx.store.export_mvtec(export, product)
     cat = export / product
-    out = adapters_root(ctx) / (name.strip() or f"{kind_id}-{product}")
     cmd = [sys.executable, "-m", "studio", "train", "--kind", kind_id, "--data", str(cat), "--out", str(out),
            "--progress-lines", "--quiet", "--cancel-file", str(out / "CANCEL")]
     if types:

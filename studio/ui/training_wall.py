@@ -14,6 +14,7 @@ import gradio as gr
 
 from pipelines.training.trainers import TRAINERS
 from studio.context import StudioContext
+from studio.ui.checks import optional_path, run_folder, server_path
 from studio.ui.jobs_panel import JobPanel, bind
 from studio.ui.training_runs import TrainCommand, adapters_root, run_views, submit_run
 
@@ -32,8 +33,12 @@ def wall_command(ctx: StudioContext, folder, masks, model, name, minutes, steps,
     folder = (folder or "").strip()
     if not folder:
         raise gr.Error("Give the folder of wall photos (images/ + masks/, or photo + <name>_mask.png)")
+    folder = str(server_path(ctx, folder, "wall photos folder", must_exist=False))  # the reader says what is missing
+    masks = optional_path(ctx, masks, "masks folder", must_exist=False)
+    model = optional_path(ctx, model, "SD 1.5 inpainting folder", must_exist=False)
+    out = run_folder(adapters_root(ctx), name, f"wall-{Path(folder).name}")
     try:
-        samples = wall_samples_from_folder(folder, (masks or "").strip() or None)
+        samples = wall_samples_from_folder(folder, masks or None)
     except TrainDataError as exc:
         raise gr.Error(str(exc)) from exc
     n = len(samples)
@@ -45,7 +50,6 @@ def wall_command(ctx: StudioContext, folder, masks, model, name, minutes, steps,
             raise gr.Error(f"Validation colours: {exc}") from exc
     if not 0.0 <= float(prob or 0) <= 1.0:
         raise gr.Error("Random-colour probability must be between 0 and 1")
-    out = adapters_root(ctx) / ((name or "").strip() or f"wall-{Path(folder).name}")
     cmd = [sys.executable, "-m", "studio", "train", "--kind", KIND, "--data", folder, "--out", str(out),
            "--progress-lines", "--quiet", "--cancel-file", str(out / "CANCEL"),
            "--rank", str(int(rank)), "--random-color-prob", str(float(prob)),
