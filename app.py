@@ -1,4 +1,7 @@
-"""Defect Studio — ``python app.py [--port 7860] [--host 127.0.0.1] [--workspace DIR]``.
+"""Defect Studio — ``python app.py [--port 7860] [--host 127.0.0.1] [--workspace DIR] [--insecure-no-auth]``.
+
+A host other than a loopback one needs a login (``DEFECT_STUDIO_AUTH``); ``--insecure-no-auth``
+starts without one anyway, with a warning on every start.
 
 Builds the Blocks app from one file per tab (studio/ui/). Heavy libraries and models load lazily:
 the first page is served within seconds, offline, on the bundled demo data. On a first start the
@@ -7,8 +10,11 @@ demo set is imported in a thread while gradio itself is being imported.
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 import multiprocessing
 import os
+import sys
 import threading
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry calls
@@ -114,6 +120,25 @@ def served_paths(settings: Settings) -> tuple[list[str], list[str]]:
     return [str(ws / d) for d in SERVED_DIRS], blocked
 
 
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and ``localhost``: only this machine can connect."""
+    if host.strip().lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False            # a host name or 0.0.0.0 / :: (every interface)
+
+
+def bind_refusal(settings: Settings, insecure_no_auth: bool = False) -> str | None:
+    """Why the studio must not start on ``settings.host`` (None: it may). A public bind needs a login."""
+    if is_loopback(settings.host) or settings.auth or insecure_no_auth:
+        return None
+    return (f"refusing to serve on {settings.host}: other machines could reach the studio without a login. "
+            "Set DEFECT_STUDIO_AUTH=user:password (several: comma-separated), bind 127.0.0.1, or pass "
+            "--insecure-no-auth to start without a login anyway")
+
+
 def _keyboard_js() -> str:
     from studio.ui.annotate import KEYS_JS as ANNOTATE_KEYS
     from studio.ui.curation_tab import KEYS_JS
@@ -125,8 +150,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, help="port (default 7860)")
     p.add_argument("--workspace", help="workspace folder (default $DEFECT_STUDIO_WORKSPACE or ./workspace)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="serve a non-loopback --host without DEFECT_STUDIO_AUTH (anyone who reaches it can use it)")
     args = p.parse_args(argv)
     settings = Settings.from_env(host=args.host, port=args.port, workspace=args.workspace)
+    refusal = bind_refusal(settings, args.insecure_no_auth)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        raise SystemExit(2)
+    if not is_loopback(settings.host) and not settings.auth:
+        logging.basicConfig()
+        logging.getLogger("defect_studio").warning(
+            "\n%s\nWARNING: --insecure-no-auth: serving on %s WITHOUT A LOGIN; anyone who can reach port %d "
+            "can read and change the dataset. Set DEFECT_STUDIO_AUTH=user:password.\n%s",
+            "!" * 78, settings.host, settings.port, "!" * 78)
     ctx = StudioContext(settings)
     demo = build_app(ctx=ctx, bootstrap=_start_bootstrap(ctx))
     allowed, blocked = served_paths(settings)

@@ -1,4 +1,5 @@
-"""Names and paths a web user gives (studio.paths, studio.ui.checks), the paths the studio serves: traversal, absolute, NUL / control-character and over-long names are
+"""Names and paths a web user gives (studio.paths, studio.ui.checks), the paths the studio serves and
+the public-bind rule (app.py): traversal, absolute, NUL / control-character and over-long names are
 refused in every route; a server folder outside the data roots is refused (also through
 gradio_client on a running app); the database is not downloadable; the happy paths still work."""
 from __future__ import annotations
@@ -7,6 +8,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -241,6 +243,43 @@ def test_served_paths_are_the_image_folders_without_the_databases(tmp_path):
         assert str(ws / db) in blocked
 
 
+def test_public_bind_needs_a_login(tmp_path):
+    import app
+    from studio.config import Settings
+    for host, auth, flag, ok in (("127.0.0.1", None, False, True), ("localhost", None, False, True),
+                                 ("::1", None, False, True), ("0.0.0.0", None, False, False),
+                                 ("192.168.1.20", None, False, False), ("studio.example", None, False, False),
+                                 ("0.0.0.0", "u:p", False, True), ("0.0.0.0", None, True, True)):
+        env = {"DEFECT_STUDIO_WORKSPACE": str(tmp_path / "ws"), "DEFECT_STUDIO_HOST": host}
+        if auth:
+            env["DEFECT_STUDIO_AUTH"] = auth
+        assert (app.bind_refusal(Settings.from_env(env=env), flag) is None) == ok, (host, auth, flag)
+    env = {k: v for k, v in os.environ.items() if k != "DEFECT_STUDIO_AUTH"}
+    r = subprocess.run([sys.executable, "app.py", "--host", "0.0.0.0", "--port", str(free_port()),
+                        "--workspace", str(tmp_path / "ws")], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2
+    assert "refusing to serve on 0.0.0.0" in r.stderr and "DEFECT_STUDIO_AUTH" in r.stderr
+    assert "--insecure-no-auth" in r.stderr and not (tmp_path / "ws").exists()
+    # the explicit flag starts it, and says so loudly
+    port = free_port()
+    log = tmp_path / "insecure.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "app.py", "--host", "0.0.0.0", "--port", str(port),
+                                 "--insecure-no-auth", "--workspace", str(tmp_path / "ws")], cwd=ROOT,
+                                env=dict(env, DEFECT_STUDIO_DEMO="none", DEFECT_STUDIO_EXAMPLES="none"),
+                                stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(600):
+            if _status(f"http://127.0.0.1:{port}/") == 200 or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None and _status(f"http://127.0.0.1:{port}/") == 200
+        assert "WITHOUT A LOGIN" in log.read_text()
+    finally:
+        stop_app(proc)
+
+
 @pytest.fixture(scope="module")
 def strict_server(tmp_path_factory):
     """A running studio with the default roots (the workspace and the repository it starts in)."""
@@ -258,6 +297,8 @@ def _status(url: str) -> int:
             return r.status
     except urllib.error.HTTPError as exc:
         return exc.code
+    except OSError:
+        return 0
 
 
 def test_running_app_refuses_folders_outside_the_roots_and_serves_no_database(strict_server):
