@@ -9,7 +9,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipelines.fileio import atomic_open
 
@@ -41,7 +41,8 @@ def _open(src: str | Path | bytes, max_pixels: int) -> Image.Image:
                 f"{name} is {w}×{h} px ({w * h / 1e6:.0f} MP), over the {max_pixels / 1e6:.0f} MP "
                 "limit — downscale or crop it first")
         img.load()
-        return img
+        # a camera's EXIF orientation: the pixels as the photo is shown (upright), not as stored
+        return ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img
     except UnidentifiedImageError as exc:
         raise ImageInputError(f"{name} is not an image (supported: PNG, JPEG, BMP, TIFF, WebP)") from exc
     except ImageInputError:

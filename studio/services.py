@@ -57,6 +57,8 @@ class Candidate:
 
 
 MAX_CANDIDATES = 16
+MAX_SEED = 2**32 - 1        # numpy's seeds are non-negative; the store keeps 64-bit integers
+MAX_FEATHER = 256
 
 
 def resolve_backend(req: GenerateRequest, have_donors: bool) -> str:
@@ -309,6 +311,18 @@ def generate(req: GenerateRequest, store=None, catalog: Catalog | None = None,
     return _record(req, store, cands)
 
 
+def _in_range(value, what: str, lo, hi, integer: bool = True) -> None:
+    """A request number: finite, of the right kind and in ``lo..hi`` (:class:`UserError` naming it)."""
+    import math
+    try:
+        ok = not isinstance(value, bool) and math.isfinite(float(value)) and lo <= value <= hi and (
+            not integer or float(value) == int(value))
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise UserError(f"{what} must be {'an integer' if integer else 'a number'} in {lo}..{hi}, got {value!r}")
+
+
 def _checked_request(req: GenerateRequest, catalog: Catalog | None) -> np.ndarray:
     """The request's image as RGB uint8, once every field is checked (:class:`UserError` naming
     the first problem)."""
@@ -324,8 +338,10 @@ def _checked_request(req: GenerateRequest, catalog: Catalog | None) -> np.ndarra
             raise UserError(str(exc)) from exc
     if (req.damage_type is None) == (req.color is None):
         raise UserError("choose either a damage type or a wall colour (exactly one)")
-    if not 1 <= int(req.n) <= MAX_CANDIDATES:
-        raise UserError(f"number of candidates must be 1..{MAX_CANDIDATES}, got {req.n}")
+    _in_range(req.n, "number of candidates", 1, MAX_CANDIDATES)
+    _in_range(req.seed, "seed", 0, MAX_SEED)
+    _in_range(req.feather, "feather", 0, MAX_FEATHER)
+    _in_range(req.strength, "strength", 0.0, 1.0, integer=False)
     if req.damage_type is not None:
         catalog = catalog or Catalog()
         try:

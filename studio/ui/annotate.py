@@ -392,8 +392,8 @@ def on_generate(ctx: StudioContext, editor_value, p, src_id, m, dmg, col, bk, nu
     req = GenerateRequest(
         image=image, mask=mask, product=p or "", source_image_id=int(src_id) or None,
         damage_type=dmg if m == DAMAGE else None, color=col if m == COLOUR else None,
-        backend=bk or "auto", n=int(num), seed=int(sd or 0), feather=int(fth),
-        strength=float(stg), max_pixels=ctx.settings.max_pixels,
+        backend=bk or "auto", n=num, seed=sd or 0, feather=fth,   # the service checks each number
+        strength=stg, max_pixels=ctx.settings.max_pixels,
         options=options)
     try:
         out = generate(req, store=ctx.store, catalog=ctx.catalog(),
