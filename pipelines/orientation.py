@@ -61,30 +61,49 @@ def _hann(n: int) -> np.ndarray:
     return _HANN[n]
 
 
+_POLAR: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _polar_maps(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``cv2.remap`` coordinates of the polar grid (``ANGLES`` directions over [−90°, 90°), radii
+    ``R_LO`` … ``R_HI·n/2``) in a half spectrum ``[n x n/2 + 1]`` whose rows are fft-shifted."""
+    if n not in _POLAR:
+        th = np.deg2rad(np.arange(ANGLES) * 180.0 / ANGLES - 90.0)[:, None]
+        r = np.arange(R_LO, int(R_HI * n / 2), dtype=np.float64)[None, :]
+        _POLAR[n] = ((r * np.cos(th)).astype(np.float32), (r * np.sin(th) + n / 2).astype(np.float32))
+    return _POLAR[n]
+
+
 def polar_spectrum(g: np.ndarray) -> np.ndarray:
-    """``gray [n x n]`` → ring-centred polar log-magnitude spectrum ``[ANGLES x R]`` float32."""
+    """``gray [n x n]`` → ring-centred polar log-magnitude spectrum ``[ANGLES x R]`` float32 over
+    the directions [−90°, 90°) (the spectrum of a real image is point-symmetric: the other half
+    repeats it; a real FFT gives just this half)."""
+    import scipy.fft
     n = g.shape[0]
-    spec = np.fft.fftshift(np.abs(_fft2(g * _hann(n))))
-    spec = np.log1p(spec).astype(np.float32)
-    polar = cv2.warpPolar(spec, (n // 2, ANGLES), (n / 2, n / 2), n / 2,
-                          cv2.WARP_POLAR_LINEAR | cv2.INTER_LINEAR)        # [ANGLES x n/2]
-    polar = polar[:, R_LO:int(R_HI * n / 2)]
+    spec = np.log1p(np.abs(np.fft.fftshift(scipy.fft.rfft2(g * _hann(n), workers=1), axes=0)))
+    polar = cv2.remap(spec.astype(np.float32), *_polar_maps(n), cv2.INTER_LINEAR)
     return polar - polar.mean(0, keepdims=True)
 
 
-def rotation_mod180(p: np.ndarray, p_ref: np.ndarray) -> tuple[float, float]:
+def polar_reference(p_ref: np.ndarray) -> np.ndarray:
+    """The reference's polar spectrum prepared for :func:`rotation_mod180` (FFT along the angle
+    axis, conjugated)."""
+    return np.conj(np.fft.rfft(p_ref, axis=0))
+
+
+def rotation_mod180(p: np.ndarray, P_ref: np.ndarray) -> tuple[float, float]:
     """Angle (degrees, counter-clockwise, in [0, 180)) by which the image of polar spectrum ``p``
-    is rotated relative to the reference's ``p_ref``, and the correlation peak's sharpness."""
-    c = np.fft.ifft(np.fft.fft(p, axis=0) * np.conj(np.fft.fft(p_ref, axis=0)), axis=0).real.sum(1)
-    half = ANGLES // 2
-    c = c[:half] + c[half:]                                            # spectrum: 180°-periodic
+    is rotated relative to the reference (``P_ref`` from :func:`polar_reference`), and the
+    correlation peak's sharpness (peak over the correlation's spread)."""
+    # Σ_r circular xcorr of each ring = one inverse FFT of the ring-summed cross spectrum
+    c = np.fft.irfft((np.fft.rfft(p, axis=0) * P_ref).sum(1), n=ANGLES)
     k = int(np.argmax(c))
-    a, b, d = c[k - 1], c[k], c[(k + 1) % half]
+    a, b, d = c[k - 1], c[k], c[(k + 1) % ANGLES]
     den = a - 2 * b + d
     off = 0.5 * (a - d) / den if den < 0 else 0.0
     sharp = float((b - c.mean()) / (c.std() + 1e-12))
-    # warpPolar's angle runs clockwise on screen (y down); cv2's rotation angle counter-clockwise
-    return float((-(k + off) * 360.0 / ANGLES) % 180.0), sharp
+    # the grid's angle runs clockwise on screen (rows = y down); cv2's rotation counter-clockwise
+    return float((-(k + off) * 180.0 / ANGLES) % 180.0), sharp
 
 
 def rotation_matrix(angle: float, size: int, shift: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
@@ -117,20 +136,23 @@ def _warp(img: np.ndarray, M: np.ndarray, size: int, border=cv2.BORDER_REFLECT_1
     return cv2.warpAffine(img, M, (size, size), flags=flags, borderMode=border)
 
 
-def _fft2(x: np.ndarray) -> np.ndarray:
-    import scipy.fft
-    return scipy.fft.fft2(x, workers=1)
+_RAMP: dict[int, np.ndarray] = {}
 
 
-def _phase_shift(F_ref: np.ndarray, x: np.ndarray) -> tuple[float, float, float]:
-    """Phase correlation of the windowed image ``x`` with the reference's spectrum ``F_ref``
-    (conjugated, unit magnitude): ``(dx, dy, response)``, ``x`` ≈ reference shifted by (dx, dy)."""
+def _reversal_ramp(n: int) -> np.ndarray:
+    """``X'(v, u) = conj(X(v, u)) · ramp`` is the half spectrum of the image reversed in both axes
+    (its 180° rotation about the centre (n − 1)/2), for a real image and a symmetric window."""
+    if n not in _RAMP:
+        v, u = np.arange(n)[:, None], np.arange(n // 2 + 1)[None, :]
+        _RAMP[n] = np.exp(2j * np.pi * (u + v) / n).astype(np.complex64)
+    return _RAMP[n]
+
+
+def _phase_peak(R: np.ndarray, n: int) -> tuple[float, float, float]:
+    """Normalised cross power spectrum (half) → (dx, dy, response) of its correlation peak."""
     import scipy.fft
-    n = x.shape[0]
-    F = _fft2(x * _hann(n))
-    R = F * F_ref
-    R /= np.abs(R) + 1e-9
-    r = scipy.fft.ifft2(R, workers=1).real
+    R = R / (np.abs(R) + 1e-9)
+    r = scipy.fft.irfft2(R, s=(n, n), workers=1)
     k = int(np.argmax(r))
     y, xk = divmod(k, n)
     sub = []
@@ -142,6 +164,17 @@ def _phase_shift(F_ref: np.ndarray, x: np.ndarray) -> tuple[float, float, float]
     return float(dx), float(dy), float(r[y, xk])
 
 
+def _spectrum(x: np.ndarray) -> np.ndarray:
+    import scipy.fft
+    return scipy.fft.rfft2(x * _hann(x.shape[0]), workers=1)
+
+
+def _phase_shift(F_ref: np.ndarray, x: np.ndarray) -> tuple[float, float, float]:
+    """Phase correlation of ``x`` with the reference (``F_ref`` from :func:`reference_spectrum`):
+    ``(dx, dy, response)``, ``x`` ≈ the reference shifted by (dx, dy)."""
+    return _phase_peak(_spectrum(x) * F_ref, x.shape[0])
+
+
 def ncc(a: np.ndarray, b: np.ndarray) -> float:
     """Normalised cross-correlation of two Hann-windowed greys (``[n x n]``, mean 0)."""
     h = _hann(a.shape[0])
@@ -149,27 +182,28 @@ def ncc(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / math.sqrt(float((a * a).sum() * (b * b).sum()) + 1e-12))
 
 
-def register(g: np.ndarray, ref: np.ndarray, p_ref: np.ndarray | None = None,
-             F_ref: np.ndarray | None = None, translate: bool = True) -> Pose:
+def register(g: np.ndarray, ref: np.ndarray, P_ref: np.ndarray | None = None,
+             F_ref: np.ndarray | None = None, translate: bool = False) -> Pose:
     """Pose of ``gray`` ``g`` relative to ``ref`` (both ``[n x n]`` from :func:`gray`);
-    ``p_ref`` / ``F_ref``: the reference's :func:`polar_spectrum` / :func:`reference_spectrum`."""
+    ``P_ref`` / ``F_ref``: the reference's :func:`polar_reference` / :func:`reference_spectrum`.
+    ``translate=False``: the pose is a rotation about the centre (``dx = dy = 0``)."""
     n = g.shape[0]
-    p_ref = polar_spectrum(ref) if p_ref is None else p_ref
+    P_ref = polar_reference(polar_spectrum(ref)) if P_ref is None else P_ref
     F_ref = reference_spectrum(ref) if F_ref is None else F_ref
-    angle, sharp = rotation_mod180(polar_spectrum(g), p_ref)
-    rot = _warp(g, rotation_matrix(angle, n), n)
+    angle, sharp = rotation_mod180(polar_spectrum(g), P_ref)
+    X = _spectrum(_warp(g, rotation_matrix(angle, n), n))
     best = None
-    # the 180° candidate is the same image reversed (rotation about the centre (n − 1)/2)
-    for cand, img in ((angle, rot), (angle + 180.0, rot[::-1, ::-1])):
-        dx, dy, resp = _phase_shift(F_ref, img)
+    # the 180° candidate is the same image reversed: its spectrum without another FFT
+    for cand, Xc in ((angle, X), (angle + 180.0, np.conj(X) * _reversal_ramp(n))):
+        dx, dy, resp = _phase_peak(Xc * F_ref, n)
         if best is None or resp > best.response:
             best = Pose(cand % 360.0, dx if translate else 0.0, dy if translate else 0.0, sharp, resp)
     return best
 
 
 def reference_spectrum(ref: np.ndarray) -> np.ndarray:
-    """The reference's windowed spectrum, conjugated, for :func:`register`'s phase correlation."""
-    return np.conj(_fft2(ref * _hann(ref.shape[0])))
+    """The reference's windowed half spectrum, conjugated, for the phase correlation."""
+    return np.conj(_spectrum(ref))
 
 
 class Canonicalizer:
@@ -190,7 +224,7 @@ class Canonicalizer:
 
     def _set_reference(self, ref: np.ndarray) -> None:
         self.reference = np.asarray(ref - ref.mean(), np.float32)
-        self._p_ref = polar_spectrum(self.reference)
+        self._p_ref = polar_reference(polar_spectrum(self.reference))
         self._F_ref = reference_spectrum(self.reference)
 
     def fit(self, images: Sequence[np.ndarray]) -> list[Pose]:
@@ -256,4 +290,4 @@ def augment_views(image: np.ndarray, n_angles: int = 8, flip: bool = False) -> l
 
 
 __all__ = ["Canonicalizer", "Pose", "register", "gray", "polar_spectrum", "rotation_mod180",
-           "rotation_matrix", "rotation_gain", "augment_views", "ORIENT_MODES", "ncc", "reference_spectrum"]
+           "rotation_matrix", "rotation_gain", "augment_views", "ORIENT_MODES", "ncc", "reference_spectrum", "polar_reference"]
