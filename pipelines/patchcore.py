@@ -664,7 +664,7 @@ class PatchCore:
             x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
             yield start, x
 
-    def _tiles(self, x: torch.Tensor) -> torch.Tensor:
+    def tile(self, x: torch.Tensor) -> torch.Tensor:
         """``[B x 3 x t·s x t·s]`` → the backbone's input ``[B·t² x 3 x s x s]`` (row-major tiles)."""
         t, s = self.config["tiles"], self.config["size"]
         if t == 1:
@@ -674,7 +674,7 @@ class PatchCore:
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B x 3 x S x S]`` → ``embeddings [B x t·h x t·w x D]`` (tiles stitched)."""
-        emb = self.embedder(self.extractor(self._tiles(x)))
+        emb = self.embedder(self.extractor(self.tile(x)))
         t = self.config["tiles"]
         if t == 1:
             return emb
@@ -928,7 +928,7 @@ class PatchCore:
         """Milliseconds per image of the bare backbone forward (same batching and tiles, after a
         warm-up)."""
         imgs, _ = self._inputs(images)
-        batches = [self._tiles(x) for _, x in self._batches(imgs)]
+        batches = [self.tile(x) for _, x in self._batches(imgs)]
         self.extractor(batches[0])
         t0 = time.perf_counter()
         for _ in range(repeats):

@@ -275,7 +275,7 @@ def cmd_patchcore(args) -> int:
     req = PatchCoreRequest(data=args.data, out=args.out, bank=bank, positives=args.positives,
                            backbone=args.backbone, coreset=args.coreset, size=args.size,
                            seed=args.seed,
-                           positive_coreset=args.positive_coreset)
+                           positive_coreset=args.positive_coreset, orient=args.orient, tiles=args.tiles)
     bar, progress = tqdm_progress("patchcore", args.quiet)
 
     run_id = None
@@ -299,7 +299,8 @@ def cmd_patchcore(args) -> int:
     m = summary["metrics"]
     keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "fit_seconds",
             "ms_per_image", "backbone_ms_per_image")
-    print(json.dumps({k: round(m[k], 4) for k in keys if k in m}, indent=1))
+    print(json.dumps({**{k: round(m[k], 4) for k in keys if k in m},
+                      **{k: m[k] for k in ("orient", "rotation_gain", "tiles") if k in m}}, indent=1))
     print(f"wrote {Path(args.out) / 'metrics.json'} and {len(summary['overlays'])} overlays")
     return 0
 
@@ -623,6 +624,15 @@ def _add_patchcore_command(sub, ws) -> None:
                     help="positive (defect) bank of a dual bank: fraction of the eligible defect cells "
                          "kept, (0, 1] (default 0.1, the specification's)")
     sp.add_argument("--size", type=int, default=256)
+    sp.add_argument("--orient", choices=["auto", "none", "canonical", "augment"], default="auto",
+                    help="parts in any orientation: canonical = each image turned to a reference pose made "
+                         "from train/good (map turned back; ~+1 ms per image), augment = the bank also holds "
+                         "the train images rotated every 45° (bank and k-NN x8), auto (default) = canonical "
+                         "when the train images differ in orientation, else none (aligned products: "
+                         "unchanged results)")
+    sp.add_argument("--tiles", type=int, default=1, choices=[1, 2, 3, 4],
+                    help="small defects: work on tiles x tiles tiles of --size px (tiles² x the backbone's "
+                         "time; the bank and the k-NN grow likewise)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--record", action="store_true", help="record the run in the workspace database")
     sp.add_argument("--quiet", action="store_true")

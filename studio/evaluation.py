@@ -33,6 +33,8 @@ class PatchCoreRequest:
     size: int = 256
     seed: int = 0
     max_overlays: int = 48
+    orient: str = "auto"              # auto | none | canonical | augment (pipelines.orientation)
+    tiles: int = 1                    # small defects: tiles × tiles tiles of size px (tiles² × backbone)
 
     def validate(self) -> None:
         if self.bank not in BANK_MODES:
@@ -43,6 +45,11 @@ class PatchCoreRequest:
             raise ValueError(f"positive coreset must be a fraction in (0, 1], got {self.positive_coreset}")
         if not 32 <= self.size <= 1024:
             raise ValueError(f"size must be 32..1024 px, got {self.size}")
+        from pipelines.orientation import ORIENT_MODES
+        if self.orient not in ORIENT_MODES:
+            raise ValueError(f"orient must be one of {', '.join(ORIENT_MODES)}, not {self.orient!r}")
+        if not 1 <= int(self.tiles) <= 4:
+            raise ValueError(f"tiles must be 1..4, got {self.tiles}")
         if self.bank == "dual-real-synthetic" and not self.positives:
             raise ValueError("bank 'dual-real-synthetic' needs a folder of accepted synthetic defects")
 
@@ -134,7 +141,7 @@ def run_patchcore(req: PatchCoreRequest, progress: ProgressFn | None = None,
     say(0.0, f"loading {len(cat.train)} training images")
     train = [load_image(p, req.size) for p in cat.train]
     model = PatchCore(backbone=req.backbone, coreset=req.coreset, size=req.size, seed=req.seed,
-                      positive_coreset=req.positive_coreset)
+                      positive_coreset=req.positive_coreset, orient=req.orient, tiles=int(req.tiles))
     t0 = time.perf_counter()
     model.fit(train, progress=_scaled(progress, 0.02, 0.55), cancelled=cancelled)
     if positives:
@@ -158,6 +165,9 @@ def run_patchcore(req: PatchCoreRequest, progress: ProgressFn | None = None,
         "ms_per_image": 1000 * infer_seconds / max(len(images), 1),
         "backbone_ms_per_image": backbone_ms,
         "n_train": len(train), "n_test": len(images), "n_positive_images": len(positives),
+        # orientation as fit: the mode used ('auto' resolved) and what 'auto' measured
+        "orient": model.config["orient"], "orient_requested": req.orient,
+        "rotation_gain": model.orientation.get("rotation_gain"), "tiles": int(req.tiles),
         "bank_patches": int(getattr(model, "bank_size", 0) or 0),
         "positive_patches": int(getattr(model, "positive_bank_size", 0) or 0),
         # the positive bank as fit: how many arrays passed the guard, and how many of them are
@@ -168,7 +178,7 @@ def run_patchcore(req: PatchCoreRequest, progress: ProgressFn | None = None,
     overlays = write_overlays(out, cat, eval_samples, images, masks, maps, scores, res.get("pixel_threshold"),
                               req.max_overlays)
     summary = {
-        "metrics": metrics, "notes": notes, "request": asdict(req), "held_out_for_positive_bank": bank.held_out,
+        "metrics": metrics, "notes": notes, "request": asdict(req), "orientation": model.orientation, "held_out_for_positive_bank": bank.held_out,
         "positive_fit_hashes": bank.hashes,
         "scored_hashes": scored_hashes,     # pixel hashes of the scored images (runs go stale by them)
         "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}, "overlays": overlays,

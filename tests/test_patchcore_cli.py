@@ -76,3 +76,45 @@ def test_mixed_sizes_are_noted_and_mask_of_another_size_is_refused(tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "must have its image's size" in r.stderr and mask.name in r.stderr
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_orient_and_tiles_flags(tmp_path):
+    """--orient / --tiles reach the model and are recorded in metrics.json, result.json and the
+    saved model (a tiny synthetic category of parts at random angles)."""
+    from tests.test_patchcore_orient import part
+
+    cat = tmp_path / "part"
+    for folder in ("train/good", "test/good", "test/spot", "ground_truth/spot"):
+        (cat / folder).mkdir(parents=True)
+    for i, angle in enumerate((0, 70, 150, 220, 300)):
+        cv2_write(cat / "train" / "good" / f"{i:03d}.png", part(i, angle))
+    for i, angle in enumerate((40, 190)):
+        cv2_write(cat / "test" / "good" / f"{i:03d}.png", part(10 + i, angle))
+        cv2_write(cat / "test" / "spot" / f"{i:03d}.png", part(20 + i, angle, defect=(90, 64)))
+        import cv2
+        import numpy as np
+        mask = np.zeros((128, 128), np.uint8)
+        cv2.circle(mask, (90, 64), 4, 255, -1)
+        M = cv2.getRotationMatrix2D((63.5, 63.5), angle, 1.0)
+        cv2_write(cat / "ground_truth" / "spot" / f"{i:03d}_mask.png",
+                  cv2.warpAffine(mask, M, (128, 128), flags=cv2.INTER_NEAREST))
+    r = run("--data", cat, "--backbone", "random", "--size", 64, "--orient", "canonical", "--tiles", 2,
+            "--out", tmp_path / "pc")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "pc" / "metrics.json").read_text())
+    assert (m["orient"], m["orient_requested"], m["tiles"]) == ("canonical", "canonical", 2)
+    assert json.loads((tmp_path / "pc" / "result.json").read_text())["orientation"]["used"] == "canonical"
+    saved = json.loads((tmp_path / "pc" / "model" / "config.json").read_text())
+    assert saved["orient"] == "canonical" and saved["tiles"] == 2
+    r = run("--data", cat, "--backbone", "random", "--size", 64, "--out", tmp_path / "auto")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "auto" / "metrics.json").read_text())
+    assert m["orient_requested"] == "auto" and m["orient"] in ("none", "canonical")
+    assert '"orient"' in r.stdout
+    r = run("--data", cat, "--orient", "sideways", "--out", tmp_path / "bad")
+    assert r.returncode != 0 and "invalid choice" in r.stderr
+
+
+def cv2_write(path, img):
+    import cv2
+    assert cv2.imwrite(str(path), img)
