@@ -1,5 +1,6 @@
-"""``auto`` per damage type: the generator whose synthetic defects best find the product's own
-reference defects left out in turn (pipelines.generators.choose), cached per product
+"""``auto`` per damage type: the generator whose synthetic defects, added to the product's own
+reference defects, best help find the ones left out in turn (pipelines.generators.choose) — and
+whether they help at all —, cached per product
 (studio.auto), said in the caption — and never reading an evaluation image."""
 from __future__ import annotations
 
@@ -88,9 +89,16 @@ def test_the_generator_that_looks_like_the_reference_defects_is_chosen(toys):
     seen: list[int] = []
     c = choose("stain", refs, goods, Box, fc, toys, cfg, guard=lambda what, items: seen.append(len(items)))
     assert c.generator == "toy-yellow" and c.measured and c.n_reference == 4 and c.splits == 2
-    assert c.scores["toy-yellow"] > max(3 * c.scores["toy-faint"], c.scores["toy-faint"] + 0.1)
+    # yellow squares added to the reference defects help find the left-out ones; labelling
+    # one-grey-level changes as defects does not (it teaches the segmenter nothing true)
+    assert c.helps and c.gain > 0 and c.baseline is not None
+    assert c.scores["toy-yellow"] > c.scores["toy-faint"] + 0.01 and c.scores["toy-faint"] - c.baseline < c.gain
     assert seen == [4] * 4                         # every synthetic set fitted passed the guard
     assert "toy-yellow — best for stain" in c.caption() and "left-out reference defects" in c.caption()
+    assert "over the reference defects alone" in c.caption()
+    # a choice where nothing helped says so
+    worse = Choice("stain", "toy-faint", 0.10, {"toy-faint": 0.10}, 4, 2, baseline=0.20)
+    assert not worse.helps and "no generator helped" in worse.caption()
     assert Choice.from_json(json.loads(json.dumps(c.to_json()))) == c
     # one reference defect: nothing to leave out, the registry's fixed rule, said as such
     one = choose("stain", refs[:1], goods, Box, fc, toys, cfg)
@@ -137,9 +145,10 @@ def test_auto_in_the_studio_chooses_per_type_caches_and_says_why(store, monkeypa
     cached = json.loads(path.read_text())["contamination"]["choice"]
     assert cached["ap"] is not None and cached["n_reference"] == 2
     assert [c.generator for c in cands] == [cached["generator"]] * 2
-    assert all("best for contamination on bottle" in c.params["auto"] for c in cands)
+    assert all("for contamination on bottle" in c.params["auto"] for c in cands)
+    assert cached["baseline"] is not None
     row = store.get_sample(cands[0].sample_id)
-    assert "best for contamination" in row["params"]["auto"]
+    assert "for contamination on bottle" in row["params"]["auto"]
     text = learned_from(store, "bottle", row["generator"], "contamination", row["params"])
     assert text.startswith("auto chose ") and "left-out reference defects" in text
     # canary: the references scored in the measurement were reference defects, never an
@@ -192,3 +201,22 @@ def test_auto_in_the_experiment_is_the_chosen_generator_per_type(tmp_path):
         assert auto == chosen and len(auto) == 2
     prov = plan.provenance()
     assert prov["candidates"] == ["perlin", "cutpaste"] and set(prov["choices"]["0"]) == set(choices)
+
+
+def test_auto_adds_a_type_only_where_its_choice_helped(tmp_path, monkeypatch):
+    """Where no candidate's synthetic defects helped on the fold's left-out reference defects,
+    the experiment's ``auto`` adds nothing: its reference + synthetic segmenter is exactly the
+    reference-only one (same inputs, same seed), while its synthetic-only arm still trains."""
+    from pipelines.generators.choose import Choice as C
+    from studio.experiment import ExperimentRequest
+    from studio.experiment.protocol import run_protocol
+    monkeypatch.setattr(C, "helps", property(lambda self: False))
+    req = ExperimentRequest(data=str(ROOT / "assets" / "demo" / "bottle"), out=str(tmp_path / "o"),
+                            generate="perlin,cutpaste,auto", repeats=1, per_type=2, backbone="random", size=64,
+                            coreset=0.05, segmenter_steps=20, n_boot=200, folds=1)
+    d, run = run_protocol(req)
+    ref, added = run.seg_arms["reference_only"][0][0], run.seg_arms["auto:reference_plus_synthetic"][0][0]
+    assert np.allclose(ref.scores, added.scores, rtol=0, atol=1e-6)   # (float rounding of a concatenation)
+    other = run.seg_arms["perlin:reference_plus_synthetic"][0][0]
+    assert np.abs(ref.scores - other.scores).max() > 1e-4     # a source that adds changes the segmenter
+    assert run.seg_arms["auto:synthetic_only"][0][0] is not None

@@ -1,6 +1,6 @@
-"""What "auto" runs for a damage type: the generator whose synthetic defects best teach a
-segmenter to find the product's *own reference* defects of that type, measured by leaving
-reference defects out — never an evaluation image.
+"""What "auto" runs for a damage type: the generator whose synthetic defects, *added to the
+product's own reference defects*, best help a segmenter find the reference defects of that type
+left out in turn — never an evaluation image. Whether they help at all is part of the answer.
 
 For a damage type with ``n >= 2`` reference defects (image + mask) the reference defects are
 split into ``k = min(splits, n)`` groups (leave-one-out when ``n <= splits``). For each group
@@ -12,10 +12,15 @@ split into ``k = min(splits, n)`` groups (leave-one-out when ``n <= splits``). F
    image, mask and seed of item ``i`` depend on ``(seed, j, i)`` only, so every candidate gets
    the same inputs;
 3. a :mod:`pipelines.segmenter` (frozen backbone features, the experiment's detector) is trained
-   on them plus the good images (empty masks) and scores the left-out group's images: pixel AP.
+   on the other groups' reference defects plus the good images (empty masks) — the baseline —
+   and once more with the candidate's synthetic defects added on top (``extra``, as the
+   experiment's reference + synthetic arm); both score the left-out group's images plus the
+   good images held out of training (every 4th, rotating with the group): pixel AP.
 
-The candidate with the highest mean pixel AP over the groups is the choice (ties within
-``TIE`` go to the earlier candidate: the registry's order). A type with fewer than 2 reference
+The candidate with the highest mean *gain* (its AP minus the baseline's, over the groups) is
+the choice (ties within ``TIE`` go to the earlier candidate: the registry's order);
+:attr:`Choice.helps` says whether that gain is above ``TIE`` — the experiment's ``auto`` adds
+the synthetic defects of a type only when it is, so a type no generator helps gets none. A type with fewer than 2 reference
 defects has nothing to leave out: the registry's fixed rule (:func:`pipelines.registry.auto_choice`)
 decides, and the choice says so. Candidates exclude generators that learned from data outside
 this loop (a trained model — its training set may hold the left-out defects — or hub weights).
@@ -34,7 +39,7 @@ import numpy as np
 from pipelines.training import CancelFn, ProgressFn, check_cancelled
 
 TIE = 1e-3            # AP differences below this are ties (the earlier candidate wins)
-VERSION = "1"         # of the procedure; a cached choice of another version is recomputed
+VERSION = "2"         # of the procedure; a cached choice of another version is recomputed
 
 
 @dataclass
@@ -53,15 +58,26 @@ class Choice:
     """The generator "auto" runs for one damage type, and why."""
     damage_type: str
     generator: str
-    ap: float | None                    # its mean pixel AP on left-out reference defects (None: fixed rule)
-    scores: dict[str, float] = field(default_factory=dict)   # every candidate's mean AP
+    ap: float | None                    # mean pixel AP on left-out reference defects with its synthetic
+                                        # defects added (None: fixed rule)
+    scores: dict[str, float] = field(default_factory=dict)   # every candidate's mean AP (same)
     n_reference: int = 0
     splits: int = 0
     version: str = VERSION
+    baseline: float | None = None       # the same AP with the reference defects alone
 
     @property
     def measured(self) -> bool:
         return self.ap is not None
+
+    @property
+    def gain(self) -> float | None:
+        return None if self.ap is None or self.baseline is None else self.ap - self.baseline
+
+    @property
+    def helps(self) -> bool:
+        """Its synthetic defects added to the reference defects found the left-out ones better."""
+        return self.gain is not None and self.gain > TIE
 
     def caption(self, product: str | None = None) -> str:
         """One line for the candidate caption, e.g. "stroke — best for crack on this product (AP
@@ -70,9 +86,12 @@ class Choice:
         if not self.measured:
             return (f"{self.generator} — fixed rule for {self.damage_type} (only {self.n_reference} reference "
                     f"defect{'s' * (self.n_reference != 1)}: nothing to leave out)")
+        base = self.baseline if self.baseline is not None else 0.0
         runner = sorted(((v, k) for k, v in self.scores.items() if k != self.generator), reverse=True)
-        nxt = f"; next {runner[0][1]} {runner[0][0]:.2f}" if runner else ""
-        return (f"{self.generator} — best for {self.damage_type} {where} (AP {self.ap:.2f} on "
+        nxt = f"; next {runner[0][1]} {runner[0][0] - base:+.2f}" if runner else ""
+        head = (f"{self.generator} — best for {self.damage_type} {where}" if self.helps else
+                f"{self.generator} — least harm for {self.damage_type} {where}, no generator helped")
+        return (f"{head} ({self.gain:+.2f} AP over the reference defects alone ({base:.2f}) on "
                 f"{self.n_reference} left-out reference defects{nxt})")
 
     def to_json(self) -> dict:
@@ -81,7 +100,7 @@ class Choice:
     @classmethod
     def from_json(cls, d: dict) -> "Choice":
         return cls(**{k: d[k] for k in ("damage_type", "generator", "ap", "scores", "n_reference", "splits",
-                                        "version") if k in d})
+                                        "version", "baseline") if k in d})
 
 
 def candidates(names: Sequence[str] | None = None) -> list[str]:
@@ -129,6 +148,13 @@ def _synthetic(name: str, damage_type: str, learn, goods, sampler, cfg: ChooseCo
     return imgs, masks
 
 
+def _goods_split(n: int, j: int) -> tuple[list[int], list[int]]:
+    """Good images ``(fitted, held out)`` for left-out group ``j``: every 4th (offset ``j``) is held
+    out and scored beside the left-out defects (so false alarms count) when there are at least 8."""
+    held = [g for g in range(n) if g % 4 == j % 4] if n >= 8 else []
+    return [g for g in range(n) if g not in held], held
+
+
 def choose(damage_type: str, references: Sequence[tuple[np.ndarray, np.ndarray]], goods: Sequence[np.ndarray],
            sampler_for: Callable[[list[np.ndarray]], object], features, names: Sequence[str] | None = None,
            cfg: ChooseConfig | None = None, guard: Callable[[str, list], object] | None = None,
@@ -159,25 +185,35 @@ def choose(damage_type: str, references: Sequence[tuple[np.ndarray, np.ndarray]]
         return Choice(damage_type, fixed, None, {}, len(refs), 0)
     goods = [resize_to(np.asarray(g), S) for g in goods]
     f_goods = goods_features if goods_features is not None else features.features(goods, cancelled)
-    empty = [np.zeros((S, S), bool)] * len(goods)
     parts = groups(len(refs), cfg.splits)
-    f_held = features.features([i for i, _ in refs], cancelled)
+    f_refs = features.features([i for i, _ in refs], cancelled)
     scores: dict[str, list[float]] = {n: [] for n in names}
+    base_aps: list[float] = []
     total = len(parts) * len(names)
     for j, held in enumerate(parts):
-        learn = [refs[i] for i in range(len(refs)) if i not in held]
+        learn_idx = [i for i in range(len(refs)) if i not in held]
+        learn = [refs[i] for i in learn_idx]
         sampler = sampler_for([m for _, m in learn])
+        g_fit, g_held = _goods_split(len(goods), j)
+        real_f = torch.cat([f_goods[g_fit], f_refs[learn_idx]])
+        real_m = [np.zeros((S, S), bool)] * len(g_fit) + [m for _, m in learn]
+        score_f = torch.cat([f_refs[held], f_goods[g_held]])
+        score_m = np.stack([refs[i][1] for i in held] + [np.zeros((S, S), bool)] * len(g_held))
+        tcfg = TrainConfig(steps=int(cfg.steps), seed=int(cfg.seed) + j)
+
+        def ap_of(model) -> float:
+            return float(pixel_ap(score_m, predict_maps(model, score_f, S)[1]))
+
+        base_aps.append(ap_of(train_segmenter(real_f, real_m, tcfg, cancelled=cancelled)))
         for c, name in enumerate(names):
             if progress:
                 progress((j * len(names) + c) / total, f"auto for {damage_type}: {name}, left-out group {j + 1}/{len(parts)}")
-            imgs, masks = _synthetic(name, damage_type, learn, goods, sampler, cfg, j, cancelled)
+            imgs, masks = _synthetic(name, damage_type, learn, [goods[g] for g in g_fit], sampler, cfg, j, cancelled)
             if guard is not None:
                 guard(f"auto choice for {damage_type} ({name})", [(f"{name}/{j}/{i}", im) for i, im in enumerate(imgs)])
-            feats = torch.cat([f_goods, features.features(imgs, cancelled)])
-            model = train_segmenter(feats, empty + masks, TrainConfig(steps=int(cfg.steps), seed=int(cfg.seed) + j),
-                                    cancelled=cancelled)
-            _, maps = predict_maps(model, f_held[held], S)
-            scores[name].append(float(pixel_ap(np.stack([refs[i][1] for i in held]), maps)))
+            model = train_segmenter(torch.cat([real_f, features.features(imgs, cancelled)]), real_m + masks, tcfg,
+                                    cancelled=cancelled, extra=[False] * len(real_m) + [True] * len(masks))
+            scores[name].append(ap_of(model))
     mean = {n: float(np.mean(v)) for n, v in scores.items()}
     best = names[0]
     for n in names[1:]:
@@ -185,7 +221,7 @@ def choose(damage_type: str, references: Sequence[tuple[np.ndarray, np.ndarray]]
             best = n
     if progress:
         progress(1.0, f"auto for {damage_type}: {best}")
-    return Choice(damage_type, best, mean[best], mean, len(refs), len(parts))
+    return Choice(damage_type, best, mean[best], mean, len(refs), len(parts), baseline=float(np.mean(base_aps)))
 
 
 __all__ = ["Choice", "ChooseConfig", "choose", "candidates", "groups", "resize_to", "TIE", "VERSION"]

@@ -388,6 +388,16 @@ class Runs:
         self.timing["generate"] += time.perf_counter() - t1
         return out
 
+    def _added(self, f: int, src: str, syn: list[Synthetic]) -> list[int]:
+        """Which of ``syn`` the reference + synthetic arm adds: all of them, except for ``auto``,
+        which adds a type's only when its choice found that they helped on the fold's left-out
+        reference defects (:attr:`pipelines.generators.choose.Choice.helps`)."""
+        plan = next((p for p in self.d.plans if p.name == src), None)
+        if plan is None or not plan.is_auto:
+            return list(range(len(syn)))
+        helps = {t for t, c in plan.choices.get(f, {}).items() if c.helps}
+        return [i for i, s_ in enumerate(syn) if s_.label in helps]
+
     def _where(self, f: int) -> str:
         return f" (fold {f + 1}/{len(self.d.folds)})" if len(self.d.folds) > 1 else ""
 
@@ -410,9 +420,10 @@ class Runs:
         f_syn = self.fc.features(syn_imgs, self.cancelled)
         self._seg(f"{src}:synthetic_only", k, f, self.train_items + syn_items, [self.f_train, f_syn],
                   [*self.empty, *syn_masks], seed_k)
-        self._seg(f"{src}:reference_plus_synthetic", k, f, self.train_items + ref_items + syn_items,
-                  [self.f_train, f_ref, f_syn], [*self.empty, *ref_masks, *syn_masks], seed_k,
-                  n_extra=len(syn_masks))
+        add = self._added(f, src, syn)
+        self._seg(f"{src}:reference_plus_synthetic", k, f, self.train_items + ref_items + [syn_items[i] for i in add],
+                  [self.f_train, f_ref, f_syn[add]], [*self.empty, *ref_masks, *(syn_masks[i] for i in add)], seed_k,
+                  n_extra=len(add))
         self.fit_counts[f][src] = len(syn_items)
 
 

@@ -95,6 +95,13 @@ def _fit_sentence(lists: list[dict]) -> str:
             if parts else "- Fitted: nothing recorded.")
 
 
+def _auto_gain(c: dict) -> str:
+    if c.get("baseline") is None:
+        return f" ({c['ap']:.2f})"
+    gain = c["ap"] - c["baseline"]
+    return f" ({gain:+.2f}{' ✓' if gain > 1e-3 else ''})"
+
+
 def report_markdown(r: dict) -> str:
     p = r["protocol"]
     lines = ["# Did synthetic data help?", ""]
@@ -152,10 +159,11 @@ def report_markdown(r: dict) -> str:
             lines.append(f"- {name}: nothing generated for {t} — {why}")
         if g.get("choices"):
             lines.append(f"- {name}: per fold and damage type, the candidate ({', '.join(g['candidates'])}) whose "
-                         "synthetic defects gave the highest pixel AP on the fold's *reference* defects left out in "
-                         "turn (no evaluation image is read): " + "; ".join(
+                         "synthetic defects, added to the fold's other reference defects, gained most pixel AP on "
+                         "its *reference* defects left out in turn (no evaluation image is read); a type is added to "
+                         "the reference defects only where that gain is positive (✓): " + "; ".join(
                              f"fold {int(f) + 1}: " + ", ".join(
-                                 f"{t} → {c['generator']}" + (f" ({c['ap']:.2f})" if c.get("ap") is not None else
+                                 f"{t} → {c['generator']}" + (_auto_gain(c) if c.get("ap") is not None else
                                                              " (fixed rule)") for t, c in ch.items())
                              for f, ch in g["choices"].items()))
     if r.get("synthetic"):
