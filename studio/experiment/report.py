@@ -102,6 +102,18 @@ def _auto_gain(c: dict) -> str:
     return f" ({gain:+.2f}{' ✓' if gain > 1e-3 else ''})"
 
 
+def _auto_choices(name: str, g: dict) -> str:
+    """The report line of an ``auto`` source: per fold and type, what was chosen and its gain."""
+    return (f"- {name}: per fold and damage type, the candidate ({', '.join(g['candidates'])}) whose "
+            "synthetic defects, added to the fold's other reference defects, gained most pixel AP on "
+            "its *reference* defects left out in turn (no evaluation image is read); a type is added to "
+            "the reference defects only where that gain is positive (✓): " + "; ".join(
+                f"fold {int(f) + 1}: " + ", ".join(
+                    f"{t} → {c['generator']}" + (_auto_gain(c) if c.get("ap") is not None else " (fixed rule)")
+                    for t, c in ch.items())
+                for f, ch in g["choices"].items()))
+
+
 def report_markdown(r: dict) -> str:
     p = r["protocol"]
     lines = ["# Did synthetic data help?", ""]
@@ -158,14 +170,7 @@ def report_markdown(r: dict) -> str:
         for t, why in g.get("skipped_types", {}).items():
             lines.append(f"- {name}: nothing generated for {t} — {why}")
         if g.get("choices"):
-            lines.append(f"- {name}: per fold and damage type, the candidate ({', '.join(g['candidates'])}) whose "
-                         "synthetic defects, added to the fold's other reference defects, gained most pixel AP on "
-                         "its *reference* defects left out in turn (no evaluation image is read); a type is added to "
-                         "the reference defects only where that gain is positive (✓): " + "; ".join(
-                             f"fold {int(f) + 1}: " + ", ".join(
-                                 f"{t} → {c['generator']}" + (_auto_gain(c) if c.get("ap") is not None else
-                                                             " (fixed rule)") for t, c in ch.items())
-                             for f, ch in g["choices"].items()))
+            lines.append(_auto_choices(name, g))
     if r.get("synthetic"):
         lines.append(f"- Export: `{r['synthetic']['folder']}`, {r['synthetic']['samples']} samples "
                      f"({', '.join(f'{k} {v}' for k, v in r['synthetic']['per_type'].items())}); checked "
