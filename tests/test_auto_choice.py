@@ -60,8 +60,8 @@ def _texture(rng, n):
 
 def _square(img, rng):
     m = np.zeros((S, S), bool)
-    y, x = rng.integers(4, S - 20, 2)
-    m[y:y + 14, x:x + 14] = True
+    y, x = rng.integers(4, S - 24, 2)
+    m[y:y + 20, x:x + 20] = True
     out = img.copy()
     out[m] = (235, 225, 60)
     return out, m
@@ -98,6 +98,11 @@ def test_the_generator_that_looks_like_the_reference_defects_is_chosen(toys):
     assert "over the reference defects alone" in c.caption()
     # a choice where nothing helped says so
     worse = Choice("stain", "toy-faint", 0.10, {"toy-faint": 0.10}, 4, 2, baseline=0.20)
+    # a mean gain that one lucky left-out group made is not "helps" (within its standard error)
+    lucky = Choice("stain", "toy-yellow", 0.25, {"toy-yellow": 0.25}, 4, 2, baseline=0.20, gains=[0.12, -0.02])
+    assert lucky.gain > 0 and not lucky.helps and "not added" in lucky.caption()
+    steady = Choice("stain", "toy-yellow", 0.25, {"toy-yellow": 0.25}, 4, 2, baseline=0.20, gains=[0.06, 0.04])
+    assert steady.helps and "best for stain" in steady.caption()
     assert not worse.helps and "no generator helped" in worse.caption()
     assert Choice.from_json(json.loads(json.dumps(c.to_json()))) == c
     # one reference defect: nothing to leave out, the registry's fixed rule, said as such
@@ -216,7 +221,7 @@ def test_auto_adds_a_type_only_where_its_choice_helped(tmp_path, monkeypatch):
                             coreset=0.05, segmenter_steps=20, n_boot=200, folds=1)
     d, run = run_protocol(req)
     ref, added = run.seg_arms["reference_only"][0][0], run.seg_arms["auto:reference_plus_synthetic"][0][0]
-    assert np.allclose(ref.scores, added.scores, rtol=0, atol=1e-6)   # (float rounding of a concatenation)
+    assert np.allclose(ref.scores, added.scores, rtol=0, atol=2e-5)   # (float rounding of a concatenation)
     other = run.seg_arms["perlin:reference_plus_synthetic"][0][0]
     assert np.abs(ref.scores - other.scores).max() > 1e-4     # a source that adds changes the segmenter
     assert run.seg_arms["auto:synthetic_only"][0][0] is not None

@@ -19,8 +19,11 @@ split into ``k = min(splits, n)`` groups (leave-one-out when ``n <= splits``). F
 
 The candidate with the highest mean *gain* (its AP minus the baseline's, over the groups) is
 the choice (ties within ``TIE`` go to the earlier candidate: the registry's order);
-:attr:`Choice.helps` says whether that gain is above ``TIE`` — the experiment's ``auto`` adds
-the synthetic defects of a type only when it is, so a type no generator helps gets none. A type with fewer than 2 reference
+:attr:`Choice.helps` says whether that gain is real: above ``TIE`` *and* above its own standard
+error over the left-out groups (with two groups: positive in both). The best of several noisy
+gains is biased upwards (the winner's curse); with a handful of reference defects one lucky
+group would otherwise decide. The experiment's ``auto`` adds the synthetic defects of a type
+only when its choice helps, so a type no generator helps gets none. A type with fewer than 2 reference
 defects has nothing to leave out: the registry's fixed rule (:func:`pipelines.registry.auto_choice`)
 decides, and the choice says so. Candidates exclude generators that learned from data outside
 this loop (a trained model — its training set may hold the left-out defects — or hub weights).
@@ -39,7 +42,7 @@ import numpy as np
 from pipelines.training import CancelFn, ProgressFn, check_cancelled
 
 TIE = 1e-3            # AP differences below this are ties (the earlier candidate wins)
-VERSION = "2"         # of the procedure; a cached choice of another version is recomputed
+VERSION = "3"         # of the procedure; a cached choice of another version is recomputed
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Choice:
     splits: int = 0
     version: str = VERSION
     baseline: float | None = None       # the same AP with the reference defects alone
+    gains: list[float] = field(default_factory=list)   # the choice's gain per left-out group
 
     @property
     def measured(self) -> bool:
@@ -75,9 +79,20 @@ class Choice:
         return None if self.ap is None or self.baseline is None else self.ap - self.baseline
 
     @property
+    def gain_se(self) -> float | None:
+        """The standard error of :attr:`gain` over the left-out groups (None below two)."""
+        if len(self.gains) < 2:
+            return None
+        return float(np.std(self.gains, ddof=1) / np.sqrt(len(self.gains)))
+
+    @property
     def helps(self) -> bool:
-        """Its synthetic defects added to the reference defects found the left-out ones better."""
-        return self.gain is not None and self.gain > TIE
+        """Its synthetic defects added to the reference defects found the left-out ones better:
+        the mean gain is above ``TIE`` and above its standard error over the groups."""
+        if self.gain is None or self.gain <= TIE:
+            return False
+        se = self.gain_se
+        return se is None or self.gain > se
 
     def caption(self, product: str | None = None) -> str:
         """One line for the candidate caption, e.g. "stroke — best for crack on this product (AP
@@ -89,8 +104,13 @@ class Choice:
         base = self.baseline if self.baseline is not None else 0.0
         runner = sorted(((v, k) for k, v in self.scores.items() if k != self.generator), reverse=True)
         nxt = f"; next {runner[0][1]} {runner[0][0] - base:+.2f}" if runner else ""
-        head = (f"{self.generator} — best for {self.damage_type} {where}" if self.helps else
-                f"{self.generator} — least harm for {self.damage_type} {where}, no generator helped")
+        if self.helps:
+            head = f"{self.generator} — best for {self.damage_type} {where}"
+        elif self.gain > TIE:
+            head = (f"{self.generator} — best for {self.damage_type} {where}, but its gain is within "
+                    f"its spread over the left-out groups (±{self.gain_se:.2f}): not added")
+        else:
+            head = f"{self.generator} — least harm for {self.damage_type} {where}, no generator helped"
         return (f"{head} ({self.gain:+.2f} AP over the reference defects alone ({base:.2f}) on "
                 f"{self.n_reference} left-out reference defects{nxt})")
 
@@ -100,7 +120,7 @@ class Choice:
     @classmethod
     def from_json(cls, d: dict) -> "Choice":
         return cls(**{k: d[k] for k in ("damage_type", "generator", "ap", "scores", "n_reference", "splits",
-                                        "version", "baseline") if k in d})
+                                        "version", "baseline", "gains") if k in d})
 
 
 def candidates(names: Sequence[str] | None = None) -> list[str]:
@@ -221,7 +241,8 @@ def choose(damage_type: str, references: Sequence[tuple[np.ndarray, np.ndarray]]
             best = n
     if progress:
         progress(1.0, f"auto for {damage_type}: {best}")
-    return Choice(damage_type, best, mean[best], mean, len(refs), len(parts), baseline=float(np.mean(base_aps)))
+    return Choice(damage_type, best, mean[best], mean, len(refs), len(parts), baseline=float(np.mean(base_aps)),
+                  gains=[float(a - b) for a, b in zip(scores[best], base_aps)])
 
 
 __all__ = ["Choice", "ChooseConfig", "choose", "candidates", "groups", "resize_to", "TIE", "VERSION"]

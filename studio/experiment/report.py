@@ -98,8 +98,10 @@ def _fit_sentence(lists: list[dict]) -> str:
 def _auto_gain(c: dict) -> str:
     if c.get("baseline") is None:
         return f" ({c['ap']:.2f})"
-    gain = c["ap"] - c["baseline"]
-    return f" ({gain:+.2f}{' ✓' if gain > 1e-3 else ''})"
+    from pipelines.generators.choose import Choice
+    ch = Choice.from_json(c)
+    se = f" ± {ch.gain_se:.2f}" if ch.gain_se is not None else ""
+    return f" ({ch.gain:+.2f}{se}{' ✓' if ch.helps else ''})"
 
 
 def _auto_choices(name: str, g: dict) -> str:
@@ -107,7 +109,8 @@ def _auto_choices(name: str, g: dict) -> str:
     return (f"- {name}: per fold and damage type, the candidate ({', '.join(g['candidates'])}) whose "
             "synthetic defects, added to the fold's other reference defects, gained most pixel AP on "
             "its *reference* defects left out in turn (no evaluation image is read); a type is added to "
-            "the reference defects only where that gain is positive (✓): " + "; ".join(
+            "the reference defects only where that gain is positive and above its standard error over the "
+            "left-out groups (✓): " + "; ".join(
                 f"fold {int(f) + 1}: " + ", ".join(
                     f"{t} → {c['generator']}" + (_auto_gain(c) if c.get("ap") is not None else " (fixed rule)")
                     for t, c in ch.items())
