@@ -57,7 +57,9 @@ def main(argv=None) -> int:
     total = 0.0
     for t, refs in sorted(by_type.items()):
         t0 = time.perf_counter()
-        c = choose(t, refs, goods, lambda ms, t=t: MaskSampler.fit(t, ms, fg), fc, names, cfg, goods_features=f_goods)
+        def sampler_for(learn, t=t):
+            return MaskSampler.fit(t, [m for _, m in learn], fg, [i for i, _ in learn])
+        c = choose(t, refs, goods, sampler_for, fc, names, cfg, goods_features=f_goods)
         dt = time.perf_counter() - t0
         total += dt
         row = " ".join(f"{c.scores.get(n, float('nan')):9.3f}" for n in names)

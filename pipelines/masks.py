@@ -187,6 +187,36 @@ def feather(mask: np.ndarray, radius: float) -> np.ndarray:
     return t * t * (3.0 - 2.0 * t)
 
 
+VISIBLE_DELTA = 6.0      # grey levels (blurred, largest channel) a change must reach to be labelled
+MIN_VISIBLE = 0.05       # below this share of the mask, the painted mask is kept as the label
+
+
+def visible_label(before: np.ndarray, after: np.ndarray, mask: np.ndarray, delta: float = VISIBLE_DELTA,
+                  grow: float = 3.0, min_share: float = MIN_VISIBLE) -> np.ndarray:
+    """``H×W bool``: the part of ``mask`` where ``after`` visibly differs from ``before`` — the
+    largest channel's ``|Δ|``, blurred (σ 1.5), above ``delta``, grown by ``grow`` px, holes
+    closed, cut to the mask. This is the label a synthetic defect is trained with: a generator
+    that moves or removes a thin part (a lead bent inside a painted blob) changes only some of
+    the painted pixels, and labelling the untouched board around it as defect teaches a
+    segmenter to flag normal pixels. Where less than ``min_share`` of the mask changed
+    visibly, the painted mask is returned (the defect is faint everywhere, not absent)."""
+    m = np.asarray(mask) > 0
+    a = np.asarray(before, np.float32)
+    b = np.asarray(after, np.float32)
+    if a.shape != b.shape or a.shape[:2] != m.shape:
+        raise ValueError(f"visible_label: images {a.shape} / {b.shape} and mask {m.shape} differ in size")
+    d = np.abs(b - a)
+    d = d.max(axis=2) if d.ndim == 3 else d
+    d = cv2.GaussianBlur(d, (0, 0), 1.5)
+    changed = dilate(((d > delta) & m).astype(np.uint8) * 255, grow) > 0
+    changed = cv2.morphologyEx(changed.astype(np.uint8), cv2.MORPH_CLOSE,
+                               cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))) > 0
+    label = changed & m
+    if label.sum() < min_share * max(1, int(m.sum())):
+        return m.copy()
+    return label
+
+
 def invert(mask: np.ndarray) -> np.ndarray:
     return np.where(to_binary(mask) > 0, 0, 255).astype(np.uint8)
 

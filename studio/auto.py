@@ -108,7 +108,10 @@ def auto_choice(store, product: str, damage_type: str, workspace: str | Path,
         guard(f"auto choice ({damage_type} reference defects)", [(f"image {r['id']}", p[0]) for r, p in zip(refs, ref_pairs)])
         guard("auto choice (good images)", [(f"image {r['id']}", g) for r, g in zip(goods_rows, goods)])
         fg = estimate_foreground([resize_to(g, cfg.size) for g in goods]) if len(goods) >= 2 else None
-        choice = choose(damage_type, ref_pairs, goods, lambda ms: MaskSampler.fit(damage_type, ms, fg),
+
+        def sampler_for(learn):
+            return MaskSampler.fit(damage_type, [m for _, m in learn], fg, [i for i, _ in learn])
+        choice = choose(damage_type, ref_pairs, goods, sampler_for,
                         _feature_cache(backbone) if len(ref_pairs) >= 2 and goods else None, names, cfg,
                         guard=guard, progress=progress, cancelled=cancelled)
         path = cache_path(workspace, product)

@@ -70,10 +70,10 @@ def _square(img, rng):
 class Box:
     """A sampler of square masks (as a shape model fitted on square reference masks)."""
 
-    def __init__(self, masks):
-        self.side = int(round(np.sqrt(np.mean([m.sum() for m in masks]))))
+    def __init__(self, learn):
+        self.side = int(round(np.sqrt(np.mean([m.sum() for _, m in learn]))))
 
-    def sample(self, shape, rng):
+    def sample(self, shape, rng, image=None):
         m = np.zeros(shape, bool)
         y, x = rng.integers(2, shape[0] - self.side - 2, 2)
         m[y:y + self.side, x:x + self.side] = True

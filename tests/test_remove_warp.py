@@ -169,6 +169,24 @@ def test_warp_moves_the_bar_along_the_field():
     assert 0.75 * before < after < 1.25 * before
 
 
+@pytest.mark.parametrize("theta", [-45.0, 30.0])
+def test_a_bend_without_a_donor_turns_the_lead_into_the_painted_place(theta):
+    """A bent-lead mask covers the lead's *new* place: painted along a lead turned by θ about the
+    pivot (y = 120), the lead beyond the pivot — also the part of it outside the mask — is turned
+    until it fills the mask, so the mask shows a lead where there was board."""
+    img = scene(0)
+    new_place = scene(0, bend=theta)
+    line = (new_place[..., 0] > (BG + BAR) / 2) & ~(img[..., 0] > (BG + BAR) / 2)
+    m = (mk.dilate(line & (np.mgrid[0:S, 0:S][0] > 126), 5) > 0)
+    before = bar_pixels(img, m.astype(np.uint8))
+    out = np.clip(W.warp(img, m, np.random.default_rng(0), jitter=0.0, strength=0.8, damage_type="bent_lead"),
+                  0, 255).astype(np.uint8)
+    after = bar_pixels(out, m.astype(np.uint8))
+    near_line = (mk.dilate(line, 3) > 0) & m        # the pivot is found where the lead enters the mask
+    covered = ((out[..., 0] > (BG + BAR) / 2) & near_line).sum() / max(1, (line & m).sum())
+    assert covered > 0.4 and after > 2 * before + 20, (covered, before, after)
+
+
 @pytest.mark.parametrize("theta", [-18.0, 25.0])
 def test_fitted_bend_recovers_a_known_bend(theta):
     ref = scene(7, bend=theta)

@@ -7,10 +7,11 @@ split into ``k = min(splits, n)`` groups (leave-one-out when ``n <= splits``). F
 ``j`` and each candidate generator:
 
 1. the generator learns only from the *other* groups: its donors / profiles / fitted motions
-   (``donors``) and the mask shapes (``sampler_for``, fitted on their masks);
+   (``donors``) and the mask shapes and placement (``sampler_for``, fitted on them);
 2. it makes ``per_type`` synthetic defects of the type on the product's good images — the base
    image, mask and seed of item ``i`` depend on ``(seed, j, i)`` only, so every candidate gets
-   the same inputs;
+   the same inputs; each is labelled where it visibly changed its mask
+   (:func:`pipelines.masks.visible_label`, as the experiment labels them);
 3. a :mod:`pipelines.segmenter` (frozen backbone features, the experiment's detector) is trained
    on the other groups' reference defects plus the good images (empty masks) — the baseline —
    and once more with the candidate's synthetic defects added on top (``extra``, as the
@@ -39,10 +40,11 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
+from pipelines.masks import visible_label
 from pipelines.training import CancelFn, ProgressFn, check_cancelled
 
 TIE = 1e-3            # AP differences below this are ties (the earlier candidate wins)
-VERSION = "3"         # of the procedure; a cached choice of another version is recomputed
+VERSION = "4"         # of the procedure; a cached choice of another version is recomputed
 
 
 @dataclass
@@ -161,10 +163,11 @@ def _synthetic(name: str, damage_type: str, learn, goods, sampler, cfg: ChooseCo
         check_cancelled(cancelled, "auto choice")
         rng = np.random.default_rng([int(cfg.seed), int(j), i])
         base = goods[int(rng.integers(len(goods)))]
-        mask = sampler.sample(base.shape[:2], rng)
-        imgs.append(np.ascontiguousarray(gen(base, mask.astype(np.uint8) * 255,
-                                             seed=int(rng.integers(2 ** 31 - 1)), **params)))
-        masks.append(np.asarray(mask) > 0)
+        mask = sampler.sample(base.shape[:2], rng, image=base)
+        img = np.ascontiguousarray(gen(base, mask.astype(np.uint8) * 255, seed=int(rng.integers(2 ** 31 - 1)),
+                                       **params))
+        imgs.append(img)
+        masks.append(visible_label(base, img, mask))
     return imgs, masks
 
 
@@ -186,8 +189,8 @@ def choose(damage_type: str, references: Sequence[tuple[np.ndarray, np.ndarray]]
     evaluation image (the caller's roles decide; ``guard(what, [(name, image)])`` is called on
     every array a segmenter is trained on, so the caller can refuse copies of scored images).
     ``goods``: the product's defect-free train images (the base images and the negatives).
-    ``sampler_for(masks)`` → an object with ``sample(shape, rng) -> H×W bool`` fitted on
-    ``masks``. ``features``: a :class:`pipelines.segmenter.FeatureCache`; ``goods_features``
+    ``sampler_for(learn)`` → an object with ``sample(shape, rng, image=base) -> H×W bool``
+    fitted on the learning references ``[(image, mask)]``. ``features``: a :class:`pipelines.segmenter.FeatureCache`; ``goods_features``
     its features of ``goods`` at ``cfg.size`` when already computed."""
     import torch
 
@@ -213,7 +216,7 @@ def choose(damage_type: str, references: Sequence[tuple[np.ndarray, np.ndarray]]
     for j, held in enumerate(parts):
         learn_idx = [i for i in range(len(refs)) if i not in held]
         learn = [refs[i] for i in learn_idx]
-        sampler = sampler_for([m for _, m in learn])
+        sampler = sampler_for(learn)
         g_fit, g_held = _goods_split(len(goods), j)
         real_f = torch.cat([f_goods[g_fit], f_refs[learn_idx]])
         real_m = [np.zeros((S, S), bool)] * len(g_fit) + [m for _, m in learn]

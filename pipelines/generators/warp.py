@@ -302,47 +302,98 @@ def warp(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, goods
     n_lab, lab = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
     alpha = cv2.GaussianBlur(part.astype(np.float32), (0, 0), 0.7)
     mx, my = xx.copy(), yy.copy()
+    alpha_out = alpha.copy()
     moved_any = False
     for k in range(1, n_lab):
         blob = lab == k
         part_k = part & blob
         if part_k.sum() < 6:
             continue
-        maps = _motion(sc.structure, part_k, blob, motion, damage_type, fit, factor, xx, yy, rng)
-        # the direction whose moved part stays inside its blob best (seeded among near-ties)
-        a_k = alpha * blob
-        scores = []
-        for cx, cy in maps:
-            mv = moved(a_k, cx, cy)
-            tot = float(mv.sum())
-            scores.append(float(mv[blob].sum()) / tot if tot > 0 else 0.0)
-        scores = np.array(scores)
+        kind = _kind(sc.structure, part_k, blob, motion, damage_type)
+        if kind == "bend":
+            # the lead beyond the pivot turns into the blob: its source may lie outside the mask
+            piv = pivot_of(sc.structure, part_k, blob, rng)
+            a_k = cv2.GaussianBlur(_distal(image, sc.structure, part_k, blob, piv).astype(np.float32), (0, 0), 0.7)
+            maps = _bend_maps(piv, fit, factor, xx, yy)
+            scores = np.array([iou(moved(a_k, cx, cy) > 0.5, blob) for cx, cy in maps])
+        else:
+            maps = _motion(sc.structure, part_k, blob, kind, fit, factor, xx, yy, rng)
+            # the direction whose moved part stays inside its blob best (seeded among near-ties)
+            a_k = alpha * blob
+            scores = []
+            for cx, cy in maps:
+                mv = moved(a_k, cx, cy)
+                tot = float(mv.sum())
+                scores.append(float(mv[blob].sum()) / tot if tot > 0 else 0.0)
+            scores = np.array(scores)
         good = np.flatnonzero(scores >= scores.max() - 0.03 - 0.1 * jitter)
         cx, cy = maps[int(good[int(rng.integers(len(good)))])]
         mx[blob], my[blob] = cx[blob], cy[blob]
+        if kind == "bend":              # the turned lead's source may lie outside the blob
+            alpha_out = np.maximum(alpha_out, a_k)
         moved_any = True
     if not moved_any:
         return _elastic(image, mask, rng, fit, factor, strength)
     base = RM.fill(sc, part, rng, method)
-    a_w = (moved(alpha, mx, my) * mask)[..., None]
+    a_w = (moved(alpha_out, mx, my) * mask)[..., None]
     src = cv2.remap(image.astype(np.float32), mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     return a_w * src + (1.0 - a_w) * base
 
 
-def _motion(structure, part, mask, motion, damage_type, fit, factor, xx, yy, rng) -> list:
-    """Candidate backward maps (one per direction) of one blob's motion (module docstring)."""
+def _kind(structure, part, mask, motion, damage_type) -> str:
+    if motion != "auto":
+        return motion
     _, n = RM.entries(structure, part, mask)
-    kind = motion_for(damage_type, n) if motion == "auto" else motion
+    return motion_for(damage_type, n)
+
+
+BEND_ANGLES = (12.0, 20.0, 30.0, 45.0, 60.0, 80.0)   # bend candidates (°) without a measured donor
+
+
+def _bend_maps(piv, fit, factor, xx, yy) -> list:
+    """Bend candidates about ``piv``: the measured angle (× the seeded factor) both ways, else
+    every angle of :data:`BEND_ANGLES` both ways — the caller keeps the one whose turned lead
+    fills the blob best (the mask is the lead's new place)."""
+    if fit is not None and fit.bend_iou > fit.base_iou:
+        thetas = [float(np.clip(abs(fit.bend) * factor, 5.0, 90.0))]
+    else:
+        thetas = [float(np.clip(t * factor, 5.0, 90.0)) for t in BEND_ANGLES]
+    return [rotation_map(xx, yy, piv, sgn * t) for t in thetas for sgn in (1, -1)]
+
+
+def _distal(image, structure, part, mask, piv) -> np.ndarray:
+    """``H×W bool``: the part that turns with a bend about ``piv`` — the structure connected to
+    the part inside the mask, on the mask's side of the pivot and within reach of it (the lead
+    beyond the bend, also where it lies outside the mask: turned, it lands inside). Thin parts
+    use the colour outliers (:func:`pipelines.generators.align.structure_mask`) when they cover
+    the part, since the goods' consensus foreground is a coarse blob around the body."""
+    h, w = mask.shape
+    thin = A.structure_mask(A.rgb_u8(image))
+    s = thin if (thin & part).sum() >= 0.5 * part.sum() else structure
+    s = (mk.dilate(s, 1) > 0)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    my_, mx_ = np.nonzero(mask)
+    reach = float(np.hypot(mx_ - piv[0], my_ - piv[1]).max()) + 3.0
+    c = np.array(A.moments(part)[0], np.float32)
+    u = c - np.asarray(piv, np.float32)
+    u = u / max(float(np.hypot(*u)), 1e-6)
+    side = (xx - piv[0]) * u[0] + (yy - piv[1]) * u[1] > -1.0
+    near = np.hypot(xx - piv[0], yy - piv[1]) <= reach
+    cand = s & side & near
+    n, lab = cv2.connectedComponents(cand.astype(np.uint8), connectivity=8)
+    keep = np.unique(lab[cand & part])
+    keep = keep[keep > 0]
+    out = np.isin(lab, keep) if len(keep) else cand & part
+    return out | part
+
+
+def _motion(structure, part, mask, kind, fit, factor, xx, yy, rng) -> list:
+    """Candidate backward maps (one per direction) of one blob's shift / rotate / kink (module
+    docstring; a bend: :func:`_bend_maps`)."""
     c, axes, sig = A.moments(part)
     length = float(4 * sig[0])
     cands = []
-    if kind == "bend":
-        piv = pivot_of(structure, part, mask, rng)
-        theta = (abs(fit.bend) if fit is not None and fit.bend_iou > fit.base_iou else 40.0 * 0.8) * factor
-        theta = float(np.clip(theta, 0.0, 90.0))
-        for sgn in (1, -1):
-            cands.append(rotation_map(xx, yy, piv, sgn * theta))
-    elif kind in ("shift", "rotate"):
+    if kind in ("shift", "rotate"):
         if fit is not None and fit.rigid_iou > fit.base_iou:
             theta, shift = abs(fit.rotate) * factor, fit.shift * length * factor
         else:

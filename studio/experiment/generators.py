@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from pipelines import roles as R
+from pipelines.masks import visible_label
 from pipelines.training import CancelFn, check_cancelled
 from studio.experiment.sources import MaskSampler, Synthetic
 
@@ -230,7 +231,9 @@ def synthesize(plan: GeneratorPlan, train: Sequence[np.ndarray], train_hashes: S
     type → [(image, mask, pixel hash)]). The base image, mask and generator seed of item ``i``
     of type ``t`` depend only on ``(seed, repeat, fold, t, i)``, never on the generator. Parameters as
     :func:`studio.services.generate` passes them: feather, damage type, strength when the
-    generator takes it, donors (that type's reference defects only) when it needs them."""
+    generator takes it, donors (that type's reference defects only) when it needs them. Each
+    sample's label is the part of its mask the generator visibly changed
+    (:func:`pipelines.masks.visible_label`)."""
     out: list[Synthetic] = []
     for t in sorted(reference):
         if t in plan.skipped_types or (plan.models and t not in plan.models):
@@ -253,11 +256,11 @@ def synthesize(plan: GeneratorPlan, train: Sequence[np.ndarray], train_hashes: S
             key = [int(seed), int(repeat), type_key, i] if fold is None else [int(seed), int(repeat), int(fold), type_key, i]
             rng = np.random.default_rng(key)
             base = int(rng.integers(len(train)))
-            mask = masks[t].sample(train[base].shape[:2], rng)
+            mask = masks[t].sample(train[base].shape[:2], rng, image=train[base])
             gen_seed = int(rng.integers(2 ** 31 - 1))
             img = np.ascontiguousarray(plan.generator(train[base], mask.astype(np.uint8) * 255,
                                                       seed=gen_seed, **params))
-            out.append(Synthetic(img, mask, t, f"{plan.name}/r{repeat}/{t}/{i:03d}", R.pixel_hash(img),
-                                 sorted({train_hashes[base], *ancestors})))
+            out.append(Synthetic(img, visible_label(train[base], img, mask), t, f"{plan.name}/r{repeat}/{t}/{i:03d}",
+                                 R.pixel_hash(img), sorted({train_hashes[base], *ancestors})))
     return out
 

@@ -205,7 +205,8 @@ def load_protocol(req: ExperimentRequest, say) -> Protocol:
         from pipelines.shapes import estimate_foreground
         d.foreground = estimate_foreground(train)
         for f in folds:
-            d.mask_models[f.index] = {t: MaskSampler.fit(t, [m for _, m, _ in refs], d.foreground)
+            d.mask_models[f.index] = {t: MaskSampler.fit(t, [m for _, m, _ in refs], d.foreground,
+                                                         [i for i, _, _ in refs])
                                       for t, refs in d.reference(f).items()}
     return d
 
@@ -372,7 +373,8 @@ class Runs:
                 self.say(0.05, f"auto: choosing the generator for {t}{self._where(f)}")
                 plan.choices[f][t] = choose(
                     t, [(img, m) for img, m, _ in items], d.train,
-                    lambda ms, t=t: MaskSampler.fit(t, ms, d.foreground), self.fc, names, cfg,
+                    lambda learn, t=t: MaskSampler.fit(t, [m for _, m in learn], d.foreground, [i for i, _ in learn]),
+                    self.fc, names, cfg,
                     guard=lambda what, items, f=f: self.guard(what, f, self.train_items + items),
                     cancelled=self.cancelled, goods_features=self.f_train)
             self.timing["auto_choice"] = self.timing.get("auto_choice", 0.0) + time.perf_counter() - t1

@@ -27,26 +27,56 @@ class Synthetic:
 # Mask shapes: the studio's shape model (pipelines.shapes), fitted on reference masks only
 
 
+PLACEMENT_TRIES = 6     # masks drawn per sample when placement follows the structure
+
+
+def structure_share(image: np.ndarray, mask: np.ndarray) -> float:
+    """Share of ``mask`` lying on the image's structure (its colour outliers against its own
+    background: :func:`pipelines.generators.align.structure_mask`) — leads, wires, printed parts."""
+    from pipelines.generators.align import rgb_u8, structure_mask
+    m = np.asarray(mask) > 0
+    return float((structure_mask(rgb_u8(image)) & m).sum() / max(1, int(m.sum())))
+
+
 @dataclass
 class MaskSampler:
     """Masks shaped like one damage type's *reference* masks, on the product: a
     :func:`pipelines.shapes.shape_model_for` fitted on them (the model the Curation batch uses),
     sampled inside the foreground :func:`pipelines.shapes.estimate_foreground` finds on
-    train/good — or without one when the references mostly lie off it (``on_product``)."""
+    train/good — or without one when the references mostly lie off it (``on_product``).
+
+    Placement follows the structure where the references do: fitted with the reference
+    *images*, the sampler records the median share of a reference mask lying on its image's
+    structure (:func:`structure_share`: a bent lead's mask lies on the lead, a stain's on the
+    surface); given the base image, it draws :data:`PLACEMENT_TRIES` masks and keeps the one
+    whose share on that image is closest — a bent-lead mask lands on a lead, not on the board
+    beside it."""
     model: object
     foreground: np.ndarray | None
+    share: float | None = None
 
     @classmethod
-    def fit(cls, damage_type: str, ref_masks: Sequence[np.ndarray], foreground: np.ndarray | None
-            ) -> "MaskSampler":
+    def fit(cls, damage_type: str, ref_masks: Sequence[np.ndarray], foreground: np.ndarray | None,
+            ref_images: Sequence[np.ndarray] | None = None) -> "MaskSampler":
         from pipelines import shapes
         fg = None if foreground is None or foreground.all() else foreground
-        model = shapes.shape_model_for(damage_type, [np.asarray(m) > 0 for m in ref_masks], fg)
-        return cls(model, fg if getattr(model, "on_product", True) else None)
+        masks = [np.asarray(m) > 0 for m in ref_masks]
+        model = shapes.shape_model_for(damage_type, masks, fg)
+        share = None
+        if ref_images is not None and len(ref_images) == len(masks):
+            shares = [structure_share(i, m) for i, m in zip(ref_images, masks) if m.any()]
+            share = float(np.median(shares)) if shares else None
+        return cls(model, fg if getattr(model, "on_product", True) else None, share)
 
-    def sample(self, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-        """``[H x W]`` bool, never empty."""
-        return self.model.sample(shape, rng, foreground=self.foreground) > 0
+    def sample(self, shape: tuple[int, int], rng: np.random.Generator, image: np.ndarray | None = None
+               ) -> np.ndarray:
+        """``[H x W]`` bool, never empty; with ``image`` (and a fitted share) the best-placed of
+        :data:`PLACEMENT_TRIES` draws. Deterministic in ``rng`` (and ``image``)."""
+        if image is None or self.share is None:
+            return self.model.sample(shape, rng, foreground=self.foreground) > 0
+        draws = [self.model.sample(shape, rng, foreground=self.foreground) > 0 for _ in range(PLACEMENT_TRIES)]
+        gaps = [abs(structure_share(image, m) - self.share) for m in draws]
+        return draws[int(np.argmin(gaps))]
 
 
 # ------------------------------------------------------------------------------------------------
