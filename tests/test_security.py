@@ -119,12 +119,32 @@ def test_every_folder_route_refuses_a_folder_outside_the_roots(strict_ctx, tmp_p
     _refused(TW.wall_command, ctx, out, "", "", "", 15, 1, 4, 0.3, "none (unconditional)", "median", 0, "", True)
     _refused(A.confined_options, ctx, {"model": str(outside), "steps": 5})
     _refused(A.confined_options, ctx, {"lora": "../../../etc/lora.safetensors"})
-    # the PatchCore tab's folder: refused by the job manager's check of every request (studio.paths)
+    # the PatchCore tab's folder (and, behind it, the job manager's check of every request)
     _refused(P.start, ctx, RunLog(ctx.settings.workspace), "", out, list(P.BANKS)[0], "efficientnet_lite0", 5, 256)
     assert ctx.jobs.list() == []                                   # nothing was queued
     assert ctx.store.query("SELECT COUNT(*) AS n FROM images")[0]["n"] == before
     assert not (tmp_path / "export-out").exists() and not (tmp_path / "coco-out").exists()
     del state
+
+
+def test_patchcore_folder_outside_the_roots_says_nothing_about_whether_it_exists(strict_ctx, tmp_path):
+    """The roots are checked before existence: a missing and an existing folder outside them get the
+    same refusal; inside the roots a missing folder is named as missing."""
+    import gradio as gr
+    from studio.runs import RunLog
+    from studio.ui import patchcore_tab as P
+    ctx, outside = strict_ctx
+    messages = []
+    for folder in (outside, outside / "no-such-folder", "/no/such/folder"):
+        with pytest.raises(gr.Error) as exc:
+            P._category(ctx, "", str(folder), "single", "stamp")
+        messages.append(str(exc.value))
+        assert "outside the folders this studio may use" in str(exc.value) and "not a folder" not in str(exc.value)
+    with pytest.raises(gr.Error, match="is not a folder on the server"):
+        P._category(ctx, "", str(ctx.settings.workspace / "missing"), "single", "stamp")
+    _refused(P.start, ctx, RunLog(ctx.settings.workspace), "", str(outside / "gone"), list(P.BANKS)[0],
+             "efficientnet_lite0", 5, 256)
+    assert ctx.jobs.list() == []
 
 
 @pytest.mark.parametrize("name", ["../../x", "/tmp/abs-run", "a\x00b", "x" * 101])

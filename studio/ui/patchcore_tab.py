@@ -14,6 +14,7 @@ import gradio as gr
 from studio.context import StudioContext
 from studio.evaluation import PatchCoreRequest, run_patchcore
 from studio.runs import RunLog
+from studio.ui.checks import server_path
 from studio.ui.jobs_panel import JobPanel, bind
 
 BANKS = {"single (normal patches only)": "single",
@@ -68,9 +69,8 @@ def patchcore_job(job, req: PatchCoreRequest, runlog: RunLog, product: str) -> d
 def _category(ctx: StudioContext, p, fold, mode: str, stamp: str) -> tuple[Path, str, str | None]:
     """(category folder, run name, positives folder) from a server folder or an export of product ``p``."""
     if fold:
-        data = Path(fold).expanduser()
-        if not data.is_dir():
-            raise gr.Error(f"{fold} is not a folder on the server")
+        # the roots first: a refused user learns nothing about what exists outside them
+        data = server_path(ctx, fold, "PatchCore data folder")
         if mode == "dual-real-synthetic":
             raise gr.Error("With a folder, use the CLI's --positives for synthetic defects, "
                            "or pick a product from the dataset")
