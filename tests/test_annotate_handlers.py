@@ -173,3 +173,28 @@ def test_generate_uses_the_mask_the_server_set_when_the_editor_lags(ctx):
     assert mask.any() and np.array_equal(mask, A.M.mask_from_editor(editor, shape=img.shape[:2]) > 0)
     with pytest.raises(gr.Error, match="empty"):
         A.ui_generate(ctx, None, *args, progress=lambda *a, **k: None)
+
+
+def test_a_nan_seed_reaches_the_handler_and_is_refused_naming_the_seed(ctx):
+    """The seed widget passes what an API call sent (no rounding that fails on NaN first), and
+    the handler's answer names the field."""
+    import math
+    with gr.Blocks() as demo:
+        A.build(ctx)
+    seed = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "seed")
+    for sent in (float("nan"), 2.5, -5, 1e30):
+        got = seed.preprocess(sent)
+        assert (math.isnan(got) if sent != sent else got == sent)
+    img_id = ctx.store.list_images(product="bottle", split="train")[0]["id"]
+    img = ctx.store.load_image(img_id)
+    layer = np.zeros((*img.shape[:2], 4), np.uint8)
+    layer[40:80, 40:90] = (255, 45, 45, 255)
+    value = {"background": img, "layers": [layer], "composite": img}
+    for bad in (float("nan"), 2.5, -5):
+        with pytest.raises(gr.Error, match="seed must be an integer"):
+            A.on_generate(ctx, value, "bottle", img_id, A.DAMAGE, "contamination", "#000000", "perlin", 1,
+                          seed.preprocess(bad), 4, 0.8, *A.option_values(), progress=lambda *a, **k: None)
+    items, info, first, _ = A.on_generate(ctx, value, "bottle", img_id, A.DAMAGE, "contamination", "#000000",
+                                          "perlin", 1, seed.preprocess(7.0), 4, 0.8, *A.option_values(),
+                                          progress=lambda *a, **k: None)
+    assert info[0]["seed"] == 7 and ctx.store.get_sample(first)["seed"] == 7

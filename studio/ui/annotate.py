@@ -536,7 +536,9 @@ def _controls(ctx: StudioContext, first: str | None, products: list[str]) -> dic
                                elem_id="backend")
     with gr.Row():
         w["n"] = gr.Slider(1, 8, 4, step=1, label="Candidates", elem_id="n")
-        w["seed"] = gr.Number(0, label="Seed", precision=0, elem_id="seed")
+        # no precision / bounds here: the handler gets the number as sent (NaN, 2.5, -5 included)
+        # and the service refuses it with a message naming the seed (gradio would answer first)
+        w["seed"] = gr.Number(0, label="Seed", step=1, elem_id="seed")
     w["feather"] = gr.Slider(0, 32, 4, step=1, label="Feather radius (px)", elem_id="feather")
     w["strength"] = gr.Slider(0.1, 1.0, 0.8, step=0.05, label="Strength", elem_id="strength")
     w["backend_info"] = gr.Markdown(elem_id="backend-info")
