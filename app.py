@@ -5,7 +5,9 @@ starts without one anyway, with a warning on every start.
 
 Builds the Blocks app from one file per tab (studio/ui/). Heavy libraries and models load lazily:
 the first page is served within seconds, offline, on the bundled demo data. On a first start the
-demo set is imported in a thread while gradio itself is being imported.
+demo set is imported in a thread while gradio itself is being imported. Every start recovers from
+a crash (:func:`start_up`): jobs and runs a dead process left running are marked interrupted, and
+files no row names are removed (logged).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import multiprocessing
 import os
 import sys
 import threading
+import time
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry calls
 
@@ -24,6 +27,7 @@ from studio.context import StudioContext
 from studio.services import bootstrap_demo
 
 TITLE = "Defect Studio"
+log = logging.getLogger("defect_studio")
 
 
 def _bootstrap_child(settings: Settings) -> None:
@@ -139,6 +143,55 @@ def bind_refusal(settings: Settings, insecure_no_auth: bool = False) -> str | No
             "--insecure-no-auth to start without a login anyway")
 
 
+def recover_jobs(ctx: StudioContext) -> dict:
+    """Jobs (``jobs.db``) and runs (``studio.db``'s runs table) that a process which is gone left
+    running or queued → ``interrupted`` (:meth:`studio.jobs.JobManager.mark_interrupted`,
+    :meth:`studio.runs.RunLog.mark_interrupted`); logged, returned as ``{"jobs": ids, "runs": ids}``."""
+    jobs = list(ctx.jobs.recovered)            # the manager marks them when it is made
+    runs: list[int] = []
+    if (ctx.settings.workspace / "studio.db").is_file():
+        from studio.runs import RunLog
+        runlog = RunLog(ctx.settings.workspace)
+        try:
+            runs = runlog.mark_interrupted()
+        finally:
+            runlog.db.conn.close()
+    if jobs or runs:
+        log.warning("start-up: %d job(s) and %d run(s) were running in a process that is gone; marked "
+                    "interrupted (the jobs panels offer Resume / Rerun)", len(jobs), len(runs))
+    return {"jobs": jobs, "runs": runs}
+
+
+def clean_orphans(ctx: StudioContext, min_age_s: float | None = None) -> list[str]:
+    """The start-up clean-up: files under ``files/`` that no row names (written before a row that a
+    crash never committed) and older than ``min_age_s`` (default ``Settings.orphan_min_age_s``) are
+    removed (:meth:`studio.dataset.Store.gc_orphans`); logged; returns their workspace paths."""
+    age = ctx.settings.orphan_min_age_s if min_age_s is None else min_age_s
+    removed: list[str] = []
+    ctx.store.gc_orphans(age, removed=removed)
+    shown = ", ".join(removed[:10]) + (f" (+{len(removed) - 10} more)" if len(removed) > 10 else "")
+    log.warning("start-up clean-up: removed %d orphan file(s)%s", len(removed), f": {shown}" if removed else "")
+    return removed
+
+
+def start_up(ctx: StudioContext) -> threading.Thread:
+    """What every start does before the first page: :func:`recover_jobs` now; :func:`clean_orphans`
+    in a thread (a large store takes a while to list), once more after the age limit (files too
+    young at the first pass — a crash just before this start — are old enough then)."""
+    recover_jobs(ctx)
+
+    def clean() -> None:
+        try:
+            clean_orphans(ctx)
+            time.sleep(max(ctx.settings.orphan_min_age_s, 0) + 1)
+            clean_orphans(ctx)
+        except Exception:  # noqa: BLE001 — a failed clean-up must not stop the studio: logged
+            log.exception("start-up clean-up failed")
+    thread = threading.Thread(target=clean, name="orphan-clean-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def _keyboard_js() -> str:
     from studio.ui.annotate import KEYS_JS as ANNOTATE_KEYS
     from studio.ui.curation_tab import KEYS_JS
@@ -158,14 +211,15 @@ def main(argv: list[str] | None = None) -> None:
     if refusal:
         print(f"error: {refusal}", file=sys.stderr)
         raise SystemExit(2)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not is_loopback(settings.host) and not settings.auth:
-        logging.basicConfig()
         logging.getLogger("defect_studio").warning(
             "\n%s\nWARNING: --insecure-no-auth: serving on %s WITHOUT A LOGIN; anyone who can reach port %d "
             "can read and change the dataset. Set DEFECT_STUDIO_AUTH=user:password.\n%s",
             "!" * 78, settings.host, settings.port, "!" * 78)
     ctx = StudioContext(settings)
     demo = build_app(ctx=ctx, bootstrap=_start_bootstrap(ctx))
+    start_up(ctx)              # after the demo import (build_app joined it), before the first page
     allowed, blocked = served_paths(settings)
     demo.queue(default_concurrency_limit=2).launch(
         server_name=settings.host, server_port=settings.port, auth=settings.auth,

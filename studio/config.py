@@ -13,6 +13,8 @@ Environment variables (all optional):
   DEFECT_STUDIO_MAX_PIXELS  images with more pixels are refused (default 40_000_000)
   DEFECT_STUDIO_DEMO        folder of MVTec-layout demo categories imported on first start
                             (default assets/demo; "none" disables)
+  DEFECT_STUDIO_ORPHAN_MIN_AGE_S  the start-up clean-up removes files no row names once they are
+                            this old (default 60; a younger one may be another process's pending write)
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ class Settings:
     demo_dir: Path | None = DEFAULT_DEMO
     data_roots: tuple[Path, ...] = ()          # () = the default roots (see :attr:`roots`)
     start_dir: Path = field(default_factory=lambda: Path.cwd().resolve())
+    orphan_min_age_s: float = 60.0             # the start-up clean-up's age limit (app.start_up)
 
     @property
     def roots(self) -> tuple[Path, ...]:
@@ -75,6 +78,7 @@ class Settings:
             demo_dir=None if (demo or "").lower() == "none" else (Path(demo) if demo else DEFAULT_DEMO),
             data_roots=parse_roots(env.get("DEFECT_STUDIO_DATA_ROOTS"), start),
             start_dir=start,
+            orphan_min_age_s=float(env.get("DEFECT_STUDIO_ORPHAN_MIN_AGE_S", "60")),
         )
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if "workspace" in overrides:

@@ -557,25 +557,35 @@ class Store:
         return [f"{tbl} {rid}: missing {rel}" for tbl, rid, rel in self._referenced_files()
                 if not rel or not (self.root / rel).is_file()]
 
-    def gc_orphans(self, min_age_s: float = 60.0) -> int:
-        """Delete files under ``files/`` that no row names (crash leftovers, temp files); returns the
-        count. Files younger than ``min_age_s`` are kept: another process may be about to commit the
-        row that names them."""
+    def orphan_files(self, min_age_s: float = 60.0) -> list[Path]:
+        """Files under ``files/`` that no row names (crash leftovers, temp files), older than
+        ``min_age_s`` (a younger one may belong to a row another process is about to commit)."""
         present = [p for p in self.files_dir.rglob("*") if p.is_file()]  # list files first …
         referenced = {rel for _, _, rel in self._referenced_files()}       # … then read the rows
-        removed = 0
-        now = time.time()
+        now, out = time.time(), []
         for p in present:
             if p.relative_to(self.root).as_posix() in referenced:
                 continue
             try:
-                if now - p.stat().st_mtime < min_age_s:
-                    continue
-                p.unlink()
-                removed += 1
+                if now - p.stat().st_mtime >= min_age_s:
+                    out.append(p)
             except FileNotFoundError:
                 continue
-        return removed
+        return out
+
+    def gc_orphans(self, min_age_s: float = 60.0, removed: list[str] | None = None) -> int:
+        """Delete :meth:`orphan_files` (``min_age_s``); returns the count. ``removed``: a list the
+        deleted files' paths (relative to the workspace) are appended to, for a log."""
+        count = 0
+        for p in self.orphan_files(min_age_s):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                continue
+            count += 1
+            if removed is not None:
+                removed.append(p.relative_to(self.root).as_posix())
+        return count
 
 
 # --------------------------------------------------------------------------------------------

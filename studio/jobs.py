@@ -4,11 +4,17 @@ A job is a plain function ``fn(ctx, *args)`` that reports through ``ctx.progress
 writes ``ctx.log(msg)`` lines and calls ``ctx.check_cancelled()`` (or reads ``ctx.cancelled``)
 between steps. The UI adapts ``gr.Progress``; the CLI adapts tqdm; a diffusers step callback can
 forward both. State lives in ``jobs.db`` beside the dataset so a page reload (or a restart) shows
-what ran; jobs found ``running`` at start-up are marked ``interrupted``.
+what ran. Each row names the process that runs it (:func:`process_owner`); a job found ``running``
+or ``queued`` at start-up whose process is gone (a crash, ``kill -9``, a restart) is marked
+``interrupted`` with a message saying so, and :meth:`JobManager.rerun` starts it again (a training
+run resumes from its last checkpoint, an experiment reruns the same request) once.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -23,6 +29,62 @@ from pipelines.training import Cancelled
 QUEUED, RUNNING, DONE, FAILED, CANCELLED, INTERRUPTED = (
     "queued", "running", "done", "failed", "cancelled", "interrupted")
 FINISHED = (DONE, FAILED, CANCELLED, INTERRUPTED)
+# what an interrupted job of a kind offers (the jobs panel's Resume / Rerun button)
+RERUN_HINT = {k: "press Resume to continue from its last checkpoint"
+              for k in ("train", "train-wall", "train-controlnet")}
+RERUN_HINT["experiment"] = "press Rerun to run the same request again"
+
+
+log = logging.getLogger("defect_studio")
+
+
+# -- which process runs a job ----------------------------------------------------------------------
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> str:
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22): with the pid it
+    names one process even after the pid is reused. "" where /proc is missing (not Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def process_owner(pid: int | None = None) -> str:
+    """``host/boot/pid/start``: the process (default: this one) that runs a job or a run."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}/{_boot_id()}/{pid}/{_start_ticks(pid)}"
+
+
+def owner_alive(owner: str | None) -> bool:
+    """Whether the process ``owner`` (:func:`process_owner`) still runs. Rows of another host are
+    taken as alive (it cannot be checked from here); rows without an owner (written before owners
+    were recorded) as dead."""
+    try:
+        host, boot, pid, start = (owner or "").split("/")
+        pid_n = int(pid)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return True
+    if boot and boot != _boot_id():
+        return False                           # the machine restarted since
+    now = _start_ticks(pid_n)
+    if now or start:
+        return now == start                    # gone ("") or another process with that pid
+    try:                                       # no /proc: the pid alone
+        os.kill(pid_n, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # The one cancel exception (pipelines.training.Cancelled): raised inside a job by
@@ -65,9 +127,11 @@ class JobManager:
                  check_request: Callable[[dict], None] | None = None):
         self.db_path = Path(db_path)
         self.check_request = check_request
+        self.owner = process_owner()
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(slots)
+        self._rerun_lock = threading.Lock()
         self._contexts: dict[str, JobContext] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._conn = sqlite3.connect(self.db_path, check_same_thread=False, timeout=30)
@@ -78,9 +142,29 @@ class JobManager:
                 "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, kind TEXT, status TEXT, "
                 "progress REAL, message TEXT, request TEXT, result TEXT, error TEXT, log TEXT, "
                 "created_at REAL, started_at REAL, finished_at REAL)")
-            self._conn.execute(
-                "UPDATE jobs SET status=?, message='server restarted while running' "
-                "WHERE status IN (?, ?)", (INTERRUPTED, RUNNING, QUEUED))
+            if "owner" not in {r[1] for r in self._conn.execute("PRAGMA table_info(jobs)")}:
+                self._conn.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")   # older jobs.db
+        self.recovered = self.mark_interrupted()
+
+    def mark_interrupted(self) -> list[str]:
+        """Every ``running`` / ``queued`` job whose process is gone becomes ``interrupted`` with a
+        message saying what happened and what to do; returns their ids (run at start-up)."""
+        with self._lock, self._conn:
+            rows = self._conn.execute("SELECT id, kind, status, owner FROM jobs WHERE status IN (?, ?)",
+                                      (RUNNING, QUEUED)).fetchall()
+            dead = [r for r in rows if not owner_alive(r["owner"])]
+            for r in dead:
+                pid = (r["owner"] or "").split("/")[2:3]
+                who = f" {pid[0]}" if pid else ""
+                self._conn.execute(
+                    "UPDATE jobs SET status=?, message=?, finished_at=? WHERE id=?",
+                    (INTERRUPTED, f"the studio process{who} stopped while the job was "
+                                  f"{r['status']} (a crash, a kill or a restart); "
+                                  + RERUN_HINT.get(r["kind"], "start it again"), time.time(), r["id"]))
+        for r in dead:
+            log.warning("job %s (%s) was %s in a process that is gone: marked interrupted",
+                        r["id"], r["kind"], r["status"])
+        return [r["id"] for r in dead]
 
     # -- persistence -------------------------------------------------------------------------
     def _update(self, job_id: str, **cols: Any) -> None:
@@ -123,9 +207,9 @@ class JobManager:
             ctx._callbacks.append(on_progress)
         with self._lock, self._conn:
             self._conn.execute(
-                "INSERT INTO jobs (id, kind, status, progress, message, request, created_at) "
-                "VALUES (?, ?, ?, 0, 'queued', ?, ?)",
-                (job_id, kind, QUEUED, json.dumps(request or {}, default=str), time.time()))
+                "INSERT INTO jobs (id, kind, status, progress, message, request, created_at, owner) "
+                "VALUES (?, ?, ?, 0, 'queued', ?, ?, ?)",
+                (job_id, kind, QUEUED, json.dumps(request or {}, default=str), time.time(), self.owner))
         self._contexts[job_id] = ctx
         thread = threading.Thread(target=self._run, args=(ctx, fn, args), daemon=True,
                                   name=f"job-{kind}-{job_id}")
@@ -151,6 +235,25 @@ class JobManager:
             else:
                 self._update(ctx.job_id, status=DONE, progress=1.0, message="done",
                              result=json.dumps(result, default=str), finished_at=time.time())
+
+    def rerun(self, job_id: str, submit: Callable[[dict], str]) -> str:
+        """Start an ``interrupted`` job again, once: ``submit(its request) -> new job id`` (a
+        training run resumes from its last checkpoint, an experiment reruns the same request). The
+        old job's message and result name the new job. ``ValueError`` when the job is not
+        interrupted or was started again already."""
+        with self._rerun_lock:
+            job = self.get(job_id)
+            if job["status"] != INTERRUPTED:
+                raise ValueError(f"only an interrupted job can be resumed or rerun; this {job['kind']} job "
+                                 f"is {job['status']}")
+            again = (job["result"] or {}).get("rerun_as") if isinstance(job["result"], dict) else None
+            if again:
+                raise ValueError(f"this {job['kind']} job was started again already (job {again})")
+            new_id = submit(job["request"] or {})
+            self._update(job_id, result=json.dumps({"rerun_as": new_id}),
+                         message=f"{job['message'] or 'interrupted'} — started again as job {new_id}")
+        self._append_log(new_id, f"started again from interrupted job {job_id}")
+        return new_id
 
     def cancel(self, job_id: str) -> None:
         ctx = self._contexts.get(job_id)

@@ -4,7 +4,9 @@ One row per run: kind (patchcore, ddpm-train, ddpm-eval, experiment), product, d
 all parameters (JSON), all metrics (JSON), the output folder, status and timestamps; ``scored``:
 the pixel hashes of the images the run scored (JSON list; :meth:`RunLog.finish` ``scored=``), and
 ``stale``: why the run's numbers no longer hold (set by :meth:`RunLog.mark_stale` when an image it
-scored becomes ``reference`` — ``Store.set_role`` does it — and shown wherever runs are listed).
+scored becomes ``reference`` — ``Store.set_role`` does it — and shown wherever runs are listed);
+``owner``: the process that runs it (:func:`studio.jobs.process_owner`) — a run left ``running``
+by a process that is gone is marked ``interrupted`` at start-up (:meth:`RunLog.mark_interrupted`).
 """
 from __future__ import annotations
 
@@ -37,18 +39,34 @@ class RunLog:
                 "created_at": str, "finished_at": str}, pk="id", if_not_exists=True)
             self.db["runs"].create_index(["kind", "product"], if_not_exists=True)
         cols = self.db["runs"].columns_dict
-        for col in ("scored", "stale"):       # added later: older workspaces get them here
+        for col in ("scored", "stale", "owner"):  # added later: older workspaces get them here
             if col not in cols:
                 self.db["runs"].add_column(col, str)
 
     def start(self, kind: str, product: str, data: str, params: dict, out_dir: str,
               job_id: str | None = None) -> int:
+        from studio.jobs import process_owner
         with self._lock:
             return self.db["runs"].insert({
                 "kind": kind, "product": product, "data": str(data),
                 "params": json.dumps(params, default=str), "metrics": None, "out_dir": str(out_dir),
                 "status": "running", "error": None, "job_id": job_id, "created_at": _now(),
-                "finished_at": None}).last_pk
+                "finished_at": None, "owner": process_owner()}).last_pk
+
+    def mark_interrupted(self) -> list[int]:
+        """Every ``running`` run whose process is gone (a crash, ``kill -9``, a restart) becomes
+        ``interrupted``, its error saying so; returns their ids (the studio's start-up)."""
+        from studio.jobs import owner_alive
+        marked = []
+        with self._lock:
+            for r in list(self.db["runs"].rows_where("status = ?", ["running"])):
+                if owner_alive(r.get("owner")):
+                    continue
+                self.db["runs"].update(r["id"], {
+                    "status": "interrupted", "finished_at": _now(),
+                    "error": "interrupted: the process running it stopped (a crash, a kill or a restart)"})
+                marked.append(r["id"])
+        return marked
 
     def finish(self, run_id: int, metrics: dict | None = None, status: str = "done",
                error: str | None = None, scored: list[str] | None = None) -> None:

@@ -287,3 +287,87 @@ def test_examples_fill_the_patchcore_and_ddpm_panels_once(ctx):
     _, status, _timer, table, fig, items, compare = J.on_attach(ctx, ("ddpm-eval",),
                                                                 lambda j: DD.live_eval(state, j), 4, "idle")
     assert "ddpm-eval** — done" in status and "image_auroc" in dict(table) and len(compare) == 1
+
+
+# -- a job the server was running when it died: shown as interrupted, resumed / rerun once ---------
+def _crashed_job(ctx, kind: str, request: dict) -> str:
+    """A job row as a server killed with -9 leaves it (running, its process gone); then the
+    restarted server's job manager."""
+    import json
+    import sqlite3
+    import subprocess
+    from studio.jobs import process_owner
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    owner = process_owner(proc.pid)
+    proc.kill()
+    proc.wait()
+    ctx.settings.workspace.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(ctx.settings.workspace / "jobs.db") as db:
+        db.execute("CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, kind TEXT, status TEXT, progress REAL, "
+                   "message TEXT, request TEXT, result TEXT, error TEXT, log TEXT, created_at REAL, "
+                   "started_at REAL, finished_at REAL, owner TEXT)")
+        db.execute("INSERT INTO jobs (id, kind, status, progress, message, request, created_at, owner) "
+                   "VALUES ('crashed', ?, 'running', 0.4, 'step 8', ?, ?, ?)",
+                   (kind, json.dumps(request), time.time(), owner))
+    return "crashed"
+
+
+def test_interrupted_training_resumes_from_its_last_checkpoint(ctx, monkeypatch):
+    state = T.TrainingState.of(ctx)
+    run = T.train_command(ctx, PIXEL, "bottle", ["broken_small"], "real only", "", "", 15, 40, 4, 0, False)
+    assert run.cmd[run.cmd.index("--checkpoint-every") + 1] == "8"        # a fifth of the steps
+    out = run.out
+    (out / "checkpoints" / "step-0000016").mkdir(parents=True)
+    (out / "latest").write_text("step-0000016")
+    jid = _crashed_job(ctx, "train", {"cmd": run.cmd, "kind": run.kind, "product": run.product,
+                                      "data": str(run.data), "out": str(out), "plan": run.plan})
+    job = ctx.jobs.get(jid)
+    assert ctx.jobs.recovered == [jid] and job["status"] == "interrupted"
+    line = J.describe(job)
+    assert "— interrupted: the studio process" in line and "press Resume" in line and run.plan in line
+    started = []
+
+    def submit(ctx_, state_, kind, r):            # the trainer itself is not run here
+        started.append((kind, r))
+        return ctx.jobs.submit(kind, lambda jctx: {"out": str(r.out)}, request={"cmd": r.cmd})
+    monkeypatch.setattr(TR, "submit_run", submit)
+    resume = J.bind(TR.resume_run, ctx, state, "train")
+    new, status, _timer = J.on_rerun(ctx, resume, jid)
+    (kind, again), = started
+    assert kind == "train" and again.out == out and again.kind == "pixel-inpaint" and again.product == "bottle"
+    assert "--no-resume" not in again.cmd and again.cmd[0] == sys.executable
+    assert [c for c in run.cmd if c != "--no-resume"][1:] == again.cmd[1:]
+    assert again.plan.endswith("Resuming step-0000016.") and ctx.jobs.wait(new, 10)["status"] == "done"
+    assert "started again as job " + new in J.describe(ctx.jobs.get(jid))
+    with pytest.raises(gr.Error, match="started again already"):
+        J.on_rerun(ctx, resume, jid)
+    with pytest.raises(gr.Error, match="Only an interrupted job"):
+        J.on_rerun(ctx, resume, new)
+    with pytest.raises(gr.Error, match="No interrupted job"):
+        J.on_rerun(ctx, resume, "")
+    with pytest.raises(ValueError, match="no trainer command"):
+        TR.resume_run(ctx, state, "train", {"cmd": ["/bin/sh", "-c", "echo hi"], "out": str(out)})
+    assert "--checkpoint-every" not in T.train_command(ctx, PIXEL, "bottle", [], "real only", "", "", 15, 0, 4, 0,
+                                                       True).cmd                  # a time budget: the default
+
+
+def test_interrupted_experiment_reruns_the_same_request(ctx, monkeypatch):
+    from dataclasses import asdict
+    from studio.curation import CurationDB
+    from studio.experiment import ExperimentRequest
+    from studio.ui import curation_tab as C
+    t = C.CurationState(ctx, CurationDB(ctx.settings.workspace), RunLog(ctx.settings.workspace))
+    export = ctx.settings.workspace / "exports" / "bottle-x"
+    ctx.store.export_mvtec(export, "bottle")
+    req = ExperimentRequest(data=str(export / "bottle"), out=str(ctx.settings.workspace / "runs" / "exp-x"),
+                            generate=["perlin"], repeats=1, per_type=2)
+    jid = _crashed_job(ctx, "experiment", asdict(req))
+    assert "press Rerun" in J.describe(ctx.jobs.get(jid))
+    seen = []
+    monkeypatch.setattr(C, "run_experiment", lambda r, progress, cancelled: seen.append(r) or {"verdict": "x"})
+    new, _status, _timer = J.on_rerun(ctx, J.bind(C.rerun_experiment, t), jid)
+    job = ctx.jobs.wait(new, 30)
+    assert job["status"] == "done" and seen == [req] and job["result"]["out"] == req.out
+    assert t.runlog.get(job["result"]["run_id"])["status"] == "done"
+    with pytest.raises(ValueError, match="data .* is gone"):
+        C.rerun_experiment(t, {**asdict(req), "data": str(ctx.settings.workspace / "gone" / "bottle")})

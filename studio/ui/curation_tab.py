@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import gradio as gr
@@ -212,8 +212,26 @@ def start_experiment(t: CurationState, p, repeats, gens, per_type):
                             out=str(t.ctx.settings.workspace / "runs" / f"experiment-{p}-{stamp}"),
                             workspace=str(t.ctx.settings.workspace))   # its trained pixel-inpaint runs
     req.validate()
+    return _submit_experiment(t, p, req)
+
+
+def _submit_experiment(t: CurationState, p: str, req: ExperimentRequest) -> str:
     return t.ctx.jobs.submit("experiment", lambda jctx, req: _experiment_job(jctx, t, p, req), req,
                              request=asdict(req))
+
+
+def rerun_experiment(t: CurationState, request: dict) -> str:
+    """An interrupted experiment run again with the same request (same export, same output folder:
+    its files are rewritten)."""
+    known = {f.name for f in fields(ExperimentRequest)}
+    try:
+        req = ExperimentRequest(**{k: v for k, v in request.items() if k in known})
+        req.validate()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"this experiment's request cannot be run again: {exc}") from exc
+    if not Path(req.data).is_dir():
+        raise ValueError(f"the experiment's data {req.data} is gone; start a new experiment")
+    return _submit_experiment(t, Path(req.data).name, req)
 
 
 def live_experiment(t: CurationState, job):
@@ -313,7 +331,8 @@ def _experiment_tab(t: CurationState, product):
                                         label="Also generate with (compared on equal terms)")
         exp_per_type = gr.Number(10, label="Generated per damage type", precision=0,
                                  elem_id="cu-exp-per-type")
-    exp = JobPanel(t.ctx, "Run experiment (PatchCore dual bank + segmenter)", "experiment")
+    exp = JobPanel(t.ctx, "Run experiment (PatchCore dual bank + segmenter)", "experiment",
+                   rerun_label="Rerun interrupted experiment")
     exp_verdict = gr.Markdown(elem_id="cu-exp-verdict")
     exp_plot = gr.Plot(label="Result", elem_id="cu-exp-plot")
     exp_result = gr.Dataframe(label="This run: mean [95 % CI] over the repeats", interactive=False,
@@ -323,7 +342,8 @@ def _experiment_tab(t: CurationState, product):
     exp_table = gr.Dataframe(experiments_frame(t.runlog), label="Stored experiments", interactive=False,
                              elem_id="cu-exp-table")
     exp.wire(bind(start_experiment, t), [product, exp_repeats, exp_generate, exp_per_type],
-             bind(live_experiment, t), [exp_verdict, exp_plot, exp_result, exp_report, exp_file, exp_table])
+             bind(live_experiment, t), [exp_verdict, exp_plot, exp_result, exp_report, exp_file, exp_table],
+             rerun=bind(rerun_experiment, t))
 
     def experiments() -> list[dict]:
         """Stored experiments, one row per model and arm (PatchCore: real_only, with_synthetic, delta;

@@ -3,6 +3,8 @@
 The job runs in ``ctx.jobs`` (a thread; state persisted in jobs.db); a ``gr.Timer`` polls it once
 a second while it runs, so the page stays responsive and a reload can re-attach by job id.
 The handlers are module-level functions taking the context first (testable without a server).
+A job the server was running when it died shows as ``interrupted`` with what to do; a panel wired
+with ``rerun`` has a Resume / Rerun button (and a ``<prefix>_rerun`` endpoint) that starts it again.
 """
 from __future__ import annotations
 
@@ -47,6 +49,8 @@ def describe(job: dict) -> str:
         line += f": {job['error']}"
     elif job["status"] == "cancelled":
         line += " (partial results kept where the job saved them)"
+    elif job["status"] == "interrupted":
+        line += f": {job.get('message') or 'the server stopped while it ran'}"
     plan = (job.get("request") or {}).get("plan") if isinstance(job.get("request"), dict) else None
     if plan:               # what the job works on, said before it starts (e.g. a trainer's data)
         line += f"  \n{plan}"
@@ -97,6 +101,20 @@ def on_cancel(ctx: StudioContext, jid):
     return "Cancelling…"
 
 
+def on_rerun(ctx: StudioContext, rerun_fn: Callable[[dict], str], jid):
+    """Start the panel's interrupted job again (a training run resumes from its last checkpoint, an
+    experiment reruns the same request); returns the new job id and its status line."""
+    if not jid:
+        raise gr.Error("No interrupted job to resume or rerun")
+    try:
+        new = ctx.jobs.rerun(str(jid), rerun_fn)
+    except KeyError as exc:
+        raise gr.Error(f"No job {jid!r}") from exc
+    except (ValueError, OSError) as exc:      # not interrupted, started again already, files gone
+        raise gr.Error(str(exc)[:1].upper() + str(exc)[1:]) from exc
+    return new, describe(ctx.jobs.get(new)), gr.Timer(active=True)
+
+
 def job_info(ctx: StudioContext, job_id: str) -> dict:
     """Status of a background job: status, progress, message, result, error."""
     job = ctx.jobs.get(job_id)
@@ -121,7 +139,11 @@ def on_attach(ctx: StudioContext, kinds: tuple[str, ...], live_fn: Callable[[dic
 
 
 class JobPanel:
-    def __init__(self, ctx: StudioContext, start_label: str, prefix: str, idle: str | None = None):
+    """``rerun_label``: the label of the button that starts an interrupted job again (wire the panel
+    with ``rerun``); None: no such button."""
+
+    def __init__(self, ctx: StudioContext, start_label: str, prefix: str, idle: str | None = None,
+                 rerun_label: str | None = None):
         self.ctx, self.prefix = ctx, prefix
         self.kind = prefix.replace("_", "-")   # the job kind its start function submits
         idle = idle if idle is not None else IDLE.get(self.kind, f"Nothing run yet — press **{start_label}**.")
@@ -129,6 +151,7 @@ class JobPanel:
         with gr.Row():
             self.start = gr.Button(start_label, variant="primary", elem_id=f"{prefix}-start")
             self.cancel = gr.Button("Cancel", variant="stop", elem_id=f"{prefix}-cancel")
+            self.rerun = gr.Button(rerun_label, elem_id=f"{prefix}-rerun") if rerun_label else None
         self.job_id = gr.State(None)           # internal: never shown
         self.status = gr.Markdown(idle, elem_id=f"{prefix}-status")
         self.timer = gr.Timer(1.0, active=False)
@@ -136,10 +159,12 @@ class JobPanel:
             self.api_job_id = gr.Textbox(label="api job")
 
     def wire(self, start_fn: Callable[..., str], inputs: list, live_fn: Callable[[dict], tuple],
-             outputs: list, attach: tuple[str, ...] | None = None) -> None:
+             outputs: list, attach: tuple[str, ...] | None = None,
+             rerun: Callable[[dict], str] | None = None) -> None:
         """``start_fn(*inputs) -> job id``; ``live_fn(job) -> values for outputs`` on every tick.
         ``attach``: job kinds whose newest job the panel shows on page load (progress or results;
-        default: the panel's own kind, ``prefix`` with ``-`` for ``_``)."""
+        default: the panel's own kind, ``prefix`` with ``-`` for ``_``). ``rerun(request) -> job
+        id``: starts an interrupted job of the panel again (its button, ``<prefix>_rerun``)."""
         attach = (self.kind,) if attach is None else attach
         ctx = self.ctx
 
@@ -155,6 +180,11 @@ class JobPanel:
         self.cancel.click(bind(on_cancel, ctx), self.job_id, self.status, api_name=False)
         api_endpoint(bind(on_cancel, ctx), self.api_job_id, self.status, f"{self.prefix}_cancel")
         gr.api(job_status, api_name=f"{self.prefix}_job")   # gr.api needs type hints (no partial)
+        if rerun is not None:
+            again = bind(on_rerun, ctx, rerun)
+            if self.rerun is not None:
+                self.rerun.click(again, self.job_id, [self.job_id, self.status, self.timer], api_name=False)
+            api_endpoint(again, self.api_job_id, [self.api_job_id, self.status, self.timer], f"{self.prefix}_rerun")
         if attach:
             root = gr.context.Context.root_block
             root.load(bind(on_attach, ctx, tuple(attach), live_fn, len(outputs), self.idle), None,

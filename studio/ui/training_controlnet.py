@@ -15,7 +15,8 @@ from pipelines.training.trainers import TRAINERS
 from studio.context import StudioContext
 from studio.ui.checks import optional_path, product_name, run_folder, server_path
 from studio.ui.jobs_panel import JobPanel, bind
-from studio.ui.training_runs import TrainCommand, adapters_root, data_plan, on_product, run_views, submit_run
+from studio.ui.training_runs import (TrainCommand, adapters_root, data_plan, on_product, resume_run, run_views,
+                                     submit_run)
 
 KIND = TRAINERS["controlnet"].kind
 
@@ -89,7 +90,7 @@ def build(ctx: StudioContext, state) -> None:
                     w["steps"] = gr.Number(0, label="…or steps (0 = time)", precision=0)
                 w["lr"] = gr.Number(0, label="Learning rate (0 = 1e-5)")
                 w["resume"] = gr.Checkbox(True, label="Resume the run's last checkpoint")
-                panel = JobPanel(ctx, "Train ControlNet", "train_controlnet",
+                panel = JobPanel(ctx, "Train ControlNet", "train_controlnet", rerun_label="Resume interrupted run",
                                  idle="No ControlNet run yet — pick a product and press **Train ControlNet**.")
             with gr.Column(scale=2):
                 loss = gr.Plot(None, label="Loss")
@@ -98,4 +99,5 @@ def build(ctx: StudioContext, state) -> None:
         w["product"].change(bind(on_product, ctx), w["product"], w["types"], api_name=False)
         panel.wire(bind(start_controlnet, ctx, state),
                    [w[k] for k in ("product", "types", "model", "init", "name", "minutes", "steps", "lr", "resume")],
-                   bind(live_controlnet, state), [loss, grid])
+                   bind(live_controlnet, state), [loss, grid],
+                   rerun=bind(resume_run, ctx, state, "train-controlnet"))

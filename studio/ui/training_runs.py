@@ -1,13 +1,15 @@
 """What every trainer panel of the Training tab shares (the tab, :mod:`studio.ui.training_wall`,
 :mod:`studio.ui.training_controlnet`): a run's command (:class:`TrainCommand`), the tab's per-app
 state (:class:`TrainingState`), the run folder, the data plan checked before a run starts, the
-background job that runs ``python -m studio train --kind …`` (:func:`submit_run`, :func:`train_job`)
-and a run's live views. The panels import this module; it imports none of them.
+background job that runs ``python -m studio train --kind …`` (:func:`submit_run`, :func:`train_job`),
+the resume of a run the server was running when it died (:func:`resume_run`) and a run's live
+views. The panels import this module; it imports none of them.
 """
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,8 +92,40 @@ def submit_run(ctx: StudioContext, state: TrainingState, job_kind: str, run: Tra
     removed: a second start resumes)."""
     run.out.mkdir(parents=True, exist_ok=True)
     (run.out / "CANCEL").unlink(missing_ok=True)
-    request = {"cmd": run.cmd, "plan": run.plan} if run.plan else {"cmd": run.cmd}
+    request = {"cmd": run.cmd, "kind": run.kind, "product": run.product, "data": str(run.data),
+               "out": str(run.out), **({"plan": run.plan} if run.plan else {})}
     return ctx.jobs.submit(job_kind, train_job, run, state, request=request)
+
+
+def checkpoint_flags(steps) -> list[str]:
+    """A run of ``steps`` steps checkpoints at least every fifth of them (at most every 100), so a
+    run the server was running when it died resumes from most of its steps."""
+    return ["--checkpoint-every", str(max(1, min(100, int(steps) // 5)))] if steps else []
+
+
+def _flag(cmd: list[str], name: str) -> str | None:
+    return cmd[cmd.index(name) + 1] if name in cmd[:-1] else None
+
+
+def resume_run(ctx: StudioContext, state: TrainingState, job_kind: str, request: dict) -> str:
+    """Start an interrupted training job again (:meth:`studio.jobs.JobManager.rerun`): the same
+    trainer command, resuming the run's last checkpoint (``--no-resume`` dropped; no checkpoint yet:
+    the run starts over). Only a ``python -m studio train`` command is run, with this interpreter."""
+    cmd = [str(c) for c in (request.get("cmd") or [])]
+    if cmd[1:4] != ["-m", "studio", "train"]:
+        raise ValueError("this job has no trainer command to resume; start the run again from its panel")
+    cmd = [sys.executable, *[c for c in cmd[1:] if c != "--no-resume"]]
+    out = request.get("out") or _flag(cmd, "--out")
+    if not out:
+        raise ValueError("this job names no run folder to resume")
+    data = request.get("data") or _flag(cmd, "--data") or ""
+    kind = request.get("kind") or _flag(cmd, "--kind") or "pixel-inpaint"
+    plan = (request.get("plan") or "").split("  \nResuming ")[0]
+    run = TrainCommand(cmd, kind, request.get("product") or Path(data).name, Path(data), Path(out), plan)
+    latest = run.out / "latest"
+    if latest.is_file():
+        run.plan = (run.plan + "  \n" if run.plan else "") + f"Resuming {latest.read_text().strip()}."
+    return submit_run(ctx, state, job_kind, run)
 
 
 def train_job(jctx, run: TrainCommand, state: TrainingState) -> dict:

@@ -1,7 +1,8 @@
 """Training tab: LoRA + damage-type embeddings for an SD 1.5 inpainting folder, or the offline
 pixel-inpaint model. Each run is a separate process (`python -m studio train …`), so the UI stays
 responsive; progress comes from its output, the loss curve from its history file, cancel asks it
-to stop cleanly (it keeps its last checkpoint) and a second start resumes.
+to stop cleanly (it keeps its last checkpoint) and a second start resumes; a run the server was
+running when it died shows as interrupted, and **Resume interrupted run** continues it.
 
 Handlers are module-level functions taking the context first (testable without a server); the
 tab's per-app state (run log, output folder of each running job) is a :class:`TrainingState`
@@ -19,8 +20,8 @@ from studio.context import StudioContext
 from studio.ui import training_controlnet, training_wall
 from studio.ui.checks import optional_path, product_name, run_folder
 from studio.ui.jobs_panel import JobPanel, bind
-from studio.ui.training_runs import (TrainCommand, TrainingState, adapters_root, data_plan, on_product,
-                                     run_views, submit_run, trained_adapters)
+from studio.ui.training_runs import (TrainCommand, TrainingState, adapters_root, checkpoint_flags, data_plan,
+                                     on_product, resume_run, run_views, submit_run, trained_adapters)
 
 # the main panel's trainers (label → TRAINERS kind); wall and ControlNet have their own panels
 KINDS = {TRAINERS[k].label: k for k in ("pixel-inpaint", "lora")}
@@ -54,7 +55,8 @@ def train_command(ctx: StudioContext, kind, product, types, data, model, name, m
         extra = cat
         cmd += ["--extra-data", str(cat)]       # the trainer reads only its synthetic/ (+ provenance)
     plan = data_plan(cat, list(types or []) or None, extra, f"{kind_id} training data")
-    cmd += ["--steps", str(int(steps))] if steps else ["--minutes", str(float(minutes or 15))]
+    cmd += ["--steps", str(int(steps)), *checkpoint_flags(steps)] if steps else \
+        ["--minutes", str(float(minutes or 15))]
     if kind_id == "lora":
         cmd += ["--rank", str(int(rank))] + (["--model", model] if model else [])
     if rate:
@@ -101,7 +103,7 @@ def _settings(ctx: StudioContext) -> dict:
         w["rank"] = gr.Slider(1, 64, 4, step=1, label="LoRA rank")
         w["lr"] = gr.Number(0, label="Learning rate (0 = default)")
     w["resume"] = gr.Checkbox(True, label="Resume the run's last checkpoint", elem_id="tr-resume")
-    w["panel"] = JobPanel(ctx, "Train", "train")
+    w["panel"] = JobPanel(ctx, "Train", "train", rerun_label="Resume interrupted run")
     return w
 
 
@@ -130,5 +132,6 @@ def build(ctx: StudioContext) -> list:
     s["panel"].wire(bind(start, ctx, state),
                     [s["kind"], s["product"], s["types"], s["data"], s["model"], s["name"], s["minutes"],
                      s["steps"], s["rank"], s["lr"], s["resume"]],
-                    bind(live, ctx, state), [r["loss"], r["grid"], r["adapters"]])
+                    bind(live, ctx, state), [r["loss"], r["grid"], r["adapters"]],
+                    rerun=bind(resume_run, ctx, state, "train"))
     return [(types_for, [s["product"]], [s["types"]]), (bind(list_adapters, ctx), [], [r["adapters"]])]

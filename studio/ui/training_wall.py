@@ -16,7 +16,7 @@ from pipelines.training.trainers import TRAINERS
 from studio.context import StudioContext
 from studio.ui.checks import optional_path, run_folder, server_path
 from studio.ui.jobs_panel import JobPanel, bind
-from studio.ui.training_runs import TrainCommand, adapters_root, run_views, submit_run
+from studio.ui.training_runs import TrainCommand, adapters_root, resume_run, run_views, submit_run
 
 REFERENCES = {"auto (IP-Adapter when its weights are found)": "auto",
               "IP-Adapter (required)": "ip-adapter", "none (unconditional)": "none"}
@@ -131,7 +131,7 @@ def build(ctx: StudioContext, state) -> None:
                 w["color_loss"] = gr.Number(0, label="Colour-consistency loss weight (0 = off)")
                 w["colors"] = gr.Textbox("", label="Validation colours (#RRGGBB, comma-separated; default each wall's own)")
                 w["resume"] = gr.Checkbox(True, label="Resume the run's last checkpoint")
-                panel = JobPanel(ctx, "Train wall colour", "train_wall",
+                panel = JobPanel(ctx, "Train wall colour", "train_wall", rerun_label="Resume interrupted run",
                                  idle="No wall run yet — give a photos folder and press **Train wall colour** "
                                       "(about 15 min by default).")
             with gr.Column(scale=2):
@@ -143,4 +143,5 @@ def build(ctx: StudioContext, state) -> None:
         panel.wire(bind(start_wall, ctx, state),
                    [w[k] for k in ("folder", "masks", "model", "name", "minutes", "steps", "rank", "prob",
                                    "reference", "method", "color_loss", "colors", "resume")],
-                   bind(live_wall, ctx, state), [loss, grid, metrics])
+                   bind(live_wall, ctx, state), [loss, grid, metrics],
+                   rerun=bind(resume_run, ctx, state, "train-wall"))
