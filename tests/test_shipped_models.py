@@ -211,7 +211,8 @@ def test_backend_lists_come_from_the_registry():
     assert set(registry.plan_defaults()) == {"perlin", "cutpaste"}
     assert set(experiment_choices()) <= set(registry.generator_names("damage"))
     # no module keeps its own list of backend names
-    for path in [ROOT / "studio" / "__main__.py", *sorted((ROOT / "studio" / "ui").glob("*.py"))]:
+    for path in [ROOT / "studio" / "__main__.py", *sorted((ROOT / "studio" / "cli").glob("*.py")),
+                 *sorted((ROOT / "studio" / "ui").glob("*.py"))]:
         text = path.read_text()
         assert not re.search(r"""["']perlin["']\s*,\s*["']cutpaste["']|["']cutpaste["']\s*,\s*["']perlin["']""", text), path
 
