@@ -176,15 +176,17 @@ def clean_orphans(ctx: StudioContext, min_age_s: float | None = None) -> list[st
 
 def start_up(ctx: StudioContext) -> threading.Thread:
     """What every start does before the first page: :func:`recover_jobs` now; :func:`clean_orphans`
-    in a thread (a large store takes a while to list), once more after the age limit (files too
-    young at the first pass — a crash just before this start — are old enough then)."""
+    in a thread (a large store takes a while to list), once more after the age limit when the first
+    pass kept files too young to remove (a crash just before this start: old enough then)."""
     recover_jobs(ctx)
 
     def clean() -> None:
         try:
             clean_orphans(ctx)
-            time.sleep(max(ctx.settings.orphan_min_age_s, 0) + 1)
-            clean_orphans(ctx)
+            age = ctx.settings.orphan_min_age_s
+            if age > 0 and ctx.store.orphan_files(0):
+                time.sleep(age + 1)
+                clean_orphans(ctx)
         except Exception:  # noqa: BLE001 — a failed clean-up must not stop the studio: logged
             log.exception("start-up clean-up failed")
     thread = threading.Thread(target=clean, name="orphan-clean-up", daemon=True)

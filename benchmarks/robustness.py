@@ -8,16 +8,21 @@
   ``PRAGMA integrity_check``.
 - **crashes**: K × ``kill -9`` of the server at a random moment during that load, restart each time:
   every accept acknowledged before the kill is present (status and both files), no row names a
-  missing file, orphan files (written before a row that never committed) counted and removed by
-  ``Store.gc_orphans`` while the server is down, integrity ok.
+  missing file, orphan files (written before a row that never committed) counted while the server
+  is down and removed by the restarted studio's start-up clean-up (none left), integrity ok.
+- **jobs**: one ``kill -9`` during a training run (pixel-inpaint, a few steps, after its first
+  checkpoint) and one during an experiment (the demo product, one repeat): after the restart each
+  job (and its run row) shows as interrupted; the training run resumes from its last checkpoint to
+  the step target, the experiment reruns to its report.
 - **bad inputs**: a corpus (≥ 40 cases) through the named API endpoints and the CLI — broken,
   huge, odd-format files, wrong masks, bad names, unknown types / backends, negative / NaN / huge
   numbers — each must be answered with a message saying what is wrong (a per-case pattern), the
   server must still serve, and a refused call must leave the store as it was.
 - **security**: traversal names, folders outside the data roots, served paths, public bind.
 
-``--short`` (a few seconds of load, 2 kills, the whole corpus) is what ``tests/test_robustness.py``
-runs. Prints a Markdown table; ``--json FILE`` writes every figure.
+``--short`` (a few seconds of load, 2 kills, the training kill, the whole corpus; the experiment
+kill only in the full run: minutes on 2 cores) is what ``tests/test_robustness.py`` runs. Prints a
+Markdown table; ``--json FILE`` writes every figure.
 """
 from __future__ import annotations
 
@@ -62,7 +67,10 @@ def server_env(ws: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("DEFECT_STUDIO_DATA_ROOTS", "DEFECT_STUDIO_AUTH",
                                                              "DEFECT_STUDIO_HOST")}
     env.update(DEFECT_STUDIO_WORKSPACE=str(ws), DEFECT_STUDIO_DEMO=str(DEMO), DEFECT_STUDIO_EXAMPLES="none",
-               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+               # the studio is the only writer of this workspace: its start-up clean-up may remove
+               # every orphan at once (the default keeps files younger than a minute)
+               DEFECT_STUDIO_ORPHAN_MIN_AGE_S="0")
     return env
 
 
@@ -89,6 +97,21 @@ class Server:
                 return time.monotonic() - t0
             time.sleep(0.1)
         raise RuntimeError("the studio did not answer in time")
+
+    def log_size(self) -> int:
+        return self.log.stat().st_size if self.log.exists() else 0
+
+    def wait_log(self, pattern: str, since: int, timeout: float = 60) -> re.Match | None:
+        """The first match of ``pattern`` in what the server logged after byte ``since``."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            with open(self.log, "rb") as fh:
+                fh.seek(since)
+                m = re.search(pattern, fh.read().decode(errors="replace"))
+            if m:
+                return m
+            time.sleep(0.2)
+        return None
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None and http_status(self.url) == 200
@@ -286,18 +309,136 @@ def run_crashes(server: Server, kills: int, users: int, work: Path, rng: random.
         server.kill9()                                   # at a random moment of the load
         load.finish(timeout=30)
         acked_all += load.acked
-        with Store(server.ws) as s:                      # the server is down: a start-up clean-up
-            orphans = s.gc_orphans(min_age_s=0)
-        restart = server.start()
+        with Store(server.ws) as s:                      # the server is down: what the kill left
+            found = len(s.orphan_files(0))
+        mark = server.log_size()
+        restart = server.start()                         # its start-up clean-up removes them
+        m = server.wait_log(r"start-up clean-up: removed (\d+) orphan", mark)
+        with Store(server.ws) as s:                      # no load now: nothing is being written
+            left = len(s.orphan_files(0))
         facts = store_facts(server.ws, acked_all)
-        rows.append({"kill": k + 1, "acked_this_round": len(load.acked), "orphans_removed": orphans,
+        rows.append({"kill": k + 1, "acked_this_round": len(load.acked), "orphans_found": found,
+                     "orphans_removed": int(m.group(1)) if m else None, "orphans_left": left,
                      "restart_s": round(restart, 1), **facts})
     lost = sum(r["acked_missing"] + r["acked_without_files"] for r in rows[-1:])
     return {"kills": kills, "acked": len(acked_all), "lost": lost,
-            "orphans_removed": sum(r["orphans_removed"] for r in rows),
+            "orphans_found": sum(r["orphans_found"] for r in rows),
+            "orphans_removed": sum(r["orphans_removed"] or 0 for r in rows),
+            "orphans_left": sum(r["orphans_left"] for r in rows),
+            "cleanup_logged": all(r["orphans_removed"] is not None for r in rows),
             "dangling_rows": max((r["dangling_rows"] for r in rows), default=0),
             "integrity_ok": all(r["integrity"] == "ok" for r in rows),
             "restart_s_max": max((r["restart_s"] for r in rows), default=0.0), "rounds": rows}
+
+
+# -- kill -9 during a training run and during an experiment ---------------------------------------------
+PIXEL = "pixel-inpaint (offline, trains from scratch)"
+FINISHED = ("done", "failed", "cancelled", "interrupted")
+EXP_PRODUCT, EXP_GENERATOR = "brushed_metal", "perlin"     # a product the load does not touch
+
+
+def job_of(c, prefix: str, jid: str) -> dict:
+    return call(c, jid, api=f"/{prefix}_job")
+
+
+def wait_job(c, prefix: str, jid: str, until, timeout: float) -> dict:
+    t0 = time.monotonic()
+    while True:
+        job = job_of(c, prefix, jid)
+        if until(job) or time.monotonic() - t0 > timeout:
+            return job
+        time.sleep(0.5)
+
+
+def trainers_writing(out: Path) -> int:
+    """Trainer processes still writing ``out`` (the killed server's child stops at its next
+    progress line: its output pipe is gone)."""
+    n = 0
+    for d in Path("/proc").iterdir():
+        try:
+            args = (d / "cmdline").read_bytes().split(b"\0") if d.name.isdigit() else []
+        except OSError:
+            continue
+        n += b"train" in args and str(out).encode() in args
+    return n
+
+
+def run_row(ws: Path, kind: str, job_id: str) -> str | None:
+    """The status of the run a job recorded (studio.db's runs table)."""
+    from studio.runs import RunLog
+    log = RunLog(ws)
+    try:
+        return next((r["status"] for r in log.list(kind) if r.get("job_id") == job_id), None)
+    finally:
+        log.db.conn.close()
+
+
+def _kill_and_restart(server: Server) -> float:
+    server.kill9()
+    return server.start()
+
+
+def kill_during_training(server: Server, steps: int, timeout: float = 900) -> dict:
+    """Start a pixel-inpaint run of ``steps`` steps in the Training tab, kill -9 the server once the
+    run has a checkpoint, restart: the job and its run row must show as interrupted, and Resume must
+    continue from the last checkpoint to the step target."""
+    c = client(server.url)
+    name = "rb-train"
+    out = server.ws / "adapters" / name
+    t0 = time.monotonic()
+    jid, _, _ = call(c, PIXEL, PRODUCT, [], "real only", "", name, 15, steps, 4, 0, True, api="/train_start")
+    job = wait_job(c, "train", jid, lambda j: (out / "latest").is_file() or j["status"] in FINISHED, timeout)
+    res = {"steps": steps, "killed": job["status"] == "running", "killed_after_s": round(time.monotonic() - t0, 1)}
+    if not res["killed"]:
+        return {**res, "ok": False, "why": f"the run was {job['status']} before the kill: {job.get('error')}"}
+    res["checkpoint_at_kill"] = (out / "latest").read_text().strip()
+    res["restart_s"] = round(_kill_and_restart(server), 1)
+    t1 = time.monotonic()
+    while trainers_writing(out) and time.monotonic() - t1 < 30:
+        time.sleep(0.5)
+    res["orphan_trainers"] = trainers_writing(out)
+    c = client(server.url)
+    shown = job_of(c, "train", jid)
+    res.update(shown=shown["status"], message=shown["message"], run_row=run_row(server.ws, "train-pixel-inpaint", jid))
+    latest = (out / "latest").read_text().strip()
+    res["resumed_from"] = latest
+    t2 = time.monotonic()
+    new, status, _ = call(c, jid, api="/train_rerun")
+    done = wait_job(c, "train", new, lambda j: j["status"] in FINISHED, timeout)
+    r = done.get("result") or {}
+    res.update(resumed=done["status"], resume_s=round(time.monotonic() - t2, 1), final_step=r.get("step"),
+               steps_this_run=r.get("steps_this_run"), error=done.get("error"))
+    res["ok"] = (res["shown"] == "interrupted" and res["run_row"] == "interrupted" and res["orphan_trainers"] == 0
+                 and done["status"] == "done" and r.get("step") == steps
+                 and r.get("steps_this_run") == steps - int(latest.rsplit("-", 1)[-1]))
+    return res
+
+
+def kill_during_experiment(server: Server, repeats: int = 1, per_type: int = 4, timeout: float = 1800) -> dict:
+    """Start an experiment (``EXP_PRODUCT``, ``EXP_GENERATOR`` inside the protocol) in the Curation
+    tab, kill -9 the server while it runs, restart: the job and its run row must show as
+    interrupted, and Rerun must run the same request to its report."""
+    c = client(server.url)
+    t0 = time.monotonic()
+    jid, _, _ = call(c, EXP_PRODUCT, repeats, [EXP_GENERATOR], per_type, api="/experiment_start")
+    job = wait_job(c, "experiment", jid, lambda j: (j["progress"] or 0) >= 0.05 or j["status"] in FINISHED, timeout)
+    res = {"repeats": repeats, "killed": job["status"] == "running", "killed_at_progress": job["progress"],
+           "killed_after_s": round(time.monotonic() - t0, 1)}
+    if not res["killed"]:
+        return {**res, "ok": False, "why": f"the experiment was {job['status']} before the kill: {job.get('error')}"}
+    res["restart_s"] = round(_kill_and_restart(server), 1)
+    c = client(server.url)
+    shown = job_of(c, "experiment", jid)
+    res.update(shown=shown["status"], message=shown["message"], run_row=run_row(server.ws, "experiment", jid))
+    t2 = time.monotonic()
+    new, status, _ = call(c, jid, api="/experiment_rerun")
+    done = wait_job(c, "experiment", new, lambda j: j["status"] in FINISHED, timeout)
+    out = Path((done.get("result") or {}).get("out") or server.ws / "none")
+    res.update(rerun=done["status"], rerun_s=round(time.monotonic() - t2, 1), error=done.get("error"),
+               report=(out / "report.md").is_file())
+    res["ok"] = (res["shown"] == "interrupted" and res["run_row"] == "interrupted" and done["status"] == "done"
+                 and res["report"])
+    return res
 
 
 # -- the bad-input corpus ---------------------------------------------------------------------------
@@ -437,7 +578,9 @@ def api_cases(url: str, ws: Path, files: dict[str, Path], work: Path) -> list[Ca
         Case("n = NaN (raw HTTP)", "generate", raw_gen(n="NaN"), r"candidates|NaN"),
         Case("n = 1e30", "generate", gen(n=1e30), r"candidates|maximum value"),
         Case("seed = -5", "generate", gen(seed=-5), r"seed"),
-        Case("seed = NaN (raw HTTP)", "generate", raw_gen(seed="NaN"), r"seed|NaN"),
+        Case("seed = NaN (raw HTTP)", "generate", raw_gen(seed="NaN"), r"seed must be"),
+        Case("seed = NaN (gradio_client)", "generate", gen(seed=nan), r"JSON compliant"),
+        Case("seed = 2.5", "generate", gen(seed=2.5), r"seed must be an integer"),
         Case("seed = 1e30", "generate", gen(seed=1e30), r"seed"),
         Case("strength = -1", "generate", gen(strength=-1), r"strength|minimum value"),
         Case("strength = NaN (raw HTTP)", "generate", raw_gen(strength="NaN"), r"strength"),
@@ -609,47 +752,84 @@ def run_security(server: Server, work: Path) -> dict:
 
 
 # -- the table -----------------------------------------------------------------------------------------
+PARTS = ("load", "crashes", "jobs", "corpus", "security")
+
+
 def table(res: dict) -> str:
-    L, C, B, S = res["load"], res["crashes"], res["corpus"], res["security"]
+    """One Markdown table of the parts that ran."""
     ok = lambda x: "ok" if x else "FAIL"  # noqa: E731
-    lines = ["| check | result |", "|---|---|",
-             f"| load: users × seconds | {L['users']} × {L['seconds']:g} s, generate {BACKEND} × 4 → accept 1 |",
-             f"| load: throughput | {L['loops_per_s']:.2f} generate+accept loops/s ({L['calls_per_s']:.2f} calls/s) |",
-             f"| load: generate latency p50 / p95 | {L['generate_p50_s']:.2f} s / {L['generate_p95_s']:.2f} s |",
-             f"| load: accept latency p50 / p95 | {L['accept_p50_s']:.2f} s / {L['accept_p95_s']:.2f} s |",
-             f"| load: errors | {L['errors']} |",
-             f"| load: accepted in the store = acknowledged | {L['accepted_in_store']} = {L['acked']} "
-             f"({ok(L['accepted_in_store'] == L['acked'] and not L['acked_missing'])}) |",
-             f"| load: PRAGMA integrity_check | {L['integrity']} |",
-             f"| crashes: kill -9 during load, restarts | {C['kills']} (restart ≤ {C['restart_s_max']:g} s) |",
-             f"| crashes: acknowledged accepts lost | {C['lost']} of {C['acked']} ({ok(C['lost'] == 0)}) |",
-             f"| crashes: rows naming a missing file | {C['dangling_rows']} |",
-             f"| crashes: orphan files removed by Store.gc_orphans | {C['orphans_removed']} |",
-             f"| crashes: integrity after every restart | {ok(C['integrity_ok'])} |",
-             f"| bad inputs: answered as expected with a clear message | {B['ok']} / {B['cases']} "
-             f"({B['api']} API, {B['cli']} CLI) |",
-             f"| bad inputs: refused calls that changed the store | "
-             f"{sum(1 for r in B['rows'] if r['answer'] == 'refused' and not r['store_unchanged'])} |",
-             f"| bad inputs: server still serving | {ok(B['server_alive'])} |",
-             f"| security: attempts refused | {S['refused_ok']} / {S['attempts']} |"]
+    lines = ["| check | result |", "|---|---|"]
+    L = res.get("load")
+    if L:
+        lines += [
+            f"| load: users × seconds | {L['users']} × {L['seconds']:g} s, generate {BACKEND} × 4 → accept 1 |",
+            f"| load: throughput | {L['loops_per_s']:.2f} generate+accept loops/s ({L['calls_per_s']:.2f} calls/s) |",
+            f"| load: generate latency p50 / p95 | {L['generate_p50_s']:.2f} s / {L['generate_p95_s']:.2f} s |",
+            f"| load: accept latency p50 / p95 | {L['accept_p50_s']:.2f} s / {L['accept_p95_s']:.2f} s |",
+            f"| load: errors | {L['errors']} |",
+            f"| load: accepted in the store = acknowledged | {L['accepted_in_store']} = {L['acked']} "
+            f"({ok(L['accepted_in_store'] == L['acked'] and not L['acked_missing'])}) |",
+            f"| load: PRAGMA integrity_check | {L['integrity']} |"]
+    C = res.get("crashes")
+    if C:
+        lines += [
+            f"| crashes: kill -9 during load, restarts | {C['kills']} (restart ≤ {C['restart_s_max']:g} s) |",
+            f"| crashes: acknowledged accepts lost | {C['lost']} of {C['acked']} ({ok(C['lost'] == 0)}) |",
+            f"| crashes: rows naming a missing file | {C['dangling_rows']} |",
+            f"| crashes: orphan files the kills left → removed by the studio's start-up clean-up | "
+            f"{C['orphans_found']} → {C['orphans_removed']} removed, {C['orphans_left']} left "
+            f"({ok(C['orphans_left'] == 0 and C['cleanup_logged'])}) |",
+            f"| crashes: integrity after every restart | {ok(C['integrity_ok'])} |"]
+    lines += job_rows(res.get("jobs") or {}, ok)
+    B = res.get("corpus")
+    if B:
+        lines += [
+            f"| bad inputs: answered as expected with a clear message | {B['ok']} / {B['cases']} "
+            f"({B['api']} API, {B['cli']} CLI) |",
+            f"| bad inputs: refused calls that changed the store | "
+            f"{sum(1 for r in B['rows'] if r['answer'] == 'refused' and not r['store_unchanged'])} |",
+            f"| bad inputs: server still serving | {ok(B['server_alive'])} |"]
+    S = res.get("security")
+    if S:
+        lines.append(f"| security: attempts refused | {S['refused_ok']} / {S['attempts']} |")
     return "\n".join(lines)
+
+
+def job_rows(J: dict, ok) -> list[str]:
+    rows = []
+    t = J.get("training")
+    if t:
+        rows.append(f"| jobs: kill -9 during a training run ({t['steps']} steps) | " + (
+            f"shown {t.get('shown')} (run row {t.get('run_row')}), resumed from {t.get('resumed_from')}: "
+            f"{t.get('resumed')} at step {t.get('final_step')} ({t.get('steps_this_run')} steps this run) "
+            f"({ok(t['ok'])}) |" if t.get("killed") else f"{t.get('why')} (FAIL) |"))
+    e = J.get("experiment")
+    if e:
+        rows.append(f"| jobs: kill -9 during an experiment ({EXP_PRODUCT}, {e['repeats']} repeat) | " + (
+            f"killed at {100 * (e.get('killed_at_progress') or 0):.0f} %, shown {e.get('shown')} (run row "
+            f"{e.get('run_row')}), rerun: {e.get('rerun')} in {e.get('rerun_s')} s ({ok(e['ok'])}) |"
+            if e.get("killed") else f"{e.get('why')} (FAIL) |"))
+    return rows
 
 
 def case_table(res: dict) -> str:
     lines = ["| via | case | expected | answer | ok | message |", "|---|---|---|---|---|---|"]
-    for r in res["corpus"]["rows"]:
+    for r in (res.get("corpus") or {}).get("rows", []):
         msg = r["message"].replace("|", "/").replace("\n", " ")[:110]
         mark = "✓" if r["ok"] else "✗"
         lines.append(f"| {r['via']} | {r['case']} | {r['expected']} | {r['answer']} | {mark} | {msg} |")
     lines += ["", "| security attempt | ok | answer |", "|---|---|---|"]
-    for r in res["security"]["rows"]:
+    for r in (res.get("security") or {}).get("rows", []):
         msg = r["message"].replace("|", "/").replace("\n", " ")[:110]
         lines.append(f"| {r['attempt']} | {'✓' if r['ok'] else '✗'} | {msg} |")
     return "\n".join(lines)
 
 
 def run(users: int, seconds: float, kills: int, crash_users: int, window: tuple[float, float],
-        workdir: Path | None = None, seed: int = 0) -> dict:
+        workdir: Path | None = None, seed: int = 0, train_steps: int = 20, experiment: bool = True,
+        parts: tuple[str, ...] = PARTS) -> dict:
+    """Every part in ``parts`` (:data:`PARTS`) on one fresh workspace; ``train_steps``: the killed
+    training run's step target (0: no training kill); ``experiment``: the experiment kill too."""
     base = Path(workdir or tempfile.mkdtemp(prefix="robustness-"))
     ws = base / "workspace"
     ws.mkdir(parents=True)
@@ -657,10 +837,20 @@ def run(users: int, seconds: float, kills: int, crash_users: int, window: tuple[
     res: dict = {}
     try:
         res["first_start_s"] = server.start()
-        res["load"] = run_load(ws, server.url, users, seconds, base / "load")
-        res["crashes"] = run_crashes(server, kills, crash_users, base / "crash", random.Random(seed), window)
-        res["corpus"] = run_corpus(server, base / "corpus")
-        res["security"] = run_security(server, base)
+        if "load" in parts:
+            res["load"] = run_load(ws, server.url, users, seconds, base / "load")
+        if "crashes" in parts:
+            res["crashes"] = run_crashes(server, kills, crash_users, base / "crash", random.Random(seed), window)
+        if "jobs" in parts:
+            res["jobs"] = {}
+            if train_steps:
+                res["jobs"]["training"] = kill_during_training(server, train_steps)
+            if experiment:
+                res["jobs"]["experiment"] = kill_during_experiment(server)
+        if "corpus" in parts:
+            res["corpus"] = run_corpus(server, base / "corpus")
+        if "security" in parts:
+            res["security"] = run_security(server, base)
     finally:
         server.stop()
     if workdir is None:
@@ -674,16 +864,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=120)
     p.add_argument("--kills", type=int, default=10)
     p.add_argument("--crash-users", type=int, default=4, help="users during the kill rounds")
-    p.add_argument("--short", action="store_true", help="3 users × 4 s, 2 kills, the whole corpus")
+    p.add_argument("--short", action="store_true",
+                   help="3 users × 4 s, 2 kills, the training kill (10 steps), the whole corpus; no experiment kill")
+    p.add_argument("--train-steps", type=int, default=20, help="step target of the killed training run (0: none)")
+    p.add_argument("--no-experiment", action="store_true", help="skip the kill during an experiment")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)} "
+                                                           "(the table shows the parts run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--cases", action="store_true", help="also print one row per corpus case and attempt")
     a = p.parse_args(argv)
     if a.short:
-        a.users, a.seconds, a.kills, a.crash_users = 3, 4, 2, 2
+        a.users, a.seconds, a.kills, a.crash_users, a.train_steps, a.no_experiment = 3, 4, 2, 2, 10, True
     window = (1.0, 3.0) if a.short else (2.0, 8.0)
+    parts = tuple(x for x in a.parts.split(",") if x)
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        p.error(f"unknown parts {sorted(unknown)}; choose from {','.join(PARTS)}")
     t0 = time.monotonic()
-    res = run(a.users, a.seconds, a.kills, a.crash_users, window, seed=a.seed)
+    res = run(a.users, a.seconds, a.kills, a.crash_users, window, seed=a.seed, train_steps=a.train_steps,
+              experiment=not a.no_experiment, parts=parts)
     res["total_s"] = time.monotonic() - t0
     print(table(res))
     if a.cases:

@@ -1,6 +1,7 @@
 """What benchmarks/robustness.py found, kept: numbers of a generate request are checked with a message
 naming them, an EXIF-rotated photo is read upright; and the benchmark's short mode on a live studio
-(load, 2 × kill -9, the whole bad-input corpus, the security attempts)."""
+(load, 2 × kill -9 and the start-up clean-up, a kill -9 during a training run that then resumes, the
+whole bad-input corpus, the security attempts)."""
 from __future__ import annotations
 
 import sys
@@ -50,12 +51,18 @@ def test_robustness_benchmark_short_mode(tmp_path, capsys):
     """``python benchmarks/robustness.py --short`` on a live studio: every figure the issue asks for."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import robustness
-    res = robustness.run(users=3, seconds=4, kills=2, crash_users=2, window=(1.0, 3.0), workdir=tmp_path / "rb")
+    res = robustness.run(users=3, seconds=4, kills=2, crash_users=2, window=(1.0, 3.0), workdir=tmp_path / "rb",
+                         train_steps=10, experiment=False)
     load, crashes, corpus, security = res["load"], res["crashes"], res["corpus"], res["security"]
     assert load["acked"] > 0 and load["errors"] == 0 and load["integrity"] == "ok"
     assert load["accepted_in_store"] == load["acked"] and load["acked_missing"] == 0
     assert crashes["kills"] == 2 and crashes["lost"] == 0 and crashes["integrity_ok"]
     assert crashes["dangling_rows"] == 0
+    assert crashes["cleanup_logged"] and crashes["orphans_left"] == 0          # the start-up clean-up
+    assert crashes["orphans_removed"] == crashes["orphans_found"]
+    train = res["jobs"]["training"]           # kill -9 during a run: interrupted, then resumed to its target
+    assert train["ok"], train
+    assert train["shown"] == train["run_row"] == "interrupted" and "stopped while the job was running" in train["message"]
     bad = [r for r in corpus["rows"] if not r["ok"]]
     assert corpus["cases"] >= 40 and not bad, bad
     assert corpus["server_alive"]
