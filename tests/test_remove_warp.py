@@ -13,6 +13,7 @@ import pytest
 
 from pipelines import masks as mk
 from pipelines.generators import align as A
+from pipelines.generators import fill as F
 from pipelines.generators import warp as W
 from pipelines.registry import GENERATORS, get_generator, get_info
 
@@ -119,8 +120,8 @@ def test_inpaint_fallback_when_no_background_source():
     """No source can cover the region (the background is too small around it): cv2.inpaint."""
     img = scene(0)
     region = mk.dilate(rect(150, 200, 120, 136), 1) > 0
-    srcs = [A.Source(img, np.zeros(region.shape, bool), True)]
-    res = A.fill_background(img, region, np.zeros(region.shape, bool), srcs, np.random.default_rng(0))
+    srcs = [F.Source(img, np.zeros(region.shape, bool), True)]
+    res = F.fill_background(img, region, np.zeros(region.shape, bool), srcs, np.random.default_rng(0))
     assert res.inpainted == 1.0 and res.pieces == 0
     assert np.isfinite(res.image).all()
 

@@ -16,7 +16,7 @@ So the fill works in two steps:
    is united with the goods' consensus foreground (:func:`pipelines.shapes.estimate_foreground`,
    carried over by the registration) when the goods have one. A product that fills the frame (a
    texture) has no structure: the whole mask is then the region to fill.
-2. **Background fill** (:func:`fill_background`): the pixels to replace are filled by copying
+2. **Background fill** (:func:`pipelines.generators.fill.fill_background`, its own module): the pixels to replace are filled by copying
    background from elsewhere — in the target itself and in the good images registered to it —
    at *offsets* that preserve the background's pattern: the peaks of the background's masked,
    normalised autocorrelation (:func:`background_offsets`; a perforated board or a woven texture
@@ -63,7 +63,7 @@ _DISC7 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
 # --------------------------------------------------------------------------------------------
 # Small helpers and caches
 # --------------------------------------------------------------------------------------------
-class _LRU(OrderedDict):
+class LRU(OrderedDict):
     def __init__(self, size: int):
         super().__init__()
         self.size = size
@@ -78,9 +78,9 @@ class _LRU(OrderedDict):
         return val
 
 
-_FP = _LRU(1024)
-_STRUCT = _LRU(256)
-_FG = _LRU(16)
+_FP = LRU(1024)
+_STRUCT = LRU(256)
+_FG = LRU(16)
 
 
 def pixel_key(arr: np.ndarray) -> str:
@@ -424,6 +424,32 @@ def _masked_autocorr(f: np.ndarray, m: np.ndarray) -> np.ndarray:
     return np.fft.fftshift(ncc)
 
 
+def _add_lattice(out: list, seen: set, h: int, w: int, refine, ncc_at) -> None:
+    """Append to ``out`` the rest of the lattice the two shortest strong periods (ncc ≥ 0.5) of
+    ``out`` span — a pixel's same-phase copies all over the image: a robust median even where a
+    few of them are structure at the same phase — each shift refined to ±1 px (``refine``)."""
+    nb1 = np.array([(a, b) for a in range(-1, 2) for b in range(-1, 2)])
+    strong = sorted([o for o in out if o[2] >= 0.5], key=lambda o: math.hypot(o[0], o[1]))
+    if strong:
+        b1 = np.array(strong[0][:2], float)
+        b2 = next((np.array(o[:2], float) for o in strong[1:]
+                   if abs(b1[0] * o[1] - b1[1] * o[0]) > 0.5 * np.hypot(*b1) * math.hypot(o[0], o[1])), None)
+        basis = [b1] if b2 is None else [b1, b2]
+        kmax = [int(max(h, w) / max(1.0, np.hypot(*b))) + 1 for b in basis]
+        grid = ([(k, 0) for k in range(-kmax[0], kmax[0] + 1)] if b2 is None else
+                [(k, l) for k in range(-kmax[0], kmax[0] + 1) for l in range(-kmax[1], kmax[1] + 1)])
+        for k, l in grid:
+            d = k * basis[0] + (l * basis[1] if b2 is not None else 0)
+            if (k, l) == (0, 0) or abs(d[0]) >= h - 8 or abs(d[1]) >= w - 8:
+                continue
+            if any(abs(d[0] - o[0]) <= 2 and abs(d[1] - o[1]) <= 2 for o in out):
+                continue
+            key = refine(d, nb1)
+            if key is not None and key not in seen:
+                seen.add(key)
+                out.append((*key, max(0.5, ncc_at(key))))
+
+
 def background_offsets(image: np.ndarray, background: np.ndarray, n: int = 24,
                        min_shift: float | None = None) -> list[tuple[int, int, float]]:
     """``[(dy, dx, ncc)]``: the shifts at which the background repeats (the ``n`` strongest peaks
@@ -459,7 +485,6 @@ def background_offsets(image: np.ndarray, background: np.ndarray, n: int = 24,
     by, bx = bg_y[pick], bg_x[pick]
     gv = gf[by, bx]
     nb2 = np.array([(a, b) for a in range(-2, 3) for b in range(-2, 3)])
-    nb1 = np.array([(a, b) for a in range(-1, 2) for b in range(-1, 2)])
 
     def refine(d0: np.ndarray, nb: np.ndarray = nb2) -> tuple[int, int] | None:
         """The shift within ±2 (±1) px of ``d0`` whose copy of the background matches it best."""
@@ -487,27 +512,7 @@ def background_offsets(image: np.ndarray, background: np.ndarray, n: int = 24,
             out.append((*key, float(ncc[ys[j], xs[j]])))
         if len(out) >= n:
             break
-    # the whole lattice the strongest periods span (a pixel's same-phase copies all over the
-    # image: a robust median even where a few of them are structure at the same phase)
-    strong = sorted([o for o in out if o[2] >= 0.5], key=lambda o: math.hypot(o[0], o[1]))
-    if strong:
-        b1 = np.array(strong[0][:2], float)
-        b2 = next((np.array(o[:2], float) for o in strong[1:]
-                   if abs(b1[0] * o[1] - b1[1] * o[0]) > 0.5 * np.hypot(*b1) * math.hypot(o[0], o[1])), None)
-        basis = [b1] if b2 is None else [b1, b2]
-        kmax = [int(max(h, w) / max(1.0, np.hypot(*b))) + 1 for b in basis]
-        grid = ([(k, 0) for k in range(-kmax[0], kmax[0] + 1)] if b2 is None else
-                [(k, l) for k in range(-kmax[0], kmax[0] + 1) for l in range(-kmax[1], kmax[1] + 1)])
-        for k, l in grid:
-            d = k * basis[0] + (l * basis[1] if b2 is not None else 0)
-            if (k, l) == (0, 0) or abs(d[0]) >= h - 8 or abs(d[1]) >= w - 8:
-                continue
-            if any(abs(d[0] - o[0]) <= 2 and abs(d[1] - o[1]) <= 2 for o in out):
-                continue
-            key = refine(d, nb1)
-            if key is not None and key not in seen:
-                seen.add(key)
-                out.append((*key, max(0.5, ncc_at(key))))
+    _add_lattice(out, seen, h, w, refine, ncc_at)
     return out
 
 
@@ -572,7 +577,7 @@ def periodic_structure(image: np.ndarray, structure: np.ndarray,
     return raw > 0
 
 
-_FULL = _LRU(256)
+_FULL = LRU(256)
 
 
 def full_structure(image: np.ndarray, foreground: np.ndarray | None = None) -> np.ndarray:
@@ -588,212 +593,7 @@ def full_structure(image: np.ndarray, foreground: np.ndarray | None = None) -> n
     return _FULL.get_or(key, make).copy()
 
 
-# --------------------------------------------------------------------------------------------
-# Background fill
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Source:
-    """An image the fill may copy background from: ``image`` (target's size), ``background``
-    (True where it shows background and may be copied)."""
-    image: np.ndarray
-    background: np.ndarray
-    is_target: bool = False
-
-
-def sources_for(target: np.ndarray, structure: np.ndarray, region: np.ndarray,
-                aligned: Sequence[Aligned], margin: int = 2) -> list[Source]:
-    """The target (its background outside ``region``) and every registered good (its background
-    inside its frame); structure grown by ``margin`` px (its edges and shadows are not copied)."""
-    grow = (lambda m: mk.dilate(m, margin) > 0) if margin > 0 else (lambda m: m)
-    out = [Source(target, ~grow(structure) & ~region, True)]
-    for a in aligned:
-        out.append(Source(a.image, ~grow(a.structure) & a.valid))
-    return out
-
-
-@dataclass
-class FillResult:
-    image: np.ndarray            # H×W×3 float32, the target with the region filled
-    inpainted: float             # share of the region left to cv2.inpaint
-    pieces: int                  # (source, offset) pieces used
-    labels: np.ndarray | None = None   # H×W int: the piece each pixel came from (−1: none)
-    used: list = field(default_factory=list)   # (source index, dy, dx) of each piece
-
-
-def inpaint(image: np.ndarray, region: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
-    """``cv2.inpaint`` (Telea) of ``region`` from the *background* around it: structure pixels
-    near the region (``structure``) are inpainted too, so a bar that enters the region is not
-    continued into it; large regions on a shrunk copy (smooth anyway)."""
-    out = image.astype(np.float32).copy()
-    if not region.any():
-        return out
-    todo = region.copy()
-    if structure is not None:
-        todo |= (mk.dilate(structure, 2) > 0) & (mk.dilate(region, 10) > 0)
-        if todo.all():
-            todo = region.copy()
-    img = np.clip(np.round(image), 0, 255).astype(np.uint8)
-    h, w = todo.shape
-    f = min(1.0, math.sqrt(8000.0 / max(1, int(todo.sum()))))
-    if f < 1.0:
-        size = (max(8, round(w * f)), max(8, round(h * f)))
-        small = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
-        hole = (cv2.resize(todo.astype(np.uint8) * 255, size, interpolation=cv2.INTER_AREA) > 0)
-        fill = cv2.inpaint(small, hole.astype(np.uint8), 4, cv2.INPAINT_TELEA)
-        fill = cv2.resize(fill, (w, h), interpolation=cv2.INTER_LINEAR)
-    else:
-        fill = cv2.inpaint(img, todo.astype(np.uint8), 4, cv2.INPAINT_TELEA)
-    out[region] = fill[region]
-    return out
-
-
-def _shift_take(img: np.ndarray, ys: np.ndarray, xs: np.ndarray, dy: int, dx: int
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """``(inside, values)``: whether (y+dy, x+dx) is in the image and the values there."""
-    h, w = img.shape[:2]
-    ty, tx = ys + dy, xs + dx
-    ok = (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
-    vals = img[np.clip(ty, 0, h - 1), np.clip(tx, 0, w - 1)]
-    return ok, vals
-
-
-PERIODIC = 1000          # label of the pixels the periodic median filled
-
-
-def periodic_median(region: np.ndarray, sources: Sequence[Source], imgs: Sequence[np.ndarray],
-                    offsets: Sequence[tuple[int, int, float]], min_ncc: float = 0.5, nearest: int = 5,
-                    min_samples: int = 3) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(values [n×3], ok [n])`` for the pixels of ``region`` (``np.nonzero`` order): the
-    per-pixel median of the ``nearest`` background samples at the background's period shifts
-    (registered goods also at the zero shift), nearest shift first; ``ok`` where at least
-    ``min_samples`` exist. ``(…, None)`` when the background does not repeat."""
-    offs = [(dy, dx) for dy, dx, c in offsets if c >= min_ncc]
-    if len(offs) < 4:
-        return np.zeros((0, 3), np.float32), None
-    h, w = region.shape
-    ys, xs = np.nonzero(region)
-    taps = []
-    for si, src in enumerate(sources):
-        for dy, dx in ([] if src.is_target else [(0, 0)]) + offs:
-            taps.append((math.hypot(dy, dx) + (0 if src.is_target else 0.5), si, dy, dx))
-    taps.sort()
-    taps = taps[:24]
-    vals = np.full((len(taps), len(ys), 3), np.nan, np.float32)
-    for k, (_, si, dy, dx) in enumerate(taps):
-        ty, tx = ys + dy, xs + dx
-        ok = (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
-        ok[ok] &= sources[si].background[ty[ok], tx[ok]]
-        vals[k, ok] = imgs[si][ty[ok], tx[ok]]
-    valid = np.isfinite(vals[..., 0])
-    rank = np.cumsum(valid, axis=0)
-    vals[(rank > nearest)] = np.nan
-    med = nanmedian0(vals)
-    return med, valid.sum(0) >= min_samples
-
-
-def fill_background(target: np.ndarray, region: np.ndarray, structure: np.ndarray,
-                    sources: Sequence[Source], rng: np.random.Generator,
-                    offsets: Sequence[tuple[int, int, float]] = (), ring: int = 4,
-                    explore: float = 0.0, max_pieces: int = 10, periodic: bool = True) -> FillResult:
-    """``region`` (``H×W bool``) of ``target`` replaced by background copied from ``sources`` at
-    ``offsets`` (plus the zero offset for registered goods and seeded random far offsets).
-
-    Piece by piece: every (source, shift) candidate is scored on the ring around what is still
-    to fill — the target's background there and the pieces already placed — by the mean |ΔRGB|
-    after matching its mean colour, minus a bonus for the share it can cover; the best one
-    (the first piece: seeded among the near-best, ``explore`` (0..1) widening that choice up to
-    any candidate — a texture copied from a random place) fills every pixel it can, with its
-    colour offset. What no candidate covers is inpainted (Telea). A periodic background is first
-    filled with the median of its periodic copies (:func:`periodic_median`) unless ``periodic``
-    is off (a texture replaced by itself from elsewhere: the copy should not be the same)."""
-    out = target.astype(np.float32).copy()
-    if not region.any():
-        return FillResult(out, 0.0, 0, np.full(region.shape, -1, np.int32))
-    h, w = region.shape
-    ys, xs = np.nonzero(region)
-    span = max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
-    cand = [(int(dy), int(dx)) for dy, dx, _ in sorted(offsets, key=lambda o: -o[2])[:24]]
-    for _ in range(16):                       # seeded far shifts (an aperiodic background)
-        a = rng.uniform(0, 2 * np.pi)
-        rr = rng.uniform(0.6, 1.6) * span + 4
-        cand.append((int(round(rr * math.sin(a))), int(round(rr * math.cos(a)))))
-    cands = []
-    for si, src in enumerate(sources):
-        for dy, dx in (cand if src.is_target else [(0, 0), *cand]):
-            if not (src.is_target and dy == 0 and dx == 0):
-                cands.append((si, dy, dx))
-    imgs = [src.image.astype(np.float32) for src in sources]
-    known = ~region & ~structure                  # what the ring may compare against
-    remaining = region.copy()
-    labels = np.full((h, w), -1, np.int32)
-    # 1. a periodic background: the robust median of its nearest periodic copies
-    med, ok_med = periodic_median(region, sources, imgs, offsets) if periodic else (None, None)
-    if ok_med is not None and ok_med.any():
-        out[ys[ok_med], xs[ok_med]] = med[ok_med]
-        remaining[ys[ok_med], xs[ok_med]] = False
-        known[ys[ok_med], xs[ok_med]] = True
-        labels[ys[ok_med], xs[ok_med]] = PERIODIC
-    min_px = max(6, int(0.01 * len(ys)))
-    pieces, first = 0, True
-    used = []
-    # 2. pieces copied at one shift each
-    while remaining.any() and cands and pieces < max_pieces:
-        ry, rx = np.nonzero((mk.dilate(remaining, ring) > 0) & ~remaining & known)
-        if len(ry) < 8:
-            ry, rx = np.nonzero((mk.dilate(remaining, ring) > 0) & ~remaining)
-        qy, qx = np.nonzero(remaining)
-        step = max(1, len(qy) // 4000)             # coverage estimated on a subsample
-        qy_s, qx_s = qy[::step], qx[::step]
-        ring_vals = out[ry, rx]
-        scored = []
-        for ci, (si, dy, dx) in enumerate(cands):
-            bg = sources[si].background
-            ok, _ = _shift_take(bg, qy_s, qx_s, dy, dx)
-            ok &= bg[np.clip(qy_s + dy, 0, h - 1), np.clip(qx_s + dx, 0, w - 1)]
-            cover = float(ok.mean())
-            if cover * len(qy) < min_px:
-                continue
-            rok, rvals = _shift_take(imgs[si], ry, rx, dy, dx)
-            rok &= bg[np.clip(ry + dy, 0, h - 1), np.clip(rx + dx, 0, w - 1)]
-            if rok.sum() < max(4, 0.2 * len(ry)):
-                cost, col = 40.0, np.zeros(3, np.float32)
-            else:
-                diff = ring_vals[rok] - rvals[rok]
-                col = np.clip(diff.mean(0), -25, 25)
-                cost = float(np.abs(diff - col).mean() + 0.25 * np.abs(col).mean())
-            scored.append((cost - 6.0 * cover, ci, col))
-        if not scored:
-            break
-        scored.sort(key=lambda t: t[0])
-        j = 0
-        if first:
-            best = scored[0][0]
-            tol = abs(best) * 0.1 + 1.0 + 40.0 * explore
-            near = [k for k, t in enumerate(scored) if t[0] <= best + tol]
-            j = near[int(rng.integers(len(near)))]
-            first = False
-        _, ci, col = scored[j]
-        si, dy, dx = cands.pop(ci)
-        bg = sources[si].background
-        py, px = qy + dy, qx + dx
-        ok = (py >= 0) & (py < h) & (px >= 0) & (px < w)
-        ok[ok] &= bg[py[ok], px[ok]]
-        if ok.sum() < min_px:
-            continue
-        out[qy[ok], qx[ok]] = imgs[si][py[ok], px[ok]] + col
-        remaining[qy[ok], qx[ok]] = False
-        known[qy[ok], qx[ok]] = True
-        labels[qy[ok], qx[ok]] = pieces
-        used.append((si, dy, dx))
-        pieces += 1
-    # 3. what nothing covers
-    left = float(remaining.sum()) / len(ys)
-    if remaining.any():
-        out = inpaint(out, remaining, structure & ~region | (structure & remaining))
-    return FillResult(np.clip(out, 0, 255), left, pieces, labels, used)
-
-
 __all__ = ["structure_mask", "background_model", "background_distance", "goods_foreground",
            "nearest_goods", "register", "align_goods", "Aligned", "target_structure",
-           "background_offsets", "periodic_structure", "full_structure", "Source", "sources_for", "fill_background", "FillResult",
-           "inpaint", "moments", "fit_size", "pixel_key", "STRUCTURE_THRESHOLD", "MIN_ECC"]
+           "background_offsets", "periodic_structure", "full_structure", "nanmedian0", "moments", "fit_size",
+           "pixel_key", "rgb_u8", "grey", "LRU", "STRUCTURE_THRESHOLD", "MIN_ECC"]

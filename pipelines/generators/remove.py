@@ -51,6 +51,7 @@ import numpy as np
 from pipelines import masks as mk
 from pipelines.generator import GeneratorInfo, option
 from pipelines.generators import align as A
+from pipelines.generators import fill as F
 from pipelines.generators.base import WindowedGenerator
 
 MODES = ("auto", "remove", "cut")
@@ -83,14 +84,14 @@ def entries(structure: np.ndarray, part: np.ndarray, mask: np.ndarray) -> tuple[
     return lab, n - 1
 
 
-def _dist_to(m: np.ndarray) -> np.ndarray:
+def dist_to(m: np.ndarray) -> np.ndarray:
     """Euclidean distance of every pixel to the True pixels of ``m`` (inf-like when none)."""
     if not m.any():
         return np.full(m.shape, 1e6, np.float32)
     return cv2.distanceTransform((~m).astype(np.uint8), cv2.DIST_L2, 5)
 
 
-def _smooth_noise(shape: tuple[int, int], rng: np.random.Generator, cell: float) -> np.ndarray:
+def smooth_noise(shape: tuple[int, int], rng: np.random.Generator, cell: float) -> np.ndarray:
     """Smooth noise in about [-1, 1] (upsampled normal grid)."""
     h, w = shape
     gh, gw = max(2, int(math.ceil(h / cell)) + 1), max(2, int(math.ceil(w / cell)) + 1)
@@ -120,9 +121,9 @@ def fill(sc: Scene, region: np.ndarray, rng: np.random.Generator, method: str = 
          explore: float = 0.0, periodic: bool = True) -> np.ndarray:
     """``H×W×3`` float32: the frame with ``region`` filled with background."""
     if method == "inpaint":
-        return A.inpaint(sc.image.astype(np.float32), region, sc.structure)
-    srcs = A.sources_for(sc.image, sc.structure, region | sc.mask, sc.aligned)
-    return A.fill_background(sc.image, region, sc.structure, srcs, rng, sc.offsets, explore=explore,
+        return F.inpaint(sc.image.astype(np.float32), region, sc.structure)
+    srcs = F.sources_for(sc.image, sc.structure, region | sc.mask, sc.aligned)
+    return F.fill_background(sc.image, region, sc.structure, srcs, rng, sc.offsets, explore=explore,
                              periodic=periodic).image
 
 
@@ -169,10 +170,10 @@ def remove(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, goo
     hole = part.copy()
     if n and not any(w in name for w in _WHOLE_WORDS):
         ent = lab > 0
-        d = _dist_to(ent)
+        d = dist_to(ent)
         length = 4.0 * float(A.moments(part)[2][0])
         stub = rng.uniform(0.0, 0.35) * jitter * length
-        noise = _smooth_noise(part.shape, rng, max(3.0, 0.1 * length))
+        noise = smooth_noise(part.shape, rng, max(3.0, 0.1 * length))
         keep = part & (d <= stub * (1.0 + 0.6 * noise)) & (sc.structure | (d <= 1.5))
         hole &= ~keep
     return fill(sc, hole, rng, method)
@@ -192,8 +193,8 @@ def _cut(sc: Scene, part: np.ndarray, lab: np.ndarray, n: int, rng: np.random.Ge
         sizes.append(int(st[comps, cv2.CC_STAT_AREA].max()) if comps.size else 0)
     sizes = np.array(sizes, float) * np.exp(rng.uniform(-0.05, 0.05, n))
     near_k = 1 + int(np.argmax(sizes))
-    d_near = _dist_to(lab == near_k)
-    d_far = _dist_to((lab > 0) & (lab != near_k))
+    d_near = dist_to(lab == near_k)
+    d_far = dist_to((lab > 0) & (lab != near_k))
     t = d_near / np.maximum(d_near + d_far, 1e-6)
     a = rng.uniform(0.05, 0.3)
     b = min(0.85, a + rng.uniform(0.3, 0.55))

@@ -154,7 +154,7 @@ class Fit:
     extent: float = 1.0
 
 
-_FITS = A._LRU(256)
+_FITS = A.LRU(256)
 
 
 def _flow(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -424,8 +424,8 @@ def _bump(structure: np.ndarray, part: np.ndarray, mask: np.ndarray) -> np.ndarr
     if n >= 2:
         sizes = np.bincount(lab.ravel())[1:]
         k = 1 + int(np.argmax(sizes))
-        d1 = RM._dist_to(lab == k)
-        d2 = RM._dist_to((lab > 0) & (lab != k))
+        d1 = RM.dist_to(lab == k)
+        d2 = RM.dist_to((lab > 0) & (lab != k))
         t = d1 / np.maximum(d1 + d2, 1e-6)
         phi = np.sin(np.pi * np.clip(t, 0, 1))
         phi = np.minimum(phi, np.clip(inside / 2.0, 0, 1))
@@ -443,7 +443,7 @@ def _elastic(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, fit:
     amp = (fit.flow * size if fit is not None and fit.flow > 0 else max(2.5, 0.08 * size)) * factor
     amp = float(np.clip(amp, 1.0, 0.25 * size + 1))
     cell = max(4.0, 0.35 * size)
-    field = np.stack([RM._smooth_noise((h, w), rng, cell), RM._smooth_noise((h, w), rng, cell)], -1)
+    field = np.stack([RM.smooth_noise((h, w), rng, cell), RM.smooth_noise((h, w), rng, cell)], -1)
     inside = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
     taper = np.clip(inside / max(1.0, min(0.5 * float(inside.max()), 2 * amp)), 0, 1)
     taper = (taper * taper * (3 - 2 * taper)).astype(np.float32)

@@ -132,22 +132,12 @@ def resolve_generators(names: Sequence[str], model: str | None, roles: R.Categor
     (:func:`pipelines.registry.model_types`); the others are skipped with a note, never run with a
     model that does not know them. A name given explicitly that cannot run at all is an error;
     under ``all`` it is a note."""
-    from pipelines.registry import (GENERATORS, backend_status, get_generator, get_info, model_types,
-                                    picks_model)
+    from pipelines.registry import get_info
     want_auto = AUTO in names
     names = [n for n in names if n != AUTO]
     explicit = [n for n in names if n != "all"]
     types = sorted({s.label for s in roles.reference})
-    wanted = []
-    if "all" in names:
-        wanted = experiment_generators(product, roots)
-        if model and "pixel-inpaint" in GENERATORS and "pixel-inpaint" not in wanted:
-            wanted.append("pixel-inpaint")          # a model given on the command line
-        skipped = [n for n in GENERATORS if get_info(n).mode == "damage" and n not in wanted
-                   and not get_info(n).needs_model and not get_info(n).full_image]
-        for n in skipped:
-            notes.append(f"skipped {n}: {backend_status(n, product, roots)[1]}"
-                         + (_run_hint(n, product, roots) if picks_model(n) else ""))
+    wanted = _expand_all(model, product, roots, notes) if "all" in names else []
     wanted += [n for n in explicit if n not in wanted]
     plans = []
     for name in wanted:
@@ -155,43 +145,7 @@ def resolve_generators(names: Sequence[str], model: str | None, roles: R.Categor
         if info.mode != "damage" or info.full_image:
             raise ValueError(f"generator {name!r} does not make a defect inside a mask; the experiment "
                              f"can generate with: {', '.join(experiment_generators())}")
-        gen = get_generator(name)
-        takes_model = any(s.name == "model" for s in info.option_specs)
-        plan = GeneratorPlan(name, gen, info)
-        problem = None
-        if model and takes_model:
-            known = model_types(name, model) if picks_model(name) else None
-            plan.models = {t: str(model) for t in types if known is None or t in known}
-            plan.skipped_types = {
-                t: (f"the model {model} was not trained for type {t!r} (it knows {', '.join(known) or 'none'}); "
-                    f"train one that is: `python -m studio train --kind {name} --data <category folder> "
-                    f"--damage-types {t} --out <run>`") for t in types if known is not None and t not in known}
-            if not plan.models:
-                problem = "; ".join(dict.fromkeys(plan.skipped_types.values())) or "no damage type to generate"
-        elif takes_model and picks_model(name):
-            plan.models, plan.skipped_types = pick_models(name, product, roots, types)
-            if not plan.models:
-                problem = "; ".join(dict.fromkeys(plan.skipped_types.values())) or "no damage type to generate"
-        else:
-            ok, msg = gen.available()
-            problem = None if ok else msg
-        if problem is None and not plan.models:
-            plan.ancestors = list(gen.ancestors({})) if hasattr(gen, "ancestors") else []
-            if info.learns_from_data and not plan.ancestors:
-                problem = _NO_MANIFEST
-        for folder in list(dict.fromkeys(plan.models.values())) if problem is None else []:
-            anc = list(gen.ancestors({"model": folder})) if hasattr(gen, "ancestors") else []
-            if info.learns_from_data and not anc:      # its types are not made with another model
-                for t in [t for t, f in plan.models.items() if f == folder]:
-                    plan.skipped_types[t] = f"its model {folder}: {_NO_MANIFEST}"
-                    del plan.models[t]
-                continue
-            R.check_descent([(f"generator {name} (the training data of its model {folder})", anc)],
-                            roles.evaluation_hashes)
-            plan.model_ancestors[folder] = sorted(set(anc))
-            plan.model_sources[folder] = _model_source(folder, roots, model)
-        if problem is None and plan.skipped_types and not plan.models:
-            problem = "; ".join(dict.fromkeys(plan.skipped_types.values()))
+        plan, problem = _plan_for(name, model, types, product, roots, roles)
         if problem:
             if name in explicit:
                 raise ValueError(f"generator {name}: {problem}")
@@ -200,17 +154,84 @@ def resolve_generators(names: Sequence[str], model: str | None, roles: R.Categor
         if not plan.models:
             R.check_descent([(f"generator {name} (its training data)", plan.ancestors)], roles.evaluation_hashes)
         else:
-            by_folder: dict[str, list[str]] = {}
-            for t, f in sorted(plan.models.items()):
-                by_folder.setdefault(f, []).append(t)
-            notes.append(f"{name}: " + "; ".join(f"{', '.join(ts)} with the model {f} ({plan.model_sources[f]})"
-                                                for f, ts in by_folder.items())
-                         + "".join(f"; type {t} skipped: {why}" for t, why in sorted(plan.skipped_types.items())))
+            notes.append(_models_note(plan))
         plans.append(plan)
     from pipelines.generators.choose import candidates
     if want_auto or ("all" in names and len(candidates([p.name for p in plans])) >= 2):
         plans.append(auto_plan(plans, roles, notes, product, roots))
     return plans
+
+
+def _expand_all(model: str | None, product: str | None, roots: Sequence[str | Path], notes: list[str]) -> list[str]:
+    """``all``: the generators that run here (:func:`experiment_generators`, pixel-inpaint too
+    when a model is given); a note for each mask generator left out and why."""
+    from pipelines.registry import GENERATORS, backend_status, get_info, picks_model
+    wanted = experiment_generators(product, roots)
+    if model and "pixel-inpaint" in GENERATORS and "pixel-inpaint" not in wanted:
+        wanted.append("pixel-inpaint")          # a model given on the command line
+    skipped = [n for n in GENERATORS if get_info(n).mode == "damage" and n not in wanted
+               and not get_info(n).needs_model and not get_info(n).full_image]
+    for n in skipped:
+        notes.append(f"skipped {n}: {backend_status(n, product, roots)[1]}"
+                     + (_run_hint(n, product, roots) if picks_model(n) else ""))
+    return wanted
+
+
+def _plan_for(name: str, model: str | None, types: list[str], product: str | None,
+              roots: Sequence[str | Path], roles: R.CategoryRoles) -> tuple[GeneratorPlan, str | None]:
+    """``(plan, problem)``: the generator with its model per type (the one given, or the one
+    picked for the product) and what it learned from checked against the evaluation images;
+    ``problem`` says why it cannot run (None: it can)."""
+    from pipelines.registry import get_generator, get_info, model_types, picks_model
+    info = get_info(name)
+    gen = get_generator(name)
+    takes_model = any(s.name == "model" for s in info.option_specs)
+    plan = GeneratorPlan(name, gen, info)
+    problem = None
+    if model and takes_model:
+        known = model_types(name, model) if picks_model(name) else None
+        plan.models = {t: str(model) for t in types if known is None or t in known}
+        plan.skipped_types = {
+            t: (f"the model {model} was not trained for type {t!r} (it knows {', '.join(known) or 'none'}); "
+                f"train one that is: `python -m studio train --kind {name} --data <category folder> "
+                f"--damage-types {t} --out <run>`") for t in types if known is not None and t not in known}
+        if not plan.models:
+            problem = "; ".join(dict.fromkeys(plan.skipped_types.values())) or "no damage type to generate"
+    elif takes_model and picks_model(name):
+        plan.models, plan.skipped_types = pick_models(name, product, roots, types)
+        if not plan.models:
+            problem = "; ".join(dict.fromkeys(plan.skipped_types.values())) or "no damage type to generate"
+    else:
+        ok, msg = gen.available()
+        problem = None if ok else msg
+    if problem is None and not plan.models:
+        plan.ancestors = list(gen.ancestors({})) if hasattr(gen, "ancestors") else []
+        if info.learns_from_data and not plan.ancestors:
+            problem = _NO_MANIFEST
+    for folder in list(dict.fromkeys(plan.models.values())) if problem is None else []:
+        anc = list(gen.ancestors({"model": folder})) if hasattr(gen, "ancestors") else []
+        if info.learns_from_data and not anc:      # its types are not made with another model
+            for t in [t for t, f in plan.models.items() if f == folder]:
+                plan.skipped_types[t] = f"its model {folder}: {_NO_MANIFEST}"
+                del plan.models[t]
+            continue
+        R.check_descent([(f"generator {name} (the training data of its model {folder})", anc)],
+                        roles.evaluation_hashes)
+        plan.model_ancestors[folder] = sorted(set(anc))
+        plan.model_sources[folder] = _model_source(folder, roots, model)
+    if problem is None and plan.skipped_types and not plan.models:
+        problem = "; ".join(dict.fromkeys(plan.skipped_types.values()))
+    return plan, problem
+
+
+def _models_note(plan: GeneratorPlan) -> str:
+    """"<name>: <types> with the model <folder> (<source>); type <t> skipped: <why>"."""
+    by_folder: dict[str, list[str]] = {}
+    for t, f in sorted(plan.models.items()):
+        by_folder.setdefault(f, []).append(t)
+    return (f"{plan.name}: " + "; ".join(f"{', '.join(ts)} with the model {f} ({plan.model_sources[f]})"
+                                         for f, ts in by_folder.items())
+            + "".join(f"; type {t} skipped: {why}" for t, why in sorted(plan.skipped_types.items())))
 
 
 def _run_hint(name: str, product: str | None, roots: Sequence[str | Path]) -> str:

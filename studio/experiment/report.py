@@ -117,6 +117,50 @@ def _auto_choices(name: str, g: dict) -> str:
                 for f, ch in g["choices"].items()))
 
 
+def _generator_lines(r: dict) -> list[str]:
+    """Per generator: the model folder per type, the types skipped and auto's choices."""
+    lines: list[str] = []
+    for name, g in (r.get("generators") or {}).items():
+        if g.get("models"):
+            by_folder: dict[str, list[str]] = {}
+            for t, f in g["models"].items():
+                by_folder.setdefault(f, []).append(t)
+            lines.append(f"- {name} models: " + "; ".join(
+                f"{', '.join(ts)} → `{f}` ({(g.get('model_sources') or {}).get(f, '?')}; its training data: "
+                f"{(g.get('model_training_images') or {}).get(f, '?')} real images, "
+                f"{(g.get('model_training_scored') or {}).get(f, '?')} of them scored here)"
+                for f, ts in by_folder.items()))
+        for t, why in g.get("skipped_types", {}).items():
+            lines.append(f"- {name}: nothing generated for {t} — {why}")
+        if g.get("choices"):
+            lines.append(_auto_choices(name, g))
+    return lines
+
+
+def _per_type_lines(r: dict, mc: dict) -> list[str]:
+    """The exploratory per-type table (segmenter and PatchCore, primary metric)."""
+    lines: list[str] = []
+    typed = {src: b["by_type"] for src, b in source_blocks(r).items() if b.get("by_type")}
+    if typed:
+        lines += ["", f"## Per damage type — exploratory ({PRIMARY_METRIC}; each type's scored defects + every good image; "
+                  f"a verdict only with ≥ {mc.get('min_type_verdict', 3)} scored defects, Holm-adjusted in the run's family)", "",
+                  "| source | type | n | segmenter synthetic only | segmenter reference only | synthetic / reference | "
+                  "segmenter reference + synthetic | segmenter Δ (+ synthetic) | PatchCore reference only | "
+                  "PatchCore Δ (+ synthetic) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for src, per in typed.items():
+            for t, b in per.items():
+                seg, pc = b["segmenter"], b["patchcore"]
+                so, ro = seg['synthetic_only'][PRIMARY_METRIC]["mean"], seg['reference_only'][PRIMARY_METRIC]["mean"]
+                ratio = f"{100 * so / ro:.0f} %" if ro > 0 else "–"
+                lines.append(f"| {src} | {t} | {b['n_evaluation']} | {_fmt(seg['synthetic_only'][PRIMARY_METRIC])} | "
+                             f"{_fmt(seg['reference_only'][PRIMARY_METRIC])} | {ratio} | "
+                             f"{_fmt(seg['reference_plus_synthetic'][PRIMARY_METRIC])} | "
+                             f"{_fmt_delta(seg['delta'][PRIMARY_METRIC])} | "
+                             f"{_fmt(pc['reference_only'][PRIMARY_METRIC])} | {_fmt_delta(pc['delta'][PRIMARY_METRIC])} |")
+    return lines
+
+
 def report_markdown(r: dict) -> str:
     p = r["protocol"]
     lines = ["# Did synthetic data help?", ""]
@@ -159,21 +203,10 @@ def report_markdown(r: dict) -> str:
     if p.get("per_type"):
         lines.append(f"- Generated: {p['per_type']} per damage type and repeat on train/good images, masks "
                      "from the shape model fitted on the type's reference masks (pipelines.shapes, on the "
-                     "product foreground); donors (cut-paste, defect transfer) are reference defects only.")
-    for name, g in (r.get("generators") or {}).items():
-        if g.get("models"):
-            by_folder: dict[str, list[str]] = {}
-            for t, f in g["models"].items():
-                by_folder.setdefault(f, []).append(t)
-            lines.append(f"- {name} models: " + "; ".join(
-                f"{', '.join(ts)} → `{f}` ({(g.get('model_sources') or {}).get(f, '?')}; its training data: "
-                f"{(g.get('model_training_images') or {}).get(f, '?')} real images, "
-                f"{(g.get('model_training_scored') or {}).get(f, '?')} of them scored here)"
-                for f, ts in by_folder.items()))
-        for t, why in g.get("skipped_types", {}).items():
-            lines.append(f"- {name}: nothing generated for {t} — {why}")
-        if g.get("choices"):
-            lines.append(_auto_choices(name, g))
+                     "product foreground; on the base image's structure where the reference masks lie on "
+                     "structure), each labelled where its generator visibly changed the mask; donors "
+                     "(cut-paste, defect transfer) are reference defects only.")
+    lines += _generator_lines(r)
     if r.get("synthetic"):
         lines.append(f"- Export: `{r['synthetic']['folder']}`, {r['synthetic']['samples']} samples "
                      f"({', '.join(f'{k} {v}' for k, v in r['synthetic']['per_type'].items())}); checked "
@@ -183,24 +216,7 @@ def report_markdown(r: dict) -> str:
                   "|---|---|" + "---|" * len(METRIC_KEYS)]
         for row in (row for row in table_rows(r) if row["source"] == src):
             lines.append(f"| {row['model']} | {row['arm']} | " + " | ".join(row[k] for k in METRIC_KEYS) + " |")
-    typed = {src: b["by_type"] for src, b in source_blocks(r).items() if b.get("by_type")}
-    if typed:
-        lines += ["", f"## Per damage type — exploratory ({PRIMARY_METRIC}; each type's scored defects + every good image; "
-                  f"a verdict only with ≥ {mc.get('min_type_verdict', 3)} scored defects, Holm-adjusted in the run's family)", "",
-                  "| source | type | n | segmenter synthetic only | segmenter reference only | synthetic / reference | "
-                  "segmenter reference + synthetic | segmenter Δ (+ synthetic) | PatchCore reference only | "
-                  "PatchCore Δ (+ synthetic) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for src, per in typed.items():
-            for t, b in per.items():
-                seg, pc = b["segmenter"], b["patchcore"]
-                so, ro = seg['synthetic_only'][PRIMARY_METRIC]["mean"], seg['reference_only'][PRIMARY_METRIC]["mean"]
-                ratio = f"{100 * so / ro:.0f} %" if ro > 0 else "–"
-                lines.append(f"| {src} | {t} | {b['n_evaluation']} | {_fmt(seg['synthetic_only'][PRIMARY_METRIC])} | "
-                             f"{_fmt(seg['reference_only'][PRIMARY_METRIC])} | {ratio} | "
-                             f"{_fmt(seg['reference_plus_synthetic'][PRIMARY_METRIC])} | "
-                             f"{_fmt_delta(seg['delta'][PRIMARY_METRIC])} | "
-                             f"{_fmt(pc['reference_only'][PRIMARY_METRIC])} | {_fmt_delta(pc['delta'][PRIMARY_METRIC])} |")
+    lines += _per_type_lines(r, mc)
     if r.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
     t = r.get("timing", {})
