@@ -42,6 +42,7 @@ import numpy as np
 
 from pipelines import masks as mk
 from pipelines import models
+from pipelines.fileio import atomic_write_bytes, atomic_write_json
 from pipelines.generator import GeneratorBase, GeneratorInfo, option
 from pipelines.training import Cancelled
 from pipelines.generators.base import DEFAULT_FEATHER, check_image, composite
@@ -108,16 +109,12 @@ class DamageEmbedding:
             return self(torch.tensor([self.index(damage_type)])).detach()
 
     def save(self, folder: str | Path) -> Path:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / (EMBEDDING_FILE + ".tmp")
-        save_file({"weight": self.table.weight.detach().cpu().contiguous()}, str(tmp))
-        tmp.replace(folder / EMBEDDING_FILE)
-        meta = folder / (EMBEDDING_META + ".tmp")
-        meta.write_text(json.dumps({"damage_types": self.damage_types, "tokens": self.tokens,
-                                    "dim": self.dim}, indent=1))
-        meta.replace(folder / EMBEDDING_META)
+        atomic_write_bytes(folder / EMBEDDING_FILE, save({"weight": self.table.weight.detach().cpu().contiguous()}))
+        atomic_write_json(folder / EMBEDDING_META, {"damage_types": self.damage_types, "tokens": self.tokens,
+                                                    "dim": self.dim}, indent=1)
         return folder
 
     @classmethod

@@ -26,6 +26,7 @@ from pipelines.augment import AugmentConfig, augment_pair
 from pipelines.classical import style_for
 from pipelines.generators.base import DEFAULT_FEATHER, check_image, composite
 from pipelines.ddpm import PRESETS as DDPM_PRESETS
+from pipelines.fileio import atomic_write_bytes, atomic_write_json
 from pipelines.models import ModelError
 from pipelines.pixel_inpaint_files import (CONFIG_FILE, DAMAGE, FORMAT, MODEL_FILE, NORMAL,  # noqa: F401 (re-export)
                                      PRETRAIN_MASKS, PRODUCT, crop_box, read_meta, resolve_model)
@@ -286,9 +287,9 @@ class PixelInpaintTrainer(CheckpointedTrainer):
         state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
         save_file(state, str(folder / MODEL_FILE))
         schedule = self.schedule()
-        (folder / CONFIG_FILE).write_text(json.dumps({**self.meta(), "unet": dict(unet.config),
-                                                      "step": self.step, "schedule": schedule},
-                                                     indent=1, default=list))
+        atomic_write_json(folder / CONFIG_FILE, {**self.meta(), "unet": dict(unet.config),
+                                                 "step": self.step, "schedule": schedule},
+                          indent=1, default=list)
         groups = save_optimizer(opt, folder)
         write_trainer_state(folder, "pixel-inpaint", self.step, self.losses, groups, config=self.cfg.to_dict(),
                             rng=rng_state, schedule=schedule)
@@ -465,8 +466,6 @@ def export_model(checkpoint: str | os.PathLike, dest: str | os.PathLike, dtype: 
     timings: what a generator needs and nothing else, the same bytes for the same weights. Written
     atomically, file by file."""
     from safetensors.torch import save as save_bytes
-
-    from pipelines.fileio import atomic_write_bytes, atomic_write_json
     folder = resolve_model(checkpoint)
     meta = read_meta(folder)
     tdt = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]

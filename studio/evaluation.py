@@ -6,7 +6,6 @@ timing, files and records.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from pipelines.fileio import atomic_write_json
 from pipelines.imageio import write_png_atomic
 from pipelines.mvtec import LayoutError, check_sizes, load_category, load_image, load_mask, load_named_positives
 
@@ -185,8 +185,8 @@ def run_patchcore(req: PatchCoreRequest, progress: ProgressFn | None = None,
         "scores": [{"image": str(s.path.relative_to(cat.root)), "label": s.label, "score": float(sc)}
                    for s, sc in zip(eval_samples, scores)],
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    (out / "result.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_json(out / "metrics.json", metrics, indent=1)
+    atomic_write_json(out / "result.json", summary, indent=1)
     model.save(out / "model")
     say(1.0, "done")
     return summary

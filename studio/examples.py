@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.fileio import atomic_write_text
 from studio.context import StudioContext
 
 ENV = "DEFECT_STUDIO_EXAMPLES"
@@ -48,7 +49,7 @@ def _marker(ctx: StudioContext, kind: str, product: str) -> Path:
 
 def _done(jctx, marker: Path, result: dict) -> dict:
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S')} job {jctx.job_id}\n")
+    atomic_write_text(marker, f"{time.strftime('%Y-%m-%d %H:%M:%S')} job {jctx.job_id}\n")
     return result
 
 

@@ -3,10 +3,10 @@ the generators' options)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from pipelines.fileio import atomic_write_json
 from studio.cli.workspace import open_store
 
 
@@ -99,7 +99,7 @@ def cmd_generate(args) -> int:
         write_png_atomic(out / "mask.png", cands[0].mask)
     meta = {"image": str(args.image), "mask": str(args.mask) if args.mask else None,
             "damage_type": args.damage, "color": args.color, "candidates": records}
-    (out / "provenance.json").write_text(json.dumps(meta, indent=1))
+    atomic_write_json(out / "provenance.json", meta, indent=1)
     print(f"wrote {len(cands)} candidate(s) to {out}")
     return 0
 
@@ -145,10 +145,10 @@ def cmd_generate_batch(args) -> int:
                 continue
             for i, c in enumerate(cands):
                 write_png_atomic(target / f"candidate_{i:02d}.png", c.image)
-            (target / "provenance.json").write_text(json.dumps(
-                {"image": str(img_path), "mask": str(mask_path), "process": state.process_index,
-                 "candidates": [{"seed": c.seed, "generator": c.generator, "params": c.params}
-                                for c in cands]}, indent=1, default=str))
+            atomic_write_json(target / "provenance.json",
+                              {"image": str(img_path), "mask": str(mask_path), "process": state.process_index,
+                               "candidates": [{"seed": c.seed, "generator": c.generator, "params": c.params}
+                                              for c in cands]}, indent=1, default=str)
             print(f"[{state.process_index}] {img_path.name}: {len(cands)} candidate(s)")
     for f in failures:
         print(f"error: {f}", file=sys.stderr)
