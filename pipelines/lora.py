@@ -28,9 +28,8 @@ colour metrics per validation step. Its hooks here: ``damage_table = False``,
 :meth:`LoraTrainer._conditioning` and :meth:`LoraTrainer._add_losses` (its LAB colour loss).
 
 The training glue (configs, samples, budget, atomic checkpoints, optimizer state, history,
-Accelerate, the result) is :mod:`pipelines.training`; its names that callers import from here
-(``Checkpoints``, ``latest_checkpoint``, ``read_history``, ``samples_from_category``, the errors …)
-are re-exported. Output folder layout: :mod:`pipelines.training`; one LoRA checkpoint holds::
+Accelerate, the result) is :mod:`pipelines.training`: import its names from there. Output folder
+layout: :mod:`pipelines.training`; one LoRA checkpoint holds::
 
     OUT/checkpoints/step-0000200/
         pytorch_lora_weights.safetensors     diffusers LoRA format → pipe.load_lora_weights(...)
@@ -57,13 +56,9 @@ import torch.nn.functional as F
 from pipelines import masks as mk
 from pipelines.augment import AugmentConfig, augment_pair
 from pipelines.training import (CancelFn, CheckpointedTrainer, CheckpointError, Checkpoints, ConfigError,
-                                ProgressFn, RunConfig, Sample, TrainDataError, TrainResult, check,
-                                check_samples, load_training_samples, read_trainer_state, report,
-                                save_optimizer, save_validation_grid, write_trainer_state)
-# re-exported: callers import these toolkit names from here (tests, studio.ui.training_tab, benchmarks)
-from pipelines.training import (CHECKPOINTS, HISTORY_FILE, LATEST, STATE_FILE, Cancelled,  # noqa: F401
-                                append_history, latest_checkpoint, load_optimizer,
-                                make_accelerator, read_history, samples_from_category, stop_reason)
+                                ProgressFn, RunConfig, Sample, TrainResult, check, check_samples,
+                                load_training_samples, read_trainer_state, report, save_optimizer,
+                                save_validation_grid, write_trainer_state)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipelines import lora as L
+from pipelines import training as T
 from pipelines.inpaint import DamageEmbedding, SDInpaintGenerator
 from tests import diffusion_fixtures as dfx
 
@@ -38,7 +39,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def samples():
-    return L.samples_from_category(BOTTLE, ["broken_large", "contamination"], size=128)
+    return T.samples_from_category(BOTTLE, ["broken_large", "contamination"], size=128)
 
 
 def _cfg(models, out, **kw):
@@ -81,10 +82,10 @@ def test_config_errors(tmp_path, samples):
     yml.write_text("output_dir: x\nrank: 8\nfocus: restricted\naugment: {rotate: 25}\n")
     cfg = L.LoraTrainConfig.from_yaml(yml)
     assert cfg.rank == 8 and cfg.focus == "restricted" and cfg.augment.rotate == 25
-    with pytest.raises(L.TrainDataError, match="no defect samples of type 'scratch'.*broken_large"):
+    with pytest.raises(T.TrainDataError, match="no defect samples of type 'scratch'.*broken_large"):
         L.LoraTrainer(L.LoraTrainConfig(output_dir=str(tmp_path), damage_types=["scratch"]), samples)
-    with pytest.raises(L.TrainDataError, match="no defect samples of type 'scratch'"):
-        L.samples_from_category(BOTTLE, ["scratch"])
+    with pytest.raises(T.TrainDataError, match="no defect samples of type 'scratch'"):
+        T.samples_from_category(BOTTLE, ["scratch"])
 
 
 def test_train_load_resume(tmp_path, models, samples):
@@ -95,8 +96,8 @@ def test_train_load_resume(tmp_path, models, samples):
     assert res.step == 20 and res.steps_this_run == 20 and res.stopped == "steps"
     assert [s for s, _ in trainer.losses] == [5, 10, 15, 20]
     assert all(np.isfinite(v) for _, v in trainer.losses)
-    assert L.read_history(out) == trainer.losses
-    ck = L.latest_checkpoint(out)
+    assert T.read_history(out) == trainer.losses
+    ck = T.latest_checkpoint(out)
     assert ck.name == "step-0000020" and (out / "latest").read_text() == "step-0000020"
     assert [p.name for p in L.Checkpoints(out).all()] == ["step-0000010", "step-0000020"]
     for f in ("pytorch_lora_weights.safetensors", "damage_embedding.safetensors",
@@ -143,7 +144,7 @@ def test_cancel_keeps_loadable_checkpoint(tmp_path, models, samples):
 
     res = L.train_lora(_cfg(models, out, validate_every=0), samples, cancelled=cancelled)
     assert res.stopped == "cancelled" and res.step == 3
-    ck = L.latest_checkpoint(out)
+    ck = T.latest_checkpoint(out)
     assert ck.name == "step-0000003"
     pipe = _pipe(models)
     pipe.load_lora_weights(str(ck))
@@ -164,7 +165,7 @@ def test_failed_save_keeps_previous_latest(tmp_path, models, samples, monkeypatc
     monkeypatch.setattr(L, "save_optimizer", flaky)
     with pytest.raises(L.CheckpointError, match="No space left.*step-0000010 stays the latest"):
         L.train_lora(_cfg(models, out, validate_every=0), samples)
-    assert L.latest_checkpoint(out).name == "step-0000010"
+    assert T.latest_checkpoint(out).name == "step-0000010"
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
     assert (out / "checkpoints" / "step-0000010" / "pytorch_lora_weights.safetensors").is_file()
 
@@ -187,7 +188,7 @@ def test_wall_colour_is_its_own_trainer_kind_with_color_loss(tmp_path, models):
     trainer = WallTrainer(cfg, [(img, good, "wall")])
     res = trainer.run()
     assert res.step == 2 and np.isfinite(res.loss) and trainer.embedding is None
-    ck = L.latest_checkpoint(tmp_path / "wall")
+    ck = T.latest_checkpoint(tmp_path / "wall")
     assert (ck / "pytorch_lora_weights.safetensors").is_file()
     assert not (ck / "damage_embedding.json").exists()     # unconditional: no table
     assert (ck / "color_metrics.json").is_file()
