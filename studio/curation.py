@@ -29,7 +29,6 @@ crash hit between writing the sample and marking the item.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -38,11 +37,11 @@ from typing import Callable
 
 import cv2
 import numpy as np
-import sqlite_utils
 
 from pipelines.quality import crop_features, defect_crop, diversity, kid
 
 from studio.catalog import GOOD
+from studio.db import database
 
 
 def _now() -> str:
@@ -73,8 +72,7 @@ class CurationDB:
         path = Path(workspace) / "studio.db"
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self.db = sqlite_utils.Database(sqlite3.connect(str(path), check_same_thread=False, timeout=30))
-        self.db.conn.execute("PRAGMA journal_mode = WAL")
+        self.db = database(path)
         with self._lock:
             self.db["plans"].create({"id": int, "product": str, "params": str, "summary": str,
                                      "created_at": str, "monitor": str}, pk="id", if_not_exists=True)
@@ -103,6 +101,27 @@ class CurationDB:
     def execute(self, sql: str, args=()) -> None:
         with self._lock, self.db.conn:
             self.db.conn.execute(sql, args)
+
+    def add_plan(self, product: str, params: dict, summary: list[dict], items: list[dict]) -> int:
+        """Insert a plan and its items (all ``pending``) in one transaction; returns the plan id."""
+        with self._lock, self.db.conn:
+            plan_id = self.db["plans"].insert({"product": product, "params": json.dumps(params),
+                                               "summary": json.dumps(summary), "created_at": _now()}).last_pk
+            self.db["plan_items"].insert_all(
+                [{"plan_id": plan_id, "idx": i, **it, "status": "pending", "sample_id": None, "attempts": 0,
+                  "verified": 0, "score": None} for i, it in enumerate(items)])
+        return plan_id
+
+    def record_attempt(self, plan_id: int, idx: int, sample_id: int, scores: dict, reason: str | None,
+                       status: str, attempts: int, verified: bool, score: float) -> None:
+        """One verified attempt of a plan item, in one transaction: the candidate's pre-screen
+        scores (``reason``: why it was auto-rejected, None when it passed) and the item's state."""
+        with self._lock, self.db.conn:
+            self.db.conn.execute("INSERT OR REPLACE INTO prescreen (sample_id, scores, auto_rejected, reason) "
+                                 "VALUES (?, ?, ?, ?)", (sample_id, json.dumps(scores), int(bool(reason)), reason))
+            self.db.conn.execute("UPDATE plan_items SET status=?, sample_id=?, attempts=?, verified=?, score=? "
+                                 "WHERE plan_id=? AND idx=?",
+                                 (status, sample_id, attempts, int(verified), score, plan_id, idx))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,12 +320,7 @@ def make_plan(store, cdb: CurationDB, product: str, target: int | None = None,
     params = {"target": goal, "mode": mode, "labels": labels, "backends": list(backends),
               "oversample": oversample, "seed": seed, "mix": mix, "retries": int(retries),
               "verify_threshold": VERIFY_THRESHOLD, "complete_fraction": COMPLETE_FRACTION}
-    with cdb._lock, cdb.db.conn:
-        plan_id = cdb.db["plans"].insert({"product": product, "params": json.dumps(params),
-                                          "summary": json.dumps(summary), "created_at": _now()}).last_pk
-        cdb.db["plan_items"].insert_all(
-            [{"plan_id": plan_id, "idx": i, **it, "status": "pending", "sample_id": None, "attempts": 0,
-              "verified": 0, "score": None} for i, it in enumerate(items)])
+    plan_id = cdb.add_plan(product, params, summary, items)
     return {"plan_id": plan_id, "product": product, "target": goal, "mode": mode, "summary": summary,
             "items": len(items), "mix": mix, "retries": int(retries)}
 
@@ -490,12 +504,7 @@ def run_plan(store, cdb: CurationDB, plan_id: int, progress: Callable[[float, st
                 store.reject(sid, note=f"auto: {reason} (attempt {attempt} of {retries + 1})")
                 rejected += 1
             status = "done" if verified or attempt > retries else "pending"
-            with cdb._lock, cdb.db.conn:
-                cdb.db.conn.execute("INSERT OR REPLACE INTO prescreen (sample_id, scores, auto_rejected, reason) "
-                                    "VALUES (?, ?, ?, ?)", (sid, json.dumps(scores), int(bool(reason)), reason))
-                cdb.db.conn.execute("UPDATE plan_items SET status=?, sample_id=?, attempts=?, verified=?, score=? "
-                                    "WHERE plan_id=? AND idx=?",
-                                    (status, sid, attempt, int(verified), score, plan_id, item["idx"]))
+            cdb.record_attempt(plan_id, item["idx"], sid, scores, reason, status, attempt, verified, score)
         monitor = plan_monitor(cdb, plan_id)
         cdb.execute("UPDATE plans SET monitor=? WHERE id=?", (json.dumps(monitor), plan_id))
         rate = monitor["overall"]["success_rate"]

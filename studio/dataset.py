@@ -37,11 +37,11 @@ import sqlite_utils
 from PIL import Image
 
 from pipelines import roles as R
+from studio.db import BUSY_TIMEOUT_S, database
 from studio.store_types import (DEFAULT_DEFECT_LABEL, MAX_PIXELS, ORIGINS, SPLITS, STATUSES, StoreError,
                                 as_mask, as_rgb, as_seed, atomic_write, check_choice, check_name, decode_file,
                                 decode_sample, now_iso, params_json)
 
-BUSY_TIMEOUT_S = 30.0
 DB_NAME = "studio.db"
 FILES_DIR = "files"
 
@@ -92,19 +92,17 @@ class Store:
             self.files_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create the workspace folder {self.root}: {e}") from e
-        conn = sqlite3.connect(str(self.db_path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
         try:
-            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            conn.execute("PRAGMA foreign_keys = ON")
-            self.db = sqlite_utils.Database(conn, execute_plugins=False)
-            self._retry_while_locked(self.db.enable_wal)
-            conn.execute("PRAGMA synchronous = FULL")  # an accepted sample survives power loss too
+            self.db = database(self.db_path)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"cannot open the dataset database {self.db_path}: {e}") from e
+        try:
             self._create_schema()
         except sqlite3.DatabaseError as e:
-            conn.close()
+            self.db.conn.close()
             raise StoreError(f"cannot open the dataset database {self.db_path}: {e}") from e
         except BaseException:
-            conn.close()
+            self.db.conn.close()
             raise
 
     # ---- connection plumbing -----------------------------------------------------------------
@@ -126,18 +124,6 @@ class Store:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError("the dataset store is closed")
-
-    @staticmethod
-    def _retry_while_locked(fn, timeout_s: float = BUSY_TIMEOUT_S):
-        """Run ``fn``, retrying on 'database is locked' (journal-mode switch races at creation)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                return fn()
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite_utils.Database]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipelines.training import Cancelled
+from studio.db import connect
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED, INTERRUPTED = (
     "queued", "running", "done", "failed", "cancelled", "interrupted")
@@ -134,10 +135,8 @@ class JobManager:
         self._rerun_lock = threading.Lock()
         self._contexts: dict[str, JobContext] = {}
         self._threads: dict[str, threading.Thread] = {}
-        self._conn = sqlite3.connect(self.db_path, check_same_thread=False, timeout=30)
-        self._conn.row_factory = sqlite3.Row
+        self._conn = connect(self.db_path, row_factory=sqlite3.Row)
         with self._lock, self._conn:
-            self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute(
                 "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, kind TEXT, status TEXT, "
                 "progress REAL, message TEXT, request TEXT, result TEXT, error TEXT, log TEXT, "

@@ -11,12 +11,11 @@ by a process that is gone is marked ``interrupted`` at start-up (:meth:`RunLog.m
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-import sqlite_utils
+from studio.db import database
 
 
 def _now() -> str:
@@ -28,10 +27,7 @@ class RunLog:
         self.path = Path(workspace) / "studio.db"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
-        self.db = sqlite_utils.Database(conn)  # shared by gradio worker and job threads (locked)
-        self.db.conn.execute("PRAGMA busy_timeout = 30000")
-        self.db.conn.execute("PRAGMA journal_mode = WAL")
+        self.db = database(self.path)  # shared by gradio worker and job threads (locked)
         if "runs" not in self.db.table_names():
             self.db["runs"].create({
                 "id": int, "kind": str, "product": str, "data": str, "params": str, "metrics": str,
