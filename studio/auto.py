@@ -70,7 +70,7 @@ def cached_choice(store, product: str, damage_type: str, workspace: str | Path) 
     """The cached choice for the type when it is still valid (same references, goods, candidates,
     settings), else None. Reads nothing but the cache and the store's rows."""
     from studio.catalog import GOOD
-    refs = store.reference_defects(product, damage_type)
+    refs = store.reference_defects(product)             # every type's: the others train too
     goods = store.list_images(product=product, label=GOOD, split="train")[:16]
     backbone, cfg = _config()
     entry = _read(cache_path(workspace, product)).get(damage_type) or {}
@@ -98,22 +98,27 @@ def auto_choice(store, product: str, damage_type: str, workspace: str | Path,
         hit = cached_choice(store, product, damage_type, workspace)
         if hit is not None:
             return hit
-        refs = store.reference_defects(product, damage_type)
+        every = store.reference_defects(product)
+        refs = [r for r in every if r["label"] == damage_type]
         goods_rows = store.list_images(product=product, label=GOOD, split="train")[:16]
         backbone, cfg = _config()
         names = candidates()
-        key = _key(refs, goods_rows, names, backbone, cfg)
+        key = _key(every, goods_rows, names, backbone, cfg)
         ref_pairs = [(store.load_image(r["id"]), store.load_mask(r["id"])) for r in refs]
+        other_rows = [r for r in every if r["label"] != damage_type]
+        others = [(store.load_image(r["id"]), store.load_mask(r["id"])) for r in other_rows]
         goods = [store.load_image(r["id"]) for r in goods_rows]
         guard(f"auto choice ({damage_type} reference defects)", [(f"image {r['id']}", p[0]) for r, p in zip(refs, ref_pairs)])
         guard("auto choice (good images)", [(f"image {r['id']}", g) for r, g in zip(goods_rows, goods)])
+        guard("auto choice (other types' reference defects)",
+              [(f"image {r['id']}", p[0]) for r, p in zip(other_rows, others)])
         fg = estimate_foreground([resize_to(g, cfg.size) for g in goods]) if len(goods) >= 2 else None
 
         def sampler_for(learn):
             return MaskSampler.fit(damage_type, [m for _, m in learn], fg, [i for i, _ in learn])
         choice = choose(damage_type, ref_pairs, goods, sampler_for,
                         _feature_cache(backbone) if len(ref_pairs) >= 2 and goods else None, names, cfg,
-                        guard=guard, progress=progress, cancelled=cancelled)
+                        guard=guard, progress=progress, cancelled=cancelled, others=others)
         path = cache_path(workspace, product)
         data = _read(path)
         data[damage_type] = {"key": key, "choice": choice.to_json(), "backbone": backbone}

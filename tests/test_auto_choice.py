@@ -111,6 +111,31 @@ def test_the_generator_that_looks_like_the_reference_defects_is_chosen(toys):
     assert groups(5, 3) == [[0, 3], [1, 4], [2]] and groups(2, 3) == [[0], [1]]
 
 
+def _blue_square(img, rng):
+    out, m = _square(img, rng)
+    out[m] = (40, 60, 230)
+    return out, m
+
+
+def test_the_other_types_reference_defects_train_in_both_arms_and_pass_the_guard(toys):
+    """``others`` (the product's other damage types' reference defects) are in the baseline's and
+    every candidate's training set, as in the experiment's segmenter, and go through the guard;
+    the right generator still helps beside them."""
+    rng = np.random.default_rng(0)
+    goods = _texture(rng, 12)
+    refs = [_square(img, rng) for img in _texture(rng, 4)]
+    others = [_blue_square(img, rng) for img in _texture(rng, 3)]
+    fc = FeatureCache(build_backbone("random"))
+    cfg = ChooseConfig(per_type=4, splits=2, steps=60, size=S)
+    seen: list[str] = []
+    c = choose("stain", refs, goods, Box, fc, toys, cfg, guard=lambda what, items: seen.append(what),
+               others=others)
+    alone = choose("stain", refs, goods, Box, fc, toys, cfg)
+    assert any("other types" in w for w in seen)
+    assert c.generator == "toy-yellow" and c.helps
+    assert c.baseline != alone.baseline             # the others changed what the baseline learned
+
+
 def test_candidates_exclude_generators_that_learned_from_a_trained_model():
     from pipelines.generators.choose import candidates
     names = candidates()

@@ -13,7 +13,9 @@ split into ``k = min(splits, n)`` groups (leave-one-out when ``n <= splits``). F
    the same inputs; each is labelled where it visibly changed its mask
    (:func:`pipelines.masks.visible_label`, as the experiment labels them);
 3. a :mod:`pipelines.segmenter` (frozen backbone features, the experiment's detector) is trained
-   on the other groups' reference defects plus the good images (empty masks) — the baseline —
+   on the other groups' reference defects plus the good images (empty masks) and the reference
+   defects of the product's other damage types (``others``, as the experiment's segmenter learns
+   every type at once) — the baseline —
    and once more with the candidate's synthetic defects added on top (``extra``, as the
    experiment's reference + synthetic arm); both score the left-out group's images plus the
    good images held out of training (every 4th, rotating with the group): pixel AP.
@@ -44,7 +46,7 @@ from pipelines.masks import visible_label
 from pipelines.training import CancelFn, ProgressFn, check_cancelled
 
 TIE = 1e-3            # AP differences below this are ties (the earlier candidate wins)
-VERSION = "4"         # of the procedure; a cached choice of another version is recomputed
+VERSION = "5"         # of the procedure; a cached choice of another version is recomputed
 
 
 @dataclass
@@ -182,7 +184,7 @@ def choose(damage_type: str, references: Sequence[tuple[np.ndarray, np.ndarray]]
            sampler_for: Callable[[list[np.ndarray]], object], features, names: Sequence[str] | None = None,
            cfg: ChooseConfig | None = None, guard: Callable[[str, list], object] | None = None,
            progress: ProgressFn | None = None, cancelled: CancelFn | None = None,
-           goods_features=None) -> Choice:
+           goods_features=None, others: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> Choice:
     """The :class:`Choice` for ``damage_type`` (module docstring).
 
     ``references``: the type's reference defects ``[(image H×W×3 uint8, mask H×W)]`` — never an
@@ -191,7 +193,12 @@ def choose(damage_type: str, references: Sequence[tuple[np.ndarray, np.ndarray]]
     ``goods``: the product's defect-free train images (the base images and the negatives).
     ``sampler_for(learn)`` → an object with ``sample(shape, rng, image=base) -> H×W bool``
     fitted on the learning references ``[(image, mask)]``. ``features``: a :class:`pipelines.segmenter.FeatureCache`; ``goods_features``
-    its features of ``goods`` at ``cfg.size`` when already computed."""
+    its features of ``goods`` at ``cfg.size`` when already computed. ``others``: the reference
+    defects of the product's *other* damage types ``[(image, mask)]`` — in every segmenter's
+    training set (baseline and candidates alike), never scored — so the gain measured is the
+    one the experiment asks about: synthetic defects of this type added to a segmenter that
+    already learns every type's reference defects (alone, with one or two real positives, almost
+    any synthetic defect helps; beside the other types' real ones, far fewer do)."""
     import torch
 
     from pipelines.metrics import pixel_ap
@@ -210,6 +217,13 @@ def choose(damage_type: str, references: Sequence[tuple[np.ndarray, np.ndarray]]
     f_goods = goods_features if goods_features is not None else features.features(goods, cancelled)
     parts = groups(len(refs), cfg.splits)
     f_refs = features.features([i for i, _ in refs], cancelled)
+    oth = [(resize_to(np.asarray(i), S), resize_to((np.asarray(m) > 0).astype(np.uint8), S, True) > 0)
+           for i, m in others]
+    oth = [(i, m) for i, m in oth if m.any()]
+    f_oth = features.features([i for i, _ in oth], cancelled) if oth else f_goods[:0]
+    if oth and guard is not None:
+        guard(f"auto choice for {damage_type} (the other types' reference defects)",
+              [(f"other/{i}", im) for i, (im, _) in enumerate(oth)])
     scores: dict[str, list[float]] = {n: [] for n in names}
     base_aps: list[float] = []
     total = len(parts) * len(names)
@@ -218,8 +232,8 @@ def choose(damage_type: str, references: Sequence[tuple[np.ndarray, np.ndarray]]
         learn = [refs[i] for i in learn_idx]
         sampler = sampler_for(learn)
         g_fit, g_held = _goods_split(len(goods), j)
-        real_f = torch.cat([f_goods[g_fit], f_refs[learn_idx]])
-        real_m = [np.zeros((S, S), bool)] * len(g_fit) + [m for _, m in learn]
+        real_f = torch.cat([f_goods[g_fit], f_oth, f_refs[learn_idx]])
+        real_m = [np.zeros((S, S), bool)] * len(g_fit) + [m for _, m in oth] + [m for _, m in learn]
         score_f = torch.cat([f_refs[held], f_goods[g_held]])
         score_m = np.stack([refs[i][1] for i in held] + [np.zeros((S, S), bool)] * len(g_held))
         tcfg = TrainConfig(steps=int(cfg.steps), seed=int(cfg.seed) + j)

@@ -376,7 +376,8 @@ class Runs:
                     lambda learn, t=t: MaskSampler.fit(t, [m for _, m in learn], d.foreground, [i for i, _ in learn]),
                     self.fc, names, cfg,
                     guard=lambda what, items, f=f: self.guard(what, f, self.train_items + items),
-                    cancelled=self.cancelled, goods_features=self.f_train)
+                    cancelled=self.cancelled, goods_features=self.f_train,
+                    others=[(img, m) for t2, its in sorted(refs.items()) if t2 != t for img, m, _ in its])
             self.timing["auto_choice"] = self.timing.get("auto_choice", 0.0) + time.perf_counter() - t1
         out: list[Synthetic] = []
         t1 = time.perf_counter()
