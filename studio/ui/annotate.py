@@ -186,46 +186,46 @@ def confined_options(ctx: StudioContext, options: dict) -> dict:
     return options
 
 
-def current_product(ctx: StudioContext, p, src_id=None) -> str | None:
+def current_product(ctx: StudioContext, product, src_id=None) -> str | None:
     """The product the tab generates for: the Product box, else the source image's product."""
-    if p and str(p).strip():
-        return str(p).strip()
+    if product and str(product).strip():
+        return str(product).strip()
     try:
         return ctx.store.get_image(int(src_id))["product"] if src_id else None
     except (KeyError, ValueError, TypeError):
         return None
 
 
-def no_model_fix(ctx: StudioContext, bk: str, product: str) -> str:
-    """Plain words (backend info and Generate toast): ``product`` has no ``bk`` model, and how to
+def no_model_fix(ctx: StudioContext, backend: str, product: str) -> str:
+    """Plain words (backend info and Generate toast): ``product`` has no ``backend`` model, and how to
     get one — the Training tab or the CLI, with the folder the studio finds it in."""
     adapters = ctx.settings.workspace / TRAINED_DIR
     others = [n for n in available_backends("damage", product, ctx.settings.workspace)
-              if n != bk and not get_info(n).full_image][:3]
-    return (f"No {bk} model for product '{product}' yet, so {bk} cannot generate on it. To get one, "
-            f"train it: Training tab → kind {bk}, product {product} (it learns from the product's "
+              if n != backend and not get_info(n).full_image][:3]
+    return (f"No {backend} model for product '{product}' yet, so {backend} cannot generate on it. To get one, "
+            f"train it: Training tab → kind {backend}, product {product} (it learns from the product's "
             f"reference defects, real defect photos with their masks; about 15 min on a CPU), or "
-            f"`python -m studio train --kind {bk} --data <an MVTec-layout folder named {product}> "
-            f"--out {adapters}/{bk}-{product}`. The studio then uses it for {product} by itself."
+            f"`python -m studio train --kind {backend} --data <an MVTec-layout folder named {product}> "
+            f"--out {adapters}/{backend}-{product}`. The studio then uses it for {product} by itself."
             + (f" Meanwhile {', '.join(others)} run on {product} without a model." if others else ""))
 
 
-def backend_help(bk: str | None, product: str | None = None, ctx: StudioContext | None = None) -> str:
+def backend_help(backend: str | None, product: str | None = None, ctx: StudioContext | None = None) -> str:
     """The backend's description and whether it can run here for ``product`` (with the workspace's
     trained runs when ``ctx`` is given), with the exact fix when not."""
-    if not bk or bk == "auto":
+    if not backend or backend == "auto":
         return auto_description("damage")
     workspace = ctx.settings.workspace if ctx is not None else None
-    ok, message = backend_status(bk, product or None, workspace)
-    info = get_info(bk)
-    head = f"**{bk}** — {info.description}"
+    ok, message = backend_status(backend, product or None, workspace)
+    info = get_info(backend)
+    head = f"**{backend}** — {info.description}"
     if info.full_image:
         head += " *(makes a whole new image: pixels outside the mask are not kept)*"
-    if picks_model(bk) and product:
+    if picks_model(backend) and product:
         if ok:
             return f"{head}  \n✅ {message.replace('ready', f'ready for **{product}**', 1)}"
         if ctx is not None:
-            return f"{head}  \n⚠️ {no_model_fix(ctx, bk, product)}"
+            return f"{head}  \n⚠️ {no_model_fix(ctx, backend, product)}"
     return f"{head}  \n{'✅ ' + message if ok else '⚠️ unavailable: ' + message}"
 
 
@@ -262,9 +262,9 @@ def default_damage(ctx: StudioContext, product: str | None) -> str:
     return next((t for t in damage_choices(ctx, product) if t != GOOD), GOOD)
 
 
-def on_product(ctx: StudioContext, p):
-    return (gr.update(choices=image_choices(ctx, p), value=None),
-            gr.update(choices=damage_choices(ctx, p), value=default_damage(ctx, p)))
+def on_product(ctx: StudioContext, product):
+    return (gr.update(choices=image_choices(ctx, product), value=None),
+            gr.update(choices=damage_choices(ctx, product), value=default_damage(ctx, product)))
 
 
 def on_pick(ctx: StudioContext, image_id, feather_px):
@@ -281,13 +281,13 @@ def on_pick(ctx: StudioContext, image_id, feather_px):
     return _editor_value(img, gt), int(image_id), _preview(img, gt, feather_px), note_txt
 
 
-def on_upload(ctx: StudioContext, path, p, feather_px):
+def on_upload(ctx: StudioContext, path, product, feather_px):
     """An uploaded photo (PNG / JPEG / TIFF / BMP, 8 or 16 bit, grey, RGB or RGBA) becomes an image
     of the chosen product (split 'upload': a source to paint on, never a training or test image),
     kept at full resolution and shown resized."""
     if not path:
         return gr.update(), gr.update(), gr.update(), ""
-    if not p:
+    if not product:
         raise gr.Error("Pick a product first (or type a new product name in the Product box), then upload")
     limit = ctx.settings.max_upload_mb * 1024 * 1024
     if os.path.getsize(path) > limit:
@@ -295,7 +295,7 @@ def on_upload(ctx: StudioContext, path, p, feather_px):
                        f"the {ctx.settings.max_upload_mb:g} MB upload limit")
     try:
         img = read_rgb(path, ctx.settings.max_pixels)
-        new_id = ctx.store.add_image(p, img, split="upload", label=GOOD, origin="real",
+        new_id = ctx.store.add_image(product, img, split="upload", label=GOOD, origin="real",
                                      source_path=os.path.basename(path))
     except (ImageInputError, ValueError) as exc:
         raise gr.Error(str(exc)) from exc
@@ -303,7 +303,7 @@ def on_upload(ctx: StudioContext, path, p, feather_px):
     size = f"{img.shape[1]}×{img.shape[0]}" + (
         f", shown at {shown.shape[1]}×{shown.shape[0]}" if shown.shape != img.shape else "")
     return (_editor_value(img, None), new_id, _preview(img, None, feather_px),
-            f"Uploaded {os.path.basename(path)} as an image of **{p}** ({size}) — paint the defect "
+            f"Uploaded {os.path.basename(path)} as an image of **{product}** ({size}) — paint the defect "
             "region, then Generate")
 
 
@@ -316,35 +316,36 @@ def current_image(ctx: StudioContext, editor_value, src_id):
     return image, mask
 
 
-def apply_mask_op(op: str, image: np.ndarray, mask: np.ndarray | None, size: int, damage: str | None,
-                  rng: np.random.Generator | None = None, shaped=None) -> np.ndarray:
-    """Dilate / erode / invert / clear the mask, or draw a random one: ``shaped(rng)`` (a mask
+def apply_mask_op(operation: str, image: np.ndarray, mask: np.ndarray | None, size: int, damage: str | None,
+                  random_source: np.random.Generator | None = None, shaped=None) -> np.ndarray:
+    """Dilate / erode / invert / clear the mask, or draw a random one: ``shaped(random_source)`` (a mask
     shaped like the damage type, see :func:`studio.services.sample_mask`) when given."""
     mask = mask if mask is not None else M.clear(image.shape[:2])
-    if op == "dilate":
+    if operation == "dilate":
         return M.dilate(mask, int(size))
-    if op == "erode":
+    if operation == "erode":
         return M.erode(mask, int(size))
-    if op == "invert":
+    if operation == "invert":
         return M.invert(mask)
-    if op == "clear":
+    if operation == "clear":
         return M.clear(image.shape[:2])
-    if op == "random":
-        rng = rng or np.random.default_rng()
+    if operation == "random":
+        random_source = random_source or np.random.default_rng()
         if shaped is not None:
-            return shaped(rng)
+            return shaped(random_source)
         from pipelines.classical import style_for
-        return M.random_mask(style_for(damage or "blob"), image.shape[:2], rng)
-    raise ValueError(f"unknown mask operation {op!r}")
+        return M.random_mask(style_for(damage or "blob"), image.shape[:2], random_source)
+    raise ValueError(f"unknown mask operation {operation!r}")
 
 
-def on_mask_op(ctx: StudioContext, op: str, editor_value, src_id, size, feather_px, dmg, p):
+def on_mask_op(ctx: StudioContext, operation: str, editor_value, src_id, size, feather_px, damage, product):
     image, mask = current_image(ctx, editor_value, src_id)
     shaped = None
-    if op == "random" and dmg and dmg != GOOD:
+    if operation == "random" and damage and damage != GOOD:
         from studio.services import sample_mask
-        shaped = lambda rng: sample_mask(ctx.store, p or "", dmg, image.shape[:2], rng)  # noqa: E731
-    mask = apply_mask_op(op, image, mask, size, dmg, shaped=shaped)
+        shaped = lambda random_source: sample_mask(ctx.store, product or "", damage,  # noqa: E731
+                                                   image.shape[:2], random_source)
+    mask = apply_mask_op(operation, image, mask, size, damage, shaped=shaped)
     return _editor_value(image, mask), _preview(image, mask, feather_px)
 
 
@@ -367,52 +368,53 @@ def on_edit(ctx: StudioContext, editor_value, src_id, feather_px):
     return _preview(image, mask, feather_px)
 
 
-def on_mode(m):
-    return gr.update(visible=m == DAMAGE), gr.update(visible=m == COLOUR)
+def on_mode(mode):
+    return gr.update(visible=mode == DAMAGE), gr.update(visible=mode == COLOUR)
 
 
-def on_backend(ctx: StudioContext, bk, p=None, src_id=None):
+def on_backend(ctx: StudioContext, backend, product=None, src_id=None):
     """A new backend: its info for the current product, and the options it takes."""
-    return (backend_help(bk, current_product(ctx, p, src_id), ctx), *option_visibility(bk))
+    return (backend_help(backend, current_product(ctx, product, src_id), ctx), *option_visibility(backend))
 
 
-def on_context(ctx: StudioContext, bk, p, src_id):
+def on_context(ctx: StudioContext, backend, product_box, src_id):
     """A new product or source image: the backend info and the dropdown's marks follow it."""
-    product = current_product(ctx, p, src_id)
-    return backend_help(bk, product, ctx), gr.update(choices=backend_choices(ctx, product))
+    product = current_product(ctx, product_box, src_id)
+    return backend_help(backend, product, ctx), gr.update(choices=backend_choices(ctx, product))
 
 
-def on_generate(ctx: StudioContext, editor_value, p, src_id, m, dmg, col, bk, num, sd, fth, stg,
-                *option_values, progress=gr.Progress()):
+def on_generate(ctx: StudioContext, editor_value, product, src_id, mode, damage, colour, backend, count, seed,
+                feather, strength, *option_values, progress=gr.Progress()):
     image, mask = current_image(ctx, editor_value, src_id)
-    options = confined_options(ctx, options_from_widgets(bk, option_values))
-    if bk and bk != "auto" and bk in generator_names() and picks_model(bk) and not options.get("model") \
-            and p and not backend_status(bk, p, ctx.settings.workspace)[0]:
-        raise gr.Error(no_model_fix(ctx, bk, p))
+    options = confined_options(ctx, options_from_widgets(backend, option_values))
+    if backend and backend != "auto" and backend in generator_names() and picks_model(backend) \
+            and not options.get("model") and product \
+            and not backend_status(backend, product, ctx.settings.workspace)[0]:
+        raise gr.Error(no_model_fix(ctx, backend, product))
     req = GenerateRequest(
-        image=image, mask=mask, product=p or "", source_image_id=int(src_id) or None,
-        damage_type=dmg if m == DAMAGE else None, color=col if m == COLOUR else None,
-        backend=bk or "auto", n=num, seed=sd or 0, feather=fth,   # the service checks each number
-        strength=stg, max_pixels=ctx.settings.max_pixels,
+        image=image, mask=mask, product=product or "", source_image_id=int(src_id) or None,
+        damage_type=damage if mode == DAMAGE else None, color=colour if mode == COLOUR else None,
+        backend=backend or "auto", n=count, seed=seed or 0, feather=feather,   # the service checks each number
+        strength=strength, max_pixels=ctx.settings.max_pixels,
         options=options)
     try:
         out = generate(req, store=ctx.store, catalog=ctx.catalog(),
-                       progress=lambda f, msg: progress(f, desc=msg))
+                       progress=lambda fraction, message: progress(fraction, desc=message))
     except (UserError, KeyError) as exc:
         raise gr.Error(exc.args[0] if exc.args else str(exc)) from exc
-    items = [(c.image, _caption(c, col if m == COLOUR else None)) for c in out]
+    items = [(c.image, _caption(c, colour if mode == COLOUR else None)) for c in out]
     info = [{"sample_id": c.sample_id, "seed": c.seed, "generator": c.generator,
              "status": "candidate",
-             "learned_from": learned_from(ctx.store, p or "", c.generator, dmg if m == DAMAGE else None,
-                                          c.params)} for c in out]
+             "learned_from": learned_from(ctx.store, product or "", c.generator,
+                                          damage if mode == DAMAGE else None, c.params)} for c in out]
     first_id = out[0].sample_id if out else 0
-    what = dmg if m == DAMAGE else col
+    what = damage if mode == DAMAGE else colour
     return items, info, first_id, f"{len(out)} candidate(s) for **{what}** — select one, then accept or reject"
 
 
-def on_select(info, evt: gr.SelectData):
+def on_select(info, event: gr.SelectData):
     try:
-        return int(info[evt.index]["sample_id"])
+        return int(info[event.index]["sample_id"])
     except (TypeError, IndexError, KeyError):
         return 0
 
@@ -445,11 +447,11 @@ def defect_box(mask: np.ndarray, context: float = ZOOM_CONTEXT, min_side: int = 
     return out[0], out[1], out[2], out[3]
 
 
-def zoom(image: np.ndarray, box: tuple[int, int, int, int], size: int = ZOOM_SIZE) -> np.ndarray:
-    """The crop ``box`` of ``image`` resized to ``size`` px on its longest side: upscaled with
+def zoom(image: np.ndarray, region: tuple[int, int, int, int], size: int = ZOOM_SIZE) -> np.ndarray:
+    """The crop ``region`` of ``image`` resized to ``size`` px on its longest side: upscaled with
     nearest neighbour (the pixels as they are, magnified), downscaled with area averaging."""
     import cv2
-    y0, y1, x0, x1 = box
+    y0, y1, x0, x1 = region
     crop = np.ascontiguousarray(image[y0:y1, x0:x1])
     s = size / max(crop.shape[:2])
     out_wh = (max(1, round(crop.shape[1] * s)), max(1, round(crop.shape[0] * s)))
@@ -614,14 +616,14 @@ def _layer_of(editor_value):
     return gr.update()
 
 
-def with_mask_state(fn):
-    """``fn``'s outputs (the editor value first) and the editor's mask layer for the session state:
+def with_mask_state(handler):
+    """``handler``'s outputs (the editor value first) and the editor's mask layer for the session state:
     a mask set by the server (mask file, mask operation, a defect image's ground truth) is used
     when Generate is pressed before the editor has sent it back."""
     def wrapped(*args):
-        out = fn(*args)
+        out = handler(*args)
         return (*out, _layer_of(out[0]))
-    wrapped.__doc__ = fn.__doc__
+    wrapped.__doc__ = handler.__doc__
     return wrapped
 
 
@@ -641,8 +643,8 @@ def ui_generate(ctx: StudioContext, set_layer, *args, progress=gr.Progress()):
             status, gr.update(visible=False), gr.update(visible=bool(items)), before_after, zoomed, caption)
 
 
-def ui_select(ctx: StudioContext, src_id, info, evt: gr.SelectData):
-    sid = on_select(info, evt)
+def ui_select(ctx: StudioContext, src_id, info, event: gr.SelectData):
+    sid = on_select(info, event)
     return (sid, *candidate_view(ctx, src_id, sid, info))
 
 
@@ -694,7 +696,7 @@ def build(ctx: StudioContext) -> dict:
         api_src = gr.Number(0, precision=0, label="api source image")
         api_sel = gr.Number(0, precision=0, label="api sample")
         api_cands = gr.JSON(label="api candidates")
-    bind = lambda fn, *a: keep_doc(fn, ctx, *a)       # noqa: E731 — handlers take ctx first
+    bind = lambda handler, *bound: keep_doc(handler, ctx, *bound)       # noqa: E731 — handlers take ctx first
     editor, feather, src = v["editor"], c["feather"], c["source_id"]
     def list_images_api(product_name: str) -> list[dict]:
         """Images of a product in the dataset: id, split, label, file, has_mask."""
@@ -705,8 +707,8 @@ def build(ctx: StudioContext) -> dict:
                            [editor, src, v["preview"], r["status"], set_layer], api_name=False)
     api_endpoint(bind(on_pick), [c["image_pick"], feather], [editor, api_src, v["preview"], r["status"]],
                  "load_image")
-    def upload_and_clear(path, p, feather_px):   # the drop zone is emptied for the next photo
-        out = on_upload(ctx, path, p, feather_px)
+    def upload_and_clear(path, product, feather_px):   # the drop zone is emptied for the next photo
+        out = on_upload(ctx, path, product, feather_px)
         return (*out, None, _layer_of(out[0]))
     c["upload"].upload(upload_and_clear, [c["upload"], c["product"], feather],
                        [editor, src, v["preview"], r["status"], c["upload"], set_layer], api_name=False)
@@ -740,8 +742,8 @@ def build(ctx: StudioContext) -> dict:
         changed.change(bind(on_context), [c["backend"], c["product"], src], [c["backend_info"], c["backend"]],
                        api_name=False, show_progress="hidden")
     view = [r["compare"], r["zoom"], r["caption"]]
-    def select(src_id, info, evt: gr.SelectData):   # event data needs a type hint (no partial)
-        return ui_select(ctx, src_id, info, evt)
+    def select(src_id, info, event: gr.SelectData):   # event data needs a type hint (no partial)
+        return ui_select(ctx, src_id, info, event)
     r["gallery"].select(select, [src, r["cands"]], [r["selected"], *view], api_name=False)
     r["next_btn"].click(bind(ui_next), [src, r["selected"], r["cands"]], [r["selected"], r["gallery"], *view],
                         api_name=False)

@@ -66,9 +66,9 @@ def experiments_frame(runlog: RunLog):
     return pd.DataFrame(rows, columns=EXP_COLS)
 
 
-def verdict_markdown(m: dict) -> str:
-    lines = [f"**{src}** — {b['verdict']['text']}" for src, b in source_blocks(m).items()]
-    p = m["protocol"]
+def verdict_markdown(metrics: dict) -> str:
+    lines = [f"**{src}** — {b['verdict']['text']}" for src, b in source_blocks(metrics).items()]
+    p = metrics["protocol"]
     lines.append(f"<small>{p['repeats']} repeats, {len(p['evaluation'])} evaluation defects + "
                  f"{len(p['scored']) - len(p['evaluation'])} good images scored; a verdict comes only from a "
                  "95 % bootstrap interval of the difference.</small>")
@@ -95,15 +95,17 @@ class CurationState:
 
 
 # -- handlers: module level, each takes the tab's state first (testable without a server) --------
-def do_plan(t: CurationState, p, tgt, over, bks, mode="balance", mix="", retries=MAX_RETRIES):
+def do_plan(state: CurationState, product, target, over, backends, mode="balance", attribute_mix="",
+            retries=MAX_RETRIES):
     """Plan candidates per defect class: ``mode`` balance (top up to the largest class or to the
-    target) or fixed (target new samples per class); ``mix`` an attribute mix such as
+    target) or fixed (target new samples per class); ``attribute_mix`` an attribute mix such as
     ``severity=low:0.5,high:0.5``; ``retries`` regenerations of a candidate that fails verification."""
-    if not p:
+    if not product:
         raise gr.Error("Pick a product")
     try:
-        plan = make_plan(t.store, t.cdb, p, target=int(tgt or 0) or None, backends=tuple(bks or ()),
-                         oversample=float(over), mode=mode or "balance", mix=(mix or "").strip() or None,
+        plan = make_plan(state.store, state.cdb, product, target=int(target or 0) or None,
+                         backends=tuple(backends or ()), oversample=float(over), mode=mode or "balance",
+                         mix=(attribute_mix or "").strip() or None,
                          retries=int(retries if retries is not None else MAX_RETRIES))
     except CurationError as exc:
         raise gr.Error(str(exc)) from exc
@@ -130,97 +132,97 @@ def monitor_frame(monitor: dict | None):
     return df
 
 
-def _batch_job(jctx, t: CurationState, pid: int, th: Thresholds):
-    return run_plan(t.store, t.cdb, pid, jctx.progress, lambda: jctx.cancelled, thresholds=th)
+def _batch_job(jctx, state: CurationState, plan_id: int, thresholds: Thresholds):
+    return run_plan(state.store, state.cdb, plan_id, jctx.progress, lambda: jctx.cancelled, thresholds=thresholds)
 
 
-def start_batch(t: CurationState, pid, vis, dup):
-    if not pid:
+def start_batch(state: CurationState, plan_id, min_visibility, min_distance):
+    if not plan_id:
         raise gr.Error("Preview a plan first")
-    st = plan_status(t.cdb, int(pid))
+    st = plan_status(state.cdb, int(plan_id))
     if st["pending"] == 0:
-        raise gr.Error(f"plan #{int(pid)} has nothing left to generate ({st['done']} done)")
-    th = Thresholds(min_visibility=float(vis), min_duplicate_distance=int(dup))
-    return t.ctx.jobs.submit("batch", lambda jctx, pid: _batch_job(jctx, t, pid, th), int(pid),
-                             request={"plan_id": int(pid)})
+        raise gr.Error(f"plan #{int(plan_id)} has nothing left to generate ({st['done']} done)")
+    th = Thresholds(min_visibility=float(min_visibility), min_duplicate_distance=int(min_distance))
+    return state.ctx.jobs.submit("batch", lambda jctx, plan_id: _batch_job(jctx, state, plan_id, th), int(plan_id),
+                             request={"plan_id": int(plan_id)})
 
 
-def live_batch(t: CurationState, job):
+def live_batch(state: CurationState, job_row):
     """The batch's result once done, and the plan's success-rate monitor (live while it runs)."""
-    pid = (job.get("request") or {}).get("plan_id")
+    pid = (job_row.get("request") or {}).get("plan_id")
     try:
-        monitor = plan_monitor(t.cdb, int(pid)) if pid else None
+        monitor = plan_monitor(state.cdb, int(pid)) if pid else None
     except CurationError:
         monitor = None
-    return (job["result"] if job["status"] == "done" else gr.update(),
+    return (job_row["result"] if job_row["status"] == "done" else gr.update(),
             monitor_frame(monitor) if monitor else gr.update())
 
 
-def show_next(t: CurationState, p, after=0):
-    item = next_candidate(t.store, t.cdb, p or None, after=int(after or 0))
+def show_next(state: CurationState, product, after=0):
+    item = next_candidate(state.store, state.cdb, product or None, after=int(after or 0))
     if item is None:
         return (0, "**Queue empty** — run a batch (step 1, about a second per candidate) or generate in "
                 "the Annotate tab, then press **Load queue**", None, None, None, {})
     s = item["sample"]
-    src = t.store.load_image(s["source_image_id"]) if s.get("source_image_id") else None
-    cand = t.store.load_sample_image(s["id"])
-    mask = t.store.load_sample_mask(s["id"])
+    src = state.store.load_image(s["source_image_id"]) if s.get("source_image_id") else None
+    cand = state.store.load_sample_image(s["id"])
+    mask = state.store.load_sample_mask(s["id"])
     return (s["id"], f"sample #{s['id']} · {item['remaining']} candidate(s) left · "
             f"**{s['damage_type'] or s['color']}** "
             f"· {s['generator']} · seed {s['seed']}", src, _overlay_mask(cand, mask), cand,
             item["prescreen"])
 
 
-def review_decide(t: CurationState, decision: str, p, sid, note):
-    if not sid:
+def review_decide(state: CurationState, decision: str, product, sample_id, note):
+    if not sample_id:
         raise gr.Error("Nothing to review")
-    (t.store.accept if decision == "accepted" else t.store.reject)(int(sid), note=note or None)
-    return (*show_next(t, p, sid), "")
+    (state.store.accept if decision == "accepted" else state.store.reject)(int(sample_id), note=note or None)
+    return (*show_next(state, product, sample_id), "")
 
 
-def do_quality(t: CurationState, p):
+def do_quality(state: CurationState, product):
     import pandas as pd
-    rows = quality(t.store, p)
+    rows = quality(state.store, product)
     return pd.DataFrame(rows).round(4) if rows else pd.DataFrame()
 
 
-def _experiment_job(jctx, t: CurationState, p: str, req: ExperimentRequest):
+def _experiment_job(jctx, state: CurationState, product: str, request: ExperimentRequest):
     from pipelines.training import Cancelled      # what the job runner records as cancelled
-    run_id = t.runlog.start("experiment", p, req.data, asdict(req), req.out, jctx.job_id)
+    run_id = state.runlog.start("experiment", product, request.data, asdict(request), request.out, jctx.job_id)
     try:
-        r = run_experiment(req, jctx.progress, lambda: jctx.cancelled)
+        r = run_experiment(request, jctx.progress, lambda: jctx.cancelled)
     except BaseException as exc:
-        t.runlog.finish(run_id, status="cancelled" if isinstance(exc, Cancelled) else "failed", error=str(exc))
+        state.runlog.finish(run_id, status="cancelled" if isinstance(exc, Cancelled) else "failed", error=str(exc))
         raise
-    t.runlog.finish(run_id, {k: r.get(k) for k in ("real_only", "with_synthetic", "delta", "patchcore",
+    state.runlog.finish(run_id, {k: r.get(k) for k in ("real_only", "with_synthetic", "delta", "patchcore",
                                                    "segmenter", "verdict", "source", "backends")})
-    return {"out": req.out, "run_id": run_id}
+    return {"out": request.out, "run_id": run_id}
 
 
-def start_experiment(t: CurationState, p, repeats, gens, per_type):
-    if not p:
+def start_experiment(state: CurationState, product, repeats, gens, per_type):
+    if not product:
         raise gr.Error("Pick a product")
-    has_samples = bool(t.store.list_samples(product=p, status="accepted", limit=1))
+    has_samples = bool(state.store.list_samples(product=product, status="accepted", limit=1))
     if not has_samples and not gens:
-        raise gr.Error(f"No accepted synthetic samples for {p!r} — accept some candidates first, or tick "
+        raise gr.Error(f"No accepted synthetic samples for {product!r} — accept some candidates first, or tick "
                        "a generator to generate inside the experiment")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    export = t.ctx.settings.workspace / "exports" / f"{p}-{stamp}"
-    t.store.export_mvtec(export, p)
-    req = ExperimentRequest(data=str(export / p), synthetic=str(export / p) if has_samples else None,
+    export = state.ctx.settings.workspace / "exports" / f"{product}-{stamp}"
+    state.store.export_mvtec(export, product)
+    req = ExperimentRequest(data=str(export / product), synthetic=str(export / product) if has_samples else None,
                             generate=list(gens) or None, per_type=int(per_type or 10), repeats=int(repeats),
-                            out=str(t.ctx.settings.workspace / "runs" / f"experiment-{p}-{stamp}"),
-                            workspace=str(t.ctx.settings.workspace))   # its trained pixel-inpaint runs
+                            out=str(state.ctx.settings.workspace / "runs" / f"experiment-{product}-{stamp}"),
+                            workspace=str(state.ctx.settings.workspace))   # its trained pixel-inpaint runs
     req.validate()
-    return _submit_experiment(t, p, req)
+    return _submit_experiment(state, product, req)
 
 
-def _submit_experiment(t: CurationState, p: str, req: ExperimentRequest) -> str:
-    return t.ctx.jobs.submit("experiment", lambda jctx, req: _experiment_job(jctx, t, p, req), req,
-                             request=asdict(req))
+def _submit_experiment(state: CurationState, product: str, request: ExperimentRequest) -> str:
+    return state.ctx.jobs.submit("experiment", lambda jctx, queued: _experiment_job(jctx, state, product, queued),
+                                 request, request=asdict(request))
 
 
-def rerun_experiment(t: CurationState, request: dict) -> str:
+def rerun_experiment(state: CurationState, request: dict) -> str:
     """An interrupted experiment run again with the same request (same export, same output folder:
     its files are rewritten)."""
     known = {f.name for f in fields(ExperimentRequest)}
@@ -231,21 +233,21 @@ def rerun_experiment(t: CurationState, request: dict) -> str:
         raise ValueError(f"this experiment's request cannot be run again: {exc}") from exc
     if not Path(req.data).is_dir():
         raise ValueError(f"the experiment's data {req.data} is gone; start a new experiment")
-    return _submit_experiment(t, Path(req.data).name, req)
+    return _submit_experiment(state, Path(req.data).name, req)
 
 
-def live_experiment(t: CurationState, job):
-    if job["status"] != "done":
-        return gr.update(), gr.update(), gr.update(), gr.update(), gr.update(), experiments_frame(t.runlog)
+def live_experiment(state: CurationState, job_row):
+    if job_row["status"] != "done":
+        return gr.update(), gr.update(), gr.update(), gr.update(), gr.update(), experiments_frame(state.runlog)
     import pandas as pd
-    out = Path(job["result"]["out"])
+    out = Path(job_row["result"]["out"])
     m = json.loads((out / "metrics.json").read_text())
     return (verdict_markdown(m), experiment_figure(m), pd.DataFrame(table_rows(m)),
-            (out / "report.md").read_text(), str(out / "report.md"), experiments_frame(t.runlog))
+            (out / "report.md").read_text(), str(out / "report.md"), experiments_frame(state.runlog))
 
 
 # -- layout and wiring ---------------------------------------------------------------------------
-def _plan_tab(t: CurationState, product) -> None:
+def _plan_tab(state: CurationState, product) -> None:
     with gr.Row():
         target = gr.Number(0, label="Target per class (0 = match the largest)", precision=0,
                            elem_id="cu-target")
@@ -267,7 +269,7 @@ def _plan_tab(t: CurationState, product) -> None:
     gr.Markdown("Press **Preview plan** to see how many candidates each damage type needs to balance the "
                 "classes (instant); then run the batch below.", elem_id="cu-plan-hint")
     plan_table = gr.Dataframe(label="Plan (before it runs)", interactive=False, elem_id="cu-plan-table")
-    batch = JobPanel(t.ctx, "Run / resume batch", "batch")
+    batch = JobPanel(state.ctx, "Run / resume batch", "batch")
     batch_info = gr.JSON(label="Batch", elem_id="cu-batch-info")
     monitor = gr.Dataframe(label="Success rate per class (accepted / attempted; complete at ≥ 80 % of target)",
                            interactive=False, elem_id="cu-monitor")
@@ -277,12 +279,12 @@ def _plan_tab(t: CurationState, product) -> None:
         th_dup = gr.Slider(0, 20, Thresholds.min_duplicate_distance, step=1,
                            label="min perceptual-hash distance between defect crops")
     plan_inputs = [product, target, oversample, backends, mode, mix, retries]
-    plan_btn.click(bind(do_plan, t), plan_inputs, [plan_id, plan_table], api_name=False)
-    api_endpoint(bind(do_plan, t), plan_inputs, [plan_id, plan_table], "plan")
-    batch.wire(bind(start_batch, t), [plan_id, th_vis, th_dup], bind(live_batch, t), [batch_info, monitor])
+    plan_btn.click(bind(do_plan, state), plan_inputs, [plan_id, plan_table], api_name=False)
+    api_endpoint(bind(do_plan, state), plan_inputs, [plan_id, plan_table], "plan")
+    batch.wire(bind(start_batch, state), [plan_id, th_vis, th_dup], bind(live_batch, state), [batch_info, monitor])
 
 
-def _review_tab(t: CurationState, product) -> None:
+def _review_tab(state: CurationState, product) -> None:
     with gr.Row():
         rv_id = gr.State(0)
         rv_left = gr.Markdown("Press **Load queue** to review the batch's candidates one by one "
@@ -299,15 +301,15 @@ def _review_tab(t: CurationState, product) -> None:
         skip = gr.Button("Skip (s)", elem_id="rv-skip")
         load_q = gr.Button("Load queue", elem_id="rv-load")
     outs = [rv_id, rv_left, rv_src, rv_mask, rv_cand, rv_scores]
-    load_q.click(bind(show_next, t), product, outs, api_name="review_next")
-    acc.click(bind(review_decide, t, "accepted"), [product, rv_id, rv_note], [*outs, rv_note],
+    load_q.click(bind(show_next, state), product, outs, api_name="review_next")
+    acc.click(bind(review_decide, state, "accepted"), [product, rv_id, rv_note], [*outs, rv_note],
               api_name="review_accept")
-    rej.click(bind(review_decide, t, "rejected"), [product, rv_id, rv_note], [*outs, rv_note],
+    rej.click(bind(review_decide, state, "rejected"), [product, rv_id, rv_note], [*outs, rv_note],
               api_name="review_reject")
-    skip.click(bind(show_next, t), [product, rv_id], outs, api_name="review_skip")
+    skip.click(bind(show_next, state), [product, rv_id], outs, api_name="review_skip")
 
 
-def _quality_tab(t: CurationState, product) -> None:
+def _quality_tab(state: CurationState, product) -> None:
     q_btn = gr.Button("Compute per-class quality", elem_id="cu-quality")
     gr.Markdown("KID-style distance (unbiased MMD², cubic kernel) between synthetic and real reference defect "
                 "crops and the mean pairwise cosine distance within a class, both on the offline "
@@ -315,11 +317,11 @@ def _quality_tab(t: CurationState, product) -> None:
     gr.Markdown("Press the button to score every class with accepted samples (a few seconds per class).",
                 elem_id="cu-quality-hint")
     q_table = gr.Dataframe(interactive=False, elem_id="cu-quality-table")
-    q_btn.click(bind(do_quality, t), product, q_table, api_name=False)
-    api_endpoint(bind(do_quality, t), product, q_table, "quality")
+    q_btn.click(bind(do_quality, state), product, q_table, api_name=False)
+    api_endpoint(bind(do_quality, state), product, q_table, "quality")
 
 
-def _experiment_tab(t: CurationState, product):
+def _experiment_tab(state: CurationState, product):
     gr.Markdown("Did synthetic data help? PatchCore with a positive bank of reference defects only vs "
                 "reference + synthetic, and a supervised segmenter trained on synthetic only / reference "
                 "only / both — scored on the evaluation defects and good test images, repeated with K "
@@ -331,7 +333,7 @@ def _experiment_tab(t: CurationState, product):
                                         label="Also generate with (compared on equal terms)")
         exp_per_type = gr.Number(10, label="Generated per damage type", precision=0,
                                  elem_id="cu-exp-per-type")
-    exp = JobPanel(t.ctx, "Run experiment (PatchCore dual bank + segmenter)", "experiment",
+    exp = JobPanel(state.ctx, "Run experiment (PatchCore dual bank + segmenter)", "experiment",
                    rerun_label="Rerun interrupted experiment")
     exp_verdict = gr.Markdown(elem_id="cu-exp-verdict")
     exp_plot = gr.Plot(label="Result", elem_id="cu-exp-plot")
@@ -339,16 +341,16 @@ def _experiment_tab(t: CurationState, product):
                               elem_id="cu-exp-result")
     exp_report = gr.Markdown(elem_id="cu-exp-report")
     exp_file = gr.File(label="Report (Markdown)", elem_id="cu-exp-file")
-    exp_table = gr.Dataframe(experiments_frame(t.runlog), label="Stored experiments", interactive=False,
+    exp_table = gr.Dataframe(experiments_frame(state.runlog), label="Stored experiments", interactive=False,
                              elem_id="cu-exp-table")
-    exp.wire(bind(start_experiment, t), [product, exp_repeats, exp_generate, exp_per_type],
-             bind(live_experiment, t), [exp_verdict, exp_plot, exp_result, exp_report, exp_file, exp_table],
-             rerun=bind(rerun_experiment, t))
+    exp.wire(bind(start_experiment, state), [product, exp_repeats, exp_generate, exp_per_type],
+             bind(live_experiment, state), [exp_verdict, exp_plot, exp_result, exp_report, exp_file, exp_table],
+             rerun=bind(rerun_experiment, state))
 
     def experiments() -> list[dict]:
         """Stored experiments, one row per model and arm (PatchCore: real_only, with_synthetic, delta;
         segmenter: synthetic_only, reference_only, reference_plus_synthetic, delta)."""
-        return experiments_frame(t.runlog).to_dict("records")
+        return experiments_frame(state.runlog).to_dict("records")
 
     gr.api(experiments, api_name="experiments")
     return exp_table

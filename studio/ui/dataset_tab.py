@@ -60,29 +60,30 @@ def balance_figure(rows: list[dict], product: str | None):
     return fig
 
 
-def _product_filter(p: str | None) -> str | None:
-    return None if p in (None, ALL) else p
+def _product_filter(product: str | None) -> str | None:
+    return None if product in (None, ALL) else product
 
 
 # -- handlers: module level, each takes the context first ---------------------------------------
-def list_samples(ctx: StudioContext, p, s, d):
+def list_samples(ctx: StudioContext, product, status, damage):
     """Samples matching the filters, the class balance and the data roles of the real defects."""
     store = ctx.store
-    rows = store.list_samples(product=_product_filter(p), status=None if s == ALL else s, limit=500)
-    if d:
-        d = d.lower()
-        rows = [r for r in rows if d in (r.get("damage_type") or "").lower()
-                or d in (r.get("color") or "").lower()]
+    rows = store.list_samples(product=_product_filter(product), status=None if status == ALL else status,
+                              limit=500)
+    if damage:
+        damage = damage.lower()
+        rows = [r for r in rows if damage in (r.get("damage_type") or "").lower()
+                or damage in (r.get("color") or "").lower()]
     import pandas as pd
     frame = pd.DataFrame([[r.get(c) for c in COLUMNS] for r in rows], columns=COLUMNS)
-    return frame, balance_figure(store.class_balance(), _product_filter(p)), \
-        roles_frame(store, _product_filter(p))
+    return frame, balance_figure(store.class_balance(), _product_filter(product)), \
+        roles_frame(store, _product_filter(product))
 
 
-def on_set_role(ctx: StudioContext, i, r, p):
+def on_set_role(ctx: StudioContext, image_id, role, product):
     """Set the data role (reference / evaluation) of a real defect image; returns the status and the
     refreshed roles table (of the filtered product)."""
-    return set_role(ctx.store, i, r, _product_filter(p))
+    return set_role(ctx.store, image_id, role, _product_filter(product))
 
 
 def samples_hint(frame) -> str:
@@ -94,16 +95,16 @@ def samples_hint(frame) -> str:
     return f"{len(frame)} sample(s) — click a row to see its image, mask and provenance."
 
 
-def show(ctx: StudioContext, sid):
+def show(ctx: StudioContext, sample_id):
     """A sample's provenance, image and mask (nothing for id 0)."""
-    if not sid:
+    if not sample_id:
         return None, None, None
     store = ctx.store
     try:
-        row = store.get_sample(int(sid))
+        row = store.get_sample(int(sample_id))
     except (KeyError, ValueError) as exc:
         raise gr.Error(str(exc)) from exc
-    return row, store.load_sample_image(int(sid)), store.load_sample_mask(int(sid))
+    return row, store.load_sample_image(int(sample_id)), store.load_sample_mask(int(sample_id))
 
 
 def on_row(ctx: StudioContext, index, data):
@@ -129,24 +130,24 @@ def do_import(ctx: StudioContext, path, kind, product):
         gr.update(choices=[ALL, *ctx.store.products()])
 
 
-def do_export(ctx: StudioContext, path, p, fmt="MVTec AD"):
+def do_export(ctx: StudioContext, path, product, export_format="MVTec AD"):
     """Export one product to a folder on the server (inside the studio's data roots): MVTec AD
     layout (with evaluation.txt) or COCO."""
     if not path:
         raise gr.Error("Give an export folder")
-    if p == ALL:
+    if product == ALL:
         raise gr.Error("Pick one product to export")
     folder = server_path(ctx, path, "export folder", must_exist=False)
-    p = product_name(p)
+    product = product_name(product)
     try:
-        if fmt.startswith("COCO"):
+        if export_format.startswith("COCO"):
             from studio.formats.coco import export_coco
-            rep = export_coco(ctx.store, p, folder)
+            rep = export_coco(ctx.store, product, folder)
         else:
-            rep = ctx.store.export_mvtec(folder, p)
+            rep = ctx.store.export_mvtec(folder, product)
     except ValueError as exc:
         raise gr.Error(str(exc)) from exc
-    return f"Exported **{p}** to `{path}`: `{json.dumps(rep, default=str)[:800]}`"
+    return f"Exported **{product}** to `{path}`: `{json.dumps(rep, default=str)[:800]}`"
 
 
 # -- layout and wiring ---------------------------------------------------------------------------
@@ -215,8 +216,8 @@ def build(ctx: StudioContext) -> dict:
     filters = [b["product"], b["status"], b["damage"]]
     listed = [b["table"], b["balance"], r["table"]]
 
-    def refresh_page(p, s, d):
-        frame, fig, roles = list_samples(ctx, p, s, d)
+    def refresh_page(product, status, damage):
+        frame, fig, roles = list_samples(ctx, product, status, damage)
         return frame, fig, roles, samples_hint(frame)
     b["refresh"].click(refresh_page, filters, [*listed, b["hint"]], api_name=False)
     api_endpoint(refresh, filters, listed, "list_samples")
@@ -225,8 +226,8 @@ def build(ctx: StudioContext) -> dict:
     r["btn"].click(bind(on_set_role, ctx), [r["image"], r["value"], b["product"]], [r["status"], r["table"]],
                    api_name="set_role")
 
-    def on_select_row(evt: gr.SelectData, data):   # event data needs a type hint (no partial)
-        return on_row(ctx, evt.index, data)
+    def on_select_row(event: gr.SelectData, data):   # event data needs a type hint (no partial)
+        return on_row(ctx, event.index, data)
     b["table"].select(on_select_row, b["table"], [b["sample_id"], b["provenance"], b["sample_img"],
                                                    b["sample_mask"]], api_name=False)
     with gr.Group(visible=False):   # API-only: the endpoint takes the sample id as a value

@@ -76,15 +76,15 @@ def category_for(ctx: StudioContext, product: str, folder: str) -> tuple[Path, s
 
 
 # -- training --------------------------------------------------------------------------------------
-def start_train(ctx: StudioContext, state: DDPMState, p, fold, name, nz, mins, st, sz, cr, pre, tm, rot,
-                res, pred="v") -> str:
+def start_train(ctx: StudioContext, state: DDPMState, product, fold, name, noise, mins, steps, size, crop, preset,
+                t_max, rot90, resume, pred="v") -> str:
     """Train (or resume) a DDPM checkpoint on a product's good images as a background job
     (``pred``: what the U-Net predicts, v or epsilon)."""
-    out = run_folder(models_root(ctx), name, f"ddpm-{Path(fold).name if fold else p}", "checkpoint")
-    data, pname = category_for(ctx, p, fold)
-    req = DDPMTrainRequest(data=str(data), out=str(out), minutes=float(mins) if not st else None,
-                           steps=int(st) or None, noise=nz, size=int(sz), crop=int(cr), preset=pre,
-                           t_max=int(tm), rot90=bool(rot), resume=bool(res), prediction=pred or "v")
+    out = run_folder(models_root(ctx), name, f"ddpm-{Path(fold).name if fold else product}", "checkpoint")
+    data, pname = category_for(ctx, product, fold)
+    req = DDPMTrainRequest(data=str(data), out=str(out), minutes=float(mins) if not steps else None,
+                           steps=int(steps) or None, noise=noise, size=int(size), crop=int(crop), preset=preset,
+                           t_max=int(t_max), rot90=bool(rot90), resume=bool(resume), prediction=pred or "v")
     try:
         req.validate()
         from pipelines.ddpm import ModelConfig
@@ -95,46 +95,46 @@ def start_train(ctx: StudioContext, state: DDPMState, p, fold, name, nz, mins, s
     return ctx.jobs.submit("ddpm-train", train_job, req, state, pname, request=req.__dict__)
 
 
-def train_job(jctx, req: DDPMTrainRequest, state: DDPMState, pname: str) -> dict:
+def train_job(jctx, request: DDPMTrainRequest, state: DDPMState, pname: str) -> dict:
     """The background job: train, record the run; a cancel stops cleanly and keeps the checkpoint."""
-    run_id = state.runlog.start("ddpm-train", pname, req.data, req.__dict__, req.out, jctx.job_id)
+    run_id = state.runlog.start("ddpm-train", pname, request.data, request.__dict__, request.out, jctx.job_id)
 
-    def progress(f, msg=""):
+    def progress(fraction, message=""):
         try:
-            jctx.progress(f, msg)
+            jctx.progress(fraction, message)
         except JobCancelled:
             pass  # train() polls cancelled() and stops cleanly; the checkpoint is saved
 
     try:
-        summary = train_ddpm(req, progress, lambda: jctx.cancelled,
-                             on_model=lambda m: state.live_models.__setitem__(jctx.job_id, m))
+        summary = train_ddpm(request, progress, lambda: jctx.cancelled,
+                             on_model=lambda model: state.live_models.__setitem__(jctx.job_id, model))
     except BaseException as exc:
         state.runlog.finish(run_id, status="failed", error=str(exc))
         raise
     state.runlog.finish(run_id, {"step": summary["step"], "loss": summary["loss"]},
                         status="cancelled" if summary["stopped"] == "cancelled" else "done")
     if summary["stopped"] == "cancelled":
-        jctx.log(f"cancelled at step {summary['step']}; checkpoint saved to {req.out}")
+        jctx.log(f"cancelled at step {summary['step']}; checkpoint saved to {request.out}")
     return summary
 
 
-def live_train(state: DDPMState, job: dict) -> tuple:
+def live_train(state: DDPMState, job_row: dict) -> tuple:
     """Each timer tick: (loss figure, last-run info once done)."""
-    model = state.live_models.get(job["id"])
+    model = state.live_models.get(job_row["id"])
     losses = list(getattr(model, "losses", []) or [])
-    if job["status"] == "done" and job["result"]:
-        losses = job["result"].get("losses") or losses
-        info = {k: job["result"][k] for k in ("checkpoint", "step", "steps_this_run", "seconds", "loss",
+    if job_row["status"] == "done" and job_row["result"]:
+        losses = job_row["result"].get("losses") or losses
+        info = {k: job_row["result"][k] for k in ("checkpoint", "step", "steps_this_run", "seconds", "loss",
                                               "stopped", "parameters")}
-        state.live_models.pop(job["id"], None)
+        state.live_models.pop(job_row["id"], None)
         return loss_figure(losses), info
     return loss_figure(losses, f"training loss — step {losses[-1][0] if losses else 0}"), gr.update()
 
 
 # -- inspection ------------------------------------------------------------------------------------
-def test_images(ctx: StudioContext, p):
+def test_images(ctx: StudioContext, product):
     """The product's test images as dropdown choices (first one picked)."""
-    rows = ctx.store.list_images(product=p, split="test") if p else []
+    rows = ctx.store.list_images(product=product, split="test") if product else []
     return gr.update(choices=[(f"#{r['id']} {r['label']}", int(r["id"])) for r in rows],
                      value=int(rows[0]["id"]) if rows else None)
 
@@ -144,81 +144,82 @@ def refresh_checkpoints(ctx: StudioContext):
     return gr.update(choices=c, value=c[0] if c else None), gr.update(choices=c, value=c[0] if c else None)
 
 
-def do_inspect(ctx: StudioContext, ck, iid, d, nz, sd):
-    if not ck:
+def do_inspect(ctx: StudioContext, checkpoint, image_id, depth, noise, seed):
+    if not checkpoint:
         raise gr.Error("Pick a checkpoint (train one first)")
-    ck = str(server_path(ctx, ck, "checkpoint", folder=False))
-    if not iid:
+    checkpoint = str(server_path(ctx, checkpoint, "checkpoint", folder=False))
+    if not image_id:
         raise gr.Error("Pick a test image")
     try:
-        img = ctx.store.load_image(int(iid))
-        gt = ctx.store.load_mask(int(iid))
-        res = inspect_image(ck, img, int(d), None if nz == "as trained" else nz, int(sd or 0))
+        img = ctx.store.load_image(int(image_id))
+        gt = ctx.store.load_mask(int(image_id))
+        res = inspect_image(checkpoint, img, int(depth), None if noise == "as trained" else noise, int(seed or 0))
     except (ValueError, KeyError) as exc:
         raise gr.Error(str(exc)) from exc
     gt_img = None if gt is None else np.repeat((gt > 0).astype(np.uint8)[..., None] * 255, 3, axis=2)
     return (img, res["reconstruction"], res["residual"], res["overlay"], gt_img,
-            f"depth {int(d)} · image score {res['score']:.4f}")
+            f"depth {int(depth)} · image score {res['score']:.4f}")
 
 
 # -- depth x image grid -----------------------------------------------------------------------------
-def parse_depths(ds) -> list[int]:
+def parse_depths(depths_text) -> list[int]:
     try:
-        dl = [int(x) for x in str(ds).replace(" ", "").split(",") if x]
+        dl = [int(x) for x in str(depths_text).replace(" ", "").split(",") if x]
     except ValueError:
-        raise gr.Error(f"depths must be integers like 100,250 — got {ds!r}") from None
+        raise gr.Error(f"depths must be integers like 100,250 — got {depths_text!r}") from None
     if not dl:
         raise gr.Error("give at least one depth, e.g. 100,250,400,600")
     return dl
 
 
-def grid_items(ctx: StudioContext, p, fold, n: int) -> tuple[list[GridItem], str]:
+def grid_items(ctx: StudioContext, product, fold, count: int) -> tuple[list[GridItem], str]:
     """A few test images (defect types first, then a good one) of a folder or a product."""
     if fold:
         folder = server_path(ctx, fold, "data folder")
         try:
-            return grid_items_from_folder(str(folder), n), folder.name
+            return grid_items_from_folder(str(folder), count), folder.name
         except ValueError as exc:
             raise gr.Error(str(exc)) from exc
-    if not p:
+    if not product:
         raise gr.Error("Pick a product or give a folder")
-    p = product_name(p)
-    rows = ctx.store.list_images(product=p, split="test")
-    picked = pick_grid_items([GridItem(str(r["id"]), None, None, r["label"]) for r in rows], n)
+    product = product_name(product)
+    rows = ctx.store.list_images(product=product, split="test")
+    picked = pick_grid_items([GridItem(str(r["id"]), None, None, r["label"]) for r in rows], count)
     if not picked:
-        raise gr.Error(f"{p} has no test images")
+        raise gr.Error(f"{product} has no test images")
     items = []
     for it in picked:
         iid = int(it.name)
         m = ctx.store.load_mask(iid) if it.label != "good" else None
         items.append(GridItem(f"#{iid} {it.label}", ctx.store.load_image(iid), m, it.label))
-    return items, p
+    return items, product
 
 
-def start_grid(ctx: StudioContext, p, fold, ck, ds, n, nz) -> str:
+def start_grid(ctx: StudioContext, product, fold, checkpoint, depths_text, count, noise) -> str:
     """Reconstruct a few test images at several depths (depths x images grid) as a background job."""
-    if not ck:
+    if not checkpoint:
         raise gr.Error("Pick a checkpoint (train one first)")
-    ck = str(server_path(ctx, ck, "checkpoint", folder=False))
-    depths = parse_depths(ds)
-    items, pname = grid_items(ctx, p, fold, int(n or 4))
+    checkpoint = str(server_path(ctx, checkpoint, "checkpoint", folder=False))
+    depths = parse_depths(depths_text)
+    items, pname = grid_items(ctx, product, fold, int(count or 4))
     out = ctx.settings.workspace / "runs" / f"ddpm-grid-{pname}-{time.strftime('%Y%m%d-%H%M%S')}.png"
-    req = DDPMGridRequest(checkpoint=ck, out=str(out), depths=depths, noise=None if nz == "as trained" else nz)
+    req = DDPMGridRequest(checkpoint=checkpoint, out=str(out), depths=depths,
+                          noise=None if noise == "as trained" else noise)
     return ctx.jobs.submit("ddpm-grid", grid_job, req, items, request=req.__dict__)
 
 
-def grid_job(jctx, req: DDPMGridRequest, items: list[GridItem]) -> dict:
+def grid_job(jctx, request: DDPMGridRequest, items: list[GridItem]) -> dict:
     """The background job: the grid picture and its cell figures (a cancel writes nothing)."""
-    s = depth_grid(req, items, jctx.progress, lambda: jctx.cancelled)
+    s = depth_grid(request, items, jctx.progress, lambda: jctx.cancelled)
     return {"grid": s["grid"], "depths": s["depths"], "images": s["images"], "prediction": s["prediction"],
             "cells": s["cells"]}
 
 
-def live_grid(job: dict) -> tuple:
+def live_grid(job_row: dict) -> tuple:
     """Each timer tick: (grid picture, cell figures) once done."""
-    if job["status"] != "done" or not job["result"]:
+    if job_row["status"] != "done" or not job_row["result"]:
         return gr.update(), gr.update()
-    r = job["result"]
+    r = job_row["result"]
     return r["grid"], {"prediction": r["prediction"], "depths": r["depths"], "images": r["images"],
                        "cells": r["cells"]}
 
@@ -236,40 +237,40 @@ def compare_frame(state: DDPMState):
     return pd.DataFrame(rows, columns=EVAL_COLS)
 
 
-def start_eval(ctx: StudioContext, state: DDPMState, p, fold, ck, ds, nz, kind) -> str:
+def start_eval(ctx: StudioContext, state: DDPMState, product, fold, checkpoint, depths_text, noise, kind) -> str:
     """Evaluate a checkpoint on the test split at the given depths as a background job."""
-    if not ck:
+    if not checkpoint:
         raise gr.Error("Pick a checkpoint")
-    ck = str(server_path(ctx, ck, "checkpoint", folder=False))
+    checkpoint = str(server_path(ctx, checkpoint, "checkpoint", folder=False))
     try:
-        dl = [int(x) for x in str(ds).replace(" ", "").split(",") if x]
+        dl = [int(x) for x in str(depths_text).replace(" ", "").split(",") if x]
     except ValueError:
-        raise gr.Error(f"depths must be integers like 100,200 — got {ds!r}") from None
-    data, pname = category_for(ctx, p, fold)
+        raise gr.Error(f"depths must be integers like 100,200 — got {depths_text!r}") from None
+    data, pname = category_for(ctx, product, fold)
     out = ctx.settings.workspace / "runs" / f"ddpm-{pname}-{time.strftime('%Y%m%d-%H%M%S')}"
-    req = DDPMEvalRequest(data=str(data), checkpoint=ck, out=str(out), depths=dl,
-                          noise=None if nz == "as trained" else nz, kind=kind)
+    req = DDPMEvalRequest(data=str(data), checkpoint=checkpoint, out=str(out), depths=dl,
+                          noise=None if noise == "as trained" else noise, kind=kind)
     return ctx.jobs.submit("ddpm-eval", eval_job, req, state.runlog, pname, request=req.__dict__)
 
 
-def eval_job(jctx, req: DDPMEvalRequest, runlog: RunLog, pname: str) -> dict:
+def eval_job(jctx, request: DDPMEvalRequest, runlog: RunLog, pname: str) -> dict:
     """The background job: evaluate, record the run (cancelled / failed with the reason)."""
-    run_id = runlog.start("ddpm-eval", pname, req.data, req.__dict__, req.out, jctx.job_id)
+    run_id = runlog.start("ddpm-eval", pname, request.data, request.__dict__, request.out, jctx.job_id)
     try:
-        summary = evaluate_ddpm(req, jctx.progress, lambda: jctx.cancelled)
+        summary = evaluate_ddpm(request, jctx.progress, lambda: jctx.cancelled)
     except BaseException as exc:
         runlog.finish(run_id, status="cancelled" if isinstance(exc, (JobCancelled, InterruptedError, Cancelled))
                       else "failed", error=str(exc))
         raise
     runlog.finish(run_id, summary["metrics"])
-    return {"out": req.out, "metrics": summary["metrics"]}
+    return {"out": request.out, "metrics": summary["metrics"]}
 
 
-def live_eval(state: DDPMState, job: dict) -> tuple:
+def live_eval(state: DDPMState, job_row: dict) -> tuple:
     """Each timer tick: (metrics table, ROC figure, overlays once done, comparison table)."""
-    if job["status"] != "done":
+    if job_row["status"] != "done":
         return gr.update(), gr.update(), gr.update(), compare_frame(state)
-    out = Path(job["result"]["out"])
+    out = Path(job_row["result"]["out"])
     summary = json.loads((out / "result.json").read_text())
     m = summary["metrics"]
     table = [[k, round(v, 4) if isinstance(v, float) else v] for k, v in m.items()]

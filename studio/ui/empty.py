@@ -47,10 +47,10 @@ def _shown(value):
     return gr.update(value=value, visible=has_data(value))
 
 
-def _wrap(fn, positions: list[int], n_outputs: int):
-    @functools.wraps(fn)
+def _wrap(handler, positions: list[int], n_outputs: int):
+    @functools.wraps(handler)
     def wrapper(*args, **kwargs):
-        out = fn(*args, **kwargs)
+        out = handler(*args, **kwargs)
         if n_outputs == 1:
             return _shown(out)
         out = list(out)

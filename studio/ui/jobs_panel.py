@@ -40,35 +40,36 @@ def _bar(fraction: float, width: int = 24) -> str:
     return "█" * done + "░" * (width - done)
 
 
-def describe(job: dict) -> str:
+def describe(job_row: dict) -> str:
     """The job's status line (kind, status, progress bar, message) — no internal id."""
-    line = f"**{job['kind']}** — {job['status']}"
-    if job["status"] in ("running", "queued"):
-        line += f"  \n`{_bar(job['progress'] or 0)}` {100 * (job['progress'] or 0):.0f}% {job['message'] or ''}"
-    elif job["status"] == "failed":
-        line += f": {job['error']}"
-    elif job["status"] == "cancelled":
+    line = f"**{job_row['kind']}** — {job_row['status']}"
+    if job_row["status"] in ("running", "queued"):
+        progress = job_row["progress"] or 0
+        line += f"  \n`{_bar(progress)}` {100 * progress:.0f}% {job_row['message'] or ''}"
+    elif job_row["status"] == "failed":
+        line += f": {job_row['error']}"
+    elif job_row["status"] == "cancelled":
         line += " (partial results kept where the job saved them)"
-    elif job["status"] == "interrupted":
-        line += f": {job.get('message') or 'the server stopped while it ran'}"
-    plan = (job.get("request") or {}).get("plan") if isinstance(job.get("request"), dict) else None
+    elif job_row["status"] == "interrupted":
+        line += f": {job_row.get('message') or 'the server stopped while it ran'}"
+    plan = (job_row.get("request") or {}).get("plan") if isinstance(job_row.get("request"), dict) else None
     if plan:               # what the job works on, said before it starts (e.g. a trainer's data)
         line += f"  \n{plan}"
     return line
 
 
-def bind(fn: Callable, *args) -> Callable:
-    """``functools.partial(fn, *args)`` that keeps ``fn``'s docstring, so an endpoint's description on
+def bind(handler: Callable, *args) -> Callable:
+    """``functools.partial(handler, *args)`` that keeps ``handler``'s docstring, so an endpoint's description on
     the API page is the handler's, not ``functools.partial``'s own docstring."""
-    bound = partial(fn, *args)
-    bound.__doc__ = fn.__doc__ or ""
+    bound = partial(handler, *args)
+    bound.__doc__ = handler.__doc__ or ""
     return bound
 
 
-def api_endpoint(fn: Callable, inputs: list, outputs: list, api_name: str):
+def api_endpoint(handler: Callable, inputs: list, outputs: list, api_name: str):
     """A named API endpoint with no trigger on the page (``gr.on`` with no triggers), for calls
     that take internal ids as plain values: the page keeps those ids in ``gr.State``."""
-    return gr.on([], fn, inputs, outputs, api_name=api_name)
+    return gr.on([], handler, inputs, outputs, api_name=api_name)
 
 
 # -- handlers: module level, each takes the context first ---------------------------------------
@@ -81,35 +82,35 @@ def on_start(ctx: StudioContext, start_fn: Callable[..., str], *args):
     return jid, describe(ctx.jobs.get(jid)), gr.Timer(active=True)
 
 
-def on_tick(ctx: StudioContext, live_fn: Callable[[dict], tuple], n_outputs: int, jid):
+def on_tick(ctx: StudioContext, live_fn: Callable[[dict], tuple], n_outputs: int, job_id):
     """Timer tick: (status line, timer kept on while the job runs, *live_fn(job))."""
-    if not jid:
+    if not job_id:
         return (gr.update(), gr.Timer(active=False), *[gr.update()] * n_outputs)
-    job = ctx.jobs.get(jid)
+    job = ctx.jobs.get(job_id)
     done = job["status"] in FINISHED
     return (describe(job), gr.Timer(active=not done), *live_fn(job))
 
 
-def on_cancel(ctx: StudioContext, jid):
+def on_cancel(ctx: StudioContext, job_id):
     """Ask the job to stop; it stops cleanly and keeps what it saved."""
-    if not jid:
+    if not job_id:
         raise gr.Error("No job is running")
     try:
-        ctx.jobs.cancel(jid)
+        ctx.jobs.cancel(job_id)
     except KeyError as exc:
         raise gr.Error(str(exc)) from exc
     return "Cancelling…"
 
 
-def on_rerun(ctx: StudioContext, rerun_fn: Callable[[dict], str], jid):
+def on_rerun(ctx: StudioContext, rerun_fn: Callable[[dict], str], job_id):
     """Start the panel's interrupted job again (a training run resumes from its last checkpoint, an
     experiment reruns the same request); returns the new job id and its status line."""
-    if not jid:
+    if not job_id:
         raise gr.Error("No interrupted job to resume or rerun")
     try:
-        new = ctx.jobs.rerun(str(jid), rerun_fn)
+        new = ctx.jobs.rerun(str(job_id), rerun_fn)
     except KeyError as exc:
-        raise gr.Error(f"No job {jid!r}") from exc
+        raise gr.Error(f"No job {job_id!r}") from exc
     except (ValueError, OSError) as exc:      # not interrupted, started again already, files gone
         raise gr.Error(str(exc)[:1].upper() + str(exc)[1:]) from exc
     return new, describe(ctx.jobs.get(new)), gr.Timer(active=True)
@@ -128,7 +129,7 @@ def on_attach(ctx: StudioContext, kinds: tuple[str, ...], live_fn: Callable[[dic
     jobs = [j for k in kinds for j in ctx.jobs.list(k, limit=1)]
     if not jobs:
         return (None, idle, gr.Timer(active=False), *[gr.update()] * n_outputs)
-    job = ctx.jobs.get(max(jobs, key=lambda j: j["created_at"])["id"])
+    job = ctx.jobs.get(max(jobs, key=lambda listed: listed["created_at"])["id"])
     done = job["status"] in FINISHED
     try:
         live = live_fn(job) if done else [gr.update()] * n_outputs

@@ -30,10 +30,10 @@ RUN_COLS = ["id", "product", "bank", "backbone", "coreset", "orient", "image_aur
             "image_f1_max", "fit_seconds", "ms_per_image", "stale", "status", "created_at"]
 
 
-def roc_figure(roc: dict, auc: float | None, title: str):
+def roc_figure(curve: dict, auroc: float | None, title: str):
     import plotly.graph_objects as go
     fig = go.Figure()
-    fig.add_scatter(x=roc["fpr"], y=roc["tpr"], mode="lines", name=f"AUROC {auc:.3f}" if auc else "ROC")
+    fig.add_scatter(x=curve["fpr"], y=curve["tpr"], mode="lines", name=f"AUROC {auroc:.3f}" if auroc else "ROC")
     fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color="grey"), name="chance")
     fig.update_layout(title=title, xaxis_title="false positive rate", yaxis_title="true positive rate",
                       height=360, margin=dict(l=40, r=10, t=50, b=40))
@@ -53,21 +53,21 @@ def runs_frame(runlog: RunLog, kind: str = "patchcore"):
     return pd.DataFrame(rows, columns=RUN_COLS)
 
 
-def patchcore_job(job, req: PatchCoreRequest, runlog: RunLog, product: str) -> dict:
-    run_id = runlog.start("patchcore", product, req.data, req.__dict__, req.out, job.job_id)
+def patchcore_job(jctx, request: PatchCoreRequest, runlog: RunLog, product: str) -> dict:
+    run_id = runlog.start("patchcore", product, request.data, request.__dict__, request.out, jctx.job_id)
     try:
-        summary = run_patchcore(req, progress=job.progress, cancelled=lambda: job.cancelled)
+        summary = run_patchcore(request, progress=jctx.progress, cancelled=lambda: jctx.cancelled)
     except BaseException as exc:
         from studio.jobs import JobCancelled
         runlog.finish(run_id, status="cancelled" if isinstance(exc, JobCancelled) else "failed",
                       error=str(exc))
         raise
     runlog.finish(run_id, summary["metrics"], scored=summary.get("scored_hashes"))
-    return {"run_id": run_id, "out": req.out, "metrics": summary["metrics"]}
+    return {"run_id": run_id, "out": request.out, "metrics": summary["metrics"]}
 
 
-def _category(ctx: StudioContext, p, fold, mode: str, stamp: str) -> tuple[Path, str, str | None]:
-    """(category folder, run name, positives folder) from a server folder or an export of product ``p``."""
+def _category(ctx: StudioContext, product, fold, mode: str, stamp: str) -> tuple[Path, str, str | None]:
+    """(category folder, run name, positives folder) from a server folder or an export of ``product``."""
     if fold:
         # the roots first: a refused user learns nothing about what exists outside them
         data = server_path(ctx, fold, "PatchCore data folder")
@@ -75,29 +75,29 @@ def _category(ctx: StudioContext, p, fold, mode: str, stamp: str) -> tuple[Path,
             raise gr.Error("With a folder, use the CLI's --positives for synthetic defects, "
                            "or pick a product from the dataset")
         return data, data.name, None
-    if not p:
+    if not product:
         raise gr.Error("Pick a product or give a folder")
-    export_root = ctx.settings.workspace / "exports" / f"{p}-{stamp}"
-    ctx.store.export_mvtec(export_root, p)
-    data = export_root / p
+    export_root = ctx.settings.workspace / "exports" / f"{product}-{stamp}"
+    ctx.store.export_mvtec(export_root, product)
+    data = export_root / product
     positives = str(data) if mode == "dual-real-synthetic" else None
     if positives and not (data / "synthetic").is_dir():
-        raise gr.Error(f"No accepted synthetic samples for {p!r} yet — accept some in the "
+        raise gr.Error(f"No accepted synthetic samples for {product!r} yet — accept some in the "
                        "Annotate tab, or pick another bank mode")
-    return data, p, positives
+    return data, product, positives
 
 
 # -- handlers: module level, each takes the context first ---------------------------------------
-def start(ctx: StudioContext, runlog: RunLog, p, fold, bank_label, bb, cs, sz, pcs=10,
-          orient_label=None, tiles=1) -> str:
+def start(ctx: StudioContext, runlog: RunLog, product, fold, bank_label, backbone, coreset_percent, size,
+          positive_coreset_percent=10, orient_label=None, tiles=1) -> str:
     """Fit PatchCore on a product of the dataset (exported first) or a category folder on the server,
     as a background job; returns the job id."""
     mode = BANKS[bank_label]
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    data, name, positives = _category(ctx, p, fold, mode, stamp)
+    data, name, positives = _category(ctx, product, fold, mode, stamp)
     req = PatchCoreRequest(data=str(data), out=str(ctx.settings.workspace / "runs" / f"patchcore-{name}-{stamp}"),
-                           bank=mode, positives=positives, backbone=bb, coreset=float(cs) / 100,
-                           size=int(sz), positive_coreset=float(pcs) / 100,
+                           bank=mode, positives=positives, backbone=backbone, coreset=float(coreset_percent) / 100,
+                           size=int(size), positive_coreset=float(positive_coreset_percent) / 100,
                            orient=ORIENTS.get(orient_label, "auto"), tiles=int(tiles or 1))
     try:
         req.validate()
@@ -106,12 +106,12 @@ def start(ctx: StudioContext, runlog: RunLog, p, fold, bank_label, bb, cs, sz, p
     return ctx.jobs.submit("patchcore", patchcore_job, req, runlog, name, request=req.__dict__)
 
 
-def live(runlog: RunLog, job: dict) -> tuple:
+def live(runlog: RunLog, job_row: dict) -> tuple:
     """Each timer tick: (metrics table, ROC figure, overlays, runs table) once the job is done."""
-    if job["status"] != "done":
-        return gr.update(), gr.update(), gr.update(), runs_frame(runlog) if job["status"] in (
+    if job_row["status"] != "done":
+        return gr.update(), gr.update(), gr.update(), runs_frame(runlog) if job_row["status"] in (
             "failed", "cancelled") else gr.update()
-    out = Path(job["result"]["out"])
+    out = Path(job_row["result"]["out"])
     summary = json.loads((out / "result.json").read_text())
     m = summary["metrics"]
     table = [[k, round(v, 4) if isinstance(v, float) else v] for k, v in m.items()]

@@ -59,9 +59,9 @@ def start_controlnet(ctx: StudioContext, state, *values) -> str:
     return submit_run(ctx, state, "train-controlnet", controlnet_command(ctx, *values))
 
 
-def live_controlnet(state, job: dict) -> tuple:
+def live_controlnet(state, job_row: dict) -> tuple:
     """Each timer tick: (loss figure, latest validation grid)."""
-    v = run_views(state, job)
+    v = run_views(state, job_row)
     if v is None:
         return gr.update(), gr.update()
     return v[0], v[1]

@@ -69,7 +69,7 @@ def on_product(ctx: StudioContext, product):
     return gr.update(choices=choices, value=[])
 
 
-def data_plan(cat: Path, types: list | None, extra: Path | None, purpose: str) -> str:
+def data_plan(category: Path, types: list | None, extra: Path | None, purpose: str) -> str:
     """What the run will train on, checked before it starts: the export's reference defects (+ the
     accepted synthetic samples of ``extra``) through the one guard (:func:`pipelines.training.training_data`);
     a copy of a scored image or missing samples → ``gr.Error`` naming the file."""
@@ -77,8 +77,8 @@ def data_plan(cat: Path, types: list | None, extra: Path | None, purpose: str) -
     from pipelines.training import TrainDataError, training_data
     from pipelines.training_data import training_manifest
     try:
-        data = training_data(cat, types, extra, None, purpose)    # the guard, naming each file
-        training_manifest(cat, types, extra)               # provenance: descends from a scored image?
+        data = training_data(category, types, extra, None, purpose)    # the guard, naming each file
+        training_manifest(category, types, extra)               # provenance: descends from a scored image?
     except (LeakageError, TrainDataError) as exc:
         raise gr.Error(str(exc)) from exc
     c = data.counts
@@ -87,14 +87,14 @@ def data_plan(cat: Path, types: list | None, extra: Path | None, purpose: str) -
             + f" ({c['evaluation']} evaluation images).")
 
 
-def submit_run(ctx: StudioContext, state: TrainingState, job_kind: str, run: TrainCommand) -> str:
-    """Start ``run`` as a background job of ``job_kind`` (its folder made, a stale CANCEL file
+def submit_run(ctx: StudioContext, state: TrainingState, job_kind: str, command: TrainCommand) -> str:
+    """Start ``command`` as a background job of ``job_kind`` (its folder made, a stale CANCEL file
     removed: a second start resumes)."""
-    run.out.mkdir(parents=True, exist_ok=True)
-    (run.out / "CANCEL").unlink(missing_ok=True)
-    request = {"cmd": run.cmd, "kind": run.kind, "product": run.product, "data": str(run.data),
-               "out": str(run.out), **({"plan": run.plan} if run.plan else {})}
-    return ctx.jobs.submit(job_kind, train_job, run, state, request=request)
+    command.out.mkdir(parents=True, exist_ok=True)
+    (command.out / "CANCEL").unlink(missing_ok=True)
+    request = {"cmd": command.cmd, "kind": command.kind, "product": command.product, "data": str(command.data),
+               "out": str(command.out), **({"plan": command.plan} if command.plan else {})}
+    return ctx.jobs.submit(job_kind, train_job, command, state, request=request)
 
 
 def checkpoint_flags(steps) -> list[str]:
@@ -103,8 +103,8 @@ def checkpoint_flags(steps) -> list[str]:
     return ["--checkpoint-every", str(max(1, min(100, int(steps) // 5)))] if steps else []
 
 
-def _flag(cmd: list[str], name: str) -> str | None:
-    return cmd[cmd.index(name) + 1] if name in cmd[:-1] else None
+def _flag(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv[:-1] else None
 
 
 def resume_run(ctx: StudioContext, state: TrainingState, job_kind: str, request: dict) -> str:
@@ -128,14 +128,14 @@ def resume_run(ctx: StudioContext, state: TrainingState, job_kind: str, request:
     return submit_run(ctx, state, job_kind, run)
 
 
-def train_job(jctx, run: TrainCommand, state: TrainingState) -> dict:
+def train_job(jctx, command: TrainCommand, state: TrainingState) -> dict:
     """The background job: run the trainer process, forward its PROGRESS lines (a cancel touches
     the CANCEL file: it stops cleanly and saves), record the run, return its JSON summary."""
-    cmd, out = run.cmd, run.out
-    run_id = state.runlog.start(f"train-{run.kind}", run.product, str(run.data), {"cmd": cmd, "plan": run.plan},
-                                str(out), jctx.job_id)
-    if run.plan:
-        jctx.progress(0.0, run.plan)
+    cmd, out = command.cmd, command.out
+    run_id = state.runlog.start(f"train-{command.kind}", command.product, str(command.data),
+                                {"cmd": cmd, "plan": command.plan}, str(out), jctx.job_id)
+    if command.plan:
+        jctx.progress(0.0, command.plan)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state.procs[jctx.job_id] = {"out": out}
     tail = []
@@ -159,12 +159,12 @@ def train_job(jctx, run: TrainCommand, state: TrainingState) -> dict:
     return {**summary, "out": str(out)}
 
 
-def run_views(state: TrainingState, job: dict) -> tuple | None:
+def run_views(state: TrainingState, job_row: dict) -> tuple | None:
     """A training job's live views, shared by every trainer panel of the tab: (loss figure, latest
     validation grid or no update, run folder); None while the job has no run folder yet."""
     from pipelines.training import read_history
-    info = state.procs.get(job["id"])
-    out = Path(info["out"]) if info else (Path(job["result"]["out"]) if job.get("result") else None)
+    info = state.procs.get(job_row["id"])
+    out = Path(info["out"]) if info else (Path(job_row["result"]["out"]) if job_row.get("result") else None)
     if out is None:
         return None
     hist = read_history(out)

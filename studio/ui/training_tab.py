@@ -72,9 +72,9 @@ def start(ctx: StudioContext, state: TrainingState, *values) -> str:
     return submit_run(ctx, state, "train", train_command(ctx, *values))
 
 
-def live(ctx: StudioContext, state: TrainingState, job: dict) -> tuple:
+def live(ctx: StudioContext, state: TrainingState, job_row: dict) -> tuple:
     """Each timer tick: (loss figure, latest validation grid, trained models table)."""
-    v = run_views(state, job)
+    v = run_views(state, job_row)
     if v is None:
         return gr.update(), gr.update(), gr.update()
     return v[0], v[1], trained_adapters(adapters_root(ctx))

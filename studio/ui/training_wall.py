@@ -89,17 +89,17 @@ def start_wall(ctx: StudioContext, state, *values) -> str:
     return submit_run(ctx, state, "train-wall", wall_command(ctx, *values))
 
 
-def metric_rows(out: Path) -> list[list]:
+def metric_rows(run_dir: Path) -> list[list]:
     """The run's colour metrics per validation step (step 0: the untrained baseline)."""
     from pipelines.wall_train import read_metrics
     return [[r["step"], r["lab_distance"], r["hue_error_deg"], r["delta_e2000"],
              r["grade"] + (" (untrained)" if r.get("baseline") else ""), r["good_share"]]
-            for r in read_metrics(out)]
+            for r in read_metrics(run_dir)]
 
 
-def live_wall(ctx: StudioContext, state, job: dict) -> tuple:
+def live_wall(ctx: StudioContext, state, job_row: dict) -> tuple:
     """Each timer tick: (loss figure, latest validation grid, colour metrics table)."""
-    v = run_views(state, job)
+    v = run_views(state, job_row)
     if v is None:
         return gr.update(), gr.update(), gr.update()
     return v[0], v[1], metric_rows(v[2])
