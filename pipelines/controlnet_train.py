@@ -59,7 +59,7 @@ from pipelines.lora import mask_crop
 from pipelines.training import (CancelFn, CheckpointedTrainer, CheckpointError, Checkpoints, ConfigError,
                                 ProgressFn, RunConfig, Sample, TrainResult, check,
                                 check_samples, load_training_samples, read_trainer_state, report,
-                                save_optimizer, save_validation_grid, write_trainer_state)
+                                save_optimizer, save_validation_grid, validation_row, write_trainer_state)
 
 KIND = "controlnet"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -358,19 +358,14 @@ class ControlNetTrainer(CheckpointedTrainer):
             mask = (m[0].numpy() * 255).astype(np.uint8)
             control = Image.fromarray(mask_control_image(mask))
             cond = parts.text[self.samples[i].damage_type]
-            cells = [crop, mask_control_image(mask)]
-            for s in c.validation_seeds:
-                kw = dict(prompt_embeds=cond, negative_prompt_embeds=torch.zeros_like(cond), height=c.resolution,
-                          width=c.resolution, num_inference_steps=c.validation_steps,
-                          guidance_scale=c.validation_guidance, output_type="np",
-                          generator=torch.Generator("cpu").manual_seed(int(s)))
-                if parts.inpaint:
-                    kw.update(image=Image.fromarray(crop), mask_image=Image.fromarray(mask), control_image=control)
-                else:
-                    kw.update(image=control)
-                out = pipe(**kw).images[0]
-                cells.append(np.clip(np.round(out * 255), 0, 255).astype(np.uint8))
-            rows.append(np.concatenate(cells, 1))
+            kw = dict(prompt_embeds=cond, negative_prompt_embeds=torch.zeros_like(cond), height=c.resolution,
+                      width=c.resolution, num_inference_steps=c.validation_steps,
+                      guidance_scale=c.validation_guidance)
+            if parts.inpaint:
+                kw.update(image=Image.fromarray(crop), mask_image=Image.fromarray(mask), control_image=control)
+            else:
+                kw.update(image=control)
+            rows.append(validation_row(pipe, [crop, mask_control_image(mask)], c.validation_seeds, **kw))
         return save_validation_grid(self.out, self.step, np.concatenate(rows, 0))
 
 

@@ -58,7 +58,7 @@ from pipelines.augment import AugmentConfig, augment_pair
 from pipelines.training import (CancelFn, CheckpointedTrainer, CheckpointError, Checkpoints, ConfigError,
                                 ProgressFn, RunConfig, Sample, TrainResult, check, check_samples,
                                 load_training_samples, read_trainer_state, report, save_optimizer,
-                                save_validation_grid, write_trainer_state)
+                                save_validation_grid, validation_row, write_trainer_state)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -376,15 +376,12 @@ class LoraTrainer(CheckpointedTrainer):
                 cond = self.embedding.embed(self.samples[i].damage_type).to(dev, dt)
             else:
                 cond = torch.zeros(1, 77, int(unet.config.cross_attention_dim), device=dev, dtype=dt)
-            cells = [crop, np.repeat(mask[..., None], 3, 2)]
-            for s in c.validation_seeds:
-                out = pipe(prompt_embeds=cond, negative_prompt_embeds=torch.zeros_like(cond),
-                           image=Image.fromarray(crop), mask_image=Image.fromarray(mask),
-                           height=c.resolution, width=c.resolution, num_inference_steps=c.validation_steps,
-                           guidance_scale=c.validation_guidance, output_type="np",
-                           generator=torch.Generator("cpu").manual_seed(int(s))).images[0]
-                cells.append(np.clip(np.round(out * 255), 0, 255).astype(np.uint8))
-            rows.append(np.concatenate(cells, 1))
+            rows.append(validation_row(pipe, [crop, np.repeat(mask[..., None], 3, 2)], c.validation_seeds,
+                                       prompt_embeds=cond, negative_prompt_embeds=torch.zeros_like(cond),
+                                       image=Image.fromarray(crop), mask_image=Image.fromarray(mask),
+                                       height=c.resolution, width=c.resolution,
+                                       num_inference_steps=c.validation_steps,
+                                       guidance_scale=c.validation_guidance))
         return save_validation_grid(self.out, self.step, np.concatenate(rows, 0))
 
 

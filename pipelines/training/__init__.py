@@ -46,7 +46,7 @@ from pipelines.training.base import (CHECKPOINTS, HISTORY_FILE, LATEST, OPTIMIZE
 from pipelines.training.checkpoints import (Checkpoints, apply_optimizer_state, latest_checkpoint,
                                             load_optimizer, load_tensors, read_optimizer_state,
                                             read_trainer_state, save_optimizer, save_validation_grid,
-                                            write_trainer_state)
+                                            validation_row, write_trainer_state)
 from pipelines.training.data import (Sample, TrainingData, check_samples, good_images, load_training_samples,
                                      samples_from_category, training_data)
 from pipelines.training.loop import (Budget, CheckpointedTrainer, TrainResult, append_history,
@@ -59,4 +59,4 @@ __all__ = ["CHECKPOINTS", "HISTORY_FILE", "LATEST", "OPTIMIZER_FILE", "STATE_FIL
            "check", "check_cancelled", "check_samples", "good_images", "latest_checkpoint",
            "load_optimizer", "load_tensors", "load_training_samples", "make_accelerator",
            "read_history", "read_optimizer_state", "read_trainer_state", "report", "samples_from_category",
-           "save_optimizer", "save_validation_grid", "stop_reason", "training_data", "write_trainer_state"]
+           "save_optimizer", "save_validation_grid", "validation_row", "stop_reason", "training_data", "write_trainer_state"]

@@ -122,6 +122,17 @@ def load_tensors(path: Path) -> dict:
         raise CheckpointError(f"{path} is corrupt or not a safetensors file ({exc})") from None
 
 
+def validation_row(pipe, cells: list, seeds, **kwargs) -> np.ndarray:
+    """One row of a validation grid: ``cells`` (the inputs shown first) then ``pipe(**kwargs)``'s
+    first image for each seed (a CPU generator seeded with it, ``output_type="np"``) as uint8."""
+    import torch
+    row = list(cells)
+    for s in seeds:
+        out = pipe(**kwargs, output_type="np", generator=torch.Generator("cpu").manual_seed(int(s))).images[0]
+        row.append(np.clip(np.round(out * 255), 0, 255).astype(np.uint8))
+    return np.concatenate(row, 1)
+
+
 def save_validation_grid(out_dir: Path, step: int, grid: np.ndarray) -> Path:
     """``OUT/validation/step-NNNNNNN.png`` from an RGB uint8 grid, written atomically."""
     import cv2
