@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from studio.cli.progress import tqdm_progress
+from studio.cli.progress import progress_bar, tqdm_progress
 
 
 def cmd_patchcore(args) -> int:
@@ -51,11 +51,8 @@ def cmd_ddpm_train(args) -> int:
                            noise=args.noise, prediction=args.prediction, size=args.size, crop=args.crop,
                            preset=args.preset, t_max=args.t_max, batch_size=args.batch_size, rot90=not args.no_rot90,
                            resume=args.resume, seed=args.seed)
-    bar, progress = tqdm_progress("ddpm train", args.quiet)
-    try:
+    with progress_bar("ddpm train", args.quiet) as progress:
         summary = train_ddpm(req, progress=progress)
-    finally:
-        bar.close()
     print(json.dumps({k: summary[k] for k in ("checkpoint", "step", "steps_this_run", "seconds",
                                               "loss", "stopped", "parameters")}, indent=1))
     return 0
@@ -67,11 +64,8 @@ def cmd_ddpm_evaluate(args) -> int:
     req = DDPMEvalRequest(data=args.data, checkpoint=args.checkpoint, out=args.out,
                           depths=depths or [50], noise=args.noise, kind=args.residual,
                           seeds=list(range(args.seeds)), eval_size=args.size)
-    bar, progress = tqdm_progress("ddpm evaluate", args.quiet)
-    try:
+    with progress_bar("ddpm evaluate", args.quiet) as progress:
         summary = evaluate_ddpm(req, progress=progress)
-    finally:
-        bar.close()
     m = summary["metrics"]
     keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "ms_per_image")
     print(json.dumps({k: round(m[k], 4) for k in keys if k in m}, indent=1))
@@ -84,11 +78,8 @@ def cmd_ddpm_grid(args) -> int:
     depths = [int(d) for part in args.depth for d in str(part).split(",") if d.strip()]
     req = DDPMGridRequest(checkpoint=args.checkpoint, out=args.out, depths=depths or [100, 250, 400, 600],
                           noise=args.noise, seed=args.seed, kind=args.residual)
-    bar, progress = tqdm_progress("ddpm grid", args.quiet)
-    try:
+    with progress_bar("ddpm grid", args.quiet) as progress:
         summary = depth_grid(req, grid_items_from_folder(args.data, args.images), progress=progress)
-    finally:
-        bar.close()
     print(f"wrote {summary['grid']} ({len(summary['depths'])} depths x {len(summary['images'])} images) "
           f"and {Path(summary['grid']).with_suffix('.json')}")
     return 0
@@ -102,11 +93,8 @@ def cmd_experiment(args) -> int:
                             positive_coreset=args.positive_coreset, segmenter_steps=args.segmenter_steps, n_boot=args.bootstrap,
                             strength=args.strength, model=args.model, threads=args.threads,
                             workspace=args.workspace, folds=args.folds)
-    bar, progress = tqdm_progress("experiment", args.quiet)
-    try:
+    with progress_bar("experiment", args.quiet) as progress:
         r = run_experiment(req, progress=progress)
-    finally:
-        bar.close()
     for src, b in source_blocks(r).items():
         print(f"[{src}]")
         for model, arms in (("patchcore", ("reference_only", "reference_plus_synthetic", "delta")),

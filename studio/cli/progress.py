@@ -1,6 +1,8 @@
 """The CLI's one progress adapter: a job's ``progress(fraction, message)`` drawn as a tqdm bar."""
 from __future__ import annotations
 
+import contextlib
+
 
 def tqdm_progress(desc: str, quiet: bool):
     """``(bar, progress)``: a 0–100 % tqdm bar (disabled when ``quiet``) and the callback that
@@ -15,4 +17,15 @@ def tqdm_progress(desc: str, quiet: bool):
     return bar, progress
 
 
-__all__ = ["tqdm_progress"]
+@contextlib.contextmanager
+def progress_bar(desc: str, quiet: bool):
+    """``with progress_bar(desc, quiet) as progress:`` — :func:`tqdm_progress`'s callback, the bar
+    closed when the block ends (also on an error)."""
+    bar, progress = tqdm_progress(desc, quiet)
+    try:
+        yield progress
+    finally:
+        bar.close()
+
+
+__all__ = ["tqdm_progress", "progress_bar"]
