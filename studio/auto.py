@@ -110,8 +110,6 @@ def auto_choice(store, product: str, damage_type: str, workspace: str | Path,
         goods = [store.load_image(r["id"]) for r in goods_rows]
         guard(f"auto choice ({damage_type} reference defects)", [(f"image {r['id']}", p[0]) for r, p in zip(refs, ref_pairs)])
         guard("auto choice (good images)", [(f"image {r['id']}", g) for r, g in zip(goods_rows, goods)])
-        guard("auto choice (other types' reference defects)",
-              [(f"image {r['id']}", p[0]) for r, p in zip(other_rows, others)])
         fg = estimate_foreground([resize_to(g, cfg.size) for g in goods]) if len(goods) >= 2 else None
 
         def sampler_for(learn):
